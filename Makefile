@@ -1,0 +1,31 @@
+# One venv for everything; `make test` and `make demo` install what they need first.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test demo bench clean
+
+setup: $(STAMP)
+
+# torch first from the local CPU wheel, so transformers does not pull a CUDA build;
+# the reference package goes in with --no-deps (its pins would replace torch): tests load its model module only.
+$(STAMP): setup.py
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[all]'
+	$(BIN)/pip install -q --no-deps tokensynth==0.0.4 appdirs
+	touch $(STAMP)
+
+test: setup
+	$(BIN)/python -m pytest -q tests
+
+demo: setup
+	$(BIN)/tokensynth demo
+
+bench: setup
+	$(BIN)/python benchmarks/generation.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

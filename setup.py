@@ -1,0 +1,43 @@
+"""tokensynth-jax: a JAX/Flax TokenSynth for sharded pretraining, fast sampling and portable checkpoints.
+
+Extras keep the heavy, accelerator-irrelevant stacks apart: a TPU trainer installs the core
+(`pip install .[train]`) and never pulls torch; `torch` (official-checkpoint conversion) and
+`audio` (codecs and CLAP through transformers) are only for the machines that need them.
+`pip install torch==2.13.0` first on CPU machines, so transformers does not pull a CUDA build.
+"""
+import setuptools
+
+CORE = [
+    "jax>=0.10",
+    "flax>=0.12.8",
+    "optax>=0.2.5",
+    "orbax-checkpoint>=0.12",
+    "ml-collections>=1.0",
+    "absl-py",
+    "numpy>=1.26",
+    "pretty_midi>=0.2.10",
+]
+TORCH = ["torch>=2.1"]
+AUDIO = TORCH + ["transformers>=4.45", "safetensors"]
+TRAIN = ["grain>=0.2.10", "array_record>=0.7"]
+PREP = AUDIO + TRAIN + ["apache-beam>=2.60", "pedalboard>=0.9"]
+TEST = ["pytest>=8", "psutil"]
+
+setuptools.setup(
+    name="tokensynth-jax",
+    version="0.1.0",
+    description="JAX/Flax TokenSynth: neural synthesizer from MIDI and CLAP timbre to codec tokens.",
+    python_requires=">=3.11",
+    packages=setuptools.find_packages(include=["tokensynth_jax", "tokensynth_jax.*", "data_prep", "data_prep.*"]),
+    package_data={"tokensynth_jax": ["assets/*"]},
+    install_requires=CORE,
+    extras_require={
+        "torch": TORCH,
+        "audio": AUDIO,
+        "train": TRAIN,
+        "prep": PREP,
+        "test": TEST,
+        "all": sorted(set(PREP + TEST)),
+    },
+    entry_points={"console_scripts": ["tokensynth=tokensynth_jax.cli:main"]},
+)

@@ -1,0 +1,98 @@
+"""Model checkpoints: an Orbax directory of parameters plus a small JSON of the model config.
+
+Layout of a checkpoint directory:
+    DIR/tokensynth.json   format name + version, the ModelConfig, free-form metadata
+    DIR/params/           Orbax PyTree checkpoint of the parameters (a nested dict of arrays)
+
+This is the only module that imports Orbax. Restores go into an abstract, sharded target, so a
+checkpoint lands sharded on whatever mesh the reader has, whatever mesh wrote it.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import Mesh
+
+from tokensynth_jax import sharding
+from tokensynth_jax.config import ModelConfig
+from tokensynth_jax.model import TokenSynth
+
+FORMAT = "tokensynth-jax-model"
+FORMAT_VERSION = 1
+META_FILE = "tokensynth.json"
+PARAMS_DIR = "params"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that is missing, of another format, or does not match its config."""
+
+
+def save_model(directory: str | os.PathLike, cfg: ModelConfig, params: Any, metadata: dict | None = None):
+    """Writes `params` (an nnx.State or a nested dict of arrays) and the config to `directory`."""
+    directory = os.path.abspath(os.fspath(directory))
+    if isinstance(params, nnx.State):
+        params = params.to_pure_dict()
+    os.makedirs(directory, exist_ok=True)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(os.path.join(directory, PARAMS_DIR), params, force=True)
+    checkpointer.wait_until_finished()
+    meta = {"format": FORMAT, "version": FORMAT_VERSION, "model": cfg.to_dict(), "metadata": metadata or {}}
+    with open(os.path.join(directory, META_FILE), "w") as f:
+        json.dump(meta, f, indent=2, sort_keys=True)
+
+
+def read_metadata(directory: str | os.PathLike) -> dict:
+    """The JSON beside the parameters; raises CheckpointError naming the directory if it is not ours."""
+    path = os.path.join(os.fspath(directory), META_FILE)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{directory}: not a tokensynth-jax checkpoint (no {META_FILE})")
+    with open(path) as f:
+        meta = json.load(f)
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    if meta.get("version", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format version {meta['version']} is newer than this code ({FORMAT_VERSION})")
+    return meta
+
+
+def load_model(
+    directory: str | os.PathLike, mesh: Mesh | None = None, *, override: dict | None = None
+) -> tuple[TokenSynth, dict]:
+    """Restores a model, sharded on `mesh` (default: all local devices on the data axis).
+
+    Args:
+      directory: a checkpoint written by `save_model`.
+      mesh: where the parameters land.
+      override: config fields to change that do not change parameter shapes (e.g. dtype).
+    Returns:
+      (model, metadata dict of the checkpoint).
+    """
+    meta = read_metadata(directory)
+    cfg = ModelConfig.from_dict({**meta["model"], **(override or {})})
+    mesh = mesh or sharding.make_mesh({"data": -1})
+    abstract = nnx.eval_shape(lambda: TokenSynth(cfg, rngs=nnx.Rngs(0)))
+    graphdef, abstract_state = nnx.split(abstract)
+    shardings = sharding.state_shardings(abstract_state, mesh)
+    target = jax.tree.map(
+        lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
+        abstract_state.to_pure_dict(),
+        shardings.to_pure_dict(),
+    )
+    path = os.path.join(os.path.abspath(os.fspath(directory)), PARAMS_DIR)
+    try:
+        restored = ocp.StandardCheckpointer().restore(path, target)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        raise CheckpointError(f"{directory}: parameters do not match the config in {META_FILE}: {e}") from e
+    nnx.replace_by_pure_dict(abstract_state, restored)
+    return nnx.merge(graphdef, abstract_state), meta
+
+
+def params_to_numpy(model: TokenSynth) -> dict:
+    """The parameters as a nested dict of host numpy arrays (for converters and exports)."""
+    return jax.tree.map(np.asarray, nnx.state(model, nnx.Param).to_pure_dict())

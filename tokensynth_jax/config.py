@@ -1,0 +1,103 @@
+"""The model's frozen configuration, built once from `config.model` of a Python config file.
+
+The model never sees an `ml_collections.ConfigDict`: it gets this dataclass, which is hashable
+(so it can be a static jit argument) and round-trips through the JSON stored beside every
+checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Literal, Mapping
+
+from tokensynth_jax import token_layout
+
+# Attention patterns. "causal" is the paper's decoder. "tokensynth-0.0.4" reproduces what the
+# reference package computes with its own default mask buffer: it passes `triu(ones, 1)` as a
+# boolean mask to torch's scaled_dot_product_attention, where True means *attend*, so each
+# position sees only later positions, and rows that see nothing (the last position, every cached
+# decoding step) output zeros. Kept only so parity with that package can be tested exactly.
+AttentionKind = Literal["causal", "tokensynth-0.0.4"]
+Conditioning = Literal["timbre", "unconditional"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Sizes and switches of the TokenSynth decoder."""
+
+    num_layers: int = 12  # pre-LN transformer blocks
+    d_model: int = 1024  # residual width
+    num_heads: int = 16  # attention heads; head_dim = d_model // num_heads
+    mlp_ratio: int = 4  # MLP hidden width = mlp_ratio * d_model (GELU)
+    num_codebooks: int = 9  # codec codebooks (channels 1..K of a row)
+    codebook_size: int = 1024  # codes per codebook; ids are code + 1, 0 = empty
+    midi_vocab_size: int = token_layout.MIDI_VOCAB_SIZE  # channel-0 vocabulary
+    max_len: int = 1024  # learned positions (timbre + rows)
+    timbre_dim: int = 512  # CLAP embedding size
+    timbre_hidden: int = 1024  # hidden width of the timbre MLP (512 -> 1024 -> ReLU -> d_model)
+    dropout: float = 0.1  # embedding, attention-output and MLP-output dropout (training only)
+    conditioning: Conditioning = "timbre"  # "unconditional": a learned start embedding instead
+    null_timbre: bool = False  # a learned null embedding for classifier-free guidance
+    attention: AttentionKind = "causal"
+    layer_norm_eps: float = 1e-5
+    dtype: str = "float32"  # compute dtype of activations and matmuls ("bfloat16" on TPU/GPU)
+    param_dtype: str = "float32"  # master weights
+    remat: bool = False  # rematerialise each block in the backward pass (saves activations)
+
+    def __post_init__(self):
+        if self.d_model % self.num_heads:
+            raise ValueError(f"d_model {self.d_model} is not divisible by num_heads {self.num_heads}")
+        if self.attention not in ("causal", "tokensynth-0.0.4"):
+            raise ValueError(f"unknown attention {self.attention!r}")
+        if self.conditioning not in ("timbre", "unconditional"):
+            raise ValueError(f"unknown conditioning {self.conditioning!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.num_heads
+
+    @property
+    def mlp_dim(self) -> int:
+        return self.mlp_ratio * self.d_model
+
+    @property
+    def codebook_vocab_size(self) -> int:
+        return token_layout.codebook_vocab_size(self.codebook_size)
+
+    @property
+    def num_channels(self) -> int:
+        return 1 + self.num_codebooks
+
+    @property
+    def output_size(self) -> int:
+        """Width of the output head: MIDI logits then each codebook's logits."""
+        return self.midi_vocab_size + self.num_codebooks * self.codebook_vocab_size
+
+    def channel_slices(self) -> list[tuple[int, int]]:
+        """(start, stop) of each channel's logits in the output head."""
+        out = [(0, self.midi_vocab_size)]
+        for k in range(self.num_codebooks):
+            start = self.midi_vocab_size + k * self.codebook_vocab_size
+            out.append((start, start + self.codebook_vocab_size))
+        return out
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "ModelConfig":
+        """Builds from a mapping (a ConfigDict's `to_dict()` or checkpoint JSON); unknown keys are errors."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"unknown model config keys: {unknown}")
+        return cls(**dict(values))
+
+
+REFERENCE = ModelConfig()  # the paper's / official package's model: ~175M parameters

@@ -1,0 +1,143 @@
+"""Flax NNX layers of the TokenSynth decoder: dense, layer norm, attention, MLP and block.
+
+Weights carry logical axis names (`sharding.py` maps them to mesh axes); no mesh axis is named
+here. Parameters are stored in `param_dtype` and cast to the compute `dtype` where used, so bf16
+compute keeps fp32 master weights. Shapes use the legend of `model.py`.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from tokensynth_jax.config import ModelConfig
+
+KERNEL_INIT = nnx.initializers.normal(stddev=0.02)
+
+
+def param(rngs: nnx.Rngs, init, shape, names, dtype) -> nnx.Param:
+    """A parameter initialised by `init` and annotated with logical axis `names`.
+
+    Eager sharding is off: `sharding.create_sharded` places parameters through
+    `jit(out_shardings=...)`, which needs no ambient mesh and works for abstract states.
+    """
+    return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=names, eager_sharding=False)
+
+
+class Dense(nnx.Module):
+    """y = x . W + b over the last axis of x, with W of shape [*in_shape, *out_shape]."""
+
+    def __init__(self, in_shape, out_shape, names, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        in_shape, out_shape = tuple(in_shape), tuple(out_shape)
+        pd = jnp.dtype(cfg.param_dtype)
+        self.kernel = param(rngs, KERNEL_INIT, in_shape + out_shape, names, pd)
+        self.bias = param(rngs, nnx.initializers.zeros, out_shape, names[len(in_shape):], pd)
+        self.num_in = len(in_shape)
+        self.dtype = jnp.dtype(cfg.dtype)
+
+    def __call__(self, x):
+        kernel = self.kernel[...].astype(self.dtype)
+        axes = (tuple(range(x.ndim - self.num_in, x.ndim)), tuple(range(self.num_in)))
+        y = jax.lax.dot_general(x.astype(self.dtype), kernel, (axes, ((), ())))
+        return y + self.bias[...].astype(self.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm computed in fp32 (as torch does under autocast), returned in the compute dtype."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        pd = jnp.dtype(cfg.param_dtype)
+        self.scale = param(rngs, nnx.initializers.ones, (cfg.d_model,), ("embed",), pd)
+        self.bias = param(rngs, nnx.initializers.zeros, (cfg.d_model,), ("embed",), pd)
+        self.eps = cfg.layer_norm_eps
+        self.dtype = jnp.dtype(cfg.dtype)
+
+    def __call__(self, x):
+        x = x.astype(jnp.float32)
+        mean = x.mean(-1, keepdims=True)
+        var = jnp.square(x - mean).mean(-1, keepdims=True)
+        y = (x - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * self.scale[...] + self.bias[...]).astype(self.dtype)
+
+
+def dropout(x, rate: float, key):
+    """Inverted dropout; the identity when `key` is None (inference)."""
+    if key is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def attend(q_bqhd, k_bkhd, v_bkhd, valid_bqk):
+    """Softmax attention in fp32; a query with no valid key outputs zeros.
+
+    Zeros (rather than NaN or a uniform average) for fully masked rows is what torch's
+    scaled_dot_product_attention returns, which the reference's inverted mask relies on.
+    """
+    scale = q_bqhd.shape[-1] ** -0.5
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q_bqhd, k_bkhd, preferred_element_type=jnp.float32)
+    logits = jnp.where(valid_bqk[:, None], logits * scale, -jnp.inf)
+    peak = jnp.max(logits, axis=-1, keepdims=True)
+    weights = jnp.exp(logits - jnp.where(jnp.isfinite(peak), peak, 0.0))
+    total = weights.sum(-1, keepdims=True)
+    weights = weights / jnp.where(total > 0, total, 1.0)
+    return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v_bkhd.dtype), v_bkhd)
+
+
+class KVCache(NamedTuple):
+    """One layer's keys and values for every slot, [B, S, H, Dh]; a pytree passed in and out."""
+
+    k: jax.Array
+    v: jax.Array
+
+
+class Attention(nnx.Module):
+    """Multi-head self-attention with biases (as the reference), optionally over a KV cache."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        d, h, hd = cfg.d_model, cfg.num_heads, cfg.head_dim
+        self.query = Dense((d,), (h, hd), ("embed", "heads", "kv"), cfg, rngs=rngs)
+        self.key = Dense((d,), (h, hd), ("embed", "heads", "kv"), cfg, rngs=rngs)
+        self.value = Dense((d,), (h, hd), ("embed", "heads", "kv"), cfg, rngs=rngs)
+        self.out = Dense((h, hd), (d,), ("heads", "kv", "embed"), cfg, rngs=rngs)
+
+    def __call__(self, x_bld, valid_bqk, cache: KVCache | None = None, slot=None):
+        """Attends over this call's keys, or over `cache` after writing them at `slot`."""
+        q, k, v = self.query(x_bld), self.key(x_bld), self.value(x_bld)
+        if cache is not None:
+            k = jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype), slot, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype), slot, axis=1)
+            cache = KVCache(k, v)
+        y = attend(q, k.astype(q.dtype), v.astype(q.dtype), valid_bqk)
+        return self.out(y), cache
+
+
+class Mlp(nnx.Module):
+    """Position-wise MLP: d_model -> mlp_dim -> GELU (exact erf, as torch) -> d_model."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.fc1 = Dense((cfg.d_model,), (cfg.mlp_dim,), ("embed", "mlp"), cfg, rngs=rngs)
+        self.fc2 = Dense((cfg.mlp_dim,), (cfg.d_model,), ("mlp", "embed"), cfg, rngs=rngs)
+
+    def __call__(self, x):
+        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
+
+
+class Block(nnx.Module):
+    """Pre-LN transformer block: x + Attn(LN(x)), then x + MLP(LN(x)), residual dropout."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.ln1 = LayerNorm(cfg, rngs=rngs)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.ln2 = LayerNorm(cfg, rngs=rngs)
+        self.mlp = Mlp(cfg, rngs=rngs)
+        self.rate = cfg.dropout
+
+    def __call__(self, x, valid_bqk, cache=None, slot=None, dropout_key=None):
+        keys = (None, None) if dropout_key is None else tuple(jax.random.split(dropout_key))
+        y, cache = self.attn(self.ln1(x), valid_bqk, cache, slot)
+        x = x + dropout(y, self.rate, keys[0])
+        x = x + dropout(self.mlp(self.ln2(x)), self.rate, keys[1])
+        return x, cache

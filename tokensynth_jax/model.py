@@ -1,0 +1,171 @@
+"""The TokenSynth decoder (Flax NNX): token rows + a start embedding -> per-channel logits.
+
+Shape legend for suffixes and einsums: B batch, L positions of this call, S cache slots,
+C channels of a row (1 MIDI + K codebooks), K codebooks, D d_model, H heads, h head dim,
+V output vocabulary (all channels' logits side by side), T timbre embedding size.
+
+Position 0 holds the *start embedding*: the projected CLAP timbre (conditional model), a learned
+start vector (unconditional model), or a learned null timbre (classifier-free guidance). Rows
+follow. Three entry points share the blocks:
+- `__call__`: the full forward of training and parity tests, positions 0..L.
+- `prefill`: left-padded prompts of a batch written into a fresh KV cache in one pass. Item b
+  starts at slot pad_b, so every item's last prompt row lands in the same slot and decoding
+  writes one slot per step for the whole batch; positions are `slot - pad_b`, so each item
+  computes exactly what it would alone.
+- `decode`: one row per item at `slot`, attending over the cache.
+The KV cache is a tuple of per-layer `KVCache`s passed in and returned, so decoding is pure.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from tokensynth_jax import layers
+from tokensynth_jax.config import ModelConfig
+
+
+def attention_valid(q_slots, k_slots, pad_b, last_slot, kind: str):
+    """[B, Lq, Lk] bool: which key slots each query slot may attend to.
+
+    Keys before an item's first slot (left padding) are never valid. `last_slot` is the last
+    slot written so far: the reference's inverted pattern looks forward, but never past it.
+    """
+    q = q_slots[:, None]
+    k = k_slots[None, :]
+    if kind == "causal":
+        valid = k <= q
+    else:  # "tokensynth-0.0.4"
+        valid = (k > q) & (k <= last_slot)
+    return valid[None] & (k_slots[None, None, :] >= pad_b[:, None, None])
+
+
+class TokenSynth(nnx.Module):
+    """Decoder-only transformer over rows of MIDI and codec tokens."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        pd = jnp.dtype(cfg.param_dtype)
+        d, init = cfg.d_model, layers.KERNEL_INIT
+        self.midi_embed = layers.param(rngs, init, (cfg.midi_vocab_size, d), ("vocab", "embed"), pd)
+        self.codebook_embed = layers.param(
+            rngs, init, (cfg.num_codebooks, cfg.codebook_vocab_size, d), (None, "vocab", "embed"), pd
+        )
+        self.pos_embed = layers.param(rngs, init, (cfg.max_len, d), (None, "embed"), pd)
+        if cfg.conditioning == "timbre":
+            self.timbre_fc1 = layers.Dense(
+                (cfg.timbre_dim,), (cfg.timbre_hidden,), ("timbre", "mlp"), cfg, rngs=rngs
+            )
+            self.timbre_fc2 = layers.Dense((cfg.timbre_hidden,), (d,), ("mlp", "embed"), cfg, rngs=rngs)
+        else:
+            self.start_embed = layers.param(rngs, init, (d,), ("embed",), pd)
+        if cfg.null_timbre:
+            self.null_embed = layers.param(rngs, init, (d,), ("embed",), pd)
+        self.blocks = nnx.List([layers.Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.final_ln = layers.LayerNorm(cfg, rngs=rngs)
+        self.head = layers.Dense((d,), (cfg.output_size,), ("embed", "vocab"), cfg, rngs=rngs)
+
+    # --- embeddings ---------------------------------------------------------------------------
+    def embed_rows(self, rows_blc):
+        """Sum of the channel embeddings of each row, [B, L, D]."""
+        dtype = jnp.dtype(self.cfg.dtype)
+        x = jnp.take(self.midi_embed[...], rows_blc[..., 0], axis=0).astype(dtype)
+        codebooks = jnp.arange(self.cfg.num_codebooks)
+        x_blkd = self.codebook_embed[...][codebooks, rows_blc[..., 1:]].astype(dtype)
+        return x + x_blkd.sum(axis=-2)
+
+    def start_embedding(self, timbre_bt, use_null_b):
+        """Position-0 embedding [B, D] for a batch of timbres (or the learned start vector)."""
+        dtype = jnp.dtype(self.cfg.dtype)
+        if self.cfg.conditioning == "unconditional":
+            batch = timbre_bt.shape[0] if timbre_bt is not None else use_null_b.shape[0]
+            return jnp.broadcast_to(self.start_embed[...].astype(dtype), (batch, self.cfg.d_model))
+        if timbre_bt is None:
+            raise ValueError("a timbre-conditioned model needs a timbre embedding")
+        start = self.timbre_fc2(jax.nn.relu(self.timbre_fc1(timbre_bt)))
+        if use_null_b is not None:
+            if not self.cfg.null_timbre:
+                raise ValueError("this model has no null timbre (config.null_timbre is False)")
+            start = jnp.where(use_null_b[:, None], self.null_embed[...].astype(dtype), start)
+        return start
+
+    # --- shared trunk -------------------------------------------------------------------------
+    def _trunk(self, x_bld, valid_bqk, caches=None, slot=None, dropout_rng=None):
+        keys = [None] * len(self.blocks)
+        if dropout_rng is not None:
+            dropout_rng, *keys = jax.random.split(dropout_rng, len(self.blocks) + 1)
+            x_bld = layers.dropout(x_bld, self.cfg.dropout, dropout_rng)
+        new_caches = []
+        for i, block in enumerate(self.blocks):
+            call = nnx.remat(type(block).__call__) if self.cfg.remat else type(block).__call__
+            cache = None if caches is None else caches[i]
+            x_bld, cache = call(block, x_bld, valid_bqk, cache, slot, keys[i])
+            new_caches.append(cache)
+        logits = self.head(self.final_ln(x_bld)).astype(jnp.float32)
+        return logits, (None if caches is None else tuple(new_caches))
+
+    # --- entry points -------------------------------------------------------------------------
+    def __call__(self, rows_blc, timbre_bt=None, *, use_null_b=None, dropout_rng=None):
+        """Full forward. Returns logits [B, L + 1, V]: position p predicts the row after it.
+
+        Args:
+          rows_blc: int token rows [B, L, C] that follow the start embedding.
+          timbre_bt: CLAP embeddings [B, T] (conditional models).
+          use_null_b: bool [B], replace the timbre by the learned null embedding (CFG training).
+          dropout_rng: a PRNG key for dropout; None is inference.
+        """
+        batch, length = rows_blc.shape[:2]
+        x = jnp.concatenate(
+            [self.start_embedding(timbre_bt, use_null_b)[:, None], self.embed_rows(rows_blc)], axis=1
+        )
+        x = x + self.pos_embed[: length + 1].astype(x.dtype)
+        slots = jnp.arange(length + 1)
+        valid = attention_valid(slots, slots, jnp.zeros((batch,), jnp.int32), length, self.cfg.attention)
+        logits, _ = self._trunk(x, valid, dropout_rng=dropout_rng)
+        return logits
+
+    def init_cache(self, batch: int, num_slots: int, dtype=None):
+        """An empty KV cache of `num_slots` slots per layer."""
+        shape = (batch, num_slots, self.cfg.num_heads, self.cfg.head_dim)
+        dtype = jnp.dtype(dtype or self.cfg.dtype)
+        return tuple(
+            layers.KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in self.blocks
+        )
+
+    def prefill(self, rows_bpc, pad_b, timbre_bt=None, *, cache, use_null_b=None):
+        """Writes left-padded prompts into `cache`; returns the last slot's logits [B, V] and the cache.
+
+        Args:
+          rows_bpc: prompt rows [B, P, C], item b's rows right-aligned (slots pad_b + 1 .. P).
+          pad_b: int [B], slots before item b's start embedding (its left padding).
+          timbre_bt: CLAP embeddings [B, T] for conditional models.
+          cache: from `init_cache`, with at least P + 1 slots.
+        """
+        num_rows = rows_bpc.shape[1]
+        slots = jnp.arange(num_rows + 1)
+        start = self.start_embedding(timbre_bt, use_null_b)
+        x = jnp.concatenate([jnp.zeros_like(start)[:, None], self.embed_rows(rows_bpc)], axis=1)
+        x = jnp.where((slots[None, :] == pad_b[:, None])[..., None], start[:, None], x)
+        positions = jnp.clip(slots[None, :] - pad_b[:, None], 0, self.cfg.max_len - 1)
+        x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(x.dtype)
+        valid = attention_valid(slots, jnp.arange(cache[0].k.shape[1]), pad_b, num_rows, self.cfg.attention)
+        logits, cache = self._trunk(x, valid, cache, 0)
+        return logits[:, -1], cache
+
+    def decode(self, row_bc, pad_b, slot, *, cache):
+        """One row per item written at `slot`; returns its logits [B, V] and the cache."""
+        x = self.embed_rows(row_bc[:, None])
+        positions = jnp.clip(slot - pad_b, 0, self.cfg.max_len - 1)
+        x = x + jnp.take(self.pos_embed[...], positions, axis=0)[:, None].astype(x.dtype)
+        valid = attention_valid(
+            jnp.reshape(slot, (1,)), jnp.arange(cache[0].k.shape[1]), pad_b, slot, self.cfg.attention
+        )
+        logits, cache = self._trunk(x, valid, cache, slot)
+        return logits[:, 0], cache
+
+
+def count_params(cfg: ModelConfig) -> int:
+    """Parameter count without allocating: `jax.eval_shape` of the initialiser."""
+    abstract = nnx.eval_shape(lambda: TokenSynth(cfg, rngs=nnx.Rngs(0)))
+    leaves = jax.tree.leaves(nnx.state(abstract, nnx.Param))
+    return sum(int(x.size) for x in leaves)

@@ -1,0 +1,108 @@
+"""Device mesh, logical-axis rules and sharded model creation.
+
+The model names logical axes only (`embed`, `mlp`, `heads`, `vocab`, ...); the rules here map
+them to the mesh axes `data`, `fsdp` and `tensor`. Parameters are created by a jitted
+initialiser with `out_shardings`, so they are born sharded and never exist whole on one device.
+"""
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from tokensynth_jax.config import ModelConfig
+from tokensynth_jax.model import TokenSynth
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical axis -> mesh axes (t5x-sized). Weights: FSDP over `embed`, tensor parallel over the
+# MLP hidden, heads and vocabulary. Activations: batch over data x fsdp.
+DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("vocab", "tensor"),
+    ("kv", None),
+    ("timbre", None),
+    ("length", None),
+    ("act_embed", None),
+)
+
+
+def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A mesh over `data`, `fsdp`, `tensor`; one axis may be -1 (filled with the remaining devices)."""
+    devices = list(devices if devices is not None else jax.devices())
+    sizes = [int(shape.get(axis, 1)) for axis in MESH_AXES]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"at most one mesh axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(f"{len(devices)} devices do not divide into mesh {dict(zip(MESH_AXES, sizes))}")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if math.prod(sizes) != len(devices):
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, have {len(devices)}")
+    return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+
+
+def logical_to_spec(names: Sequence[str | None] | None, rules=DEFAULT_RULES) -> PartitionSpec:
+    """PartitionSpec of one array annotated with logical axis `names` (None: replicated axis)."""
+    table = dict(rules)
+    if not names:
+        return PartitionSpec()
+    used: set[str] = set()
+    spec = []
+    for name in names:
+        target = table.get(name) if name is not None else None
+        axes = (target,) if isinstance(target, str) else tuple(target or ())
+        axes = tuple(a for a in axes if a not in used)  # a mesh axis shards one array axis at most
+        used.update(axes)
+        spec.append(axes[0] if len(axes) == 1 else (axes or None))
+    return PartitionSpec(*spec)
+
+
+def state_shardings(abstract_state: nnx.State, mesh: Mesh, rules=DEFAULT_RULES):
+    """NamedShardings for every variable of an (abstract) NNX state, from its logical names."""
+
+    def one(var):
+        names = var.get_metadata().get("out_sharding") if isinstance(var, nnx.Variable) else None
+        spec = logical_to_spec(names, rules)
+        shape = var.shape if hasattr(var, "shape") else ()
+        # An axis the mesh does not divide is replicated rather than failing (small test models).
+        spec = PartitionSpec(*[
+            s if s is None or shape[i] % math.prod(mesh.shape[a] for a in ((s,) if isinstance(s, str) else s)) == 0
+            else None
+            for i, s in enumerate(spec)
+        ])
+        return NamedSharding(mesh, spec)
+
+    return jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def create_sharded(cfg: ModelConfig, mesh: Mesh, seed: int = 0, rules=DEFAULT_RULES) -> TokenSynth:
+    """A freshly initialised model whose parameters are born sharded on `mesh`."""
+    abstract = nnx.eval_shape(lambda: TokenSynth(cfg, rngs=nnx.Rngs(seed)))
+    graphdef, abstract_state = nnx.split(abstract)
+    shardings = state_shardings(abstract_state, mesh, rules)
+
+    @jax.jit
+    def init():
+        return nnx.state(TokenSynth(cfg, rngs=nnx.Rngs(seed)))
+
+    state = jax.jit(init, out_shardings=shardings)()
+    return nnx.merge(graphdef, state)
+
+
+def batch_sharding(mesh: Mesh, ndim: int, rules=DEFAULT_RULES) -> NamedSharding:
+    """Sharding of a batch-major array: batch over data x fsdp, other axes replicated."""
+    return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), rules))
+
+
+def constrain(x, mesh: Mesh, names: Sequence[str | None], rules=DEFAULT_RULES):
+    """`with_sharding_constraint` by logical names, for activations inside jitted code."""
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(names, rules)))
