@@ -70,24 +70,26 @@ def dropout(x, rate: float, key):
     return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
-def attend(q_bqhd, k_bkhd, v_bkhd, valid_bqk):
+def attend(q_bqhd, k_bhkd, v_bhkd, valid_bqk):
     """Softmax attention in fp32; a query with no valid key outputs zeros.
 
+    Keys and values are head-major ([B, H, S, h]): on XLA:CPU a slot-major cache made XLA
+    transpose the whole cache every step (21 ms vs 1.7 ms a layer at batch 16, 466 slots).
     Zeros (rather than NaN or a uniform average) for fully masked rows is what torch's
     scaled_dot_product_attention returns, which the reference's inverted mask relies on.
     """
     scale = q_bqhd.shape[-1] ** -0.5
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q_bqhd, k_bkhd, preferred_element_type=jnp.float32)
+    logits = jnp.einsum("bqhd,bhkd->bhqk", q_bqhd, k_bhkd, preferred_element_type=jnp.float32)
     logits = jnp.where(valid_bqk[:, None], logits * scale, -jnp.inf)
     peak = jnp.max(logits, axis=-1, keepdims=True)
     weights = jnp.exp(logits - jnp.where(jnp.isfinite(peak), peak, 0.0))
     total = weights.sum(-1, keepdims=True)
     weights = weights / jnp.where(total > 0, total, 1.0)
-    return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v_bkhd.dtype), v_bkhd)
+    return jnp.einsum("bhqk,bhkd->bqhd", weights.astype(v_bhkd.dtype), v_bhkd)
 
 
 class KVCache(NamedTuple):
-    """One layer's keys and values for every slot, [B, S, H, Dh]; a pytree passed in and out."""
+    """One layer's keys and values for every slot, [B, H, S, h]; a pytree passed in and out."""
 
     k: jax.Array
     v: jax.Array
@@ -105,10 +107,12 @@ class Attention(nnx.Module):
 
     def __call__(self, x_bld, valid_bqk, cache: KVCache | None = None, slot=None):
         """Attends over this call's keys, or over `cache` after writing them at `slot`."""
-        q, k, v = self.query(x_bld), self.key(x_bld), self.value(x_bld)
+        q = self.query(x_bld)
+        k = jnp.swapaxes(self.key(x_bld), 1, 2)  # [B, H, L, h]
+        v = jnp.swapaxes(self.value(x_bld), 1, 2)
         if cache is not None:
-            k = jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype), slot, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype), slot, axis=1)
+            k = jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype), slot, axis=2)
+            v = jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype), slot, axis=2)
             cache = KVCache(k, v)
         y = attend(q, k.astype(q.dtype), v.astype(q.dtype), valid_bqk)
         return self.out(y), cache

@@ -126,7 +126,7 @@ class TokenSynth(nnx.Module):
 
     def init_cache(self, batch: int, num_slots: int, dtype=None):
         """An empty KV cache of `num_slots` slots per layer."""
-        shape = (batch, num_slots, self.cfg.num_heads, self.cfg.head_dim)
+        shape = (batch, self.cfg.num_heads, num_slots, self.cfg.head_dim)
         dtype = jnp.dtype(dtype or self.cfg.dtype)
         return tuple(
             layers.KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in self.blocks
@@ -148,7 +148,7 @@ class TokenSynth(nnx.Module):
         x = jnp.where((slots[None, :] == pad_b[:, None])[..., None], start[:, None], x)
         positions = jnp.clip(slots[None, :] - pad_b[:, None], 0, self.cfg.max_len - 1)
         x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(x.dtype)
-        valid = attention_valid(slots, jnp.arange(cache[0].k.shape[1]), pad_b, num_rows, self.cfg.attention)
+        valid = attention_valid(slots, jnp.arange(cache[0].k.shape[2]), pad_b, num_rows, self.cfg.attention)
         logits, cache = self._trunk(x, valid, cache, 0)
         return logits[:, -1], cache
 
@@ -158,7 +158,7 @@ class TokenSynth(nnx.Module):
         positions = jnp.clip(slot - pad_b, 0, self.cfg.max_len - 1)
         x = x + jnp.take(self.pos_embed[...], positions, axis=0)[:, None].astype(x.dtype)
         valid = attention_valid(
-            jnp.reshape(slot, (1,)), jnp.arange(cache[0].k.shape[1]), pad_b, slot, self.cfg.attention
+            jnp.reshape(slot, (1,)), jnp.arange(cache[0].k.shape[2]), pad_b, slot, self.cfg.attention
         )
         logits, cache = self._trunk(x, valid, cache, slot)
         return logits[:, 0], cache
