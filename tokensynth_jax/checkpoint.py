@@ -37,7 +37,7 @@ def save_model(directory: str | os.PathLike, cfg: ModelConfig, params: Any, meta
     """Writes `params` (an nnx.State or a nested dict of arrays) and the config to `directory`."""
     directory = os.path.abspath(os.fspath(directory))
     if isinstance(params, nnx.State):
-        params = params.to_pure_dict()
+        params = nnx.to_pure_dict(params)
     os.makedirs(directory, exist_ok=True)
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(os.path.join(directory, PARAMS_DIR), params, force=True)
@@ -81,8 +81,8 @@ def load_model(
     shardings = sharding.state_shardings(abstract_state, mesh)
     target = jax.tree.map(
         lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
-        abstract_state.to_pure_dict(),
-        shardings.to_pure_dict(),
+        nnx.to_pure_dict(abstract_state),
+        nnx.to_pure_dict(shardings),
     )
     path = os.path.join(os.path.abspath(os.fspath(directory)), PARAMS_DIR)
     try:
@@ -95,4 +95,4 @@ def load_model(
 
 def params_to_numpy(model: TokenSynth) -> dict:
     """The parameters as a nested dict of host numpy arrays (for converters and exports)."""
-    return jax.tree.map(np.asarray, nnx.state(model, nnx.Param).to_pure_dict())
+    return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))

@@ -101,3 +101,37 @@ class ModelConfig:
 
 
 REFERENCE = ModelConfig()  # the paper's / official package's model: ~175M parameters
+
+
+def load_config_file(spec: str, overrides: Mapping[str, Any] | None = None):
+    """Loads `path/to/config.py[:arg]` and calls its `get_config(arg)` (big_vision style).
+
+    The config file's parent directory's parent goes on sys.path, so configs can import their
+    siblings (`from configs import reference`). `overrides` are dotted keys -> values
+    (`{"model.num_layers": 2}`), applied with the ConfigDict's own type checks.
+    """
+    import importlib.util
+    import os
+    import sys
+
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such config file")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    module_spec = importlib.util.spec_from_file_location(f"_tokensynth_config_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"{path}: a config file defines get_config(arg)")
+    config = module.get_config(arg or None)
+    for key, value in (overrides or {}).items():
+        node = config
+        *parents, leaf = key.split(".")
+        for name in parents:
+            node = node[name]
+        if leaf not in node:
+            raise KeyError(f"{path}: no config field {key!r}")
+        node[leaf] = type(node[leaf])(value) if node[leaf] is not None and not isinstance(value, type(node[leaf])) else value
+    return config

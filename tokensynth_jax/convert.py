@@ -205,7 +205,7 @@ def to_official(cfg: ModelConfig, params: Mapping[str, Any]) -> dict[str, Any]:
     if cfg.mlp_ratio * cfg.d_model != cfg.mlp_dim or cfg.midi_vocab_size != token_layout.MIDI_VOCAB_SIZE:
         raise ConversionError("the official model has a fixed MIDI vocabulary of 1133 ids")
     p = {k: v for k, v in params.items()}
-    f = lambda a: torch.from_numpy(np.ascontiguousarray(np.asarray(a, dtype=np.float32)))
+    f = lambda a: torch.from_numpy(np.array(a, dtype=np.float32, copy=True))
     d = cfg.d_model
     out: dict[str, Any] = {
         "pos_embed": f(np.asarray(p["pos_embed"])[None]),

@@ -1,0 +1,20 @@
+"""A tiny TokenSynth for tests and the offline demo: 2 x 64, 4 heads, 4 codebooks of 61.
+
+Odd, prime-ish sizes so shape bugs show. Not a model that makes music.
+
+  tokensynth init --config configs/tiny.py runs/tiny-random
+"""
+from configs import reference
+
+
+def get_config(arg=None):
+    c = reference.get_config(arg)
+    c.model.num_layers = 2
+    c.model.d_model = 64
+    c.model.num_heads = 4
+    c.model.num_codebooks = 4
+    c.model.codebook_size = 61
+    c.model.max_len = 640
+    c.model.timbre_hidden = 96
+    c.codec.name = "tiny-random"
+    return c
