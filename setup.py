@@ -15,6 +15,7 @@ CORE = [
     "ml-collections>=1.0",
     "absl-py",
     "numpy>=1.26",
+    "msgpack>=1.0",  # the pair-record encoding (records.py)
     "pretty_midi>=0.2.10",
 ]
 TORCH = ["torch>=2.1"]
