@@ -1,0 +1,109 @@
+"""Training input pipeline: grain over the ArrayRecord shards that `tokensynth prep` writes.
+
+Order (flax lm1b / maxtext): source -> seeded shuffle -> repeat -> this process's shard ->
+parse (shared record schema) and build rows -> batch -> multiprocess prefetch. All randomness is
+seeded inside grain, so an iterator restored from its saved state replays exactly.
+
+Examples are *padded* to `seq_len`, not packed: every example owns position 0 (its timbre) and
+absolute learned positions, so packing would need per-segment position resets and block-diagonal
+masks, and a 5 s clip already fills most of a budget sized for it. A batch holds
+    timbre [b, T] float32     the reference clip's CLAP embedding
+    rows [b, seq_len - 1, C]  int32 model input rows after position 0
+    targets [b, seq_len, C]   int32 the row each position predicts
+    mask [b, seq_len]         bool  positions whose target is an audio or end row
+where b is this process's share of the global batch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+from typing import Sequence
+
+import grain
+import numpy as np
+
+from tokensynth_jax import records, token_layout
+from tokensynth_jax.config import ModelConfig
+
+
+class DataError(ValueError):
+    """Shards that are missing or do not fit the model; the message names the file or record."""
+
+
+def expand_paths(patterns: Sequence[str]) -> list[str]:
+    """Shard files from paths, globs or directories (all `*.array_record` inside), sorted."""
+    out: list[str] = []
+    for pattern in patterns:
+        if os.path.isdir(pattern):
+            found = glob.glob(os.path.join(pattern, "**", "*.array_record"), recursive=True)
+        else:
+            found = glob.glob(pattern)
+        if not found:
+            raise DataError(f"{pattern}: no ArrayRecord shards found")
+        out.extend(found)
+    return sorted(set(out))
+
+
+def build_example(rec: records.PairRecord, cfg: ModelConfig, seq_len: int) -> dict:
+    """One record -> padded model arrays (see the module docstring for the layout)."""
+    codes = np.asarray(rec.codes, np.int64)
+    if codes.shape[1] != cfg.num_codebooks or codes.max(initial=0) >= cfg.codebook_size or codes.min(initial=0) < 0:
+        raise DataError(
+            f"record {rec.pair_id}: codes {codes.shape} in [{codes.min(initial=0)}, {codes.max(initial=0)}] do not fit "
+            f"a model of {cfg.num_codebooks} codebooks of {cfg.codebook_size}"
+        )
+    rows, target_mask = token_layout.training_rows(rec.midi_tokens, codes)
+    if rows.shape[0] > seq_len:
+        raise DataError(f"record {rec.pair_id}: {rows.shape[0]} positions exceed seq_len {seq_len}")
+    targets = np.zeros((seq_len, cfg.num_channels), np.int32)
+    targets[: rows.shape[0]] = rows
+    mask = np.zeros(seq_len, bool)
+    mask[: rows.shape[0]] = target_mask
+    return {
+        "timbre": np.asarray(rec.timbre, np.float32),
+        "rows": targets[:-1].copy(),
+        "targets": targets,
+        "mask": mask,
+    }
+
+
+class _Parse(grain.transforms.Map):
+    def __init__(self, cfg: ModelConfig, seq_len: int):
+        self.cfg, self.seq_len = cfg, seq_len
+
+    def map(self, data: bytes) -> dict:
+        return build_example(records.decode(data), self.cfg, self.seq_len)
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    """How the training stream is read."""
+
+    paths: tuple[str, ...]  # shard files, globs or directories
+    global_batch: int  # examples per step over all processes
+    seq_len: int  # positions per example (timbre + rows), at most the model's max_len
+    seed: int = 0  # shuffle seed
+    shuffle: bool = True
+    num_epochs: int | None = None  # None repeats forever
+    worker_count: int = 0  # grain worker processes (0: in the main process)
+    prefetch_buffer: int = 2  # batches each worker prepares ahead
+
+
+def make_dataset(pc: PipelineConfig, cfg: ModelConfig, process_index: int = 0, process_count: int = 1):
+    """The grain IterDataset of this process's batches (dicts of numpy arrays)."""
+    if pc.global_batch % process_count:
+        raise DataError(f"global batch {pc.global_batch} does not split over {process_count} processes")
+    if pc.seq_len > cfg.max_len:
+        raise DataError(f"seq_len {pc.seq_len} exceeds the model's {cfg.max_len} positions")
+    source = grain.sources.ArrayRecordDataSource(expand_paths(pc.paths))
+    ds = grain.MapDataset.source(source)
+    if pc.shuffle:
+        ds = ds.shuffle(seed=pc.seed)
+    ds = ds.repeat(pc.num_epochs)
+    ds = ds[process_index::process_count]
+    ds = ds.map(_Parse(cfg, pc.seq_len))
+    it = ds.to_iter_dataset().batch(pc.global_batch // process_count, drop_remainder=True)
+    if pc.worker_count > 0:
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=pc.worker_count, per_worker_buffer_size=pc.prefetch_buffer))
+    return it
