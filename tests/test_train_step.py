@@ -1,0 +1,111 @@
+"""The pure train step: it learns, accumulation is exact, decay masks, sharded == single device."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from tokensynth_jax import optim, sharding, token_layout
+from tokensynth_jax import train_step as T
+from tokensynth_jax.config import ModelConfig
+from tokensynth_jax.model import TokenSynth
+
+CFG = ModelConfig(num_layers=2, d_model=48, num_heads=3, num_codebooks=3, codebook_size=17, max_len=64, dropout=0.0)
+OC = optim.OptimConfig(peak_lr=3e-3, warmup_steps=3, total_steps=100, weight_decay=0.01)
+STEP = jax.jit(T.train_step, static_argnums=0, static_argnames=("null_rate", "grad_accum"))
+
+
+def _batch(batch_size=4, seed=0, frames=(12, 24)):
+    rng = np.random.default_rng(seed)
+    targets, masks = [], []
+    for _ in range(batch_size):
+        rows, m = token_layout.training_rows(rng.integers(1, 1133, 4 * rng.integers(1, 4)),
+                                             rng.integers(0, 17, (rng.integers(*frames), 3)))
+        t = np.zeros((40, 4), np.int32)
+        t[: len(rows)] = rows
+        mm = np.zeros(40, bool)
+        mm[: len(rows)] = m
+        targets.append(t)
+        masks.append(mm)
+    t = np.stack(targets)
+    return {"timbre": rng.normal(size=(batch_size, 512)).astype(np.float32), "rows": t[:, :-1], "targets": t,
+            "mask": np.stack(masks)}
+
+
+def _state(cfg=CFG, model=None):
+    model = model or TokenSynth(cfg, rngs=nnx.Rngs(0))
+    opt = nnx.Optimizer(model, optim.make_optimizer(OC, nnx.state(model, nnx.Param)), wrt=nnx.Param)
+    return nnx.split((model, opt))
+
+
+def test_loss_falls_when_overfitting_one_batch():
+    graphdef, state = _state()
+    batch = _batch()
+    losses = []
+    for i in range(40):
+        state, m = STEP(graphdef, state, batch, jax.random.PRNGKey(i))
+        losses.append(float(m["loss"]))
+    assert losses[-1] < 0.3 * losses[0]
+    assert float(m["positions"]) == batch["mask"].sum()
+
+
+def test_gradient_accumulation_equals_the_full_batch_even_with_uneven_micro_batches():
+    batch = _batch(frames=(5, 30))  # micro-batches hold different numbers of target positions
+    assert batch["mask"][:2].sum() != batch["mask"][2:].sum()
+    graphdef, state = _state()
+    s1, m1 = STEP(graphdef, jax.tree.map(jnp.copy, state), batch, jax.random.PRNGKey(0), grad_accum=1)
+    s2, m2 = STEP(graphdef, state, batch, jax.random.PRNGKey(0), grad_accum=2)
+    np.testing.assert_allclose(float(m1["loss"]), float(m2["loss"]), rtol=1e-5)
+    np.testing.assert_allclose(float(m1["grad_norm"]), float(m2["grad_norm"]), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(s1), jax.tree.leaves(s2)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-6)
+
+
+def test_weight_decay_applies_to_dense_kernels_only():
+    mask = optim.decay_mask(nnx.state(TokenSynth(CFG.replace(null_timbre=True), rngs=nnx.Rngs(0)), nnx.Param))
+    flat = {"/".join(map(str, k)): v for k, v in nnx.to_flat_state(mask)}
+    assert flat["blocks/0/mlp/fc1/kernel"] and flat["head/kernel"] and flat["blocks/1/attn/query/kernel"]
+    assert not flat["blocks/0/attn/query/bias"] and not flat["midi_embed"] and not flat["pos_embed"]
+    assert not flat["blocks/0/ln1/scale"] and not flat["null_embed"] and not flat["codebook_embed"]
+
+
+def test_null_timbre_dropout_trains_the_null_embedding():
+    cfg = CFG.replace(null_timbre=True)
+    graphdef, state = _state(cfg)
+    before = np.asarray(nnx.merge(graphdef, state)[0].null_embed[...])
+    for i in range(2):  # warmup starts at lr 0
+        state, _ = STEP(graphdef, state, _batch(), jax.random.PRNGKey(i), null_rate=1.0)
+    after = np.asarray(nnx.merge(graphdef, state)[0].null_embed[...])
+    assert not np.allclose(before, after)
+    graphdef, state = _state(cfg)
+    for i in range(2):
+        state, _ = STEP(graphdef, state, _batch(), jax.random.PRNGKey(i), null_rate=0.0)
+    np.testing.assert_array_equal(before, np.asarray(nnx.merge(graphdef, state)[0].null_embed[...]))
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices: XLA_FLAGS set in conftest")
+def test_sharded_steps_match_one_device_and_state_is_sharded():
+    batch = _batch(batch_size=8)
+    graphdef, state = _state()
+    losses_1 = []
+    for i in range(3):
+        state, m = STEP(graphdef, state, batch, jax.random.PRNGKey(i))
+        losses_1.append(float(m["loss"]))
+
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    graphdef, state = _state()
+    shardings = sharding.state_shardings(state, mesh)
+    state = jax.device_put(state, shardings)
+    data_sharding = sharding.batch_sharding(mesh, 2)
+    sharded_batch = {k: jax.device_put(v, sharding.batch_sharding(mesh, v.ndim)) for k, v in batch.items()}
+    step = jax.jit(T.train_step, static_argnums=0, out_shardings=(shardings, None), donate_argnums=1)
+    losses_8 = []
+    for i in range(3):
+        state, m = step(graphdef, state, sharded_batch, jax.random.PRNGKey(i))
+        losses_8.append(float(m["loss"]))
+    np.testing.assert_allclose(losses_8, losses_1, rtol=2e-5)
+    model, opt = nnx.merge(graphdef, state)
+    assert model.blocks[0].mlp.fc1.kernel[...].sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+    mu = jax.tree.leaves(nnx.state(opt, nnx.optimizer.OptState if hasattr(nnx.optimizer, "OptState") else nnx.Variable))
+    assert any(len(x.sharding.device_set) == 8 and not x.sharding.is_fully_replicated for x in mu if hasattr(x, "sharding"))
+    assert data_sharding.spec[0] == ("data", "fsdp")

@@ -1,0 +1,93 @@
+"""The loss and the pure, jittable train and eval steps.
+
+`train_step(graphdef, state, batch, step_rng)` is one module-level pure function over the whole
+train state (model parameters + optimizer state as one NNX state), so `jax.jit` with explicit
+shardings and donation applies to it directly. Gradient accumulation scans over micro-batches
+and sums gradients in fp32. Timbre dropout swaps the timbre for the learned null embedding with
+probability `null_rate`, which is what classifier-free guidance needs at sampling time.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from tokensynth_jax.config import ModelConfig
+from tokensynth_jax.model import TokenSynth
+
+
+def channel_losses(logits_blv, targets_blc, mask_bl, cfg: ModelConfig):
+    """Cross-entropy and accuracy per channel over the masked positions.
+
+    Returns:
+      (ce_c, acc_c, count): summed cross-entropy [C] and correct predictions [C] over the
+      masked positions, and the number of masked positions.
+    """
+    vm = cfg.midi_vocab_size
+    batch, length = targets_blc.shape[:2]
+    midi = logits_blv[..., :vm]
+    books = logits_blv[..., vm:].reshape(batch, length, cfg.num_codebooks, cfg.codebook_vocab_size)
+    ce_midi = optax.softmax_cross_entropy_with_integer_labels(midi, targets_blc[..., 0])
+    ce_books = optax.softmax_cross_entropy_with_integer_labels(books, targets_blc[..., 1:])
+    ce = jnp.concatenate([ce_midi[..., None], ce_books], -1)
+    hit = jnp.concatenate([(midi.argmax(-1) == targets_blc[..., 0])[..., None], books.argmax(-1) == targets_blc[..., 1:]], -1)
+    m = mask_bl[..., None].astype(jnp.float32)
+    return (ce * m).sum((0, 1)), (hit * m).sum((0, 1)), mask_bl.sum().astype(jnp.float32)
+
+
+def _forward_losses(model: TokenSynth, batch, rng, null_rate: float, train: bool):
+    use_null = None
+    if model.cfg.null_timbre:
+        null_key, rng = jax.random.split(rng)
+        use_null = jax.random.bernoulli(null_key, null_rate, (batch["timbre"].shape[0],)) if train else None
+    logits = model(batch["rows"], batch["timbre"], use_null_b=use_null, dropout_rng=rng if train else None)
+    return channel_losses(logits, batch["targets"], batch["mask"], model.cfg)
+
+
+def _loss(model, batch, rng, null_rate, norm):
+    """Summed cross-entropy / norm: `norm` counts the whole batch's predictions (positions x
+    channels), so micro-batch losses and gradients add up to exactly the full batch's mean."""
+    ce, hit, count = _forward_losses(model, batch, rng, null_rate, True)
+    return ce.sum() / norm, (ce, hit, count)
+
+
+def train_step(graphdef, state, batch, step_rng, *, null_rate: float = 0.0, grad_accum: int = 1):
+    """One optimizer step. Returns the new state and metrics (sums, so hosts can average)."""
+    model, optimizer = nnx.merge(graphdef, state)
+    params = nnx.state(model, nnx.Param)
+    norm = jnp.maximum(batch["mask"].sum() * model.cfg.num_channels, 1).astype(jnp.float32)
+
+    def grads_of(micro, rng):
+        def loss_of(p):
+            m = nnx.merge(nnx.graphdef(model), p, nnx.state(model, nnx.Not(nnx.Param)))
+            return _loss(m, micro, rng, null_rate, norm)
+
+        return jax.value_and_grad(loss_of, has_aux=True)(params)
+
+    if grad_accum == 1:
+        (loss, (ce, hit, count)), grads = grads_of(batch, step_rng)
+    else:
+        micro = jax.tree.map(lambda x: x.reshape(grad_accum, -1, *x.shape[1:]), batch)
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+
+        def body(acc, xs):
+            i, mb = xs
+            (l, aux), g = grads_of(mb, jax.random.fold_in(step_rng, i))
+            acc_g, acc_l, acc_aux = acc
+            acc_g = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), acc_g, g)
+            return (acc_g, acc_l + l, jax.tree.map(jnp.add, acc_aux, aux)), None
+
+        init_aux = (jnp.zeros(model.cfg.num_channels), jnp.zeros(model.cfg.num_channels), jnp.zeros(()))
+        (grads, loss, (ce, hit, count)), _ = jax.lax.scan(body, (zeros, 0.0, init_aux), (jnp.arange(grad_accum), micro))
+    grad_norm = optax.tree.norm(grads)
+    optimizer.update(model, grads)
+    metrics = {"loss": loss, "grad_norm": grad_norm, "ce_sum": ce, "correct": hit, "positions": count}
+    return nnx.state((model, optimizer)), metrics
+
+
+def eval_step(graphdef, state, batch):
+    """Summed per-channel cross-entropy and accuracy of a batch, without dropout."""
+    model, _ = nnx.merge(graphdef, state)
+    ce, hit, count = _forward_losses(model, batch, jax.random.PRNGKey(0), 0.0, False)
+    return {"ce_sum": ce, "correct": hit, "positions": count}
