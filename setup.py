@@ -20,7 +20,7 @@ CORE = [
 ]
 TORCH = ["torch>=2.1"]
 AUDIO = TORCH + ["transformers>=4.45", "safetensors"]
-TRAIN = ["grain>=0.2.10", "array_record>=0.7"]
+TRAIN = ["grain>=0.2.10", "array_record>=0.7", "tensorboardX>=2.6"]
 PREP = AUDIO + TRAIN + ["apache-beam>=2.60", "pedalboard>=0.9"]
 TEST = ["pytest>=8", "psutil"]
 

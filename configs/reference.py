@@ -32,4 +32,39 @@ def get_config(arg=None):
     c.codec.name = "descript/dac_44khz"  # Hugging Face id of the codec
     c.codec.sample_rate = 44100  # Hz
     c.codec.frame_rate = 86.1328125  # frames per second (44100 / 512)
+
+    c.data = ml_collections.ConfigDict()
+    c.data.paths = ()  # training shards: files, globs or directories (set on the command line)
+    c.data.eval_paths = ()  # held-out instruments
+    c.data.seq_len = 1024  # positions per example (timbre + MIDI + separator + audio + end)
+    c.data.global_batch = 64  # examples per step over all processes
+    c.data.worker_count = 0  # grain worker processes per host
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.peak_lr = 3e-4  # after warmup
+    c.optim.end_lr_ratio = 0.1  # cosine ends at peak_lr * end_lr_ratio
+    c.optim.warmup_steps = 2000  # linear warmup from 0
+    c.optim.total_steps = 200_000  # schedule length
+    c.optim.b1 = 0.9  # Adam first moment
+    c.optim.b2 = 0.95  # Adam second moment
+    c.optim.eps = 1e-8  # Adam epsilon
+    c.optim.weight_decay = 0.1  # on dense kernels only
+    c.optim.clip_norm = 1.0  # global-norm clipping (0 disables)
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 200_000  # optimizer steps
+    c.train.seed = 0  # parameters, data order, dropout
+    c.train.grad_accum = 1  # micro-batches per step
+    c.train.null_rate = 0.0  # timbre dropout to the null embedding (needs model.null_timbre)
+    c.train.log_every = 100  # steps between metric lines
+    c.train.eval_every = 5000  # steps between evaluations on eval_paths
+    c.train.eval_batches = 20  # batches per evaluation
+    c.train.checkpoint_every = 2000  # steps between checkpoints
+    c.train.keep_last = 3  # newest checkpoints kept
+    c.train.keep_every = 50_000  # also keep every step divisible by this (0: none)
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # data parallelism (-1: the devices left over)
+    c.mesh.fsdp = 1  # parameter sharding over the batch
+    c.mesh.tensor = 1  # tensor parallelism (heads, MLP, vocabulary)
     return c

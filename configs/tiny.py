@@ -17,4 +17,15 @@ def get_config(arg=None):
     c.model.max_len = 640
     c.model.timbre_hidden = 96
     c.codec.name = "tiny-random"
+    c.data.seq_len = 128
+    c.data.global_batch = 8
+    c.optim.peak_lr = 3e-3
+    c.optim.warmup_steps = 10
+    c.optim.total_steps = 200
+    c.train.steps = 200
+    c.train.log_every = 10
+    c.train.eval_every = 50
+    c.train.eval_batches = 2
+    c.train.checkpoint_every = 50
+    c.train.keep_every = 0
     return c

@@ -96,3 +96,61 @@ def load_model(
 def params_to_numpy(model: TokenSynth) -> dict:
     """The parameters as a nested dict of host numpy arrays (for converters and exports)."""
     return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+
+
+class TrainCheckpointer:
+    """Train state and grain iterator saved together, so a resume replays the exact data order.
+
+    Async saves; keeps the last `max_to_keep` plus every step divisible by `keep_period`.
+    Restores land sharded: the target is an abstract state carrying the shardings.
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 3, keep_period: int | None = None,
+                 async_save: bool = True):
+        import grain  # only the trainer needs grain; inference checkpoints do not
+
+        self._grain = grain
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, keep_period=keep_period, enable_async_checkpointing=async_save, create=True,
+        )
+        self.manager = ocp.CheckpointManager(
+            os.path.abspath(os.fspath(directory)), options=options, item_names=("state", "data")
+        )
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: nnx.State, data_iterator, *, force: bool = False) -> bool:
+        """Starts an async save of (state, iterator) at `step`; returns whether one was started."""
+        return self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(nnx.to_pure_dict(state)),
+                data=self._grain.checkpoint.CheckpointSave(data_iterator),
+            ),
+            force=force,
+        )
+
+    def restore(self, step: int, abstract_state: nnx.State, shardings: nnx.State, data_iterator) -> nnx.State:
+        """Restores `step` into a sharded copy of `abstract_state`; sets `data_iterator`'s position."""
+        target = jax.tree.map(
+            lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
+            nnx.to_pure_dict(abstract_state),
+            nnx.to_pure_dict(shardings),
+        )
+        restored = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target),
+                data=self._grain.checkpoint.CheckpointRestore(data_iterator),
+            ),
+        )
+        state = jax.tree.map(lambda x: x, abstract_state)
+        nnx.replace_by_pure_dict(state, restored["state"])
+        return state
+
+    def wait(self):
+        self.manager.wait_until_finished()
+
+    def close(self):
+        self.manager.close()

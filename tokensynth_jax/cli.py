@@ -25,6 +25,7 @@ def _cmd_init(args) -> int:
     from tokensynth_jax.config import ModelConfig, load_config_file
 
     overrides = dict(kv.split("=", 1) for kv in args.set)
+    overrides.update(getattr(args, "config_overrides", {}))
     config = load_config_file(args.config, overrides)
     cfg = ModelConfig.from_dict(config.model.to_dict())
     model = sharding.create_sharded(cfg, sharding.make_mesh({"data": -1}), seed=args.seed)
@@ -32,6 +33,20 @@ def _cmd_init(args) -> int:
             "codec": config.codec.to_dict()}
     checkpoint.save_model(args.out_dir, cfg, nnx.state(model, nnx.Param), meta)
     print(f"wrote randomly initialised {args.config} ({cfg.num_layers}x{cfg.d_model}) to {args.out_dir}")
+    return 0
+
+
+def _cmd_train(args) -> int:
+    import logging
+
+    from tokensynth_jax import train
+    from tokensynth_jax.config import load_config_file
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    overrides = dict(kv.split("=", 1) for kv in args.set)
+    overrides.update(args.config_overrides)
+    config = load_config_file(args.config, overrides)
+    train.train(config, args.workdir, init_from=args.init_from)
     return 0
 
 
@@ -119,6 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir")
     p.set_defaults(run=_cmd_init)
 
+    p = sub.add_parser("train", help="train a model on `tokensynth prep` shards (resumes from --workdir)")
+    p.add_argument("--config", required=True, help="configs/X.py[:arg]; override fields with --config.a.b=value")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--init-from", help="a model checkpoint (e.g. a converted official one) to fine-tune")
+    p.set_defaults(run=_cmd_train)
+
     p = sub.add_parser("convert", help="official PyTorch state dict <-> our checkpoint")
     direction = p.add_mutually_exclusive_group(required=True)
     direction.add_argument("--from", dest="from_format", choices=["official"], help="IN.pt OUT_DIR")
@@ -156,16 +178,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _split_config_overrides(argv):
+    """`--config.a.b=value` arguments (the config_flags style) -> ({"a.b": value}, other args)."""
+    overrides, rest = {}, []
+    for arg in argv:
+        if arg.startswith("--config.") and "=" in arg:
+            key, value = arg[len("--config."):].split("=", 1)
+            overrides[key] = value
+        else:
+            rest.append(arg)
+    return overrides, rest
+
+
 def main(argv=None) -> int:
+    overrides, argv = _split_config_overrides(sys.argv[1:] if argv is None else list(argv))
     args = build_parser().parse_args(argv)
+    args.config_overrides = overrides
     from tokensynth_jax.checkpoint import CheckpointError
     from tokensynth_jax.convert import ConversionError
+    from tokensynth_jax.input_pipeline import DataError
     from tokensynth_jax.midi_tokens import MidiTokenizationError
     from tokensynth_jax.synthesize import SynthesisError
 
     try:
         return args.run(args)
-    except (CheckpointError, ConversionError, MidiTokenizationError, SynthesisError, FileNotFoundError, KeyError) as e:
+    except (CheckpointError, ConversionError, MidiTokenizationError, SynthesisError, FileNotFoundError, KeyError,
+            DataError) as e:
         print(f"tokensynth {args.command}: error: {e}", file=sys.stderr)
         return 2
 

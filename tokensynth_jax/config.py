@@ -133,5 +133,24 @@ def load_config_file(spec: str, overrides: Mapping[str, Any] | None = None):
             node = node[name]
         if leaf not in node:
             raise KeyError(f"{path}: no config field {key!r}")
-        node[leaf] = type(node[leaf])(value) if node[leaf] is not None and not isinstance(value, type(node[leaf])) else value
+        node[leaf] = _coerce(value, node[leaf], key)
     return config
+
+
+def _coerce(value: Any, current: Any, key: str) -> Any:
+    """A command-line string as the type of the field it replaces ("a,b" for tuples)."""
+    import ast
+
+    if not isinstance(value, str):
+        return value
+    if isinstance(current, (tuple, list)):
+        return tuple(v for v in value.split(",") if v)
+    if isinstance(current, str) or current is None:
+        return value
+    try:
+        parsed = ast.literal_eval(value)
+    except (ValueError, SyntaxError) as e:
+        raise ValueError(f"config field {key!r}: cannot read {value!r} as {type(current).__name__}") from e
+    if isinstance(current, bool) != isinstance(parsed, bool) or not isinstance(parsed, (int, float, bool)):
+        raise ValueError(f"config field {key!r}: {value!r} is not a {type(current).__name__}")
+    return type(current)(parsed)

@@ -1,0 +1,210 @@
+"""`tokensynth train`: the sharded training loop, read top to bottom.
+
+distributed init -> mesh -> data -> abstract state and its shardings -> sharded model and
+optimizer -> restore (or --init-from) -> jit(train_step) with explicit shardings and donation ->
+ahead-of-time compile, log memory_analysis -> the loop (metrics, eval, checkpoints, SIGTERM) ->
+wait for async saves. The same code runs on one CPU, a GPU, or a TPU pod slice.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import signal
+import time
+
+import jax
+import numpy as np
+from flax import nnx
+
+from tokensynth_jax import checkpoint, input_pipeline, optim, sharding
+from tokensynth_jax import train_step as ts
+from tokensynth_jax.config import ModelConfig
+from tokensynth_jax.model import TokenSynth
+
+log = logging.getLogger("tokensynth.train")
+
+
+class MetricsWriter:
+    """Metrics to a JSON-lines file and TensorBoard (process 0 only); one line on the console."""
+
+    def __init__(self, workdir: str):
+        self.active = jax.process_index() == 0
+        self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a") if self.active else None
+        self.tb = None
+        if self.active:
+            try:
+                from tensorboardX import SummaryWriter
+
+                self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            except ImportError:
+                log.warning("tensorboardX is not installed: metrics go to metrics.jsonl only")
+
+    def write(self, step: int, metrics: dict, prefix: str = "train"):
+        if not self.active:
+            return
+        self.jsonl.write(json.dumps({"step": step, "split": prefix, **metrics}) + "\n")
+        self.jsonl.flush()
+        if self.tb:
+            for k, v in metrics.items():
+                self.tb.add_scalar(f"{prefix}/{k}", v, step)
+        head = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if not k.startswith(("ce_", "acc_")))
+        print(f"[{prefix}] step {step}: {head}", flush=True)
+
+    def close(self):
+        if self.jsonl:
+            self.jsonl.close()
+        if self.tb:
+            self.tb.close()
+
+
+def summarize(sums: dict, cfg: ModelConfig) -> dict:
+    """Host-side metrics from the step's sums: mean loss, per-channel loss and accuracy."""
+    positions = max(float(sums["positions"]), 1.0)
+    ce, hit = np.asarray(sums["ce_sum"]) / positions, np.asarray(sums["correct"]) / positions
+    names = ["midi"] + [f"cb{k}" for k in range(cfg.num_codebooks)]
+    out = {"ce": float(ce.mean()), "accuracy": float(hit.mean())}
+    out.update({f"ce_{n}": float(v) for n, v in zip(names, ce)})
+    out.update({f"acc_{n}": float(v) for n, v in zip(names, hit)})
+    return out
+
+
+def model_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token, PaLM's MFU convention: 6 N + 12 L T D.
+
+    N counts the matmul parameters (blocks and output head; embedding lookups are gathers and
+    cost no FLOPs); 12 L T D is attention's QK^T and AV over T positions, forward and backward.
+    """
+    n = cfg.num_layers * (4 * cfg.d_model**2 + 2 * cfg.d_model * cfg.mlp_dim) + cfg.d_model * cfg.output_size
+    return 6.0 * n + 12.0 * cfg.num_layers * seq_len * cfg.d_model
+
+
+def _install_sigterm():
+    """Preemption: SIGTERM asks the loop to save and stop at the next step."""
+    flag = {"stop": False}
+
+    def handler(signum, frame):
+        flag["stop"] = True
+
+    signal.signal(signal.SIGTERM, handler)
+    return flag
+
+
+def train(config, workdir: str, init_from: str | None = None) -> dict:
+    """Trains `config` (a ConfigDict with model, data, optim, train, mesh) in `workdir`.
+
+    Resumes from the newest checkpoint in `workdir` automatically; `init_from` loads the
+    parameters of a model checkpoint (e.g. a converted official one) when starting fresh.
+    Returns the last logged metrics.
+    """
+    if os.environ.get("TOKENSYNTH_DISTRIBUTED") == "1" or "SLURM_JOB_ID" in os.environ or "TPU_WORKER_ID" in os.environ:
+        jax.distributed.initialize()  # reads the coordinator from the platform's environment
+    os.makedirs(workdir, exist_ok=True)
+    cfg = ModelConfig.from_dict(config.model.to_dict())
+    tc, oc = config.train, optim.OptimConfig.from_dict(config.optim.to_dict())
+    log.info("devices: %d (%d processes), model %s", jax.device_count(), jax.process_count(), cfg)
+
+    # Mesh and data.
+    mesh = sharding.make_mesh(config.mesh.to_dict())
+    pc = input_pipeline.PipelineConfig(
+        paths=tuple(config.data.paths), global_batch=config.data.global_batch, seq_len=config.data.seq_len,
+        seed=tc.seed, worker_count=config.data.worker_count,
+    )
+    data_iter = iter(input_pipeline.make_dataset(pc, cfg, jax.process_index(), jax.process_count()))
+
+    # Abstract state, shardings, and the sharded state born on the mesh.
+    def create():
+        model = TokenSynth(cfg, rngs=nnx.Rngs(tc.seed))
+        tx = optim.make_optimizer(oc, nnx.state(model, nnx.Param))
+        return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+    graphdef, abstract_state = nnx.split(nnx.eval_shape(create))
+    state_shardings = sharding.state_shardings(abstract_state, mesh)
+    state = jax.jit(lambda: nnx.state(create()), out_shardings=state_shardings)()
+
+    # Restore, or initialise from a model checkpoint.
+    ckpt = checkpoint.TrainCheckpointer(os.path.join(workdir, "checkpoints"), max_to_keep=tc.keep_last,
+                                        keep_period=tc.keep_every or None)
+    start = ckpt.latest_step()
+    if start is not None:
+        state = ckpt.restore(start, abstract_state, state_shardings, data_iter)
+        log.info("resumed from step %d", start)
+    else:
+        start = 0
+        if init_from:
+            loaded, _ = checkpoint.load_model(init_from, mesh)
+            if loaded.cfg.replace(dropout=cfg.dropout, dtype=cfg.dtype, remat=cfg.remat) != cfg:
+                raise checkpoint.CheckpointError(f"{init_from}: its model config differs from the run's: {loaded.cfg}")
+            model, opt = nnx.merge(graphdef, state)
+            nnx.update(model, nnx.state(loaded, nnx.Param))
+            state = nnx.state((model, opt))
+
+    # Compile ahead of time with explicit shardings; log the memory plan.
+    batch_shardings = {k: sharding.batch_sharding(mesh, n) for k, n in (("timbre", 2), ("rows", 3), ("targets", 3), ("mask", 2))}
+    step_fn = jax.jit(
+        functools.partial(ts.train_step, graphdef, null_rate=tc.null_rate, grad_accum=tc.grad_accum),
+        in_shardings=(state_shardings, batch_shardings, None), out_shardings=(state_shardings, None), donate_argnums=0,
+    )
+    eval_fn = jax.jit(functools.partial(ts.eval_step, graphdef), in_shardings=(state_shardings, batch_shardings))
+
+    def global_batch(local):
+        return {k: jax.make_array_from_process_local_data(batch_shardings[k], v) for k, v in local.items()}
+
+    first = global_batch(next(data_iter))
+    compiled = step_fn.lower(state, first, jax.random.PRNGKey(0)).compile()
+    mem = compiled.memory_analysis()
+    if mem is not None:
+        log.info("train step memory (MB): arguments %.1f, outputs %.1f, temporaries %.1f",
+                 mem.argument_size_in_bytes / 2**20, mem.output_size_in_bytes / 2**20, mem.temp_size_in_bytes / 2**20)
+
+    # The loop.
+    writer = MetricsWriter(workdir)
+    stop = _install_sigterm()
+    base_rng = jax.random.PRNGKey(tc.seed + 1)
+    flops_token = model_flops_per_token(cfg, pc.seq_len)
+    last, batch, t0, tokens = {}, first, time.time(), 0
+    step = start
+    for step in range(start, tc.steps):
+        state, sums = compiled(state, batch, jax.random.fold_in(base_rng, step))
+        tokens += pc.global_batch * pc.seq_len
+        done = step + 1
+        if done % tc.log_every == 0 or done == tc.steps:
+            sums = jax.device_get(sums)
+            if not np.isfinite(sums["loss"]) or not np.isfinite(sums["grad_norm"]):
+                raise FloatingPointError(f"step {done}: loss {sums['loss']}, grad norm {sums['grad_norm']}")
+            dt = time.time() - t0
+            last = {"loss": float(sums["loss"]), "grad_norm": float(sums["grad_norm"]),
+                    "lr": float(optim.schedule(oc)(step)), "tokens_per_s": tokens / dt,
+                    "mfu_flops_per_s": tokens * flops_token / dt, **summarize(sums, cfg)}
+            writer.write(done, last)
+            t0, tokens = time.time(), 0
+        if tc.eval_every and config.data.eval_paths and (done % tc.eval_every == 0 or done == tc.steps):
+            writer.write(done, evaluate(eval_fn, state, config, cfg, batch_shardings), "eval")
+        if stop["stop"] or done % tc.checkpoint_every == 0 or done == tc.steps:
+            ckpt.save(done, state, data_iter, force=True)
+        if stop["stop"]:
+            log.warning("SIGTERM: saved step %d, stopping", done)
+            break
+        if done < tc.steps:
+            batch = global_batch(next(data_iter))
+    ckpt.wait()
+    ckpt.close()
+    writer.close()
+    return last
+
+
+def evaluate(eval_fn, state, config, cfg: ModelConfig, batch_shardings) -> dict:
+    """Loss and accuracy on held-out instruments (one pass over up to eval_batches batches)."""
+    pc = input_pipeline.PipelineConfig(
+        paths=tuple(config.data.eval_paths), global_batch=config.data.global_batch, seq_len=config.data.seq_len,
+        shuffle=False, num_epochs=1,
+    )
+    totals = None
+    for i, local in enumerate(input_pipeline.make_dataset(pc, cfg, jax.process_index(), jax.process_count())):
+        if i >= config.train.eval_batches:
+            break
+        batch = {k: jax.make_array_from_process_local_data(batch_shardings[k], v) for k, v in local.items()}
+        sums = jax.device_get(eval_fn(state, batch))
+        totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
+    return summarize(totals, cfg) if totals is not None else {}
