@@ -74,11 +74,10 @@ class TokenSynth(nnx.Module):
         x_blkd = self.codebook_embed[...][codebooks, rows_blc[..., 1:]].astype(dtype)
         return x + x_blkd.sum(axis=-2)
 
-    def start_embedding(self, timbre_bt, use_null_b):
+    def start_embedding(self, batch: int, timbre_bt, use_null_b):
         """Position-0 embedding [B, D] for a batch of timbres (or the learned start vector)."""
         dtype = jnp.dtype(self.cfg.dtype)
         if self.cfg.conditioning == "unconditional":
-            batch = timbre_bt.shape[0] if timbre_bt is not None else use_null_b.shape[0]
             return jnp.broadcast_to(self.start_embed[...].astype(dtype), (batch, self.cfg.d_model))
         if timbre_bt is None:
             raise ValueError("a timbre-conditioned model needs a timbre embedding")
@@ -116,7 +115,7 @@ class TokenSynth(nnx.Module):
         """
         batch, length = rows_blc.shape[:2]
         x = jnp.concatenate(
-            [self.start_embedding(timbre_bt, use_null_b)[:, None], self.embed_rows(rows_blc)], axis=1
+            [self.start_embedding(batch, timbre_bt, use_null_b)[:, None], self.embed_rows(rows_blc)], axis=1
         )
         x = x + self.pos_embed[: length + 1].astype(x.dtype)
         slots = jnp.arange(length + 1)
@@ -143,7 +142,7 @@ class TokenSynth(nnx.Module):
         """
         num_rows = rows_bpc.shape[1]
         slots = jnp.arange(num_rows + 1)
-        start = self.start_embedding(timbre_bt, use_null_b)
+        start = self.start_embedding(rows_bpc.shape[0], timbre_bt, use_null_b)
         x = jnp.concatenate([jnp.zeros_like(start)[:, None], self.embed_rows(rows_bpc)], axis=1)
         x = jnp.where((slots[None, :] == pad_b[:, None])[..., None], start[:, None], x)
         positions = jnp.clip(slots[None, :] - pad_b[:, None], 0, self.cfg.max_len - 1)
