@@ -98,3 +98,34 @@ def test_init_from_checkpoint_and_config_mismatch(shards, tmp_path):
     assert cli.main(["init", "--config", TINY, "--config.model.num_layers=3", other]) == 0
     with pytest.raises(checkpoint.CheckpointError, match="differs"):
         train.train(_config(shards, steps=1), str(tmp_path / "ft2"), init_from=other)
+
+
+def test_two_processes_train_like_one_process_with_the_same_devices(shards, tmp_path):
+    """jax.distributed over localhost: 2 processes x 4 CPU devices == 1 process x 8 devices."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = ["-m", "tokensynth_jax.cli", "train", "--config", TINY, f"--config.data.paths={shards}",
+            "--config.train.steps=4", "--config.train.log_every=1", "--config.train.eval_every=0"]
+
+    def env(devices, **extra):
+        e = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **extra)
+        return e
+
+    one = str(tmp_path / "one")
+    subprocess.run([sys.executable, *args, "--workdir", one], env=env(8), cwd=ROOT, check=True, capture_output=True)
+    two = str(tmp_path / "two")
+    procs = [
+        subprocess.Popen([sys.executable, *args, "--workdir", two], cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True,
+                         env=env(4, TOKENSYNTH_COORDINATOR=f"127.0.0.1:{port}", TOKENSYNTH_NUM_PROCESSES="2",
+                                 TOKENSYNTH_PROCESS_ID=str(i)))
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    a, b = _losses(one), _losses(two)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    np.testing.assert_allclose([b[k] for k in sorted(b)], [a[k] for k in sorted(a)], rtol=2e-5)

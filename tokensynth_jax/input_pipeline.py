@@ -1,8 +1,11 @@
 """Training input pipeline: grain over the ArrayRecord shards that `tokensynth prep` writes.
 
-Order (flax lm1b / maxtext): source -> seeded shuffle -> repeat -> this process's shard ->
-parse (shared record schema) and build rows -> batch -> multiprocess prefetch. All randomness is
-seeded inside grain, so an iterator restored from its saved state replays exactly.
+Order (flax lm1b / maxtext): source -> seeded shuffle -> repeat -> global batches -> this
+process's contiguous block of each -> parse (shared record schema) and build rows -> stack ->
+multiprocess prefetch. All randomness is seeded inside grain, so an iterator restored from its
+saved state replays exactly. Taking a block of every *global* batch (rather than every P-th
+record) means any number of processes sees the same global batches in the same row order as one
+process, so dropout masks and losses match across topologies.
 
 Examples are *padded* to `seq_len`, not packed: every example owns position 0 (its timbre) and
 absolute learned positions, so packing would need per-segment position resets and block-diagonal
@@ -68,12 +71,15 @@ def build_example(rec: records.PairRecord, cfg: ModelConfig, seq_len: int) -> di
     }
 
 
-class _Parse(grain.transforms.Map):
-    def __init__(self, cfg: ModelConfig, seq_len: int):
-        self.cfg, self.seq_len = cfg, seq_len
+class _ParseBlock(grain.transforms.Map):
+    """A global batch of raw records -> this process's block, parsed and stacked."""
 
-    def map(self, data: bytes) -> dict:
-        return build_example(records.decode(data), self.cfg, self.seq_len)
+    def __init__(self, cfg: ModelConfig, seq_len: int, start: int, stop: int):
+        self.cfg, self.seq_len, self.start, self.stop = cfg, seq_len, start, stop
+
+    def map(self, raw: list) -> dict:
+        examples = [build_example(records.decode(r), self.cfg, self.seq_len) for r in raw[self.start : self.stop]]
+        return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,9 +107,10 @@ def make_dataset(pc: PipelineConfig, cfg: ModelConfig, process_index: int = 0, p
     if pc.shuffle:
         ds = ds.shuffle(seed=pc.seed)
     ds = ds.repeat(pc.num_epochs)
-    ds = ds[process_index::process_count]
-    ds = ds.map(_Parse(cfg, pc.seq_len))
-    it = ds.to_iter_dataset().batch(pc.global_batch // process_count, drop_remainder=True)
+    ds = ds.batch(pc.global_batch, drop_remainder=True, batch_fn=list)
+    local = pc.global_batch // process_count
+    ds = ds.map(_ParseBlock(cfg, pc.seq_len, process_index * local, (process_index + 1) * local))
+    it = ds.to_iter_dataset()
     if pc.worker_count > 0:
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=pc.worker_count, per_worker_buffer_size=pc.prefetch_buffer))
     return it

@@ -91,6 +91,23 @@ def _install_sigterm():
     return flag
 
 
+def initialize_distributed():
+    """Joins the processes of a multi-process run before any device is touched.
+
+    TOKENSYNTH_COORDINATOR=host:port with TOKENSYNTH_NUM_PROCESSES and TOKENSYNTH_PROCESS_ID
+    name the job explicitly (several processes on one machine, or any cluster);
+    TOKENSYNTH_DISTRIBUTED=auto lets JAX read the platform (TPU VM pods, SLURM), which is what
+    the launch/ scripts set. Neither: one process, nothing to do.
+    """
+    coordinator = os.environ.get("TOKENSYNTH_COORDINATOR")
+    if coordinator:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes talk over gloo
+        jax.distributed.initialize(coordinator, int(os.environ["TOKENSYNTH_NUM_PROCESSES"]),
+                                   int(os.environ["TOKENSYNTH_PROCESS_ID"]))
+    elif os.environ.get("TOKENSYNTH_DISTRIBUTED") == "auto":
+        jax.distributed.initialize()
+
+
 def train(config, workdir: str, init_from: str | None = None) -> dict:
     """Trains `config` (a ConfigDict with model, data, optim, train, mesh) in `workdir`.
 
@@ -98,8 +115,7 @@ def train(config, workdir: str, init_from: str | None = None) -> dict:
     parameters of a model checkpoint (e.g. a converted official one) when starting fresh.
     Returns the last logged metrics.
     """
-    if os.environ.get("TOKENSYNTH_DISTRIBUTED") == "1" or "SLURM_JOB_ID" in os.environ or "TPU_WORKER_ID" in os.environ:
-        jax.distributed.initialize()  # reads the coordinator from the platform's environment
+    initialize_distributed()
     os.makedirs(workdir, exist_ok=True)
     cfg = ModelConfig.from_dict(config.model.to_dict())
     tc, oc = config.train, optim.OptimConfig.from_dict(config.optim.to_dict())
