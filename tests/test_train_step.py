@@ -109,3 +109,31 @@ def test_sharded_steps_match_one_device_and_state_is_sharded():
     mu = jax.tree.leaves(nnx.state(opt, nnx.optimizer.OptState if hasattr(nnx.optimizer, "OptState") else nnx.Variable))
     assert any(len(x.sharding.device_set) == 8 and not x.sharding.is_fully_replicated for x in mu if hasattr(x, "sharding"))
     assert data_sharding.spec[0] == ("data", "fsdp")
+
+
+def test_remat_gives_the_same_step():
+    batch = _batch()
+    results = []
+    for remat in (False, True):
+        graphdef, state = _state(CFG.replace(remat=remat))
+        state, m = STEP(graphdef, state, batch, jax.random.PRNGKey(0))
+        state, m = STEP(graphdef, state, batch, jax.random.PRNGKey(1))
+        results.append((float(m["loss"]), float(m["grad_norm"])))
+    np.testing.assert_allclose(results[0], results[1], rtol=1e-5)
+
+
+def test_configs_build_models_of_the_documented_sizes():
+    import os
+
+    from tokensynth_jax.config import load_config_file
+    from tokensynth_jax.model import count_params
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sizes = {}
+    for name in ("reference", "encodec", "tiny"):
+        c = load_config_file(os.path.join(root, "configs", f"{name}.py"))
+        cfg = ModelConfig.from_dict(c.model.to_dict())
+        assert c.data.seq_len <= cfg.max_len
+        sizes[name] = count_params(cfg)
+    assert sizes["reference"] == 175_003_766  # the official model's count (test_model checks it against torch)
+    assert sizes["tiny"] < 1_000_000 < sizes["encodec"]
