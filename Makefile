@@ -10,7 +10,9 @@ setup: $(STAMP)
 
 # torch first from the local CPU wheel, so transformers does not pull a CUDA build;
 # the reference package goes in with --no-deps (its pins would replace torch): tests load its model module only.
+# libfluidsynth3 (Debian) renders SoundFont presets for the data job; installed once, as root.
 $(STAMP): setup.py
+	dpkg -s libfluidsynth3 >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq libfluidsynth3)
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
@@ -26,6 +28,7 @@ demo: setup
 
 bench: setup
 	$(BIN)/python benchmarks/generation.py
+	$(BIN)/python benchmarks/prep.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -21,7 +21,8 @@ CORE = [
 TORCH = ["torch>=2.1"]
 AUDIO = TORCH + ["transformers>=4.45", "safetensors"]
 TRAIN = ["grain>=0.2.10", "array_record>=0.7", "tensorboardX>=2.6"]
-PREP = AUDIO + TRAIN + ["apache-beam>=2.60", "pedalboard>=0.9"]
+PREP = AUDIO + TRAIN + ["apache-beam>=2.60", "pedalboard>=0.9", "pyfluidsynth>=1.3", "scipy>=1.10"]
+NSYNTH_TFDS = ["tensorflow-datasets", "tensorflow"]  # only to convert a prepared TFDS nsynth; not in `all`
 TEST = ["pytest>=8", "psutil"]
 
 setuptools.setup(
@@ -38,6 +39,7 @@ setuptools.setup(
         "train": TRAIN,
         "prep": PREP,
         "test": TEST,
+        "nsynth-tfds": NSYNTH_TFDS,
         "all": sorted(set(PREP + TEST)),
     },
     entry_points={"console_scripts": ["tokensynth=tokensynth_jax.cli:main"]},

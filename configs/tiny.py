@@ -1,6 +1,7 @@
-"""A tiny TokenSynth for tests and the offline demo: 2 x 64, 4 heads, 4 codebooks of 61.
+"""A tiny TokenSynth for tests and the offline demo: 2 x 64, 4 heads, 4 codebooks of 64.
 
-Odd, prime-ish sizes so shape bugs show. Not a model that makes music.
+Its codec is data_prep's `tiny-encodec` preset (transformers codecs need power-of-two codebooks).
+Not a model that makes music.
 
   tokensynth init --config configs/tiny.py runs/tiny-random
 """
@@ -13,10 +14,10 @@ def get_config(arg=None):
     c.model.d_model = 64
     c.model.num_heads = 4
     c.model.num_codebooks = 4
-    c.model.codebook_size = 61
+    c.model.codebook_size = 64
     c.model.max_len = 640
     c.model.timbre_hidden = 96
-    c.codec.name = "tiny-random"
+    c.codec.name = "tiny-encodec"
     c.data.seq_len = 128
     c.data.global_batch = 8
     c.optim.peak_lr = 3e-3

@@ -23,7 +23,7 @@ from test_input_pipeline import _write_shards  # noqa: E402
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     d = str(tmp_path_factory.mktemp("shards"))
-    _write_shards(d, num_shards=2, per_shard=10, frames=(20, 60), codebook_size=61, codebooks=4)
+    _write_shards(d, num_shards=2, per_shard=10, frames=(20, 60), codebook_size=64, codebooks=4)
     return d
 
 

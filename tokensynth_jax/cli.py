@@ -1,7 +1,8 @@
 """`tokensynth`: the command line, a thin face over the package's jobs.
 
-Subcommands: init (a randomly initialised checkpoint of a config), convert (official PyTorch
-<-> ours), synthesize (MIDI + timbre -> codec tokens), demo (the embedded default end to end).
+Subcommands: prep (the Beam data job), train, init (a randomly initialised checkpoint of a
+config), convert (official PyTorch <-> ours), synthesize (MIDI + timbre -> codec tokens), demo
+(the embedded default end to end).
 Errors of the user's input exit with status 2 and one line naming the file and the problem.
 """
 from __future__ import annotations
@@ -171,6 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens-out", metavar="OUT.npy")
     p.add_argument("--out", metavar="OUT.wav")
     p.set_defaults(run=_cmd_synthesize)
+
+    from data_prep.cli import add_prep_parser  # cheap: Beam is imported only when prep runs
+
+    add_prep_parser(sub)
 
     p = sub.add_parser("demo", help="the embedded default end to end")
     p.add_argument("--workdir", default="runs/demo")

@@ -1,0 +1,293 @@
+"""The audio front end of data prep: CLAP embeddings and codec codes through transformers.
+
+The only module of data_prep that imports torch and transformers. Presets are chosen by name:
+pretrained checkpoints (Hugging Face ids or local paths) load the normal way and, when they are
+not in the cache and the hub cannot be reached, fail with a clear error, never a silent switch to
+random weights; `tiny-*` presets are tiny seeded random models of the same architectures (tests,
+the offline demo) and `random-*` presets are full-size random models with the published
+architectures (benchmarks), so asking for random weights is always explicit. Models run at a fixed
+batch size (short batches are padded): on CPU an item's result then does not depend on which
+items share its batch, which keeps shards byte-identical however the runner bundles the work.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+# name -> (kind, published architecture). EnCodec 32 kHz: transformers' conversion script
+# (upsampling 8-5-4-4, 2048 codes, 2.2 kbps = 4 codebooks at 50 Hz, non-causal, no conv shortcut).
+_ENCODEC_32K = dict(upsampling_ratios=[8, 5, 4, 4], target_bandwidths=[2.2], num_filters=64, sampling_rate=32000,
+                    codebook_size=2048, use_causal_conv=False, normalize=False, use_conv_shortcut=False)
+# DAC 44.1 kHz: 9 codebooks of 1024 (dim 8), strides 2-4-8-8 (512 samples, 86.13 frames/s).
+_DAC_44K = dict(encoder_hidden_size=64, downsampling_ratios=[2, 4, 8, 8], decoder_hidden_size=1536, n_codebooks=9,
+                codebook_size=1024, codebook_dim=8, sampling_rate=44100)
+# Tiny models: odd sizes where the architecture allows (both codecs need power-of-two codebooks).
+_TINY_ENCODEC = dict(upsampling_ratios=[8, 5, 4, 4], target_bandwidths=[1.2], num_filters=4, hidden_size=12,
+                     sampling_rate=32000, codebook_size=64, use_causal_conv=False, normalize=False,
+                     use_conv_shortcut=False, num_lstm_layers=1, compress=2)
+_TINY_DAC = dict(encoder_hidden_size=4, downsampling_ratios=[2, 4, 8, 8], decoder_hidden_size=32, n_codebooks=3,
+                 codebook_size=64, codebook_dim=4, sampling_rate=44100)
+# CLAP HTSAT-base (LAION's larger_clap_* checkpoints): 128-wide patches, depths 2-2-12-2, 1024 hidden.
+_HTSAT_BASE = dict(patch_embeds_hidden_size=128, hidden_size=1024, depths=[2, 2, 12, 2])
+_TINY_HTSAT = dict(patch_embeds_hidden_size=8, hidden_size=64, depths=[1, 1, 1, 1], num_attention_heads=[1, 1, 2, 2],
+                   window_size=8)
+_TINY_TEXT = dict(vocab_size=101, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=24,
+                  max_position_embeddings=40)
+
+CODEC_PRESETS = {
+    "tiny-encodec": ("encodec", _TINY_ENCODEC),
+    "tiny-dac": ("dac", _TINY_DAC),
+    "random-encodec_32khz": ("encodec", _ENCODEC_32K),
+    "random-dac_44khz": ("dac", _DAC_44K),
+}
+CLAP_PRESETS = {
+    "tiny-clap": {"audio_config": _TINY_HTSAT, "text_config": _TINY_TEXT},
+    "random-larger_clap_music": {"audio_config": _HTSAT_BASE},
+}
+CLAP_SAMPLE_RATE = 48000
+_SEED = 0  # random presets are seeded, so two workers build the same model
+
+
+class EncoderError(ValueError):
+    """An encoder that cannot be loaded; the message says what to do."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CodecInfo:
+    """What a record says about its codec."""
+
+    name: str
+    sample_rate: int
+    frame_rate: float
+    num_codebooks: int
+    codebook_size: int
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _missing(name: str, what: str, e: Exception) -> EncoderError:
+    tiny = "tiny-encodec" if what == "codec" else "tiny-clap"
+    return EncoderError(
+        f"{what} {name!r} is not in the Hugging Face cache and the hub is unreachable ({type(e).__name__}): "
+        f"download it first (huggingface-cli download {name}) or pick a tiny preset explicitly "
+        f"(--{what} {tiny}); presets: {sorted(CODEC_PRESETS if what == 'codec' else CLAP_PRESETS)}"
+    )
+
+
+def _hub_config(name: str, what: str, offline: bool):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(name, local_files_only=offline)
+    except (OSError, ValueError) as e:
+        raise _missing(name, what, e) from e
+
+
+def _codec_config(name: str, offline: bool):
+    from transformers import DacConfig, EncodecConfig
+
+    if name in CODEC_PRESETS:
+        kind, kw = CODEC_PRESETS[name]
+        return kind, (EncodecConfig if kind == "encodec" else DacConfig)(**kw)
+    config = _hub_config(name, "codec", offline)
+    if config.model_type not in ("encodec", "dac"):
+        raise EncoderError(f"codec {name!r} is a {config.model_type!r} model; data prep reads EnCodec or DAC")
+    return config.model_type, config
+
+
+def codec_info(name: str, *, offline: bool = False) -> CodecInfo:
+    """The codec's rates and codebooks, from its config only (no weights).
+
+    Raises:
+      EncoderError: the codec is unknown, or a pretrained one is missing offline.
+    """
+    kind, c = _codec_config(name, offline)
+    if kind == "encodec":
+        hop = int(np.prod(c.upsampling_ratios))
+        k = int(1000 * max(c.target_bandwidths) // (math.ceil(c.sampling_rate / hop) * c.codebook_nbits))
+    else:
+        hop, k = int(np.prod(c.downsampling_ratios)), c.n_codebooks
+    return CodecInfo(name, int(c.sampling_rate), c.sampling_rate / hop, k, int(c.codebook_size))
+
+
+def _seeded(build):
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_SEED)
+        return build()
+
+
+def _init_encodec_codebooks(model) -> None:
+    """Gives a random EnCodec's codebooks entries where its encoder's frames are.
+
+    transformers initialises EnCodec codebooks to zeros (pretrained weights replace them), which
+    maps every frame to code 0; a random model for tests must map different audio to different
+    codes. As EnCodec's own k-means init does, codebooks are drawn from encoder frames (of seeded
+    noise), layer by layer on the residual, with a little jitter.
+    """
+    import torch
+
+    g = torch.Generator().manual_seed(_SEED)
+    sr = model.config.sampling_rate
+    x = torch.randn(1, 1, 4 * sr, generator=g) * 0.1
+    with torch.inference_mode():
+        residual = model.encoder(x)[0].T  # [frames, dim]
+        for layer in model.quantizer.layers:
+            book = layer.codebook
+            pick = torch.randint(residual.shape[0], (book.embed.shape[0],), generator=g)
+            jitter = torch.randn(book.embed.shape, generator=g) * residual.std() * 0.1
+            book.embed.copy_(residual[pick] + jitter)
+            residual = residual - book.embed[book.quantize(residual)]
+
+
+def _torch_device(device: str):
+    """The torch device; on CUDA, deterministic kernels (byte-identical shards need them: several
+    cuDNN convolutions and cuBLAS reductions are not run-to-run reproducible by default)."""
+    import os
+
+    import torch
+
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise EncoderError(f"device {device!r} asked for, but torch sees no CUDA device")
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts
+        torch.backends.cudnn.benchmark = False
+        torch.use_deterministic_algorithms(True)
+    return torch.device(device)
+
+
+class Codec:
+    """Audio [B, N] at the codec's rate -> codes [B, T, K], at a fixed batch size."""
+
+    def __init__(self, name: str, *, batch_size: int, device: str = "cpu", offline: bool = False):
+        """Loads a codec preset or checkpoint (see module doc). Raises EncoderError."""
+        from transformers import DacModel, EncodecModel
+
+        self.info = codec_info(name, offline=offline)
+        kind, config = _codec_config(name, offline)
+        cls = EncodecModel if kind == "encodec" else DacModel
+        if name in CODEC_PRESETS:
+            model = _seeded(lambda: cls(config)).eval()
+            if kind == "encodec":
+                _init_encodec_codebooks(model)
+        else:
+            try:
+                model = cls.from_pretrained(name, local_files_only=offline)
+            except OSError as e:
+                raise _missing(name, "codec", e) from e
+        self.kind, self.batch_size, self.device = kind, batch_size, _torch_device(device)
+        self.model = model.eval().to(self.device)
+        self._bandwidth = max(config.target_bandwidths) if kind == "encodec" else None
+
+    def encode(self, audio_bn: np.ndarray) -> np.ndarray:
+        """Codes of each clip.
+
+        Args:
+          audio_bn: float32 [B, N] mono clips of equal length at `info.sample_rate`.
+
+        Returns:
+          int64 [B, T, K] codes, undelayed.
+        """
+        import torch
+
+        audio_bn = np.asarray(audio_bn, np.float32)
+        out = []
+        for i in range(0, audio_bn.shape[0], self.batch_size):
+            chunk = audio_bn[i : i + self.batch_size]
+            padded = np.zeros((self.batch_size, audio_bn.shape[1]), np.float32)
+            padded[: chunk.shape[0]] = chunk
+            x = torch.from_numpy(padded)[:, None, :].to(self.device)
+            with torch.inference_mode():
+                if self.kind == "encodec":
+                    codes = self.model.encode(x, bandwidth=self._bandwidth).audio_codes  # [chunks, B, K, T]
+                    codes = torch.cat(list(codes), dim=-1)
+                else:
+                    codes = self.model.encode(x).audio_codes  # [B, K, T]
+            out.append(codes[: chunk.shape[0]].permute(0, 2, 1).cpu().numpy())
+        return np.concatenate(out).astype(np.int64)
+
+
+def _resample(audio: np.ndarray, src: int, dst: int) -> np.ndarray:
+    from scipy.signal import resample_poly
+
+    g = math.gcd(src, dst)
+    return resample_poly(audio, dst // g, src // g, axis=-1).astype(np.float32)
+
+
+def check_clap(name: str, *, offline: bool = False) -> None:
+    """Fails fast, before a job starts, if a CLAP checkpoint cannot be had (config only).
+
+    Raises:
+      EncoderError: a pretrained CLAP that is missing offline, or a model that is not CLAP.
+    """
+    if name in CLAP_PRESETS:
+        return
+    config = _hub_config(name, "clap", offline)
+    if config.model_type != "clap":
+        raise EncoderError(f"clap {name!r} is a {config.model_type!r} model, not CLAP")
+
+
+class ClapEmbedder:
+    """Reference clips -> L2-normalised CLAP audio embeddings, at a fixed batch size."""
+
+    def __init__(self, name: str, *, batch_size: int, device: str = "cpu", offline: bool = False,
+                 input_mode: str = "codec-rate"):
+        """Loads a CLAP preset or checkpoint (see module doc). Raises EncoderError.
+
+        input_mode "tokensynth-0.0.4" band-limits the reference to 16 kHz before CLAP's 48 kHz, as
+        the reference implementation's front end does; "codec-rate" resamples straight to 48 kHz.
+        """
+        from transformers import ClapConfig, ClapFeatureExtractor, ClapModel
+
+        if name in CLAP_PRESETS:
+            model = _seeded(lambda: ClapModel(ClapConfig(**CLAP_PRESETS[name])))
+            # LAION's unfused checkpoints: one 10 s window, short clips repeated then padded.
+            features = ClapFeatureExtractor(truncation="rand_trunc", padding="repeatpad")
+        else:
+            try:
+                model = ClapModel.from_pretrained(name, local_files_only=offline)
+                features = ClapFeatureExtractor.from_pretrained(name, local_files_only=offline)
+            except OSError as e:
+                raise _missing(name, "clap", e) from e
+        self.name, self.batch_size, self.input_mode = name, batch_size, input_mode
+        self.device = _torch_device(device)
+        self.model, self.features = model.eval().to(self.device), features
+        self.dim = int(model.config.projection_dim)
+
+    @property
+    def model_id(self) -> str:
+        """What a record's `clap_model` field says: the checkpoint and the front-end mode."""
+        return f"{self.name}|{self.input_mode}"
+
+    def embed(self, audio_bn: np.ndarray, sample_rate: int) -> np.ndarray:
+        """Embeddings of each clip.
+
+        Args:
+          audio_bn: float32 [B, N] mono clips at `sample_rate`.
+          sample_rate: their rate (the codec's).
+
+        Returns:
+          float32 [B, D] unit-norm embeddings.
+        """
+        import torch
+
+        audio_bn = np.asarray(audio_bn, np.float32)
+        if self.input_mode == "tokensynth-0.0.4":
+            audio_bn = _resample(_resample(audio_bn, sample_rate, 16000), 16000, CLAP_SAMPLE_RATE)
+        else:
+            audio_bn = _resample(audio_bn, sample_rate, CLAP_SAMPLE_RATE)
+        out = []
+        for i in range(0, audio_bn.shape[0], self.batch_size):
+            chunk = list(audio_bn[i : i + self.batch_size])
+            n = len(chunk)
+            chunk += [np.zeros_like(chunk[0])] * (self.batch_size - n)
+            inputs = self.features(chunk, sampling_rate=CLAP_SAMPLE_RATE, return_tensors="pt")
+            inputs = {k: v.to(self.device) for k, v in inputs.items()}
+            with torch.inference_mode():
+                emb = self.model.get_audio_features(**inputs).pooler_output
+            out.append(emb[:n].float().cpu().numpy())
+        return np.concatenate(out)

@@ -1,0 +1,207 @@
+"""The sink: ArrayRecord shards written atomically, their sidecars, and the manifest.
+
+Layout: `OUT/<split>/shard-IIIII-of-NNNNN.array_record` (`group_size:1`, records sorted by pair id)
+with a sidecar `<shard>.json` (sha256, size, record count, rejected pairs per reason, the config
+fingerprint), and `OUT/manifest.json`. A shard is written under a temporary name and renamed into
+place, then its sidecar likewise: a shard with a sidecar is complete, anything else is redone, so
+a killed run re-run on the same path finishes without duplicates or losses. Local paths use
+os.replace (atomic); other Beam filesystems (gs://, ...) get a local file uploaded under a
+temporary name and renamed, which is as atomic as the store allows.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import uuid
+
+from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
+
+from data_prep.midi_sources import is_remote
+
+WRITER_OPTIONS = "group_size:1"  # one record per chunk: random access for the input pipeline
+MANIFEST = "manifest.json"
+_EXAMPLES_PER_REASON = 5
+
+
+class SinkError(RuntimeError):
+    """An output directory that cannot be written or resumed; the message names it."""
+
+
+def join(*parts: str) -> str:
+    """Joins path parts, local or URL."""
+    return "/".join(p.rstrip("/") for p in parts) if is_remote(parts[0]) else os.path.join(*parts)
+
+
+def shard_name(split: str, index: int, num_shards: int) -> str:
+    """The shard's path relative to the output directory."""
+    return f"{split}/shard-{index:05d}-of-{num_shards:05d}.array_record"
+
+
+def _fs():
+    from apache_beam.io.filesystems import FileSystems
+
+    return FileSystems
+
+
+def _exists(path: str) -> bool:
+    return _fs().exists(path) if is_remote(path) else os.path.exists(path)
+
+
+def _size(path: str) -> int:
+    return _fs().match([path])[0].metadata_list[0].size_in_bytes if is_remote(path) else os.path.getsize(path)
+
+
+def _read(path: str) -> bytes:
+    if is_remote(path):
+        with _fs().open(path) as f:
+            return f.read()
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _publish(local_tmp: str, final: str) -> None:
+    """Moves a finished local file to its final place atomically (see module doc)."""
+    if not is_remote(final):
+        os.replace(local_tmp, final)
+        return
+    fs, remote_tmp = _fs(), f"{final}.tmp-{uuid.uuid4().hex}"
+    with open(local_tmp, "rb") as src, fs.create(remote_tmp) as dst:
+        while block := src.read(1 << 24):
+            dst.write(block)
+    os.remove(local_tmp)
+    fs.rename([remote_tmp], [final])
+
+
+def _local_tmp(final: str) -> str:
+    if is_remote(final):
+        fd, path = tempfile.mkstemp(suffix=".array_record")
+        os.close(fd)
+        return path
+    os.makedirs(os.path.dirname(final), exist_ok=True)
+    return f"{final}.tmp-{uuid.uuid4().hex}"
+
+
+def write_json_atomic(path: str, obj) -> None:
+    """Writes JSON under a temporary name, then renames it into place."""
+    tmp = _local_tmp(path)
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.write("\n")
+    _publish(tmp, path)
+
+
+def rejection_summary(rejections) -> tuple[dict, dict]:
+    """(counts per reason, a few sorted example items per reason) of (reason, item) pairs."""
+    counts, examples = {}, {}
+    for reason, item in sorted(rejections):
+        counts[reason] = counts.get(reason, 0) + 1
+        if len(examples.setdefault(reason, [])) < _EXAMPLES_PER_REASON:
+            examples[reason].append(item)
+    return counts, examples
+
+
+def write_shard(output_dir: str, split: str, index: int, num_shards: int, records, rejections,
+                fingerprint: str) -> dict:
+    """Writes one shard and its sidecar atomically.
+
+    Args:
+      output_dir: the job's output directory.
+      split, index, num_shards: which shard.
+      records: (pair_id, record bytes) pairs, any order.
+      rejections: (reason, item) pairs of this shard's pairs that were rejected.
+      fingerprint: the config fingerprint.
+
+    Returns:
+      The shard's summary (also its sidecar's content).
+
+    Raises:
+      SinkError: two different records with one pair id.
+    """
+    by_id = {}
+    for pair_id, data in records:
+        if by_id.setdefault(pair_id, data) != data:
+            raise SinkError(f"{shard_name(split, index, num_shards)}: two different records for pair {pair_id}")
+    final = join(output_dir, shard_name(split, index, num_shards))
+    tmp = _local_tmp(final)
+    writer = ArrayRecordWriter(tmp, WRITER_OPTIONS)
+    for pair_id in sorted(by_id):
+        writer.write(by_id[pair_id])
+    writer.close()
+    with open(tmp, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    size = os.path.getsize(tmp)
+    _publish(tmp, final)
+    counts, examples = rejection_summary(rejections)
+    summary = {"shard": shard_name(split, index, num_shards), "split": split, "index": index,
+               "num_shards": num_shards, "records": len(by_id), "bytes": size, "sha256": digest,
+               "rejected": counts, "rejected_examples": examples, "fingerprint": fingerprint}
+    write_json_atomic(final + ".json", summary)
+    return summary
+
+
+def completed_shards(output_dir: str, counts: dict[str, int], fingerprint: str) -> dict:
+    """The shards a previous run finished: sidecar present, shard present with the recorded size.
+
+    Args:
+      output_dir: the job's output directory.
+      counts: shards per split of this job.
+      fingerprint: this job's config fingerprint.
+
+    Returns:
+      {(split, index): summary}.
+
+    Raises:
+      SinkError: the directory holds shards of a different configuration.
+    """
+    done = {}
+    for split, num in counts.items():
+        for index in range(num):
+            final = join(output_dir, shard_name(split, index, num))
+            if not _exists(final + ".json"):
+                continue
+            summary = json.loads(_read(final + ".json"))
+            if summary.get("fingerprint") != fingerprint:
+                raise SinkError(f"{output_dir}: {shard_name(split, index, num)} was written by a different "
+                                "configuration; use a new output directory or delete the old one")
+            if _exists(final) and _size(final) == summary["bytes"]:
+                done[(split, index)] = summary
+    if not done and _exists(join(output_dir, MANIFEST)):
+        old = json.loads(_read(join(output_dir, MANIFEST)))
+        if old.get("config_fingerprint") != fingerprint:
+            raise SinkError(f"{output_dir}: holds a data set of a different configuration; "
+                            "use a new output directory or delete the old one")
+    return done
+
+
+def remove_stale_temporaries(output_dir: str) -> int:
+    """Deletes `*.tmp-*` files left by killed runs (local output only); returns how many."""
+    if is_remote(output_dir) or not os.path.isdir(output_dir):
+        return 0
+    removed = 0
+    for d, _, files in os.walk(output_dir):
+        for f in files:
+            if ".tmp-" in f:
+                os.remove(os.path.join(d, f))
+                removed += 1
+    return removed
+
+
+def read_shard(path: str) -> list[bytes]:
+    """Every record of a shard, in order."""
+    reader = ArrayRecordReader(path)
+    try:
+        return list(reader.read_all())
+    finally:
+        reader.close()
+
+
+def read_json(path: str):
+    """A JSON file, local or on a Beam filesystem."""
+    return json.loads(_read(path))
+
+
+def read_manifest(output_dir: str) -> dict:
+    """The manifest of a finished job."""
+    return read_json(join(output_dir, MANIFEST))
