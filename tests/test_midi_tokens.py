@@ -1,9 +1,4 @@
 """Tests of tokensynth_jax.midi_tokens, with parity against the reference tokenizer."""
-import importlib
-import importlib.util
-import sys
-import types
-
 import numpy as np
 import pretty_midi
 import pytest
@@ -14,26 +9,9 @@ from tokensynth_jax.token_layout import (
 )
 
 
-def load_reference_module(name):
-    """Imports `tokensynth.<name>` from the installed reference without running its __init__.
-
-    tokensynth/__init__.py imports laion_clap, dac and librosa, which we do not install. Registering
-    a bare package module whose __path__ is the installed package directory lets Python find and
-    import the submodule alone. Skips the test if the reference is not installed.
-    """
-    if "tokensynth" not in sys.modules:
-        spec = importlib.util.find_spec("tokensynth")
-        if spec is None or spec.submodule_search_locations is None:
-            pytest.skip("reference package tokensynth is not installed")
-        package = types.ModuleType("tokensynth")
-        package.__path__ = list(spec.submodule_search_locations)
-        sys.modules["tokensynth"] = package
-    return importlib.import_module(f"tokensynth.{name}")
-
-
 @pytest.fixture(scope="module")
-def reference_tokens():
-    utils = load_reference_module("utils")
+def reference_tokens(reference_module):
+    utils = reference_module("utils")
     return lambda path, pitch_shift=0: utils.get_tokens_from_midi(str(path), pitch_shift).reshape(-1).numpy()
 
 

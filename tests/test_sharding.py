@@ -1,0 +1,129 @@
+"""The device mesh, logical-axis rules and sharded model creation on 8 fake CPU devices."""
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from tokensynth_jax import sharding
+from tokensynth_jax.config import ModelConfig
+from tokensynth_jax.model import TokenSynth
+
+pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices: XLA_FLAGS set in conftest")
+
+# Every sharded axis divides the (2, 2, 2) mesh: 4 heads, output head 1133 + 3 * 37 = 1244 wide.
+EVEN = ModelConfig(num_layers=2, d_model=48, num_heads=4, num_codebooks=3, codebook_size=36, max_len=64,
+                   timbre_dim=29, timbre_hidden=54, dropout=0.0)
+
+
+# --- mesh ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape,expected", [
+    ({"data": -1}, (8, 1, 1)),
+    ({"fsdp": -1}, (1, 8, 1)),
+    ({"data": 2, "fsdp": -1, "tensor": 2}, (2, 2, 2)),
+    ({"fsdp": 4, "tensor": -1}, (1, 4, 2)),
+    ({"data": 2, "fsdp": 4}, (2, 4, 1)),
+])
+def test_make_mesh_fills_the_free_axis(shape, expected):
+    mesh = sharding.make_mesh(shape)
+    assert mesh.axis_names == sharding.MESH_AXES
+    assert tuple(mesh.shape[a] for a in sharding.MESH_AXES) == expected
+    assert sorted(d.id for d in mesh.devices.flat) == sorted(d.id for d in jax.devices())
+
+
+def test_make_mesh_on_given_devices():
+    mesh = sharding.make_mesh({"tensor": -1}, devices=jax.devices()[:2])
+    assert dict(mesh.shape) == {"data": 1, "fsdp": 1, "tensor": 2}
+
+
+@pytest.mark.parametrize("shape,problem", [
+    ({"data": -1, "fsdp": -1}, "at most one mesh axis may be -1"),
+    ({"data": -1, "fsdp": 3}, "8 devices do not divide"),
+    ({"data": 2}, "needs 2 devices, have 8"),
+    ({"data": 4, "tensor": 4}, "needs 16 devices, have 8"),
+])
+def test_make_mesh_rejects_bad_shapes(shape, problem):
+    with pytest.raises(ValueError, match=problem):
+        sharding.make_mesh(shape)
+
+
+# --- rules --------------------------------------------------------------------------------------
+def test_logical_to_spec():
+    assert sharding.logical_to_spec(("batch", "length", "act_embed")) == P(("data", "fsdp"), None, None)
+    assert sharding.logical_to_spec(("embed", "mlp")) == P("fsdp", "tensor")
+    assert sharding.logical_to_spec((None, "vocab", "embed")) == P(None, "tensor", "fsdp")
+    assert sharding.logical_to_spec(("embed", "embed")) == P("fsdp", None)  # a mesh axis shards one axis at most
+    assert sharding.logical_to_spec(("batch", "embed")) == P(("data", "fsdp"), None)
+    assert sharding.logical_to_spec(None) == P()
+    custom = (("embed", ("fsdp", "tensor")),)
+    assert sharding.logical_to_spec(("embed",), custom) == P(("fsdp", "tensor"))
+
+
+# --- sharded creation ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def mesh():
+    return sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+
+
+@pytest.fixture(scope="module")
+def sharded(mesh):
+    return sharding.create_sharded(EVEN, mesh, seed=4)
+
+
+def test_parameters_are_born_sharded_by_the_rules(sharded, mesh):
+    expected = {  # logical names of model.py / layers.py through DEFAULT_RULES
+        "midi_embed": P(None, "fsdp"),  # 1133 ids do not divide over tensor: replicated
+        "codebook_embed": P(None, None, "fsdp"),  # 37 ids per codebook: replicated over tensor
+        "pos_embed": P(None, "fsdp"),
+        "timbre_fc1/kernel": P(None, "tensor"),
+        "timbre_fc2/kernel": P("tensor", "fsdp"),
+        "blocks/0/attn/query/kernel": P("fsdp", "tensor", None),
+        "blocks/0/attn/query/bias": P("tensor", None),
+        "blocks/1/attn/out/kernel": P("tensor", None, "fsdp"),
+        "blocks/1/attn/out/bias": P("fsdp"),
+        "blocks/0/mlp/fc1/kernel": P("fsdp", "tensor"),
+        "blocks/0/mlp/fc2/kernel": P("tensor", "fsdp"),
+        "blocks/1/ln2/scale": P("fsdp"),
+        "head/kernel": P("fsdp", "tensor"),
+        "head/bias": P("tensor"),
+    }
+    flat = {"/".join(map(str, k)): v[...] for k, v in nnx.to_flat_state(nnx.state(sharded, nnx.Param))}
+    for name, spec in expected.items():
+        assert flat[name].sharding.mesh == mesh, name
+        assert flat[name].sharding.spec == spec, (name, flat[name].sharding.spec)
+    # Sharded for real: each device holds a quarter of a fsdp x tensor kernel.
+    fc1 = flat["blocks/0/mlp/fc1/kernel"]
+    assert {s.data.shape for s in fc1.addressable_shards} == {(24, 96)}
+    assert len(fc1.addressable_shards) == 8
+
+
+def test_axes_that_do_not_divide_are_replicated(mesh):
+    odd = EVEN.replace(num_heads=3)  # 3 heads over tensor=2
+    model = sharding.create_sharded(odd, mesh, seed=0)
+    assert model.blocks[0].attn.query.kernel[...].sharding.spec == P("fsdp", None, None)
+    assert model.blocks[0].mlp.fc1.kernel[...].sharding.spec == P("fsdp", "tensor")
+
+
+def test_sharded_forward_equals_one_device(sharded, mesh):
+    single = TokenSynth(EVEN, rngs=nnx.Rngs(4))  # same seed, no mesh: device 0
+    # the same draws; jitted and eager sampling may round the last bit differently
+    for a, b in zip(jax.tree.leaves(nnx.state(single, nnx.Param)), jax.tree.leaves(nnx.state(sharded, nnx.Param))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-8)
+    rng = np.random.default_rng(0)
+    rows = np.zeros((4, 13, EVEN.num_channels), np.int32)
+    rows[:, :5, 0] = rng.integers(1, EVEN.midi_vocab_size, (4, 5))
+    rows[:, 6:, 1:] = rng.integers(0, EVEN.codebook_vocab_size, (4, 7, EVEN.num_codebooks))
+    timbre = rng.normal(size=(4, EVEN.timbre_dim)).astype(np.float32)
+    expected = np.asarray(single(rows, timbre))
+
+    @nnx.jit
+    def forward(model, rows, timbre):
+        logits = model(rows, timbre)
+        return sharding.constrain(logits, mesh, ("batch", "length", "vocab"))
+
+    rows_s = jax.device_put(rows, sharding.batch_sharding(mesh, rows.ndim))
+    timbre_s = jax.device_put(timbre, sharding.batch_sharding(mesh, timbre.ndim))
+    assert rows_s.sharding.spec == P(("data", "fsdp"), None, None)
+    got = forward(sharded, rows_s, timbre_s)
+    assert got.sharding.spec == P(("data", "fsdp"), None, "tensor")
+    np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-5)
