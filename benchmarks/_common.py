@@ -1,0 +1,127 @@
+"""Small helpers shared by the benchmarks: memory, CPU contention, machine facts, markdown output."""
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import re
+import resource
+import time
+
+import psutil
+
+MB = 1024 * 1024
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far (ru_maxrss is in KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def rss_mb() -> float:
+    """Current resident set size of this process."""
+    return psutil.Process().memory_info().rss / MB
+
+
+class CpuWatch:
+    """CPU used by other processes while a block runs, in cores (0 = the machine was ours alone).
+
+    System-wide busy time minus this process's own CPU time, over the wall time of the block.
+    """
+
+    def __enter__(self):
+        self._sys0, self._own0, self._t0 = self._busy(), self._own(), time.perf_counter()
+        self.load_before = os.getloadavg()[0]
+        return self
+
+    def __exit__(self, *exc):
+        wall = time.perf_counter() - self._t0
+        self.wall = wall
+        self.own_cores = (self._own() - self._own0) / wall
+        self.other_cores = max(0.0, (self._busy() - self._sys0) - (self._own() - self._own0)) / wall
+        self.load_after = os.getloadavg()[0]
+        return False
+
+    @staticmethod
+    def _busy() -> float:
+        t = psutil.cpu_times()
+        return sum(t) - t.idle - getattr(t, "iowait", 0.0)
+
+    @staticmethod
+    def _own() -> float:
+        t = psutil.Process().cpu_times()
+        return t.user + t.system + t.children_user + t.children_system
+
+    def to_dict(self) -> dict:
+        return {"wall_s": self.wall, "own_cores": self.own_cores, "other_cores": self.other_cores,
+                "load1_before": self.load_before, "load1_after": self.load_after}
+
+
+def busy_cores(seconds: float = 10.0) -> float:
+    """CPU cores in use machine-wide, averaged over `seconds` (call it from an idle process)."""
+    b0, t0 = CpuWatch._busy(), time.perf_counter()
+    time.sleep(seconds)
+    return (CpuWatch._busy() - b0) / (time.perf_counter() - t0)
+
+
+def wait_for_idle(max_load: float = 1.5, max_busy: float = 0.25, max_wait_s: float = 900.0,
+                  poll_s: float = 60.0) -> dict:
+    """Waits until the 1-minute load average is <= `max_load` and other processes use less than
+    `max_busy` cores over a 10 s sample, polling every `poll_s` s, for at most `max_wait_s` s.
+
+    Returns {"load1", "busy_cores", "waited_s", "idle"} as found when it stopped waiting.
+    """
+    t0 = time.perf_counter()
+    while True:
+        busy = busy_cores()
+        load = os.getloadavg()[0]
+        waited = time.perf_counter() - t0
+        idle = load <= max_load and busy < max_busy
+        if idle or waited >= max_wait_s:
+            return {"load1": load, "busy_cores": busy, "waited_s": waited, "idle": idle}
+        print(f"machine busy (load average {load:.2f}, {busy:.2f} cores in use): waiting {poll_s:.0f} s "
+              f"({waited:.0f} s waited so far)", flush=True)
+        time.sleep(poll_s)
+
+
+def machine_info() -> dict:
+    cpu = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": cpu,
+        "ram_gib": round(psutil.virtual_memory().total / 1024**3, 1),
+        "python": platform.python_version(),
+        "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+    }
+
+
+def md_table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def replace_section(path: str, name: str, body: str, file_header: str) -> None:
+    """Writes `body` between `<!-- name:begin -->` and `<!-- name:end -->` in `path`, keeping the rest.
+
+    Creates the file with `file_header` if it does not exist; appends the section if absent.
+    """
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    block = f"{begin}\n{body.rstrip()}\n{end}\n"
+    text = open(path).read() if os.path.exists(path) else file_header.rstrip() + "\n"
+    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end) + r"\n?", re.S)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: block, text, count=1)
+    else:
+        text = text.rstrip() + "\n\n" + block
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text)
