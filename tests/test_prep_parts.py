@@ -346,4 +346,5 @@ def test_data_prep_stays_behind_its_wall():
             "'tokensynth_jax.token_layout', 'tokensynth_jax.midi_tokens'))); print(bad)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    assert out.stdout.strip() == "[]"  # torch and transformers load only when an encoder is built
+    # The last line is ours; pyfluidsynth may print where it found its library before it.
+    assert out.stdout.strip().splitlines()[-1] == "[]"  # torch and transformers load only when an encoder is built
