@@ -16,6 +16,7 @@ if _DEVICES_FLAG not in os.environ.get("XLA_FLAGS", ""):
 
 import jax  # noqa: E402  (after the XLA flag on purpose)
 import jax.numpy as jnp  # noqa: E402
+import pretty_midi  # noqa: E402
 import pytest  # noqa: E402
 from flax import nnx  # noqa: E402
 
@@ -144,3 +145,14 @@ def official_pair(tiny_reference):
         return cache[conditioning, attention]
 
     return get
+
+
+def write_midi(path, tracks, tempo=120.0):
+    """Writes a real MIDI file: tracks of (program, is_drum, [(start, end, pitch, velocity), ...])."""
+    pm = pretty_midi.PrettyMIDI(initial_tempo=tempo)
+    for program, is_drum, notes in tracks:
+        inst = pretty_midi.Instrument(program=program, is_drum=is_drum)
+        inst.notes = [pretty_midi.Note(velocity=v, pitch=p, start=s, end=e) for s, e, p, v in notes]
+        pm.instruments.append(inst)
+    os.makedirs(os.path.dirname(str(path)), exist_ok=True)
+    pm.write(str(path))

@@ -7,6 +7,7 @@ import numpy as np
 import pretty_midi
 import pytest
 
+from conftest import write_midi as _write_midi  # noqa: E402
 from data_prep import augment, encoders, instruments, midi_sources, nsynth, plan, procedural, render, sink
 from data_prep.config import AUG_EFFECTS, ConfigError, PrepConfig
 from tokensynth_jax import midi_tokens, token_layout
@@ -21,14 +22,6 @@ def _cfg(tmp_path, **kw):
     return PrepConfig(**base)
 
 
-def _write_midi(path, tracks, tempo=120.0):
-    pm = pretty_midi.PrettyMIDI(initial_tempo=tempo)
-    for program, is_drum, notes in tracks:
-        inst = pretty_midi.Instrument(program=program, is_drum=is_drum)
-        inst.notes = [pretty_midi.Note(velocity=v, pitch=p, start=s, end=e) for s, e, p, v in notes]
-        pm.instruments.append(inst)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    pm.write(str(path))
 
 
 # --- procedural phrases ----------------------------------------------------------------------------

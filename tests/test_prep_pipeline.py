@@ -17,6 +17,7 @@ import shutil
 import numpy as np
 import pretty_midi
 import pytest
+from conftest import write_midi as _write  # noqa: E402
 from array_record.python.array_record_module import ArrayRecordReader
 
 from data_prep import cli, encoders, instruments, midi_sources, nsynth, pairs, pipeline, plan, sink
@@ -24,14 +25,6 @@ from data_prep.config import PrepConfig
 from tokensynth_jax import records
 
 
-def _write(path, tracks, tempo=120.0):
-    pm = pretty_midi.PrettyMIDI(initial_tempo=tempo)
-    for program, is_drum, notes in tracks:
-        inst = pretty_midi.Instrument(program=program, is_drum=is_drum)
-        inst.notes = [pretty_midi.Note(velocity=v, pitch=p, start=s, end=e) for s, e, p, v in notes]
-        pm.instruments.append(inst)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    pm.write(path)
 
 
 def _midi_tree(root: str) -> None:
