@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tokensynth_jax import optim, sharding, token_layout
+from tokensynth_jax import input_pipeline, optim, records, sharding
 from tokensynth_jax import train_step as T
 from tokensynth_jax.config import ModelConfig
 from tokensynth_jax.model import TokenSynth
@@ -17,19 +17,16 @@ STEP = jax.jit(T.train_step, static_argnums=0, static_argnames=("null_rate", "gr
 
 def _batch(batch_size=4, seed=0, frames=(12, 24)):
     rng = np.random.default_rng(seed)
-    targets, masks = [], []
-    for _ in range(batch_size):
-        rows, m = token_layout.training_rows(rng.integers(1, 1133, 4 * rng.integers(1, 4)),
-                                             rng.integers(0, 17, (rng.integers(*frames), 3)))
-        t = np.zeros((40, 4), np.int32)
-        t[: len(rows)] = rows
-        mm = np.zeros(40, bool)
-        mm[: len(rows)] = m
-        targets.append(t)
-        masks.append(mm)
-    t = np.stack(targets)
-    return {"timbre": rng.normal(size=(batch_size, 512)).astype(np.float32), "rows": t[:, :-1], "targets": t,
-            "mask": np.stack(masks)}
+    examples = [
+        input_pipeline.build_example(
+            records.PairRecord("p", "train", "i", rng.integers(1, 1133, 4 * rng.integers(1, 4)),
+                               rng.integers(0, 17, (rng.integers(*frames), 3)), np.zeros(512), {}, "", {}, {}, {}),
+            CFG, 40)
+        for _ in range(batch_size)
+    ]
+    batch = {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+    batch["timbre"] = rng.normal(size=(batch_size, 512)).astype(np.float32)
+    return batch
 
 
 def _state(cfg=CFG, model=None):

@@ -33,6 +33,15 @@ class CheckpointError(ValueError):
     """A checkpoint directory that is missing, of another format, or does not match its config."""
 
 
+def _sharded_target(abstract_state: nnx.State, shardings: nnx.State) -> dict:
+    """The restore target: a pure dict of shapes and dtypes carrying where each array lands."""
+    return jax.tree.map(
+        lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
+        nnx.to_pure_dict(abstract_state),
+        nnx.to_pure_dict(shardings),
+    )
+
+
 def save_model(directory: str | os.PathLike, cfg: ModelConfig, params: Any, metadata: dict | None = None):
     """Writes `params` (an nnx.State or a nested dict of arrays) and the config to `directory`."""
     directory = os.path.abspath(os.fspath(directory))
@@ -79,11 +88,7 @@ def load_model(
     abstract = nnx.eval_shape(lambda: TokenSynth(cfg, rngs=nnx.Rngs(0)))
     graphdef, abstract_state = nnx.split(abstract)
     shardings = sharding.state_shardings(abstract_state, mesh)
-    target = jax.tree.map(
-        lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
-        nnx.to_pure_dict(abstract_state),
-        nnx.to_pure_dict(shardings),
-    )
+    target = _sharded_target(abstract_state, shardings)
     path = os.path.join(os.path.abspath(os.fspath(directory)), PARAMS_DIR)
     try:
         restored = ocp.StandardCheckpointer().restore(path, target)
@@ -133,11 +138,7 @@ class TrainCheckpointer:
 
     def restore(self, step: int, abstract_state: nnx.State, shardings: nnx.State, data_iterator) -> nnx.State:
         """Restores `step` into a sharded copy of `abstract_state`; sets `data_iterator`'s position."""
-        target = jax.tree.map(
-            lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
-            nnx.to_pure_dict(abstract_state),
-            nnx.to_pure_dict(shardings),
-        )
+        target = _sharded_target(abstract_state, shardings)
         restored = self.manager.restore(
             step,
             args=ocp.args.Composite(

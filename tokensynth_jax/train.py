@@ -80,6 +80,11 @@ def model_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     return 6.0 * n + 12.0 * cfg.num_layers * seq_len * cfg.d_model
 
 
+def to_global(local: dict, batch_shardings: dict) -> dict:
+    """This process's batch -> global arrays sharded over the mesh (every process calls it)."""
+    return {k: jax.make_array_from_process_local_data(batch_shardings[k], v) for k, v in local.items()}
+
+
 def _install_sigterm():
     """Preemption: SIGTERM asks the loop to save and stop at the next step."""
     flag = {"stop": False}
@@ -164,10 +169,7 @@ def train(config, workdir: str, init_from: str | None = None) -> dict:
     )
     eval_fn = jax.jit(functools.partial(ts.eval_step, graphdef), in_shardings=(state_shardings, batch_shardings))
 
-    def global_batch(local):
-        return {k: jax.make_array_from_process_local_data(batch_shardings[k], v) for k, v in local.items()}
-
-    first = global_batch(next(data_iter))
+    first = to_global(next(data_iter), batch_shardings)
     compiled = step_fn.lower(state, first, jax.random.PRNGKey(0)).compile()
     mem = compiled.memory_analysis()
     if mem is not None:
@@ -203,7 +205,7 @@ def train(config, workdir: str, init_from: str | None = None) -> dict:
             log.warning("SIGTERM: saved step %d, stopping", done)
             break
         if done < tc.steps:
-            batch = global_batch(next(data_iter))
+            batch = to_global(next(data_iter), batch_shardings)
     ckpt.wait()
     ckpt.close()
     writer.close()
@@ -220,7 +222,6 @@ def evaluate(eval_fn, state, config, cfg: ModelConfig, batch_shardings) -> dict:
     for i, local in enumerate(input_pipeline.make_dataset(pc, cfg, jax.process_index(), jax.process_count())):
         if i >= config.train.eval_batches:
             break
-        batch = {k: jax.make_array_from_process_local_data(batch_shardings[k], v) for k, v in local.items()}
-        sums = jax.device_get(eval_fn(state, batch))
+        sums = jax.device_get(eval_fn(state, to_global(local, batch_shardings)))
         totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
     return summarize(totals, cfg) if totals is not None else {}
