@@ -62,6 +62,10 @@ def get_config(arg=None):
     c.train.checkpoint_every = 2000  # steps between checkpoints
     c.train.keep_last = 3  # newest checkpoints kept
     c.train.keep_every = 50_000  # also keep every step divisible by this (0: none)
+    c.train.sample_every = 10_000  # steps between generated samples (0: none); see train_samples.py
+    c.train.sample_count = 4  # held-out prompts generated from
+    c.train.sample_top_p = 0.0  # 0: greedy; else nucleus sampling with this p
+    c.train.sample_audio = True  # decode samples to WAV when the codec loads
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # data parallelism (-1: the devices left over)

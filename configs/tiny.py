@@ -29,4 +29,6 @@ def get_config(arg=None):
     c.train.eval_batches = 2
     c.train.checkpoint_every = 50
     c.train.keep_every = 0
+    c.train.sample_every = 0  # tests and the demo turn samples on where they look at them
+    c.train.sample_count = 2
     return c

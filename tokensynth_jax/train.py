@@ -18,9 +18,10 @@ import jax
 import numpy as np
 from flax import nnx
 
-from tokensynth_jax import checkpoint, input_pipeline, optim, sharding
+from tokensynth_jax import checkpoint, input_pipeline, optim, sharding, train_samples
 from tokensynth_jax import train_step as ts
 from tokensynth_jax.config import ModelConfig
+from tokensynth_jax.flops import model_flops_per_token
 from tokensynth_jax.model import TokenSynth
 
 log = logging.getLogger("tokensynth.train")
@@ -68,16 +69,6 @@ def summarize(sums: dict, cfg: ModelConfig) -> dict:
     out.update({f"ce_{n}": float(v) for n, v in zip(names, ce)})
     out.update({f"acc_{n}": float(v) for n, v in zip(names, hit)})
     return out
-
-
-def model_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token, PaLM's MFU convention: 6 N + 12 L T D.
-
-    N counts the matmul parameters (blocks and output head; embedding lookups are gathers and
-    cost no FLOPs); 12 L T D is attention's QK^T and AV over T positions, forward and backward.
-    """
-    n = cfg.num_layers * (4 * cfg.d_model**2 + 2 * cfg.d_model * cfg.mlp_dim) + cfg.d_model * cfg.output_size
-    return 6.0 * n + 12.0 * cfg.num_layers * seq_len * cfg.d_model
 
 
 def to_global(local: dict, batch_shardings: dict) -> dict:
@@ -178,6 +169,7 @@ def train(config, workdir: str, init_from: str | None = None) -> dict:
 
     # The loop.
     writer = MetricsWriter(workdir)
+    samples = train_samples.SampleWriter(config, cfg, workdir) if tc.sample_every else None
     stop = _install_sigterm()
     base_rng = jax.random.PRNGKey(tc.seed + 1)
     flops_token = model_flops_per_token(cfg, pc.seq_len)
@@ -199,6 +191,10 @@ def train(config, workdir: str, init_from: str | None = None) -> dict:
             t0, tokens = time.time(), 0
         if tc.eval_every and config.data.eval_paths and (done % tc.eval_every == 0 or done == tc.steps):
             writer.write(done, evaluate(eval_fn, state, config, cfg, batch_shardings), "eval")
+        if samples is not None and (samples.due(done) or done == tc.steps):
+            metrics = samples(done, graphdef, state)
+            if metrics:
+                writer.write(done, metrics, "samples")
         if stop["stop"] or done % tc.checkpoint_every == 0 or done == tc.steps:
             ckpt.save(done, state, data_iter, force=True)
         if stop["stop"]:

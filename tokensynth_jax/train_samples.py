@@ -1,0 +1,97 @@
+"""Samples while training: generations from held-out prompts, written as tokens (and audio).
+
+A loss curve hides what a listen shows at once (silence, loops, clips that never end), so every
+`train.sample_every` steps the loop generates from the first `train.sample_count` records of the
+eval set (the training set when there is none) with the current parameters, and writes
+`samples/step_N/sample_I.npz` (generated codes, the record's codes, MIDI tokens, timbre) and,
+when the run's codec can be loaded, `sample_I.wav`. It logs how many generated codes equal the
+record's (`sample_match` 1.0: the model reproduces the clip; what an overfit run should reach).
+
+Parameters are gathered to the host first (`process_allgather`, which every process calls), and
+process 0 generates on one local device, so this works on any mesh and any number of processes.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import grain
+import jax
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from tokensynth_jax import input_pipeline, records, sampling, token_layout
+from tokensynth_jax.config import ModelConfig
+
+log = logging.getLogger("tokensynth.train")
+
+
+def _first_records(paths, count: int) -> list[records.PairRecord]:
+    source = grain.sources.ArrayRecordDataSource(input_pipeline.expand_paths(paths))
+    return [records.decode(source[i]) for i in range(min(count, len(source)))]
+
+
+class SampleWriter:
+    """Greedy or top-p generations of fixed prompts, comparable from one sample step to the next."""
+
+    def __init__(self, config, cfg: ModelConfig, workdir: str):
+        tc = config.train
+        self.cfg, self.workdir = cfg, workdir
+        self.every, self.top_p = tc.sample_every, tc.sample_top_p
+        self.codec_name = config.codec.name if tc.sample_audio else None
+        self.records = _first_records(config.data.eval_paths or config.data.paths, tc.sample_count)
+        self._codec = None
+        # The rows each record needs, capped by the positions the model has after its prompt.
+        self.max_rows = max(
+            min(token_layout.audio_rows_for_frames(len(r.codes), cfg.num_codebooks) + 1,
+                cfg.max_len - 1 - len(token_layout.prompt_rows(r.midi_tokens, cfg.num_codebooks)))
+            for r in self.records
+        )
+
+    def due(self, step: int) -> bool:
+        return bool(self.every) and step % self.every == 0
+
+    def __call__(self, step: int, graphdef, state) -> dict:
+        """Writes the samples of `step`; returns metrics (process 0) or {} (other processes)."""
+        model, _ = nnx.merge(graphdef, state)
+        host_params = multihost_utils.process_allgather(nnx.state(model), tiled=True)  # every process calls this
+        if jax.process_index() != 0:
+            return {}
+        local = nnx.merge(nnx.graphdef(model), jax.device_put(host_params, jax.local_devices()[0]))
+        sampler = sampling.TopP(self.top_p) if self.top_p else sampling.Greedy()
+        gen = sampling.generate(
+            local, [r.midi_tokens for r in self.records], np.stack([r.timbre for r in self.records]).astype(np.float32),
+            sampler=sampler, seed=step, max_rows=self.max_rows,
+        )
+        out = os.path.join(self.workdir, "samples", f"step_{step}")
+        os.makedirs(out, exist_ok=True)
+        matches = []
+        for i, rec in enumerate(self.records):
+            codes = gen.codes[i, : gen.num_frames[i]]
+            target = np.asarray(rec.codes, np.int64)
+            n = min(len(codes), len(target))
+            matches.append(float((codes[:n] == target[:n]).sum()) / target.size)
+            np.savez(os.path.join(out, f"sample_{i}.npz"), codes=codes, target_codes=target,
+                     midi_tokens=np.asarray(rec.midi_tokens), timbre=np.asarray(rec.timbre), pair_id=rec.pair_id)
+            self._write_audio(os.path.join(out, f"sample_{i}.wav"), codes)
+        return {"sample_match": float(np.mean(matches)), "sample_frames": float(np.mean(gen.num_frames)),
+                "sample_ended": float(np.mean(gen.ended))}
+
+    def _write_audio(self, path: str, codes: np.ndarray) -> None:
+        """Decodes to a WAV when the codec loads; a codec that can't load turns audio off, once."""
+        if self.codec_name is None or len(codes) == 0:
+            return
+        try:
+            if self._codec is None:
+                from data_prep import encoders  # torch + transformers: only when audio samples are on
+
+                self._codec = encoders.Codec(self.codec_name, batch_size=1, offline=True)
+            audio = self._codec.decode(codes[None])[0]
+        except Exception as e:  # a missing codec must not stop training: tokens are still written
+            log.warning("samples: no audio (%s: %s); writing tokens only", self.codec_name, e)
+            self.codec_name = None
+            return
+        from scipy.io import wavfile
+
+        wavfile.write(path, self._codec.info.sample_rate, np.asarray(audio, np.float32))
