@@ -3,7 +3,7 @@ import numpy as np
 import pretty_midi
 import pytest
 
-from tokensynth_jax.midi_tokens import MidiTokenizationError, MidiWindow, split_into_windows, tokenize_midi
+from tokensynth_jax.midi_tokens import MidiTokenizationError, MidiWindow, split_into_windows, tokenize_midi, tokens_to_notes
 from tokensynth_jax.token_layout import (
     OFFSET_BASE, ONSET_BASE, PITCH_BASE, TOKENS_PER_NOTE, VELOCITY_BASE, WINDOW_SECONDS,
 )
@@ -211,3 +211,18 @@ def test_bad_requests_raise(tmp_path, call, problem):
 def test_max_notes_at_the_limit_is_fine(midi_files):
     window = tokenize_midi(midi_files["long_early_note"], max_notes=4)
     assert isinstance(window, MidiWindow) and window.num_notes == 4
+
+
+@pytest.mark.parametrize("name", sorted(FILES))
+def test_tokens_to_notes_round_trips(midi_files, name):
+    window = tokenize_midi(midi_files[name])
+    notes = tokens_to_notes(window.tokens).instruments[0].notes
+    assert len(notes) == len(window.tokens) // 4
+    np.testing.assert_array_equal(tokenize_midi(tokens_to_notes(window.tokens)).tokens, window.tokens)
+
+
+def test_tokens_to_notes_rejects_what_is_not_notes():
+    with pytest.raises(MidiTokenizationError, match="whole number"):
+        tokens_to_notes(np.array([ONSET_BASE, OFFSET_BASE + 3, PITCH_BASE + 60]))
+    with pytest.raises(MidiTokenizationError, match="not an"):
+        tokens_to_notes(np.array([PITCH_BASE + 60, OFFSET_BASE + 3, ONSET_BASE, VELOCITY_BASE]))

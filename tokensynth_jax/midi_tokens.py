@@ -28,6 +28,7 @@ from tokensynth_jax.token_layout import (
     TIME_BINS,
     TOKENS_PER_NOTE,
     VELOCITY_BASE,
+    VELOCITY_CLASSES,
     WINDOW_SECONDS,
     velocity_class,
 )
@@ -212,3 +213,25 @@ def split_into_windows(midi: MidiInput, *, window_seconds: float = WINDOW_SECOND
         _window(source, notes, drum_notes, k * WINDOW_SECONDS, pitch_shift, None, max_notes)
         for k in range(num_windows)
     ]
+
+
+def tokens_to_notes(tokens_m: np.ndarray, *, program: int = 0) -> pretty_midi.PrettyMIDI:
+    """MIDI tokens -> a one-instrument PrettyMIDI: the notes a record or prompt asks for (e.g. the
+    reference of a transcription score). Times are bin centres, so `tokenize_midi` of the result
+    gives the same tokens back; velocities are the classes' values."""
+    tokens = np.asarray(tokens_m).reshape(-1)
+    if tokens.size % TOKENS_PER_NOTE:
+        raise MidiTokenizationError(f"{tokens.size} MIDI tokens is not a whole number of {TOKENS_PER_NOTE}-token notes")
+    pm = pretty_midi.PrettyMIDI()
+    inst = pretty_midi.Instrument(program=program)
+    bins = WINDOW_SECONDS / TIME_BINS
+    for onset, offset, pitch, velocity in tokens.reshape(-1, TOKENS_PER_NOTE).tolist():
+        fields = (onset - ONSET_BASE, offset - OFFSET_BASE, pitch - PITCH_BASE, velocity - VELOCITY_BASE)
+        if not (0 <= fields[0] < TIME_BINS and 0 <= fields[1] < TIME_BINS and 0 <= fields[2] < NUM_PITCHES
+                and 0 <= fields[3] < len(VELOCITY_CLASSES)):
+            raise MidiTokenizationError(f"tokens {[onset, offset, pitch, velocity]} are not an (onset, offset, pitch, "
+                                        "velocity) note")
+        end = (max(fields[1], fields[0]) + 0.5) * bins
+        inst.notes.append(pretty_midi.Note(VELOCITY_CLASSES[fields[3]], fields[2], (fields[0] + 0.5) * bins, end))
+    pm.instruments.append(inst)
+    return pm
