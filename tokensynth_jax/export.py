@@ -1,0 +1,254 @@
+"""`jax.export` of the whole generation function: prefill, the decode `while_loop` and sampling.
+
+An export directory holds what a process with only jax and numpy needs to generate tokens:
+
+    OUT/generate.jaxexport    the serialized `Exported` (StableHLO for cpu, cuda and tpu)
+    OUT/params.npz            the parameters, flat dotted names (safetensors_format's naming)
+    OUT/export.json           token layout, codec, sampler, inputs and outputs, seed handling
+    OUT/load_exported.py      a standalone loader (imports jax and numpy only)
+    OUT/example_prompt.npz    optional: MIDI files tokenized for the loader
+
+The parameters are arguments, not constants: the artifact stays small and weights of the same
+config can be swapped. Batch and prompt length are symbolic (`b`, `m`); the sampler, the
+length cap and the model config are baked in. The function takes MIDI *tokens*, not MIDI files:
+tokenizing MIDI needs this package (`tokensynth export --example-midi` writes them). It builds the
+prompt rows (left padding, separator) and removes the delay pattern inside, calling the same
+decode loop as `sampling.generate`, so the same seed gives the same tokens.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from tokensynth_jax import checkpoint, midi_tokens, safetensors_format, sampling, token_layout
+from tokensynth_jax.config import ModelConfig
+from tokensynth_jax.model import TokenSynth
+
+FORMAT = "tokensynth-jax-export"
+FORMAT_VERSION = 1
+EXPORTED_FILE = "generate.jaxexport"
+PARAMS_FILE = "params.npz"
+META_FILE = "export.json"
+LOADER_FILE = "load_exported.py"
+EXAMPLE_PROMPT_FILE = "example_prompt.npz"
+LOADER_SOURCE = os.path.join(os.path.dirname(__file__), "assets", LOADER_FILE)
+PLATFORMS = ("cpu", "cuda", "tpu")
+KEY_IMPL = "threefry2x32"  # the key data input is raw threefry key data: jax.random.PRNGKey(seed)
+
+
+class ExportError(ValueError):
+    """A model or option that cannot be exported; the message names the checkpoint or flag."""
+
+
+def codes_from_rows(rows_brc, num_rows_b, num_codebooks: int):
+    """In-graph `sampling.rows_to_codes`: codes [B, R - K + 1, K] padded with -1, frames [B]."""
+    width = rows_brc.shape[1] - num_codebooks + 1
+    frames = jnp.maximum(num_rows_b - (num_codebooks - 1), 0)
+    codes = jnp.stack([rows_brc[:, k : k + width, 1 + k] for k in range(num_codebooks)], axis=-1)
+    codes = jnp.maximum(codes - 1, 0)
+    return jnp.where(jnp.arange(width)[None, :, None] < frames[:, None, None], codes, -1), frames
+
+
+def make_generate_fn(cfg: ModelConfig, sampler, max_rows: int):
+    """The exported function: (params, midi [B, M], lengths [B], timbre [B, T], key_data [2]) -> outputs.
+
+    Item b's MIDI tokens are `midi[b, :lengths[b]]` (the rest is ignored). Outputs: codes
+    [B, max_rows - K + 1, K] (-1 after each item's end), num_frames [B], ended [B] (stopped on an
+    end row, not the cap), rows [B, max_rows, 1 + K] (generated delayed rows), num_rows [B].
+    """
+    names, treedef, _ = safetensors_format.param_structure(cfg)
+    abstract = nnx.eval_shape(lambda: TokenSynth(cfg, rngs=nnx.Rngs(0)))
+    graphdef, abstract_state = nnx.split(abstract)
+
+    def generate(params, midi_bm, lengths_b, timbre_bt, key_data):
+        state = jax.tree.map(lambda x: x, abstract_state)
+        nnx.replace_by_pure_dict(state, jax.tree.unflatten(treedef, [params[n] for n in names]))
+        batch, width = midi_bm.shape
+        # Left-padded prompt rows as sampling.prepare_prompts builds them: item b's MIDI rows end
+        # just before the last slot, which is the separator (a zero row, like the padding).
+        pad_b = width - lengths_b
+        idx = jnp.arange(width + 1)[None] - pad_b[:, None]
+        inside = (idx >= 0) & (idx < lengths_b[:, None])
+        channel0 = jnp.where(inside, jnp.take_along_axis(midi_bm, jnp.clip(idx, 0, width - 1), axis=1), 0)
+        rows = jnp.zeros((batch, width + 1, cfg.num_channels), jnp.int32).at[..., 0].set(channel0)
+        caps = jnp.minimum(max_rows, cfg.max_len - 2 - lengths_b)
+        key = jax.random.wrap_key_data(key_data, impl=KEY_IMPL)
+        out, num_rows, ended = sampling._decode_loop(  # the loop `sampling.generate` runs, unjitted
+            graphdef, state, None, None, rows, pad_b, caps, timbre_bt, key,
+            sampler=sampler, guidance=None, max_rows=max_rows,
+        )
+        codes, frames = codes_from_rows(out, num_rows, cfg.num_codebooks)
+        return codes, frames, ended, out, num_rows
+
+    return generate
+
+
+def export_generate(cfg: ModelConfig, sampler, max_rows: int, platforms: Sequence[str] = PLATFORMS):
+    """`jax.export.Exported` of `make_generate_fn` with symbolic batch `b` and MIDI length `m`."""
+    if max_rows < cfg.num_codebooks:
+        raise ExportError(f"--max-rows {max_rows} is fewer than the {cfg.num_codebooks} rows one frame needs")
+    _, _, specs = safetensors_format.param_structure(cfg)
+    b, m = jax.export.symbolic_shape("b, m", constraints=("m >= 1",))
+    args = (
+        {n: jax.ShapeDtypeStruct(shape, dtype) for n, (shape, dtype) in specs.items()},
+        jax.ShapeDtypeStruct((b, m), jnp.int32),
+        jax.ShapeDtypeStruct((b,), jnp.int32),
+        jax.ShapeDtypeStruct((b, cfg.timbre_dim), jnp.float32),
+        jax.ShapeDtypeStruct((2,), jnp.uint32),
+    )
+    fn = jax.jit(make_generate_fn(cfg, sampler, max_rows))
+    return jax.export.export(fn, platforms=tuple(platforms))(*args)
+
+
+def sampler_settings(sampler) -> dict:
+    """The baked-in sampler as JSON."""
+    return {"kind": type(sampler).__name__, **{k: getattr(sampler, k) for k in getattr(sampler, "__dataclass_fields__", {})}}
+
+
+def midi_prompt(paths: Sequence[str], cfg: ModelConfig, midi_compat: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """MIDI files -> (tokens [N, M] right-padded with 0, lengths [N]), M + 1 a multiple of 16.
+
+    The width matches `sampling.prepare_prompts`, so an exported call compiles the same shapes
+    as in-process generation (and gives bitwise the same tokens).
+    """
+    max_notes = (cfg.max_len - 2 - cfg.num_codebooks) // token_layout.TOKENS_PER_NOTE
+    tokens = [midi_tokens.tokenize_midi(p, compat=midi_compat, max_notes=max_notes).tokens for p in paths]
+    return pad_tokens(tokens)
+
+
+def pad_tokens(tokens: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Token arrays of different lengths -> (right-padded [N, M], lengths [N]), M + 1 a multiple of 16."""
+    lengths = np.array([len(t) for t in tokens], np.int32)
+    width = -(-(int(lengths.max()) + 1) // sampling.PROMPT_BUCKET) * sampling.PROMPT_BUCKET - 1
+    midi = np.zeros((len(tokens), width), np.int32)
+    for i, t in enumerate(tokens):
+        midi[i, : len(t)] = t
+    return midi, lengths
+
+
+def export_checkpoint(checkpoint_dir: str, out_dir: str, *, sampler=sampling.TopP(0.9), max_rows: int = 450,
+                      platforms: Sequence[str] = PLATFORMS, example_midi: Sequence[str] = (),
+                      example_timbre: np.ndarray | None = None, midi_compat: str | None = None) -> dict:
+    """Writes the export directory described in the module docstring; returns its metadata."""
+    meta = checkpoint.read_metadata(checkpoint_dir)
+    cfg = ModelConfig.from_dict(meta["model"])
+    if cfg.conditioning != "timbre":
+        raise ExportError(f"{checkpoint_dir}: only timbre-conditioned models are exported (this one is unconditional)")
+    unknown = sorted(set(platforms) - {"cpu", "cuda", "rocm", "tpu"})
+    if unknown:
+        raise ExportError(f"unknown platforms {unknown}; jax lowers for cpu, cuda, rocm and tpu")
+    model, _ = checkpoint.load_model(checkpoint_dir)
+    exported = export_generate(cfg, sampler, max_rows, platforms)
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, EXPORTED_FILE), "wb") as f:
+        f.write(exported.serialize())
+    np.savez(os.path.join(out_dir, PARAMS_FILE), **safetensors_format.flatten_params(checkpoint.params_to_numpy(model)))
+    shutil.copyfile(LOADER_SOURCE, os.path.join(out_dir, LOADER_FILE))
+    frames = max_rows - cfg.num_codebooks + 1
+    info = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "jax_version": jax.__version__,
+        "platforms": list(exported.platforms),
+        "calling_convention_version": exported.calling_convention_version,
+        "files": {"exported": EXPORTED_FILE, "params": PARAMS_FILE, "loader": LOADER_FILE},
+        "source_checkpoint": os.path.abspath(checkpoint_dir),
+        "model": cfg.to_dict(),
+        "codec": meta["metadata"].get("codec"),
+        "weights": meta["metadata"].get("weights"),
+        "sampler": sampler_settings(sampler),
+        "max_rows": max_rows,
+        "max_midi_tokens": cfg.max_len - 2 - cfg.num_codebooks,
+        "prompt_bucket": sampling.PROMPT_BUCKET,
+        "seed": (f"key_data = jax.random.key_data(jax.random.key(seed, impl='{KEY_IMPL}')), i.e. "
+                 "jax.random.PRNGKey(seed); item b samples with fold_in(key, b), step s with fold_in(that, s)"),
+        "token_layout": {
+            "row": f"{cfg.num_channels} channels: 0 = MIDI token, 1..{cfg.num_codebooks} = codebooks (code + 1, 0 = empty)",
+            "midi_vocab_size": cfg.midi_vocab_size,
+            "midi_tokens": {"empty": token_layout.EMPTY, "onset_base": token_layout.ONSET_BASE,
+                            "offset_base": token_layout.OFFSET_BASE, "pitch_base": token_layout.PITCH_BASE,
+                            "velocity_base": token_layout.VELOCITY_BASE, "time_bins": token_layout.TIME_BINS,
+                            "seconds_per_bin": token_layout.SECONDS_PER_BIN,
+                            "velocity_classes": list(token_layout.VELOCITY_CLASSES),
+                            "tokens_per_note": token_layout.TOKENS_PER_NOTE},
+            "num_codebooks": cfg.num_codebooks,
+            "codebook_size": cfg.codebook_size,
+            "codebook_vocab_size": cfg.codebook_vocab_size,
+            "delay_pattern": "codebook k of frame t sits in audio row t + k (removed in the outputs' codes)",
+            "sequence": "[timbre] [midi_1 .. midi_M] [separator zero row] [audio rows] [end zero row]",
+        },
+        "inputs": [
+            {"name": "params", "shape": "dict of the arrays in params.npz, by name", "dtype": cfg.param_dtype},
+            {"name": "midi", "shape": ["b", "m"], "dtype": "int32",
+             "doc": "MIDI tokens, item b's in midi[b, :lengths[b]]; pad m + 1 to a multiple of prompt_bucket to reuse compiles"},
+            {"name": "lengths", "shape": ["b"], "dtype": "int32", "doc": "0 <= lengths <= min(m, max_midi_tokens)"},
+            {"name": "timbre", "shape": ["b", cfg.timbre_dim], "dtype": "float32", "doc": "CLAP embeddings"},
+            {"name": "key_data", "shape": [2], "dtype": "uint32", "doc": "raw threefry key data (see seed)"},
+        ],
+        "outputs": [
+            {"name": "codes", "shape": ["b", frames, cfg.num_codebooks], "dtype": "int32",
+             "doc": "codec codes; codes[i, num_frames[i]:] == -1"},
+            {"name": "num_frames", "shape": ["b"], "dtype": "int32"},
+            {"name": "ended", "shape": ["b"], "dtype": "bool", "doc": "stopped on an end row (False: length cap)"},
+            {"name": "rows", "shape": ["b", max_rows, cfg.num_channels], "dtype": "int32",
+             "doc": "generated rows (delayed ids), zeros after the end"},
+            {"name": "num_rows", "shape": ["b"], "dtype": "int32"},
+        ],
+    }
+    with open(os.path.join(out_dir, META_FILE), "w") as f:
+        json.dump(info, f, indent=2)
+    if example_midi:
+        midi, lengths = midi_prompt(example_midi, cfg, midi_compat)
+        arrays = {"midi": midi, "lengths": lengths}
+        if example_timbre is not None:
+            arrays["timbre"] = np.asarray(example_timbre, np.float32)
+        np.savez(os.path.join(out_dir, EXAMPLE_PROMPT_FILE), **arrays)
+    return info
+
+
+# --- command line ------------------------------------------------------------------------------------
+def add_export_parser(sub) -> None:
+    """Registers `tokensynth export` on the command line's subparsers."""
+    p = sub.add_parser("export", help="jax.export of the generation function (cpu, cuda, tpu) + params + loader")
+    p.add_argument("--checkpoint", required=True, help="a tokensynth-jax model checkpoint (timbre-conditioned)")
+    p.add_argument("out_dir", metavar="OUT")
+    p.add_argument("--sampler", choices=["greedy", "top-k", "top-p"], default="top-p", help="baked into the export")
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--max-rows", type=int, default=450, help="audio rows at most (450: a 5 s window, as the reference)")
+    p.add_argument("--platforms", default=",".join(PLATFORMS), help="comma-separated lowering platforms")
+    p.add_argument("--example-midi", nargs="+", default=[], metavar="FILE",
+                   help=f"tokenize these MIDI files into OUT/{EXAMPLE_PROMPT_FILE} for the loader")
+    p.add_argument("--example-timbre", metavar="E.npy", help="CLAP embedding [T] or [N, T] stored in the example prompt")
+    p.add_argument("--midi-compat", choices=["tokensynth-0.0.4"], help="tokenize the example MIDI as the reference")
+    p.set_defaults(run=_cmd_export)
+
+
+def _cmd_export(args) -> int:
+    from tokensynth_jax import synthesize  # the sampler and embedding readers of `tokensynth synthesize`
+
+    if args.example_timbre and not args.example_midi:
+        raise ExportError("--example-timbre goes with --example-midi FILE...")
+    cfg = ModelConfig.from_dict(checkpoint.read_metadata(args.checkpoint)["model"])
+    sampler = synthesize.make_sampler(args.sampler, args.top_k, args.top_p, args.temperature)
+    timbre = (synthesize.load_timbre_embedding(args.example_timbre, len(args.example_midi), cfg.timbre_dim)
+              if args.example_timbre else None)
+    info = export_checkpoint(
+        args.checkpoint, args.out_dir, sampler=sampler, max_rows=args.max_rows,
+        platforms=[p for p in args.platforms.split(",") if p], example_midi=args.example_midi,
+        example_timbre=timbre, midi_compat=args.midi_compat,
+    )
+    print(f"exported {args.checkpoint} for {', '.join(info['platforms'])} (jax {info['jax_version']}, "
+          f"sampler {info['sampler']['kind']}, max_rows {info['max_rows']}) to {args.out_dir}")
+    example = f" --prompt {os.path.join(args.out_dir, EXAMPLE_PROMPT_FILE)}" if args.example_midi else " --prompt P.npz"
+    print(f"run it without this package: python {os.path.join(args.out_dir, LOADER_FILE)} {args.out_dir}{example}"
+          + ("" if timbre is not None else " --timbre E.npy"))
+    return 0
