@@ -42,6 +42,37 @@ def _sharded_target(abstract_state: nnx.State, shardings: nnx.State) -> dict:
     )
 
 
+def _shapes_by_name(tree) -> dict[str, tuple[int, ...]]:
+    """Leaf name ('blocks.0.attn.key.bias') -> shape, for a target, a state or Orbax metadata."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: x is None)[0]
+    return {
+        ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): tuple(getattr(v, "shape", ()))
+        for path, v in leaves if v is not None
+    }
+
+
+def _check_keys(where: str, saved_tree, target) -> None:
+    """Strict loading: every saved leaf must be expected and every expected leaf saved, same shape.
+
+    Orbax stops at the first mismatch (and a partial restore would silently skip extra keys);
+    this lists all of them, so a wrong config or a truncated checkpoint is one readable error.
+    """
+    saved, expected = _shapes_by_name(saved_tree), _shapes_by_name(target)
+    problems = [f"unexpected key {k} {s}" for k, s in saved.items() if k not in expected]
+    problems += [f"missing key {k} {s}" for k, s in expected.items() if k not in saved]
+    problems += [f"shape mismatch {k}: saved {saved[k]}, expected {s}"
+                 for k, s in expected.items() if k in saved and saved[k] != s]
+    if problems:
+        raise CheckpointError(f"{where}:\n  " + "\n  ".join(problems))
+
+
+def _abstract_model(cfg: ModelConfig, mesh: Mesh):
+    """(graphdef, abstract param state, sharded restore target) of a model for `cfg` on `mesh`."""
+    abstract = nnx.eval_shape(lambda: TokenSynth(cfg, rngs=nnx.Rngs(0)))
+    graphdef, abstract_state = nnx.split(abstract)
+    return graphdef, abstract_state, _sharded_target(abstract_state, sharding.state_shardings(abstract_state, mesh))
+
+
 def save_model(directory: str | os.PathLike, cfg: ModelConfig, params: Any, metadata: dict | None = None):
     """Writes `params` (an nnx.State or a nested dict of arrays) and the config to `directory`."""
     directory = os.path.abspath(os.fspath(directory))
@@ -85,14 +116,18 @@ def load_model(
     meta = read_metadata(directory)
     cfg = ModelConfig.from_dict({**meta["model"], **(override or {})})
     mesh = mesh or sharding.make_mesh({"data": -1})
-    abstract = nnx.eval_shape(lambda: TokenSynth(cfg, rngs=nnx.Rngs(0)))
-    graphdef, abstract_state = nnx.split(abstract)
-    shardings = sharding.state_shardings(abstract_state, mesh)
-    target = _sharded_target(abstract_state, shardings)
+    graphdef, abstract_state, target = _abstract_model(cfg, mesh)
     path = os.path.join(os.path.abspath(os.fspath(directory)), PARAMS_DIR)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{directory}: no parameters ({PARAMS_DIR}/ is missing)")
+    checkpointer = ocp.StandardCheckpointer()
     try:
-        restored = ocp.StandardCheckpointer().restore(path, target)
+        _check_keys(f"{directory}: parameters do not match the config in {META_FILE}",
+                    checkpointer.metadata(path).item_metadata.tree, target)
+        restored = checkpointer.restore(path, target)
     except (ValueError, KeyError, FileNotFoundError) as e:
+        if isinstance(e, CheckpointError):
+            raise
         raise CheckpointError(f"{directory}: parameters do not match the config in {META_FILE}: {e}") from e
     nnx.replace_by_pure_dict(abstract_state, restored)
     return nnx.merge(graphdef, abstract_state), meta
@@ -139,6 +174,8 @@ class TrainCheckpointer:
     def restore(self, step: int, abstract_state: nnx.State, shardings: nnx.State, data_iterator) -> nnx.State:
         """Restores `step` into a sharded copy of `abstract_state`; sets `data_iterator`'s position."""
         target = _sharded_target(abstract_state, shardings)
+        _check_keys(f"{self.manager.directory}/{step}: train state does not match the run's model and optimizer",
+                    self._saved_state_tree(step), target)
         restored = self.manager.restore(
             step,
             args=ocp.args.Composite(
@@ -149,6 +186,48 @@ class TrainCheckpointer:
         state = jax.tree.map(lambda x: x, abstract_state)
         nnx.replace_by_pure_dict(state, restored["state"])
         return state
+
+    def _reader(self) -> ocp.CheckpointManager:
+        """A second manager on the same directory whose "state" handler takes metadata reads and
+        partial restores (the writer's handler is fixed to full StandardRestores on first use)."""
+        return ocp.CheckpointManager(self.manager.directory, item_handlers={"state": ocp.PyTreeCheckpointHandler()})
+
+    def _saved_state_tree(self, step: int) -> dict:
+        """The saved train state's tree of array metadata (names and shapes, no values)."""
+        reader = self._reader()
+        try:
+            return reader.item_metadata(step)["state"].tree
+        finally:
+            reader.close()
+
+    def restore_params(self, step: int | None, cfg: ModelConfig, mesh: Mesh | None = None) -> tuple[TokenSynth, int]:
+        """The model of a saved train state, sharded on `mesh`, without reading the optimizer state.
+
+        Args:
+          step: the step to read (None: the newest).
+          cfg: the run's model config (a train checkpoint stores the state, not the config).
+          mesh: where the parameters land (default: all local devices on the data axis).
+        Returns:
+          (model, step).
+        """
+        step = self.latest_step() if step is None else step
+        if step is None or step not in self.manager.all_steps():
+            raise CheckpointError(f"{self.manager.directory}: no train checkpoint at step {step} "
+                                  f"(have {sorted(self.manager.all_steps())})")
+        graphdef, abstract_state, target = _abstract_model(cfg, mesh or sharding.make_mesh({"data": -1}))
+        # The train state is the pure dict of nnx.state((model, optimizer)): the model is entry 0.
+        _check_keys(f"{self.manager.directory}/{step}: parameters do not match the model config",
+                    self._saved_state_tree(step).get("0"), target)
+        reader = self._reader()
+        try:
+            restored = reader.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+                item={0: target}, restore_args=ocp.checkpoint_utils.construct_restore_args({0: target}),
+                partial_restore=True,
+            )))
+        finally:
+            reader.close()
+        nnx.replace_by_pure_dict(abstract_state, restored["state"][0])
+        return nnx.merge(graphdef, abstract_state), step
 
     def wait(self):
         self.manager.wait_until_finished()

@@ -1,0 +1,61 @@
+"""`tokensynth inference-checkpoint`: a params-only model checkpoint from a training run.
+
+A train checkpoint holds the parameters, the optimizer state (twice the parameters' size for
+AdamW) and the data iterator; inference and fine-tuning need the parameters alone, in the
+model-checkpoint layout that `checkpoint.load_model` (and so `synthesize`, `convert --to
+official`, `train --init-from`) reads. The optimizer state is never read.
+"""
+from __future__ import annotations
+
+import os
+
+
+def write_inference_checkpoint(config, workdir: str, out_dir: str, step: int | None = None) -> int:
+    """Writes the model of `workdir`'s checkpoint at `step` (default newest) to `out_dir`; returns the step.
+
+    Args:
+      config: the run's ConfigDict (its `model` gives the shapes; `codec` goes into the metadata).
+      workdir: the `--workdir` of `tokensynth train` (checkpoints live in WORKDIR/checkpoints).
+      out_dir: the model checkpoint to write.
+      step: which saved step (None: the newest).
+    """
+    from flax import nnx
+
+    from tokensynth_jax import checkpoint
+    from tokensynth_jax.config import ModelConfig
+
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(ckpt_dir):
+        raise checkpoint.CheckpointError(f"{workdir}: not a training workdir (no checkpoints/)")
+    cfg = ModelConfig.from_dict(config.model.to_dict())
+    reader = checkpoint.TrainCheckpointer(ckpt_dir, async_save=False)
+    try:
+        model, step = reader.restore_params(step, cfg)
+    finally:
+        reader.close()
+    meta = {"weights": "trained", "source": os.path.abspath(workdir), "step": step, "codec": config.codec.to_dict()}
+    checkpoint.save_model(out_dir, cfg, nnx.state(model, nnx.Param), meta)
+    return step
+
+
+def _cmd(args) -> int:
+    from tokensynth_jax.config import load_config_file
+
+    overrides = dict(kv.split("=", 1) for kv in args.set)
+    overrides.update(getattr(args, "config_overrides", {}))
+    config = load_config_file(args.config, overrides)
+    step = write_inference_checkpoint(config, args.workdir, args.out_dir, args.step)
+    print(f"wrote the parameters of {args.workdir} step {step} (no optimizer state) to {args.out_dir}")
+    return 0
+
+
+def add_inference_checkpoint_parser(sub) -> None:
+    """Registers `tokensynth inference-checkpoint` on the top-level subparsers."""
+    p = sub.add_parser("inference-checkpoint",
+                       help="params-only model checkpoint from a training workdir (drops optimizer state)")
+    p.add_argument("--config", required=True, help="the run's configs/X.py[:arg] (gives the model shapes)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    p.add_argument("--step", type=int, help="saved step to export (default: the newest)")
+    p.add_argument("workdir", help="the --workdir of tokensynth train")
+    p.add_argument("out_dir")
+    p.set_defaults(run=_cmd)
