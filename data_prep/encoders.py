@@ -210,6 +210,42 @@ class Codec:
             out.append(codes[: chunk.shape[0]].permute(0, 2, 1).cpu().numpy())
         return np.concatenate(out).astype(np.int64)
 
+    def decode(self, codes_btk: np.ndarray) -> np.ndarray:
+        """Audio of each item's codes (the inverse of `encode`, up to the codec's loss).
+
+        Args:
+          codes_btk: int [B, T, K] codes of equal length, 0 <= code < codebook_size, undelayed.
+
+        Returns:
+          float32 [B, T * hop] mono audio at `info.sample_rate`.
+
+        Raises:
+          EncoderError: codes of the wrong shape or out of the codebooks' range.
+        """
+        import torch
+
+        codes_btk = np.asarray(codes_btk)
+        k, size = self.info.num_codebooks, self.info.codebook_size
+        if codes_btk.ndim != 3 or codes_btk.shape[2] != k:
+            raise EncoderError(f"codec {self.info.name!r} decodes [B, T, {k}] codes, got shape {codes_btk.shape}")
+        if codes_btk.size and (codes_btk.min() < 0 or codes_btk.max() >= size):
+            raise EncoderError(f"codec {self.info.name!r} has codes 0..{size - 1}, "
+                               f"got {codes_btk.min()}..{codes_btk.max()}")
+        hop = round(self.info.sample_rate / self.info.frame_rate)
+        out = []
+        for i in range(0, codes_btk.shape[0], self.batch_size):
+            chunk = codes_btk[i : i + self.batch_size]
+            padded = np.zeros((self.batch_size, *codes_btk.shape[1:]), np.int64)
+            padded[: chunk.shape[0]] = chunk
+            x = torch.from_numpy(padded).permute(0, 2, 1).to(self.device)  # [B, K, T]
+            with torch.inference_mode():
+                if self.kind == "encodec":  # one chunk (these configs have no chunking), no scales
+                    audio = self.model.decode(x[None], [None]).audio_values[:, 0]
+                else:
+                    audio = self.model.decode(audio_codes=x).audio_values
+            out.append(audio[: chunk.shape[0], : codes_btk.shape[1] * hop].float().cpu().numpy())
+        return np.concatenate(out)
+
 
 def _resample(audio: np.ndarray, src: int, dst: int) -> np.ndarray:
     from scipy.signal import resample_poly
@@ -254,6 +290,7 @@ class ClapEmbedder:
             except OSError as e:
                 raise _missing(name, "clap", e) from e
         self.name, self.batch_size, self.input_mode = name, batch_size, input_mode
+        self._offline, self._tokenizer = offline, None  # the text tokenizer loads on first use
         self.device = _torch_device(device)
         self.model, self.features = model.eval().to(self.device), features
         self.dim = int(model.config.projection_dim)
@@ -290,4 +327,51 @@ class ClapEmbedder:
             with torch.inference_mode():
                 emb = self.model.get_audio_features(**inputs).pooler_output
             out.append(emb[:n].float().cpu().numpy())
+        return np.concatenate(out)
+
+    def _tokenize(self, texts: list[str]):
+        """Token ids and attention mask [B, L] of each text (padded to the longest)."""
+        import torch
+
+        if self.name not in CLAP_PRESETS:
+            if self._tokenizer is None:
+                from transformers import AutoTokenizer
+
+                try:
+                    self._tokenizer = AutoTokenizer.from_pretrained(self.name, local_files_only=self._offline)
+                except OSError as e:
+                    raise _missing(self.name, "clap", e) from e
+            return dict(self._tokenizer(texts, padding=True, truncation=True, return_tensors="pt"))
+        # Random presets have no vocabulary to load (the hub is out of reach and a random model
+        # has nothing to agree with), so their tokenizer is hand-written: UTF-8 bytes folded into
+        # the tiny vocabulary between RoBERTa's <s> and </s>, <pad> after, as RoBERTa lays them out.
+        c = self.model.config.text_config
+        keep = c.max_position_embeddings - c.pad_token_id - 3  # room for <s>, </s> and the offset
+        ids = [[c.bos_token_id] + [3 + b % (c.vocab_size - 3) for b in t.encode()[:keep]] + [c.eos_token_id]
+               for t in texts]
+        width = max(map(len, ids))
+        input_ids = torch.full((len(ids), width), c.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(ids), width), dtype=torch.long)
+        for i, row in enumerate(ids):
+            input_ids[i, : len(row)], mask[i, : len(row)] = torch.tensor(row), 1
+        return {"input_ids": input_ids, "attention_mask": mask}
+
+    def embed_text(self, texts: list[str]) -> np.ndarray:
+        """Text embeddings (text-to-instrument timbres).
+
+        Args:
+          texts: descriptions, each non-empty.
+
+        Returns:
+          float32 [B, D] unit-norm embeddings, in the same space as `embed`'s.
+        """
+        import torch
+
+        if not texts or any(not t.strip() for t in texts):
+            raise EncoderError(f"CLAP text embedding needs non-empty texts, got {texts!r}")
+        out = []
+        for i in range(0, len(texts), self.batch_size):
+            inputs = {k: v.to(self.device) for k, v in self._tokenize(list(texts[i : i + self.batch_size])).items()}
+            with torch.inference_mode():
+                out.append(self.model.get_text_features(**inputs).pooler_output.float().cpu().numpy())
         return np.concatenate(out)
