@@ -1,0 +1,291 @@
+"""`tokensynth eval`: the paper's evaluation of generated clips, per item and per task and model.
+
+Two tasks, as in the paper: instrument cloning (the timbre came from a reference recording of the
+instrument) and text-to-instrument (it came from a text). Each generated clip is scored with the
+multi-scale spectral loss against the ground-truth rendering of its notes (when one is given), a
+CLAP score (cosine of CLAP embeddings: generated vs reference audio for cloning, generated vs text
+for text-to-instrument) and the note F1 of its transcription against its MIDI. Which instruments
+are held out is the caller's choice: the items passed in are the split, and every row lists the
+instruments it covers. `evaluate_items` takes arrays or paths, so `tokensynth demo` calls it directly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Callable, Sequence, Union
+
+import numpy as np
+
+from tokensynth_jax import metrics
+from tokensynth_jax.metrics import MetricError
+
+TASKS = {"cloning": "Instrument cloning", "text": "Text-to-instrument"}
+MANIFEST_NAME = "items.jsonl"  # what `tokensynth eval DIR` reads
+Audio = Union[str, os.PathLike, tuple]  # a file, or (mono samples [N], sample rate)
+
+_COLUMNS = (("mss", "MSS ↓"), ("clap_score", "CLAP score ↑"), ("f1", "F1 ↑"))
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalItem:
+    """One generated clip and what it is scored against."""
+
+    id: str
+    task: str  # "cloning" or "text"
+    generated: Audio  # the model's output
+    midi: Union[str, os.PathLike, np.ndarray]  # the notes it was asked to play: a file or [N, 3] (onset, offset, pitch)
+    target: Audio | None = None  # ground-truth rendering of the same notes by the same instrument (for MSS)
+    reference: Audio | None = None  # the timbre's reference recording (cloning)
+    text: str | None = None  # the timbre's text (text-to-instrument)
+    model: str = "tokensynth"  # the table row
+    instrument: str | None = None  # which (held-out) instrument, for the report
+
+    def check(self) -> None:
+        """Raises MetricError if the item lacks what its task needs."""
+        if self.task not in TASKS:
+            raise MetricError(f"item {self.id!r}: task {self.task!r} is not one of {sorted(TASKS)}")
+        if self.task == "cloning" and self.reference is None:
+            raise MetricError(f"item {self.id!r}: instrument cloning needs the reference audio ('reference')")
+        if self.task == "text" and not (self.text or "").strip():
+            raise MetricError(f"item {self.id!r}: text-to-instrument needs a non-empty 'text'")
+
+
+def _audio(value: Audio, what: str) -> tuple[np.ndarray, int]:
+    if isinstance(value, tuple):
+        samples, sr = value
+        return metrics.check_mono(samples, what), int(sr)
+    return metrics.load_audio(os.fspath(value))
+
+
+def _notes(value, what: str) -> np.ndarray:
+    if isinstance(value, np.ndarray):
+        if value.ndim != 2 or value.shape[1] != 3 or len(value) == 0:
+            raise MetricError(f"{what}: expected notes [N > 0, 3] (onset, offset, pitch), got {value.shape}")
+        return value.astype(np.float64)
+    return metrics.midi_notes(os.fspath(value))
+
+
+def _name(value) -> str:
+    return os.fspath(value) if isinstance(value, (str, os.PathLike)) else "<array>"
+
+
+def load_clap(name: str, *, offline: bool = True):
+    """A CLAP model for the CLAP score (`timbre.load_clap`: a checkpoint, or `tiny-clap` in tests).
+
+    Raises:
+      MetricError: a pretrained checkpoint that is not in the local cache.
+    """
+    from tokensynth_jax import timbre
+
+    try:
+        return timbre.load_clap(name, offline=offline)
+    except timbre.TimbreError as e:
+        raise MetricError(f"CLAP score: {e}") from e
+
+
+def _clap_scores(clap, item: EvalItem, gen: np.ndarray, sr: int, where: str) -> tuple[float | None, float | None]:
+    """(generated vs reference audio, generated vs text) cosines; None where the item has no such input."""
+    from tokensynth_jax import timbre
+
+    # The generated clip goes to CLAP as it is: a silent or short generation is a result to score
+    # low, not an input error (timbre.audio_embedding rejects those, rightly, for references).
+    gen_emb = clap.embed(gen[None], sr)[0]
+    try:
+        if isinstance(item.reference, tuple):  # (samples, rate)
+            ref_emb = timbre.audio_embedding(clap, *item.reference)
+        else:  # a file, or None
+            ref_emb = None if item.reference is None else timbre.audio_embedding(clap, item.reference)
+        text_emb = None if item.text is None else timbre.text_embedding(clap, item.text)
+    except timbre.TimbreError as e:
+        raise MetricError(f"{where}: {e}") from e
+    return tuple(None if e is None else metrics.cosine(gen_emb, e, what=where) for e in (ref_emb, text_emb))
+
+
+def evaluate_item(item: EvalItem, *, clap=None, onset_tolerance: float = metrics.ONSET_TOLERANCE) -> dict:
+    """The metrics of one item.
+
+    Args:
+      item: the clip and its references.
+      clap: a loaded CLAP (`load_clap`); None leaves the CLAP scores out (null).
+      onset_tolerance: seconds within which a transcribed onset matches a MIDI onset.
+
+    Returns:
+      A JSON-able dict: the item's names, `mss` (null without a target), `clap_audio` (vs the
+      reference recording, when given), `clap_text` (vs the text, when given), `clap_score` (the
+      task's one of the two), `precision`, `recall`, `f1`, note counts and durations.
+
+    Raises:
+      MetricError: a missing or unreadable file, or an item its task cannot score.
+    """
+    item.check()
+    where = f"item {item.id!r}"
+    gen, sr = _audio(item.generated, f"{where} generated {_name(item.generated)}")
+    out = {"id": item.id, "task": item.task, "model": item.model, "instrument": item.instrument,
+           "generated": _name(item.generated), "seconds_generated": gen.size / sr}
+    out["mss"] = out["seconds_target"] = None
+    if item.target is not None:
+        target, target_sr = _audio(item.target, f"{where} target {_name(item.target)}")
+        out["seconds_target"] = target.size / target_sr
+        out["mss"] = metrics.multiscale_spectral_loss(gen, metrics.resample(target, target_sr, sr))
+    out["clap_audio"], out["clap_text"] = (None, None) if clap is None else _clap_scores(clap, item, gen, sr, where)
+    out["clap_score"] = out["clap_audio"] if item.task == "cloning" else out["clap_text"]
+    ref_notes = _notes(item.midi, f"{where} midi {_name(item.midi)}")
+    est_notes = metrics.transcribe(gen, sr)
+    out.update(metrics.note_f1(ref_notes, est_notes, onset_tolerance=onset_tolerance))
+    out.update(notes_midi=len(ref_notes), notes_transcribed=len(est_notes))
+    return out
+
+
+def evaluate_items(items: Sequence[EvalItem], *, clap=None, onset_tolerance: float = metrics.ONSET_TOLERANCE,
+                   progress: Callable[[int, dict], None] | None = None) -> list[dict]:
+    """`evaluate_item` of every item (see there); `progress(i, result)` after each."""
+    results = []
+    for i, item in enumerate(items):
+        results.append(evaluate_item(item, clap=clap, onset_tolerance=onset_tolerance))
+        if progress is not None:
+            progress(i, results[-1])
+    return results
+
+
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
+
+
+def aggregate(results: Sequence[dict]) -> list[dict]:
+    """Rows of the table: one per (task, model), in task order, with means over items.
+
+    A metric's mean is taken over the items that have it (MSS only where a target was given) and
+    is null when none has; `n_<metric>` says how many items it averages.
+    """
+    rows = []
+    for task in TASKS:
+        for model in dict.fromkeys(r["model"] for r in results if r["task"] == task):
+            group = [r for r in results if r["task"] == task and r["model"] == model]
+            row = {"task": task, "model": model, "n": len(group),
+                   "instruments": sorted({r["instrument"] for r in group if r["instrument"] is not None})}
+            for key in ("mss", "clap_score", "clap_audio", "clap_text", "precision", "recall", "f1"):
+                row[key] = _mean(r[key] for r in group)
+                row[f"n_{key}"] = sum(r[key] is not None for r in group)
+            rows.append(row)
+    return rows
+
+
+def markdown_table(rows: Sequence[dict]) -> str:
+    """The paper's table: rows task / model, columns MSS (lower is better), CLAP score, F1."""
+    lines = ["| Task | Model | " + " | ".join(title for _, title in _COLUMNS) + " | Items |",
+             "| --- | --- | " + " | ".join("---:" for _ in _COLUMNS) + " | ---: |"]
+    for row in rows:
+        cells = ["–" if row[key] is None else f"{row[key]:.3f}" for key, _ in _COLUMNS]
+        lines.append(f"| {TASKS[row['task']]} | {row['model']} | " + " | ".join(cells) + f" | {row['n']} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(results: Sequence[dict], out_dir: str, settings: dict) -> tuple[str, str]:
+    """Writes `eval.json` (settings, rows, items) and `eval.md` (the table) into `out_dir`.
+
+    Returns:
+      The two paths.
+    """
+    rows = aggregate(results)
+    os.makedirs(out_dir, exist_ok=True)
+    json_path, md_path = os.path.join(out_dir, "eval.json"), os.path.join(out_dir, "eval.md")
+    metric_settings = {"mss_fft_sizes": list(metrics.MSS_FFT_SIZES), "mss_hop": "fft_size / 4",
+                       "mss_log_eps": metrics.MSS_LOG_EPS, "pitch_tolerance_cents": metrics.PITCH_TOLERANCE_CENTS,
+                       "transcriber": "basic-pitch icassp_2022 (onnx)"}
+    with open(json_path, "w") as f:
+        json.dump({"settings": {**metric_settings, **settings}, "rows": rows, "items": list(results)}, f, indent=2)
+    with open(md_path, "w") as f:
+        f.write(markdown_table(rows))
+    return json_path, md_path
+
+
+def read_manifest(path: str) -> list[EvalItem]:
+    """Items from a JSON-lines manifest (or a folder holding `items.jsonl`); see `tokensynth eval -h`.
+
+    Relative paths are taken from the manifest's folder.
+
+    Raises:
+      MetricError: a missing manifest, a line that is not a JSON object, unknown or missing fields.
+    """
+    if os.path.isdir(path):
+        path = os.path.join(path, MANIFEST_NAME)
+    if not os.path.isfile(path):
+        raise MetricError(f"{path}: no such manifest (a JSON-lines file, or a folder holding {MANIFEST_NAME})")
+    root = os.path.dirname(os.path.abspath(path))
+    fields = {f.name for f in dataclasses.fields(EvalItem)}
+    items = []
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise MetricError(f"{path}:{number}: not JSON ({e})") from e
+            if not isinstance(entry, dict):
+                raise MetricError(f"{path}:{number}: expected a JSON object, got {type(entry).__name__}")
+            unknown, missing = set(entry) - fields, {"id", "task", "generated", "midi"} - set(entry)
+            if unknown or missing:
+                raise MetricError(f"{path}:{number}: unknown fields {sorted(unknown)}, missing fields {sorted(missing)}")
+            for key in ("generated", "midi", "target", "reference"):
+                if entry.get(key) is not None:
+                    entry[key] = os.path.join(root, entry[key])
+            items.append(EvalItem(**entry))
+    if not items:
+        raise MetricError(f"{path}: the manifest lists no items")
+    for item in items:
+        item.check()
+    return items
+
+
+_HELP = f"""Scores generated clips as the paper does and writes OUT/eval.json and OUT/eval.md.
+
+ITEMS is a JSON-lines manifest, or a folder holding {MANIFEST_NAME}; one object a line, paths
+relative to the manifest's folder:
+  {{"id": "piano-3", "task": "cloning", "generated": "gen/piano-3.wav", "midi": "midi/3.mid",
+   "target": "target/piano-3.wav", "reference": "ref/piano.wav", "model": "tokensynth", "instrument": "piano"}}
+  {{"id": "pad-3", "task": "text", "generated": "gen/pad-3.wav", "midi": "midi/3.mid", "text": "a warm synth pad"}}
+task: "cloning" (needs "reference") or "text" (needs "text"). "target", the ground-truth
+rendering of the same MIDI by the same instrument, is optional: without it MSS is left out.
+"model" names the table row (default tokensynth); "instrument" is reported per row. The items are
+the held-out split: pass the instruments you held out of training.
+
+Metrics: MSS (DDSP's multi-scale spectral loss: FFT 2048..64, hop size/4, L1 of linear plus log
+magnitudes) between generated and target, at the generated clip's rate, the shorter clip
+zero-padded; CLAP score: cosine of CLAP embeddings, generated vs reference audio (cloning) or vs
+text (text-to-instrument); F1: note onsets within --onset-tolerance and pitch within 50 cents,
+basic-pitch's transcription of the generated clip against the MIDI's melodic notes (drums left
+out; a silent clip scores 0). Stereo files are averaged to mono."""
+
+
+def _cmd_eval(args) -> int:
+    items = read_manifest(args.items)
+    clap = None if args.clap == "none" else load_clap(args.clap, offline=args.offline)
+    out_dir = args.out or os.path.dirname(os.path.abspath(
+        os.path.join(args.items, MANIFEST_NAME) if os.path.isdir(args.items) else args.items))
+    results = evaluate_items(items, clap=clap, onset_tolerance=args.onset_tolerance,
+                             progress=lambda i, r: print(f"[{i + 1}/{len(items)}] {r['id']}: F1 {r['f1']:.3f}"))
+    json_path, md_path = write_report(results, out_dir, {"clap": args.clap, "onset_tolerance": args.onset_tolerance,
+                                                         "manifest": os.path.abspath(args.items)})
+    print(markdown_table(aggregate(results)), end="")
+    print(f"wrote {json_path} and {md_path}")
+    return 0
+
+
+def add_eval_parser(sub) -> None:
+    """Registers `tokensynth eval`."""
+    import argparse
+
+    p = sub.add_parser("eval", help="the paper's metrics (MSS, CLAP score, F1) of generated clips",
+                       description=_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("items", metavar="ITEMS", help=f"manifest (JSON lines) or a folder holding {MANIFEST_NAME}")
+    p.add_argument("--out", help="folder for eval.json and eval.md (default: the manifest's folder)")
+    p.add_argument("--clap", default="laion/larger_clap_music",
+                   help="CLAP checkpoint or preset (tiny-clap for tests; 'none' leaves CLAP scores out)")
+    p.add_argument("--offline", action=argparse.BooleanOptionalAction, default=True,
+                   help="load CLAP from the local cache only (default)")
+    p.add_argument("--onset-tolerance", type=float, default=metrics.ONSET_TOLERANCE, metavar="S",
+                   help="seconds within which onsets match (default 0.05, mir_eval's)")
+    p.set_defaults(run=_cmd_eval)
