@@ -18,6 +18,10 @@ $(STAMP): setup.py
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[all]'
 	$(BIN)/pip install -q --no-deps tokensynth==0.0.4 appdirs
+	# descript's DAC for tests/test_dac_parity.py: its audiotools dependency pulls torchaudio, so --no-deps (model code needs einops only)
+	$(BIN)/pip install -q --no-deps descript-audio-codec==1.0.0 einops
+	# basic-pitch (transcription F-score, metrics.py): its Linux requirements pin TensorFlow and numpy 1.x, so --no-deps; the eval extra holds its ONNX path's needs
+	$(BIN)/pip install -q --no-deps basic-pitch==0.4.0
 	touch $(STAMP)
 
 test: setup

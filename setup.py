@@ -17,11 +17,20 @@ CORE = [
     "numpy>=1.26",
     "msgpack>=1.0",  # the pair-record encoding (records.py)
     "pretty_midi>=0.2.10",
+    "safetensors>=0.4",  # checkpoints for others (safetensors_format.py)
+    "flatbuffers>=24.3",  # jax.export serialization (export.py)
 ]
 TORCH = ["torch>=2.1"]
-AUDIO = TORCH + ["transformers>=4.45", "safetensors"]
+AUDIO = TORCH + ["transformers>=4.45", "safetensors", "soundfile>=0.12", "scipy>=1.10",  # WAV in/out, resampling
+                 "tqdm>=4.60", "matplotlib>=3.6"]  # synthesize: progress bar over windows, spectrogram PNGs
 TRAIN = ["grain>=0.2.10", "array_record>=0.7", "tensorboardX>=2.6"]
 PREP = AUDIO + TRAIN + ["apache-beam>=2.60", "pedalboard>=0.9", "pyfluidsynth>=1.3", "scipy>=1.10"]
+SCALING = ["scipy>=1.10", "matplotlib>=3.6", "threadpoolctl>=3.1"]  # sweep fits and plots (scaling.py)
+# metrics.py / evaluate.py: basic-pitch itself goes in with --no-deps (Makefile), because its Linux
+# requirements pin TensorFlow < 2.15.1 (and numpy 1.x); these are what its ONNX path needs.
+# resampy >= 0.4.3: 0.4.2 (basic-pitch's pin) imports pkg_resources, gone from setuptools >= 81.
+EVAL = AUDIO + ["scipy>=1.10", "soundfile>=0.12", "librosa>=0.10", "mir_eval>=0.7", "onnxruntime>=1.16",
+                "resampy>=0.4.3", "scikit-learn"]
 NSYNTH_TFDS = ["tensorflow-datasets", "tensorflow"]  # only to convert a prepared TFDS nsynth; not in `all`
 TEST = ["pytest>=8", "psutil"]
 
@@ -39,8 +48,10 @@ setuptools.setup(
         "train": TRAIN,
         "prep": PREP,
         "test": TEST,
+        "scaling": SCALING,
+        "eval": EVAL,
         "nsynth-tfds": NSYNTH_TFDS,
-        "all": sorted(set(PREP + TEST)),
+        "all": sorted(set(PREP + TEST + SCALING + EVAL)),
     },
     entry_points={"console_scripts": ["tokensynth=tokensynth_jax.cli:main"]},
 )

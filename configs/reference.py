@@ -66,6 +66,7 @@ def get_config(arg=None):
     c.train.sample_count = 4  # held-out prompts generated from
     c.train.sample_top_p = 0.0  # 0: greedy; else nucleus sampling with this p
     c.train.sample_audio = True  # decode samples to WAV when the codec loads
+    c.train.peak_flops_per_device = 0.0  # for the MFU metric; 0: from the device kind (TPU, H100, A100)
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # data parallelism (-1: the devices left over)

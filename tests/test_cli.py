@@ -1,5 +1,4 @@
 """The `tokensynth` command line: init, convert both ways, synthesize, and its errors."""
-import json
 import os
 
 import numpy as np
@@ -7,7 +6,7 @@ import pretty_midi
 import pytest
 import torch
 
-from tokensynth_jax import checkpoint, cli, convert
+from tokensynth_jax import checkpoint, cli
 from tokensynth_jax.config import ModelConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -98,9 +97,12 @@ def test_synthesize_writes_codes_for_several_midi_files(tiny_ckpt, embedding, tm
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--text", "a warm cello"], "CLAP front end"),
-        (["--timbre-audio", "x.wav"], "CLAP front end"),
-        (["--out", "x.wav"], "codec decoding"),
+        (["--text", "a warm cello"], "one way"),  # two timbre sources
+        (["--timbre-audio", "x.wav"], "one way"),
+        (["--mix", "0.5"], "one way"),
+        (["--out", "x.mp3"], "writes WAV files"),
+        (["--codec", "tiny-encodec"], "nothing is decoded"),  # codes only: no codec to pick
+        (["--spectrogram"], "give --out"),
         (["--guidance-scale", "2"], "null timbre"),
         (["--sampler", "top-k"], "--top-k"),
     ],
@@ -128,10 +130,3 @@ def test_synthesize_names_the_bad_file(tiny_ckpt, embedding, tmp_path, capsys):
     assert cli.main(argv) == 2
     assert "wrong.npy" in capsys.readouterr().err
     assert cli.main(argv[:2] + [str(tmp_path)] + argv[3:]) == 2  # a directory that is no checkpoint
-
-
-def test_demo_runs_the_embedded_default(tmp_path):
-    assert cli.main(["demo", "--workdir", str(tmp_path)]) == 0
-    codes = np.load(tmp_path / "tokens.npy")
-    assert codes.ndim == 3 and codes.shape[0] == 1 and (codes[0] >= 0).any()
-    assert json.load(open(tmp_path / "model-random" / "tokensynth.json"))["metadata"]["weights"] == "random-init"

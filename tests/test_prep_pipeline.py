@@ -15,7 +15,6 @@ import os
 import shutil
 
 import numpy as np
-import pretty_midi
 import pytest
 from conftest import write_midi as _write  # noqa: E402
 from array_record.python.array_record_module import ArrayRecordReader

@@ -71,6 +71,21 @@ def summarize(sums: dict, cfg: ModelConfig) -> dict:
     return out
 
 
+# Dense bf16 peak FLOP/s per device from the datasheets, by `device_kind` substring. MFU is
+# reported only where the peak is known (or set with train.peak_flops_per_device).
+PEAK_BF16_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
+                   "TPU v6": 918e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def peak_flops(config) -> float | None:
+    """Peak FLOP/s of all devices of the run, or None where unknown (CPUs)."""
+    per_device = config.train.get("peak_flops_per_device", 0.0)
+    if not per_device:
+        kind = jax.devices()[0].device_kind
+        per_device = next((v for k, v in PEAK_BF16_FLOPS.items() if k in kind), None)
+    return per_device * jax.device_count() if per_device else None
+
+
 def to_global(local: dict, batch_shardings: dict) -> dict:
     """This process's batch -> global arrays sharded over the mesh (every process calls it)."""
     return {k: jax.make_array_from_process_local_data(batch_shardings[k], v) for k, v in local.items()}
@@ -173,6 +188,7 @@ def train(config, workdir: str, init_from: str | None = None) -> dict:
     stop = _install_sigterm()
     base_rng = jax.random.PRNGKey(tc.seed + 1)
     flops_token = model_flops_per_token(cfg, pc.seq_len)
+    peak = peak_flops(config)
     last, batch, t0, tokens = {}, first, time.time(), 0
     step = start
     for step in range(start, tc.steps):
@@ -186,7 +202,9 @@ def train(config, workdir: str, init_from: str | None = None) -> dict:
             dt = time.time() - t0
             last = {"loss": float(sums["loss"]), "grad_norm": float(sums["grad_norm"]),
                     "lr": float(optim.schedule(oc)(step)), "tokens_per_s": tokens / dt,
-                    "mfu_flops_per_s": tokens * flops_token / dt, **summarize(sums, cfg)}
+                    "model_flops_per_s": tokens * flops_token / dt, **summarize(sums, cfg)}
+            if peak:
+                last["mfu"] = last["model_flops_per_s"] / peak
             writer.write(done, last)
             t0, tokens = time.time(), 0
         if tc.eval_every and config.data.eval_paths and (done % tc.eval_every == 0 or done == tc.steps):
