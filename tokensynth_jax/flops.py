@@ -39,7 +39,7 @@ def param_counts(cfg: ModelConfig) -> ParamCounts:
     abstract = nnx.eval_shape(lambda: TokenSynth(cfg, rngs=nnx.Rngs(0)))
     groups = {"embedding": 0, "conditioning": 0, "non_embedding": 0, "non_matmul": 0}
     for path, leaf in jax.tree_util.tree_leaves_with_path(nnx.state(abstract, nnx.Param)):
-        keys = [getattr(k, "key", None) for k in path]
+        keys = [k.key for k in path if hasattr(k, "key")]  # module and variable names (not `.value`)
         size = int(leaf.size)
         if keys[0] in EMBEDDING:
             groups["embedding"] += size
