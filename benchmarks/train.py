@@ -1,14 +1,15 @@
 """Training speed and memory: our jitted train step against the same architecture's step in PyTorch.
 
 The PyTorch side is the reference package's own `tokensynth.model.TokenSynth` (12 x 1024, 175M
-parameters) in train mode, the model a PyTorch user would train. Two changes make it trainable at
-batch > 1: its KV-cache buffers are resized to the batch (they are batch 1, and even its training
-forward writes into them) and its mask buffer is set causal (its default is inverted; see
-tokensynth_jax/convert.py). Both sides: fp32, the same batch of random rows (every position a
-target), dropout 0.1, per-channel cross-entropy averaged over positions x channels, AdamW, global
-norm clipping at 1.0. Ours is `train_step.train_step` under `jax.jit` with the state donated.
+parameters) in train mode, the model a PyTorch user would train. Three changes make it trainable:
+its KV-cache buffers are resized to the batch (they are batch 1, and even its training forward
+writes into them), its mask buffer is set causal (its default is inverted; see
+tokensynth_jax/convert.py), and its position counter is reset before each forward. Both sides:
+fp32, the same batch of random rows (every position a target), dropout 0.1, per-channel
+cross-entropy averaged over positions x channels, AdamW, global norm clipping at 1.0. Ours is
+`train_step.train_step` under `jax.jit` with the state donated.
 
-FLOPs per token follow PaLM's MFU convention (train.model_flops_per_token: 6 N + 12 L T D). A CPU
+FLOPs per token follow PaLM's MFU convention (flops.model_flops_per_token: 6 N + 12 L T D). A CPU
 has no datasheet peak that XLA or torch can reach, so CPU MFU is stated against the fp32 matmul
 throughput measured on this machine (`peak` part: a jitted 4096^3 matmul); on a GPU it is stated
 against the datasheet bf16 dense peak (H100 SXM 989 TFLOP/s).
@@ -154,6 +155,9 @@ def part_torch(args) -> dict:
     vm, vc, k = cfg.midi_vocab_size, cfg.codebook_vocab_size, cfg.num_codebooks
 
     def step():
+        # Its forward asserts current_length + T <= max_len even without the cache, with the length
+        # left by the previous call, so a second full-length forward fails unless it is reset.
+        model.current_length = 0
         logits = model(rows, timbre)  # [B, T, Vm + K Vc]
         ce = F.cross_entropy(logits[..., :vm].reshape(-1, vm), targets[..., 0].reshape(-1), reduction="sum")
         books = logits[..., vm:].reshape(-1, vc)

@@ -75,17 +75,35 @@ def attend(q_bqhd, k_bhkd, v_bhkd, valid_bqk):
 
     Keys and values are head-major ([B, H, S, h]): on XLA:CPU a slot-major cache made XLA
     transpose the whole cache every step (21 ms vs 1.7 ms a layer at batch 16, 466 slots).
-    Zeros (rather than NaN or a uniform average) for fully masked rows is what torch's
+    Queries go head-major too, and masked logits get the most negative float (not -inf) so
+    `jax.nn.softmax` and its fused gradient apply; rows with no valid key are zeroed afterwards.
+    The earlier -inf / isfinite formulation made the attention backward 2.5x slower on XLA:CPU
+    (0.45 s vs 0.18 s a layer at 1024 positions). Zeros for fully masked rows is what torch's
     scaled_dot_product_attention returns, which the reference's inverted mask relies on.
     """
-    scale = q_bqhd.shape[-1] ** -0.5
-    logits = jnp.einsum("bqhd,bhkd->bhqk", q_bqhd, k_bhkd, preferred_element_type=jnp.float32)
-    logits = jnp.where(valid_bqk[:, None], logits * scale, -jnp.inf)
-    peak = jnp.max(logits, axis=-1, keepdims=True)
-    weights = jnp.exp(logits - jnp.where(jnp.isfinite(peak), peak, 0.0))
-    total = weights.sum(-1, keepdims=True)
-    weights = weights / jnp.where(total > 0, total, 1.0)
-    return jnp.einsum("bhqk,bhkd->bqhd", weights.astype(v_bhkd.dtype), v_bhkd)
+    q_bhqd = jnp.swapaxes(q_bqhd, 1, 2) * jnp.asarray(q_bqhd.shape[-1] ** -0.5, q_bqhd.dtype)
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q_bhqd, k_bhkd, preferred_element_type=jnp.float32)
+    logits = jnp.where(valid_bqk[:, None], logits, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(logits, axis=-1)
+    weights = jnp.where(valid_bqk.any(-1)[:, None, :, None], weights, 0.0)
+    return jnp.swapaxes(jnp.einsum("bhqk,bhkd->bhqd", weights.astype(v_bhkd.dtype), v_bhkd), 1, 2)
+
+
+def attend_causal(q_bqhd, k_bhkd, v_bhkd, valid_bqk, chunk: int = 256):
+    """`attend` for masks that never let a query see a later key (causal, with or without left
+    padding), in query chunks that each read only the keys up to their own end.
+
+    Skips the upper triangle: at 1024 positions in chunks of 256 it does 10/16 of the score and
+    softmax work, which is most of attention's cost on a CPU.
+    """
+    length = q_bqhd.shape[1]
+    if length % chunk or length <= chunk:
+        return attend(q_bqhd, k_bhkd, v_bhkd, valid_bqk)
+    outs = []
+    for start in range(0, length, chunk):
+        end = start + chunk
+        outs.append(attend(q_bqhd[:, start:end], k_bhkd[:, :, :end], v_bhkd[:, :, :end], valid_bqk[:, start:end, :end]))
+    return jnp.concatenate(outs, axis=1)
 
 
 class KVCache(NamedTuple):
@@ -104,6 +122,7 @@ class Attention(nnx.Module):
         self.key = Dense((d,), (h, hd), ("embed", "heads", "kv"), cfg, rngs=rngs)
         self.value = Dense((d,), (h, hd), ("embed", "heads", "kv"), cfg, rngs=rngs)
         self.out = Dense((h, hd), (d,), ("heads", "kv", "embed"), cfg, rngs=rngs)
+        self.causal = cfg.attention == "causal"
 
     def __call__(self, x_bld, valid_bqk, cache: KVCache | None = None, slot=None):
         """Attends over this call's keys, or over `cache` after writing them at `slot`."""
@@ -114,7 +133,10 @@ class Attention(nnx.Module):
             k = jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype), slot, axis=2)
             v = jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype), slot, axis=2)
             cache = KVCache(k, v)
-        y = attend(q, k.astype(q.dtype), v.astype(q.dtype), valid_bqk)
+        # Without a cache this call's queries are its keys, in order; the causal pattern never
+        # attends ahead, so the upper triangle can be skipped.
+        fn = attend_causal if cache is None and self.causal else attend
+        y = fn(q, k.astype(q.dtype), v.astype(q.dtype), valid_bqk)
         return self.out(y), cache
 
 
