@@ -20,6 +20,8 @@ $(STAMP): setup.py
 	$(BIN)/pip install -q --no-deps tokensynth==0.0.4 appdirs
 	# descript's DAC for tests/test_dac_parity.py: its audiotools dependency pulls torchaudio, so --no-deps (model code needs einops only)
 	$(BIN)/pip install -q --no-deps descript-audio-codec==1.0.0 einops
+	# LAION's CLAP for tests/test_clap_parity.py: its pins pull numpy<2, wandb, webdataset, so --no-deps; its model code needs these (torchvision is stood in by the test)
+	$(BIN)/pip install -q --no-deps laion-clap==1.1.7 torchlibrosa==0.1.0 h5py ftfy wcwidth
 	# basic-pitch (transcription F-score, metrics.py): its Linux requirements pin TensorFlow and numpy 1.x, so --no-deps; the eval extra holds its ONNX path's needs
 	$(BIN)/pip install -q --no-deps basic-pitch==0.4.0
 	touch $(STAMP)

@@ -22,7 +22,8 @@ CORE = [
 ]
 TORCH = ["torch>=2.1"]
 AUDIO = TORCH + ["transformers>=4.45", "safetensors", "soundfile>=0.12", "scipy>=1.10",  # WAV in/out, resampling
-                 "tqdm>=4.60", "matplotlib>=3.6"]  # synthesize: progress bar over windows, spectrogram PNGs
+                 "tqdm>=4.60", "matplotlib>=3.6",  # synthesize: progress bar over windows, spectrogram PNGs
+                 "librosa>=0.10"]  # CLAP input_mode "tokensynth-0.0.4": the reference's own resampling
 TRAIN = ["grain>=0.2.10", "array_record>=0.7", "tensorboardX>=2.6"]
 PREP = AUDIO + TRAIN + ["apache-beam>=2.60", "pedalboard>=0.9", "pyfluidsynth>=1.3", "scipy>=1.10"]
 SCALING = ["scipy>=1.10", "matplotlib>=3.6", "threadpoolctl>=3.1"]  # sweep fits and plots (scaling.py)

@@ -39,6 +39,7 @@ def get_config(arg=None):
     c.data.seq_len = 1024  # positions per example (timbre + MIDI + separator + audio + end)
     c.data.global_batch = 64  # examples per step over all processes
     c.data.worker_count = 0  # grain worker processes per host
+    c.data.allow_mixed_clap = False  # shards whose timbres come from different CLAPs are an error
 
     c.optim = ml_collections.ConfigDict()
     c.optim.peak_lr = 3e-4  # after warmup

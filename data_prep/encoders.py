@@ -254,6 +254,18 @@ def _resample(audio: np.ndarray, src: int, dst: int) -> np.ndarray:
     return resample_poly(audio, dst // g, src // g, axis=-1).astype(np.float32)
 
 
+def reference_front_end(audio: np.ndarray, sample_rate: int) -> np.ndarray:
+    """The reference's CLAP input (tokensynth 0.0.4 `CLAP.encode_audio`): `librosa.load(sr=16000)`
+    then `librosa.resample` to 48 kHz, both librosa's default soxr_hq, so the same numbers; the
+    embedding never sees content above 8 kHz."""
+    import librosa
+
+    audio = np.asarray(audio, np.float32)
+    if sample_rate != 16000:
+        audio = librosa.resample(audio, orig_sr=sample_rate, target_sr=16000)
+    return librosa.resample(audio, orig_sr=16000, target_sr=CLAP_SAMPLE_RATE).astype(np.float32)
+
+
 def check_clap(name: str, *, offline: bool = False) -> None:
     """Fails fast, before a job starts, if a CLAP checkpoint cannot be had (config only).
 
@@ -314,7 +326,7 @@ class ClapEmbedder:
 
         audio_bn = np.asarray(audio_bn, np.float32)
         if self.input_mode == "tokensynth-0.0.4":
-            audio_bn = _resample(_resample(audio_bn, sample_rate, 16000), 16000, CLAP_SAMPLE_RATE)
+            audio_bn = reference_front_end(audio_bn, sample_rate)
         else:
             audio_bn = _resample(audio_bn, sample_rate, CLAP_SAMPLE_RATE)
         out = []

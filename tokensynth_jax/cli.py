@@ -223,6 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     from tokensynth_jax.evaluate import add_eval_parser
 
     add_eval_parser(sub)
+    from tokensynth_jax.clap_convert import add_convert_clap_parser
+
+    add_convert_clap_parser(sub)
 
     from tokensynth_jax.demo import add_demo_parser
 

@@ -94,6 +94,25 @@ class PipelineConfig:
     num_epochs: int | None = None  # None repeats forever
     worker_count: int = 0  # grain worker processes (0: in the main process)
     prefetch_buffer: int = 2  # batches each worker prepares ahead
+    allow_mixed_clap: bool = False  # train on shards whose timbres come from different CLAPs
+
+
+def check_one_clap(paths: Sequence[str]) -> str:
+    """The CLAP (`clap_model`) all shards' timbres come from; raises DataError naming two that differ.
+
+    Embeddings of different CLAPs (or front ends) live in different spaces, so mixing them is an
+    error unless asked for. One prep job writes one CLAP, so each shard's first record speaks for it.
+    """
+    seen: dict[str, str] = {}
+    for path in paths:
+        source = grain.sources.ArrayRecordDataSource([path])
+        if len(source):
+            seen.setdefault(records.decode(source[0]).clap_model, path)
+        if len(seen) > 1:
+            (a, pa), (b, pb) = seen.items()
+            raise DataError(f"{pb}: timbres from CLAP {b!r}, but {pa} has CLAP {a!r}; embeddings of different "
+                            "CLAPs do not mix (set allow_mixed_clap to train on both anyway)")
+    return next(iter(seen), "")
 
 
 def make_dataset(pc: PipelineConfig, cfg: ModelConfig, process_index: int = 0, process_count: int = 1):
@@ -102,7 +121,10 @@ def make_dataset(pc: PipelineConfig, cfg: ModelConfig, process_index: int = 0, p
         raise DataError(f"global batch {pc.global_batch} does not split over {process_count} processes")
     if pc.seq_len > cfg.max_len:
         raise DataError(f"seq_len {pc.seq_len} exceeds the model's {cfg.max_len} positions")
-    source = grain.sources.ArrayRecordDataSource(expand_paths(pc.paths))
+    paths = expand_paths(pc.paths)
+    if not pc.allow_mixed_clap:
+        check_one_clap(paths)
+    source = grain.sources.ArrayRecordDataSource(paths)
     ds = grain.MapDataset.source(source)
     if pc.shuffle:
         ds = ds.shuffle(seed=pc.seed)

@@ -137,6 +137,7 @@ def train(config, workdir: str, init_from: str | None = None) -> dict:
     pc = input_pipeline.PipelineConfig(
         paths=tuple(config.data.paths), global_batch=config.data.global_batch, seq_len=config.data.seq_len,
         seed=tc.seed, worker_count=config.data.worker_count,
+        allow_mixed_clap=config.data.get("allow_mixed_clap", False),
     )
     data_iter = iter(input_pipeline.make_dataset(pc, cfg, jax.process_index(), jax.process_count()))
 
