@@ -1,5 +1,6 @@
 """`tokensynth demo`, the README's main job, end to end at a small size: prep -> train ->
 synthesis of held-out instruments -> evaluation, with every artifact it promises on disk."""
+import glob
 import json
 import os
 
@@ -9,7 +10,7 @@ import soundfile
 from tokensynth_jax import cli, demo
 
 
-def test_demo_runs_the_whole_chain(tmp_path):
+def test_demo_runs_the_whole_chain(tmp_path, capsys):
     workdir = str(tmp_path / "demo")
     args = ["demo", "--workdir", workdir, "--steps", "12", "--pairs-per-instrument", "3", "--items", "2"]
     assert cli.main(args) == 0
@@ -29,7 +30,15 @@ def test_demo_runs_the_whole_chain(tmp_path):
         assert rate == 32000 and 0 < len(audio) <= 5.1 * rate and np.all(np.isfinite(audio))
         assert os.path.isfile(os.path.join(workdir, "plots", f"{item['id']}.png"))
     assert os.path.isfile(os.path.join(workdir, "plots", "loss.png"))
-    assert os.path.isfile(os.path.join(workdir, "model", "tokensynth.json"))
+    meta = json.load(open(os.path.join(workdir, "model", "tokensynth.json")))["metadata"]
+    assert meta["clap_model"] == "tiny-clap|codec-rate" and meta["codec"]["name"] == "tiny-encodec"
+
+    # The model records which CLAP made its training timbres: another one is refused.
+    midi = sorted(glob.glob(os.path.join(synth, "midi", "*.mid")))[0]
+    argv = ["synthesize", "--checkpoint", os.path.join(workdir, "model"), "--midi", midi, "--text", "a violin",
+            "--clap", "random-larger_clap_music", "--out", str(tmp_path / "x.wav")]
+    assert cli.main(argv) == 2
+    assert "trained on timbres from CLAP 'tiny-clap'" in capsys.readouterr().err
 
 
 def test_instrument_text_names_the_gm_program():

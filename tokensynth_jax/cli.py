@@ -100,6 +100,7 @@ def _cmd_synthesize(args) -> int:
     timbre = synthesize.timbre_from_inputs(
         batch=len(args.midi), timbre_dim=cfg.timbre_dim, embedding=args.timbre_embedding,
         audio=args.timbre_audio, text=args.text, mix=args.mix, clap=args.clap, offline=args.offline,
+        trained_clap=(meta.get("metadata") or {}).get("clap_model"),
     )
     result = synthesize.synthesize_audio(
         args.checkpoint, args.midi, timbre, codec=args.codec, sampler=sampler, seed=args.seed,

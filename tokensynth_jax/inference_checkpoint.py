@@ -7,6 +7,7 @@ official`, `train --init-from`) reads. The optimizer state is never read.
 """
 from __future__ import annotations
 
+import json
 import os
 
 
@@ -34,6 +35,10 @@ def write_inference_checkpoint(config, workdir: str, out_dir: str, step: int | N
     finally:
         reader.close()
     meta = {"weights": "trained", "source": os.path.abspath(workdir), "step": step, "codec": config.codec.to_dict()}
+    run_info = os.path.join(workdir, "run.json")
+    if os.path.isfile(run_info):  # written by `tokensynth train`: which CLAP made the training timbres
+        with open(run_info) as f:
+            meta["clap_model"] = json.load(f).get("clap_model")
     checkpoint.save_model(out_dir, cfg, nnx.state(model, nnx.Param), meta)
     return step
 

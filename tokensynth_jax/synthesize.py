@@ -303,11 +303,15 @@ def write_spectrogram(path: str, audio: np.ndarray, sample_rate: int, title: str
 
 def timbre_from_inputs(*, batch: int, timbre_dim: int, embedding: str | None = None,
                        audio: Sequence[str] | None = None, text: str | None = None, mix: float | None = None,
-                       clap: str | None = None, device: str = "cpu", offline: bool = False) -> np.ndarray:
+                       clap: str | None = None, device: str = "cpu", offline: bool = False,
+                       trained_clap: str | None = None) -> np.ndarray:
     """[batch, timbre_dim] timbres from the command line's options.
 
     Exactly one source: an embedding file; reference recordings (one, or one per MIDI file);
     a text; or recordings and a text blended with `mix` (see `timbre.mix_embedding`).
+    `trained_clap` is the checkpoint's record of the CLAP its training timbres came from
+    ("name|front-end mode"): that CLAP and front end are the default, and another `clap` is an
+    error, because embeddings of different CLAPs live in different spaces.
     """
     from tokensynth_jax import timbre as timbre_lib
 
@@ -329,7 +333,14 @@ def timbre_from_inputs(*, batch: int, timbre_dim: int, embedding: str | None = N
         raise SynthesisError(f"{len(audio)} --timbre-audio files for {batch} MIDI files; give one or one each")
     if text is not None and not text.strip():
         raise timbre_lib.TimbreError(f"--text: a timbre description must be a non-empty text, got {text!r}")
-    clap_model = timbre_lib.load_clap(clap or timbre_lib.DEFAULT_CLAP, device=device, offline=offline)
+    name, mode = clap or timbre_lib.DEFAULT_CLAP, "codec-rate"
+    if trained_clap:
+        trained_name, _, trained_mode = trained_clap.partition("|")
+        if clap is not None and clap != trained_name:
+            raise SynthesisError(f"--clap {clap}: the model was trained on timbres from CLAP {trained_name!r}; "
+                                 "another CLAP's embeddings mean nothing to it (leave --clap out)")
+        name, mode = trained_name, trained_mode or mode
+    clap_model = timbre_lib.load_clap(name, device=device, offline=offline, input_mode=mode)
     if clap_model.dim != timbre_dim:
         raise SynthesisError(f"CLAP {clap_model.name!r} gives {clap_model.dim}-d embeddings, "
                              f"the model takes {timbre_dim}-d timbres")

@@ -140,6 +140,10 @@ def train(config, workdir: str, init_from: str | None = None) -> dict:
         allow_mixed_clap=config.data.get("allow_mixed_clap", False),
     )
     data_iter = iter(input_pipeline.make_dataset(pc, cfg, jax.process_index(), jax.process_count()))
+    if jax.process_index() == 0:  # what the run is, for inference checkpoints and sweeps
+        with open(os.path.join(workdir, "run.json"), "w") as f:
+            json.dump({"model": cfg.to_dict(), "codec": config.codec.to_dict(),
+                       "clap_model": input_pipeline.check_one_clap(input_pipeline.expand_paths(pc.paths))}, f, indent=1)
 
     # Abstract state, shardings, and the sharded state born on the mesh.
     def create():
