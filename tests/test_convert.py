@@ -200,7 +200,7 @@ def test_bad_official_files(tmp_path):
         convert.load_official_file(tmp_path / "missing.pt")
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a zip or pickle")
-    with pytest.raises(convert.ConversionError, match="junk.pt: not a readable PyTorch state dict"):
+    with pytest.raises(convert.ConversionError, match="junk.pt: not a readable PyTorch file"):
         convert.load_official_file(junk)
     tensor = tmp_path / "tensor.pt"
     torch.save(torch.zeros(3), tensor)

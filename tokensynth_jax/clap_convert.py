@@ -29,7 +29,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from tokensynth_jax.convert import ConversionError
+from tokensynth_jax.convert import ConversionError, read_torch_file
 
 # transformers' conversion table, in its order (each applied to every key that contains it).
 KEYS_TO_MODIFY_MAPPING = {
@@ -176,14 +176,7 @@ def from_original(state: Mapping[str, Any], *, text_heads: int = ROBERTA_BASE_HE
 
 def load_original_file(path: str | os.PathLike) -> dict:
     """The state dict of a LAION CLAP `.pt` (e.g. music_audioset_epoch_15_esc_90.14.pt)."""
-    import torch
-
-    if not os.path.isfile(path):
-        raise ConversionError(f"{path}: no such file")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises assorted pickle / zip errors
-        raise ConversionError(f"{path}: not a readable PyTorch file ({e})") from e
+    blob = read_torch_file(path)
     state = blob.get("state_dict", blob) if isinstance(blob, Mapping) else None
     if not isinstance(state, Mapping) or not any(str(k).removeprefix("module.").startswith("audio_branch.") for k in state):
         raise ConversionError(f"{path}: not a laion_clap checkpoint (no 'audio_branch' weights)")

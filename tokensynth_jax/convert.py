@@ -249,16 +249,24 @@ def to_official(cfg: ModelConfig, params: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_official_file(path: str | os.PathLike) -> dict[str, Any]:
-    """Reads an official `.pt` state dict (tensors only, no pickled code)."""
+def read_torch_file(path: str | os.PathLike):
+    """`torch.load` of a file of tensors (weights_only: no pickled code runs), with errors naming it.
+
+    The one reader of PyTorch files here: official TokenSynth, descript DAC and LAION CLAP files.
+    """
     import torch
 
     if not os.path.isfile(path):
         raise ConversionError(f"{path}: no such file")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises assorted pickle / zip errors
-        raise ConversionError(f"{path}: not a readable PyTorch state dict ({e})") from e
+        raise ConversionError(f"{path}: not a readable PyTorch file ({e})") from e
+
+
+def load_official_file(path: str | os.PathLike) -> dict[str, Any]:
+    """Reads an official `.pt` state dict (tensors only, no pickled code)."""
+    state = read_torch_file(path)
     if not isinstance(state, Mapping):
         raise ConversionError(f"{path}: holds a {type(state).__name__}, not a state dict")
     return dict(state)

@@ -23,7 +23,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from tokensynth_jax.convert import ConversionError
+from tokensynth_jax.convert import ConversionError, read_torch_file
 
 
 def num_frames(num_samples: int, hop_length: int = 512) -> int:
@@ -120,14 +120,7 @@ def from_descript(state: Mapping[str, Any], kwargs: Mapping[str, Any] | None = N
 
 def load_descript_file(path: str | os.PathLike) -> tuple[dict, dict]:
     """(state dict, constructor kwargs) of a descript `.pth` (e.g. weights_44khz_8kbps_0.0.1.pth)."""
-    import torch
-
-    if not os.path.isfile(path):
-        raise ConversionError(f"{path}: no such file")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises assorted pickle / zip errors
-        raise ConversionError(f"{path}: not a readable PyTorch file ({e})") from e
+    blob = read_torch_file(path)
     if not isinstance(blob, Mapping) or "state_dict" not in blob:
         raise ConversionError(f"{path}: not a descript DAC file (no 'state_dict')")
     return dict(blob["state_dict"]), dict(blob.get("metadata", {}).get("kwargs", {}))

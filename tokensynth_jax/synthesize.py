@@ -1,8 +1,8 @@
 """The synthesis job: MIDI files + a timbre -> codec tokens -> audio.
 
 Glue between the MIDI tokenizer, a checkpoint, the sampler and the codec, with errors that name
-the file at fault. `synthesize_tokens` gives the codes of each file's first 5 s window;
-`synthesize_audio` renders whole files window by window and decodes them. The command line
+the file at fault. `synthesize_audio` renders whole files window by window and decodes them
+(or returns their codes only). The command line
 (`tokensynth synthesize`) is a thin face over these, `timbre.py` and the writers below.
 
 Long files: window k (MIDI time [5k, 5k + 5) s) is generated from its own notes with the file's
@@ -28,13 +28,6 @@ DEFAULT_MAX_ROWS = 450  # audio rows per window, as the reference (5.2 s of DAC 
 
 class SynthesisError(ValueError):
     """Bad synthesis input; the message names the file or option at fault."""
-
-
-@dataclasses.dataclass(frozen=True)
-class SynthesisResult:
-    generation: sampling.Generation
-    windows: list  # the MidiWindow of each input
-    metadata: dict  # the checkpoint's metadata
 
 
 def load_timbre_embedding(path: str, batch: int, timbre_dim: int) -> np.ndarray:
@@ -76,38 +69,6 @@ def make_sampler(kind: str, top_k: int | None, top_p: float | None, temperature:
             raise SynthesisError("--sampler top-p needs --top-p P")
         return sampling.TopP(top_p, temperature)
     raise SynthesisError(f"unknown sampler {kind!r}")
-
-
-def synthesize_tokens(
-    checkpoint_dir: str,
-    midi_paths: Sequence[str],
-    timbre: np.ndarray,
-    *,
-    sampler=sampling.Greedy(),
-    seed: int = 0,
-    guidance_scale: float | None = None,
-    unconditional_dir: str | None = None,
-    max_rows: int | None = None,
-    midi_compat: str | None = None,
-) -> SynthesisResult:
-    """Generates codec tokens for each MIDI file's first window, in one batched call.
-
-    Args:
-      checkpoint_dir: a tokensynth-jax model checkpoint (timbre-conditioned).
-      midi_paths: MIDI files, one clip each.
-      timbre: [len(midi_paths), T] CLAP embeddings.
-      guidance_scale: classifier-free guidance for a model with a null timbre, else the
-        reference's first-note guidance with `unconditional_dir`.
-      max_rows: audio rows at most (default: the window's budget, 450 as the reference).
-      midi_compat: "tokensynth-0.0.4" to tokenize MIDI exactly as the reference.
-    """
-    model, meta, guidance, uncond = _load(checkpoint_dir, guidance_scale, unconditional_dir)
-    windows = [midi_tokens.tokenize_midi(p, compat=midi_compat, max_notes=_max_notes(model.cfg)) for p in midi_paths]
-    generation = sampling.generate(
-        model, [w.tokens for w in windows], timbre, sampler=sampler, seed=seed,
-        max_rows=max_rows or DEFAULT_MAX_ROWS, guidance=guidance, unconditional_model=uncond,
-    )
-    return SynthesisResult(generation, windows, meta)
 
 
 def _max_notes(cfg: ModelConfig) -> int:
@@ -210,8 +171,13 @@ def synthesize_audio(
     """Renders whole MIDI files window by window and decodes them to audio.
 
     Args:
-      checkpoint_dir, midi_paths, timbre, sampler, guidance_scale, unconditional_dir, max_rows:
-        as `synthesize_tokens`; max_rows is per window.
+      checkpoint_dir: a tokensynth-jax model checkpoint (timbre-conditioned).
+      midi_paths: MIDI files.
+      timbre: [len(midi_paths), T] CLAP embeddings.
+      sampler: the sampling rule (`make_sampler`).
+      guidance_scale: classifier-free guidance for a model with a null timbre, else the
+        reference's first-note guidance with `unconditional_dir`.
+      max_rows: audio rows per window at most (default 450, as the reference).
       codec: the codec to decode with (default: the checkpoint's; another one is an error).
       seed: window k samples with seed + k.
       midi_compat: "tokensynth-0.0.4": the reference's tokens, so its single window at 0 s.
