@@ -46,7 +46,10 @@ class _TableCache:
         self._lock = threading.Lock()
 
     def get(self, spec, sample_rate: int, cfg: PrepConfig):
-        key = (spec.instrument_id, sample_rate)
+        # Everything the table is built from: one worker process may run several jobs (tests,
+        # DirectRunner in-process), and a table of other note lengths must never be reused.
+        key = (repr(spec), sample_rate, cfg.table_pitches, cfg.table_velocities, cfg.note_hold_seconds,
+               cfg.note_release_seconds, cfg.max_pitch_shift)
         with self._lock:
             if key in self._tables:
                 self._tables.move_to_end(key)

@@ -1,5 +1,6 @@
 """The parts of data prep, each on real inputs: MIDI segments, phrases, SoundFont note tables,
 the renderer, effect chains, pair plans, shards, tiny encoders and the NSynth raw layout."""
+import dataclasses
 import json
 import os
 
@@ -124,6 +125,18 @@ def test_soundfont_presets_and_held_out_splits(tmp_path):
     assert [s.split for s in again] == splits
     with pytest.raises(instruments.InstrumentError, match="no such SoundFont"):
         instruments.list_instruments(_cfg(tmp_path, soundfonts=(str(tmp_path / "missing.sf2"),)))
+
+
+def test_worker_table_cache_keys_on_what_builds_the_table(violin):
+    """Two jobs in one worker process (DirectRunner in-process) with other note lengths must not
+    share a cached table: the second job would render with the first job's notes."""
+    from data_prep import pipeline
+
+    cfg, spec, _ = violin
+    longer = dataclasses.replace(cfg, note_hold_seconds=cfg.note_hold_seconds + 0.5)
+    a, b = pipeline._TABLES.get(spec, SR, cfg), pipeline._TABLES.get(spec, SR, longer)
+    assert a is not b and len(b.clip(60, 110)) > len(a.clip(60, 110))
+    assert pipeline._TABLES.get(spec, SR, cfg) is a
 
 
 def test_soundfont_note_tables_are_deterministic_and_fill_pitches_by_shifting(violin):
