@@ -97,6 +97,12 @@ class PipelineConfig:
     allow_mixed_clap: bool = False  # train on shards whose timbres come from different CLAPs
 
 
+def shard_clap(path: str) -> str | None:
+    """The CLAP (`clap_model`) of a shard's timbres, from its first record; None if it is empty."""
+    source = grain.sources.ArrayRecordDataSource([path])
+    return records.decode(source[0]).clap_model if len(source) else None
+
+
 def check_one_clap(paths: Sequence[str]) -> str:
     """The CLAP (`clap_model`) all shards' timbres come from; raises DataError naming two that differ.
 
@@ -105,9 +111,9 @@ def check_one_clap(paths: Sequence[str]) -> str:
     """
     seen: dict[str, str] = {}
     for path in paths:
-        source = grain.sources.ArrayRecordDataSource([path])
-        if len(source):
-            seen.setdefault(records.decode(source[0]).clap_model, path)
+        clap = shard_clap(path)
+        if clap is not None:
+            seen.setdefault(clap, path)
         if len(seen) > 1:
             (a, pa), (b, pb) = seen.items()
             raise DataError(f"{pb}: timbres from CLAP {b!r}, but {pa} has CLAP {a!r}; embeddings of different "

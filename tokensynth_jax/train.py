@@ -141,9 +141,12 @@ def train(config, workdir: str, init_from: str | None = None) -> dict:
     )
     data_iter = iter(input_pipeline.make_dataset(pc, cfg, jax.process_index(), jax.process_count()))
     if jax.process_index() == 0:  # what the run is, for inference checkpoints and sweeps
+        # make_dataset has checked that every shard names the same CLAP (unless mixing is
+        # allowed, when there is no one CLAP to record), so the first shard speaks for all.
+        clap = None if pc.allow_mixed_clap else next(
+            filter(None, map(input_pipeline.shard_clap, input_pipeline.expand_paths(pc.paths))), None)
         with open(os.path.join(workdir, "run.json"), "w") as f:
-            json.dump({"model": cfg.to_dict(), "codec": config.codec.to_dict(),
-                       "clap_model": input_pipeline.check_one_clap(input_pipeline.expand_paths(pc.paths))}, f, indent=1)
+            json.dump({"model": cfg.to_dict(), "codec": config.codec.to_dict(), "clap_model": clap}, f, indent=1)
 
     # Abstract state, shardings, and the sharded state born on the mesh.
     def create():
