@@ -4,6 +4,7 @@ The XLA flag below must be set before jax is first imported, so it sits at the v
 first module pytest loads: every test in the suite then sees 8 CPU devices, which the sharding and
 checkpoint tests build meshes from, while code that names no mesh still runs on device 0.
 """
+import contextlib
 import importlib
 import importlib.util
 import os
@@ -29,6 +30,33 @@ REF_TINY = dict(num_heads=3, num_blocks=2, embed_dim=48)
 REF_INIT_STD = 0.3  # large random weights: peaked logits, so greedy decisions are not near-ties
 
 
+def bare_package(name: str, path: list | None = None) -> types.ModuleType:
+    """A module for the installed package `name` (or a folder `path`) whose __init__ never runs.
+
+    With its __path__ set, Python imports the package's submodules alone, which lets the tests use
+    the model code of packages whose __init__ imports what we do not install.
+    """
+    package = types.ModuleType(name)
+    package.__path__ = list(path if path is not None else importlib.util.find_spec(name).submodule_search_locations)
+    return package
+
+
+@contextlib.contextmanager
+def stand_in_modules(modules: dict, also_restore=()):
+    """`modules` in sys.modules for the block; afterwards every one of those names (and of
+    `also_restore`, set inside the block) is as it was, so no stand-in leaks into other tests."""
+    saved = {k: sys.modules.get(k) for k in [*modules, *also_restore]}
+    sys.modules.update(modules)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                sys.modules.pop(k, None)
+            else:
+                sys.modules[k] = v
+
+
 def load_reference_module(name):
     """Imports `tokensynth.<name>` from the installed reference without running its __init__.
 
@@ -40,9 +68,7 @@ def load_reference_module(name):
         spec = importlib.util.find_spec("tokensynth")
         if spec is None or spec.submodule_search_locations is None:
             pytest.skip("reference package tokensynth is not installed")
-        package = types.ModuleType("tokensynth")
-        package.__path__ = list(spec.submodule_search_locations)
-        sys.modules["tokensynth"] = package
+        sys.modules["tokensynth"] = bare_package("tokensynth")
     try:
         return importlib.import_module(f"tokensynth.{name}")
     except ImportError as e:  # torch, tqdm or huggingface_hub missing

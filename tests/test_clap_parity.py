@@ -37,6 +37,7 @@ from array_record.python.array_record_module import ArrayRecordWriter  # noqa: E
 # (transformers' lazy loader asks importlib whether torchvision is installed)
 from transformers import BartModel, BertModel, RobertaConfig, RobertaModel, RobertaTokenizer  # noqa: E402,F401
 
+from conftest import bare_package, stand_in_modules  # noqa: E402
 from data_prep import encoders  # noqa: E402
 from tokensynth_jax import cli, clap_convert, input_pipeline, records  # noqa: E402
 from tokensynth_jax.convert import ConversionError  # noqa: E402
@@ -66,9 +67,8 @@ def laion():
     """(laion_clap.clap_module, laion_clap.hook), imported as the module docstring says."""
     if importlib.util.find_spec("laion_clap") is None or importlib.util.find_spec("torchlibrosa") is None:
         pytest.skip("laion_clap / torchlibrosa are not installed (make setup installs them with --no-deps)")
-    location = importlib.util.find_spec("laion_clap").submodule_search_locations
-    package, training = types.ModuleType("laion_clap"), types.ModuleType("laion_clap.training")
-    package.__path__, training.__path__ = list(location), [os.path.join(location[0], "training")]
+    package = bare_package("laion_clap")
+    training = bare_package("laion_clap.training", [os.path.join(package.__path__[0], "training")])
     vision = types.ModuleType("torchvision")
     vision.ops = types.ModuleType("torchvision.ops")
     vision.ops.misc = types.ModuleType("torchvision.ops.misc")
@@ -79,18 +79,10 @@ def laion():
     stand_ins = {"laion_clap": package, "laion_clap.training": training, "laion_clap.training.data": _data_functions(),
                  "torchvision": vision, "torchvision.ops": vision.ops, "torchvision.ops.misc": vision.ops.misc,
                  "torchvision.transforms": vision.transforms, "wget": types.ModuleType("wget")}
-    saved = {k: sys.modules.get(k) for k in [*stand_ins, "clap_module", "clap_module.factory"]}
-    sys.modules.update(stand_ins)
-    try:
+    with stand_in_modules(stand_ins, also_restore=("clap_module", "clap_module.factory")):
         clap_module = importlib.import_module("laion_clap.clap_module")
         sys.modules.update({"clap_module": clap_module, "clap_module.factory": clap_module.factory})
         hook = importlib.import_module("laion_clap.hook")
-    finally:
-        for k, v in saved.items():  # leave no stand-in behind for other tests
-            if v is None:
-                sys.modules.pop(k, None)
-            else:
-                sys.modules[k] = v
     package.CLAP_Module = hook.CLAP_Module  # what laion_clap/__init__ exports
     torch.set_num_threads(2)
     return clap_module, hook

@@ -12,7 +12,6 @@ computes (layers, quantizer, encoder, decoder) is descript's code.
 """
 import importlib
 import importlib.util
-import sys
 import types
 
 import numpy as np
@@ -21,6 +20,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("einops")
 
+from conftest import bare_package, stand_in_modules  # noqa: E402
 from tokensynth_jax import dac_convert  # noqa: E402
 from tokensynth_jax.convert import ConversionError  # noqa: E402
 
@@ -40,22 +40,12 @@ def descript():
     """descript's `dac.model.dac` module, imported as the module docstring says."""
     if importlib.util.find_spec("dac") is None:
         pytest.skip("descript-audio-codec is not installed (make setup installs it with --no-deps)")
-    saved = {k: sys.modules.get(k) for k in ("dac", "audiotools", "audiotools.ml")}
     stand_in = types.ModuleType("audiotools")
     stand_in.ml = types.ModuleType("audiotools.ml")
     stand_in.ml.BaseModel = type("BaseModel", (torch.nn.Module,), {})
     stand_in.AudioSignal = stand_in.STFTParams = None  # compress()/the discriminator only
-    package = types.ModuleType("dac")
-    package.__path__ = list(importlib.util.find_spec("dac").submodule_search_locations)
-    sys.modules.update({"dac": package, "audiotools": stand_in, "audiotools.ml": stand_in.ml})
-    try:
+    with stand_in_modules({"dac": bare_package("dac"), "audiotools": stand_in, "audiotools.ml": stand_in.ml}):
         module = importlib.import_module("dac.model.dac")
-    finally:
-        for k, v in saved.items():  # leave no stand-in behind for other tests
-            if v is None:
-                sys.modules.pop(k, None)
-            else:
-                sys.modules[k] = v
     torch.set_num_threads(1)
     return module
 
