@@ -29,7 +29,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from tokensynth_jax.convert import ConversionError, read_torch_file
+from tokensynth_jax.convert import ConversionError, mapped_state_problems, read_torch_file
 
 # transformers' conversion table, in its order (each applied to every key that contains it).
 KEYS_TO_MODIFY_MAPPING = {
@@ -161,11 +161,7 @@ def from_original(state: Mapping[str, Any], *, text_heads: int = ROBERTA_BASE_HE
     mapped, unmapped = to_transformers_state(state)
     expected = model.state_dict()
     derived = {k for k in expected if k.endswith(("embeddings.position_ids", "embeddings.token_type_ids"))}
-    problems = [f"unexpected key {k}" for k in unmapped]
-    problems += [f"unexpected key {k} (from the original)" for k in mapped if k not in expected]
-    problems += [f"missing key {k} {tuple(v.shape)}" for k, v in expected.items() if k not in mapped and k not in derived]
-    problems += [f"shape mismatch {k}: {tuple(mapped[k].shape)}, expected {tuple(v.shape)}"
-                 for k, v in expected.items() if k in mapped and tuple(mapped[k].shape) != tuple(v.shape)]
+    problems = mapped_state_problems(mapped, unmapped, expected, "the original", optional=derived)
     problems += _front_end_problems(state, features)
     if problems:
         raise ConversionError("laion_clap state dict does not match the architecture:\n  " + "\n  ".join(problems))

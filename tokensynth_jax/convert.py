@@ -249,6 +249,18 @@ def to_official(cfg: ModelConfig, params: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def mapped_state_problems(mapped: Mapping, unmapped, expected: Mapping, source: str, optional=()) -> list[str]:
+    """Strict loading of a state dict mapped onto another architecture (DAC, CLAP), as error lines:
+    keys the mapping does not know, mapped keys the target lacks, target keys not mapped (unless
+    `optional`), and shape mismatches."""
+    problems = [f"unexpected key {k}" for k in unmapped]
+    problems += [f"unexpected key {k} (from {source})" for k in mapped if k not in expected]
+    problems += [f"missing key {k} {tuple(v.shape)}" for k, v in expected.items() if k not in mapped and k not in optional]
+    problems += [f"shape mismatch {k}: {tuple(mapped[k].shape)}, expected {tuple(v.shape)}"
+                 for k, v in expected.items() if k in mapped and tuple(mapped[k].shape) != tuple(v.shape)]
+    return problems
+
+
 def read_torch_file(path: str | os.PathLike):
     """`torch.load` of a file of tensors (weights_only: no pickled code runs), with errors naming it.
 

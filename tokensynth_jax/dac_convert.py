@@ -23,7 +23,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from tokensynth_jax.convert import ConversionError, read_torch_file
+from tokensynth_jax.convert import ConversionError, mapped_state_problems, read_torch_file
 
 
 def num_frames(num_samples: int, hop_length: int = 512) -> int:
@@ -107,11 +107,7 @@ def from_descript(state: Mapping[str, Any], kwargs: Mapping[str, Any] | None = N
     model = DacModel(config)
     mapped, unmapped = to_transformers_state(state, len(config.downsampling_ratios))
     expected = model.state_dict()
-    problems = [f"unexpected key {k}" for k in unmapped]
-    problems += [f"unexpected key {k} (from descript)" for k in mapped if k not in expected]
-    problems += [f"missing key {k} {tuple(v.shape)}" for k, v in expected.items() if k not in mapped]
-    problems += [f"shape mismatch {k}: {tuple(mapped[k].shape)}, expected {tuple(v.shape)}"
-                 for k, v in expected.items() if k in mapped and mapped[k].shape != v.shape]
+    problems = mapped_state_problems(mapped, unmapped, expected, "descript")
     if problems:
         raise ConversionError("descript DAC state dict does not match the architecture:\n  " + "\n  ".join(problems))
     model.load_state_dict(mapped, strict=True)
