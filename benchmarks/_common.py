@@ -2,15 +2,20 @@
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import re
 import resource
+import shlex
+import subprocess
 import time
 
 import psutil
 
 MB = 1024 * 1024
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DOC_HEADER = "# Benchmarks\n\nMeasured numbers; each section says how to reproduce it.\n"
 
 
 def peak_rss_mb() -> float:
@@ -109,7 +114,18 @@ def md_table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def replace_section(path: str, name: str, body: str, file_header: str) -> None:
+def run_part(name: str, cmd: list, out_json: str, env: dict | None = None) -> dict:
+    """Runs one part of a benchmark in its own process (so its peak RSS is its own), logging the
+    command and its wall time, and returns the JSON the part wrote to `out_json`."""
+    print(f"[{time.strftime('%H:%M:%S')}] {name}: {shlex.join(cmd[1:])}", flush=True)
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, env=env, cwd=REPO)
+    print(f"[{time.strftime('%H:%M:%S')}] {name}: done in {time.perf_counter() - t0:.0f} s", flush=True)
+    with open(out_json) as f:
+        return json.load(f)
+
+
+def replace_section(path: str, name: str, body: str, file_header: str = DOC_HEADER) -> None:
     """Writes `body` between `<!-- name:begin -->` and `<!-- name:end -->` in `path`, keeping the rest.
 
     Creates the file with `file_header` if it does not exist; appends the section if absent.

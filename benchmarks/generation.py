@@ -26,8 +26,6 @@ import importlib
 import importlib.util
 import json
 import os
-import shlex
-import subprocess
 import sys
 import tempfile
 import time
@@ -46,8 +44,7 @@ BATCH = 16
 GOAL_BATCH1 = 1.5  # speed-up per clip at batch 1
 GOAL_BATCH16 = 10.0  # throughput at batch 16 / the reference's clips per second
 CONTENDED_CORES = 0.25  # CPU used by other processes while timing above which a result is suspect
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DOC_HEADER = "# Benchmarks\n\nMeasured numbers; each section says how to reproduce it.\n"
+REPO = _common.REPO
 
 
 # --- helpers ---------------------------------------------------------------------------------------
@@ -266,13 +263,7 @@ def run_part(name: str, args, workdir: str) -> dict:
            "--runs", str(args.runs), "--max-rows", str(args.max_rows), "--json-out", out_json]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
-    env = dict(os.environ, TQDM_DISABLE="1")
-    print(f"[{time.strftime('%H:%M:%S')}] {name}: {shlex.join(cmd[1:])}", flush=True)
-    t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, env=env, cwd=REPO)
-    print(f"[{time.strftime('%H:%M:%S')}] {name}: done in {time.perf_counter() - t0:.0f} s", flush=True)
-    with open(out_json) as f:
-        return json.load(f)
+    return _common.run_part(name, cmd, out_json, dict(os.environ, TQDM_DISABLE="1"))
 
 
 def max_other_cores(part: dict) -> float:
@@ -442,7 +433,7 @@ def main(argv=None) -> int:
         print("WARNING: other processes used CPU during the timed runs; see the contention figures")
     for goal, ok in verdict["pass"].items():
         print(f"{goal}: {'PASS' if ok else 'FAIL'}")
-    _common.replace_section(args.out, "generation", body, DOC_HEADER)
+    _common.replace_section(args.out, "generation", body)
     print(f"wrote the generation section of {args.out}")
     return 0
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,8 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
 from generation import write_midi  # noqa: E402  (the same 5 s, 24-note piece as the generation benchmark)
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DOC_HEADER = "# Benchmarks\n\nMeasured numbers; each section says how to reproduce it.\n"
+REPO = _common.REPO
 SECONDS = 5.0
 TOP_P = 0.9
 CONTENDED_CORES = 0.25
@@ -174,9 +172,7 @@ def main(argv=None) -> int:
         out_json = os.path.join(work, "result.json")
         cmd = [sys.executable, os.path.abspath(__file__), "--only", "--workdir", work, "--json-out", out_json,
                "--runs", str(args.runs), "--torch-device", args.torch_device] + (["--tiny"] if args.tiny else [])
-        subprocess.run(cmd, check=True, cwd=REPO, env=dict(os.environ, TQDM_DISABLE="1"))
-        with open(out_json) as f:
-            result = json.load(f)
+        result = _common.run_part("synthesis", cmd, out_json, dict(os.environ, TQDM_DISABLE="1"))
     print(json.dumps(result, indent=2))
     command = "python benchmarks/synthesis.py" + "".join(
         f" {a}" for a in (["--tiny"] if args.tiny else []) + ([f"--torch-device {args.torch_device}"]
@@ -186,7 +182,7 @@ def main(argv=None) -> int:
     out = args.out or (None if args.tiny else os.path.join(REPO, "docs", "benchmarks.md"))
     if out:
         section = "synthesis" if "cuda" not in " ".join(result["jax_devices"]).lower() else "synthesis-gpu"
-        _common.replace_section(out, section, body, DOC_HEADER)
+        _common.replace_section(out, section, body)
         print(f"wrote the {section} section of {out}")
     return 0
 

@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import shlex
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,8 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
 from generation import load_reference_model_module  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DOC_HEADER = "# Benchmarks\n\nMeasured numbers; each section says how to reproduce it.\n"
+REPO = _common.REPO
 GPU_PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}  # dense bf16 FLOP/s, datasheets
 GOAL_CPU_RATIO = 1.0
 GOAL_GPU_MFU = 0.45
@@ -196,12 +194,7 @@ def run_part(name: str, args) -> dict:
     env.pop("XLA_FLAGS", None)  # one device: the whole machine, not fake CPU devices
     if args.platform:
         env["JAX_PLATFORMS"] = {"gpu": "cuda"}.get(args.platform, args.platform)
-    print(f"[{time.strftime('%H:%M:%S')}] {name}: {shlex.join(cmd[1:])}", flush=True)
-    t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, env=env, cwd=REPO)
-    print(f"[{time.strftime('%H:%M:%S')}] {name}: done in {time.perf_counter() - t0:.0f} s", flush=True)
-    with open(out_json) as f:
-        return json.load(f)
+    return _common.run_part(name, cmd, out_json, env)
 
 
 def _steps(runs) -> str:
@@ -311,7 +304,7 @@ def main(argv=None) -> int:
     for goal, ok in verdict.items():
         print(f"{goal}: {'PASS' if ok else 'FAIL'}")
     if not args.quick:
-        _common.replace_section(args.out, f"train-{ours_runs[0]['platform']}", body, DOC_HEADER)
+        _common.replace_section(args.out, f"train-{ours_runs[0]['platform']}", body)
         print(f"wrote the training section of {args.out}")
     return 0
 
