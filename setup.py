@@ -40,8 +40,13 @@ setuptools.setup(
     version="0.1.0",
     description="JAX/Flax TokenSynth: neural synthesizer from MIDI and CLAP timbre to codec tokens.",
     python_requires=">=3.11",
-    packages=setuptools.find_packages(include=["tokensynth_jax", "tokensynth_jax.*", "data_prep", "data_prep.*"]),
-    package_data={"tokensynth_jax": ["assets/*"]},
+    # The repository's top-level `configs/` and `data_prep/` install inside the product's names:
+    # `tokensynth_jax.configs` (so `--config tiny` works from any directory) and `tokensynth_prep`
+    # (the Beam job; a generic top-level `data_prep` would squat a name other projects use).
+    packages=setuptools.find_packages(include=["tokensynth_jax", "tokensynth_jax.*"]) + [
+        "tokensynth_jax.configs", "tokensynth_prep"],
+    package_dir={"tokensynth_jax.configs": "configs", "tokensynth_prep": "data_prep"},
+    package_data={"tokensynth_jax.inference": ["assets/*"]},
     install_requires=CORE,
     extras_require={
         "torch": TORCH,
@@ -54,5 +59,5 @@ setuptools.setup(
         "nsynth-tfds": NSYNTH_TFDS,
         "all": sorted(set(PREP + TEST + SCALING + EVAL)),
     },
-    entry_points={"console_scripts": ["tokensynth=tokensynth_jax.cli:main"]},
+    entry_points={"console_scripts": ["tokensynth=tokensynth_jax.cli.main:main"]},
 )

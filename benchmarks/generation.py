@@ -107,8 +107,8 @@ def part_prep(args) -> dict:
     import torch
 
     from tokensynth_jax import config as config_lib
-    from tokensynth_jax import convert
-    from tokensynth_jax.midi_tokens import tokenize_midi
+    from tokensynth_jax.interop import convert
+    from tokensynth_jax.tokens.midi_tokens import tokenize_midi
 
     ref_model = load_reference_model_module()
     ref_utils = importlib.import_module("tokensynth.utils")
@@ -136,7 +136,7 @@ def part_prep(args) -> dict:
 def part_ref(args) -> dict:
     import torch
 
-    from tokensynth_jax import convert
+    from tokensynth_jax.interop import convert
 
     threads = args.threads or os.cpu_count()
     torch.set_num_threads(threads)
@@ -191,9 +191,9 @@ def part_ours(args) -> dict:
     from flax import nnx
 
     from tokensynth_jax import config as config_lib
-    from tokensynth_jax import sampling
-    from tokensynth_jax.midi_tokens import tokenize_midi
-    from tokensynth_jax.model import TokenSynth
+    from tokensynth_jax.inference import sampling
+    from tokensynth_jax.model.transformer import TokenSynth
+    from tokensynth_jax.tokens.midi_tokens import tokenize_midi
 
     cfg = config_lib.REFERENCE
     with np.load(os.path.join(args.workdir, "ours_params.npz")) as f:

@@ -28,8 +28,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from data_prep import augment, instruments, midi_sources, pairs, plan, render  # noqa: E402
-from data_prep.config import PrepConfig  # noqa: E402
+from tokensynth_prep import augment, instruments, midi_sources, pairs, plan, render  # noqa: E402
+from tokensynth_prep.config import PrepConfig  # noqa: E402
 
 PROGRAMS = (0, 25, 40, 56, 73, 81)  # piano, steel guitar, violin, trumpet, flute, saw lead
 PAPER_PAIRS = 9_530_000
@@ -75,7 +75,7 @@ def bench_render_augment(num_pairs: int, sample_rate: int = 32000) -> dict:
 def bench_encoder(kind: str, name: str, batch_sizes, repeats: int, device: str = "cpu") -> dict:
     import torch
 
-    from data_prep import encoders
+    from tokensynth_jax.audio import encoders
 
     torch.set_num_threads(1)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
@@ -116,7 +116,7 @@ def bench_encoder(kind: str, name: str, batch_sizes, repeats: int, device: str =
 
 
 def bench_beam(pairs_per_instrument: int) -> dict:
-    from data_prep import pipeline
+    from tokensynth_prep import pipeline
 
     with tempfile.TemporaryDirectory() as d:
         cfg = PrepConfig(output_dir=d, programs=PROGRAMS[:4], pairs_per_instrument=pairs_per_instrument,

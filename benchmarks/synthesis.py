@@ -47,9 +47,11 @@ def part_run(args) -> dict:
     """The measured work, in its own process (see the module doc)."""
     import jax
 
-    from data_prep import encoders
-    from tokensynth_jax import checkpoint, cli, sampling, synthesize, timbre
-    from tokensynth_jax.midi_tokens import tokenize_midi
+    from tokensynth_jax import checkpoint
+    from tokensynth_jax.audio import encoders
+    from tokensynth_jax.cli import main as cli
+    from tokensynth_jax.inference import sampling, synthesize, timbre
+    from tokensynth_jax.tokens.midi_tokens import tokenize_midi
 
     config, clap_name, codec_name = SETUPS["tiny" if args.tiny else "full"]
     work = args.workdir

@@ -88,10 +88,10 @@ def part_ours(args) -> dict:
     import jax
     from flax import nnx
 
-    from tokensynth_jax import optim, train
-    from tokensynth_jax import train_step as ts
     from tokensynth_jax.config import ModelConfig
-    from tokensynth_jax.model import TokenSynth, count_params
+    from tokensynth_jax.model.transformer import TokenSynth, count_params
+    from tokensynth_jax.training import optim, train
+    from tokensynth_jax.training import train_step as ts
 
     config = _config(args)
     cfg = ModelConfig.from_dict(config.model.to_dict())

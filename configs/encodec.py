@@ -7,7 +7,7 @@ audio and the end row. bf16 compute with fp32 master weights, as on TPU and GPU.
   tokensynth train --config configs/encodec.py --workdir runs/encodec \
       --config.data.paths=data/train --config.data.eval_paths=data/valid
 """
-from configs import reference
+from tokensynth_jax.configs import reference
 
 
 def get_config(arg=None):

@@ -12,7 +12,7 @@ project's training setup) or `tiny` (tiny-encodec codes, for CI and micro sweeps
   tokensynth train --config configs/family.py:depth=8 --workdir runs/d8 --config.data.paths=data/train
   tokensynth sweep plan --config configs/family.py --depths 4,6,8,10,12 --budgets 1e17,3e17,1e18 ...
 """
-from configs import encodec, tiny
+from tokensynth_jax.configs import encodec, tiny
 
 BASES = {"encodec": encodec, "tiny": tiny}
 WIDTH_PER_LAYER = 64  # d_model = 64 * depth

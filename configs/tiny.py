@@ -5,7 +5,7 @@ Not a model that makes music.
 
   tokensynth init --config configs/tiny.py runs/tiny-random
 """
-from configs import reference
+from tokensynth_jax.configs import reference
 
 
 def get_config(arg=None):

@@ -3,6 +3,6 @@
 MIDI segments (a Lakh-style directory or the procedural generator) x instruments (SoundFont
 presets or NSynth) -> sample-based renders of a reference and a target clip -> the same random
 effect chain on both -> CLAP embedding of the reference, codec codes of the target, MIDI tokens of
-the target -> `tokensynth_jax.records.PairRecord`s in ArrayRecord shards plus a manifest. The
-package may import `tokensynth_jax.records`, `token_layout` and `midi_tokens` only.
+the target -> `tokensynth_jax.tokens.records.PairRecord`s in ArrayRecord shards plus a manifest. The
+package may import `tokensynth_jax.tokens.records`, `token_layout` and `midi_tokens` only.
 """

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pedalboard
 
-from data_prep.config import AUG_EFFECTS
+from .config import AUG_EFFECTS
 
 AUG_VERSION = "pedalboard-v1"  # bump when a recipe or a parameter range changes
 _ORDER = ("compressor", "eq", "filter", "distortion", "overdrive", "bitcrush", "chorus", "flanger",

@@ -12,7 +12,7 @@ import argparse
 import json
 import sys
 
-from data_prep.config import AUG_EFFECTS, CLAP_INPUTS, SPLITS, ConfigError, PrepConfig
+from .config import AUG_EFFECTS, CLAP_INPUTS, SPLITS, ConfigError, PrepConfig
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -47,12 +47,14 @@ def beam_options(args) -> list[str]:
 
 
 def _cmd_prep(args) -> int:
-    from data_prep import encoders, instruments, midi_sources, pipeline, sink
+    from tokensynth_jax.audio import encoders
+
+    from . import instruments, midi_sources, pipeline, sink
 
     try:
         cfg = config_from_args(args)
         if args.nsynth_tfds:
-            from data_prep import nsynth
+            from . import nsynth
 
             if not cfg.nsynth_dir or cfg.instruments != "nsynth":
                 raise ConfigError("--nsynth-tfds needs --instruments nsynth --nsynth-dir DIR (where it exports to)")

@@ -12,6 +12,8 @@ import dataclasses
 import hashlib
 import json
 
+from tokensynth_jax.errors import UserError
+
 AUG_EFFECTS = ("distortion", "overdrive", "chorus", "phaser", "flanger", "delay", "reverb",
                "compressor", "eq", "filter", "bitcrush")
 CLAP_INPUTS = ("codec-rate", "tokensynth-0.0.4")
@@ -19,7 +21,7 @@ INSTRUMENT_LIBRARIES = ("soundfont", "nsynth")
 SPLITS = ("train", "valid", "test")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A job configuration that cannot run; the message names the field."""
 
 

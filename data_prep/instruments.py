@@ -18,16 +18,18 @@ import threading
 
 import numpy as np
 
-from data_prep.config import PrepConfig
-from data_prep.midi_sources import is_remote, read_bytes
-from data_prep.render import NoteTable
+from tokensynth_jax.errors import UserError
+
+from .config import PrepConfig
+from .midi_sources import is_remote, read_bytes
+from .render import NoteTable
 
 DEFAULT_SOUNDFONT = "pretty_midi:TimGM6mb.sf2"  # resolved on each machine, where pretty_midi is installed
 _TRIM_DB = -80.0  # a note's tail below this (relative to the instrument's loudest note) is cut
 _SILENT_NOTE_DB = -60.0  # a note this far below the loudest is a missing note, not a quiet one
 
 
-class InstrumentError(ValueError):
+class InstrumentError(UserError):
     """A library or instrument that cannot be used; the message names it."""
 
 
@@ -195,7 +197,7 @@ def list_instruments(cfg: PrepConfig) -> list[InstrumentSpec]:
         specs = soundfont_instruments(cfg.soundfonts, cfg.programs, valid_fraction=cfg.valid_fraction,
                                       test_fraction=cfg.test_fraction, seed=cfg.seed)
     else:
-        from data_prep import nsynth
+        from . import nsynth
 
         specs = nsynth.raw_instruments(cfg.nsynth_dir, cfg.nsynth_splits)
     if not specs:
@@ -208,7 +210,7 @@ def build_note_table(spec: InstrumentSpec, sample_rate: int, cfg: PrepConfig) ->
     if spec.library == "soundfont":
         return soundfont_note_table(spec, sample_rate, cfg)
     if spec.library == "nsynth":
-        from data_prep import nsynth
+        from . import nsynth
 
         return _finish_table(spec, sample_rate, nsynth.raw_notes(spec, sample_rate), cfg.max_pitch_shift)
     raise InstrumentError(f"{spec.instrument_id}: unknown library {spec.library!r}")

@@ -18,16 +18,18 @@ import warnings
 import numpy as np
 import pretty_midi
 
-from data_prep import procedural
-from tokensynth_jax import midi_tokens
-from tokensynth_jax.token_layout import WINDOW_SECONDS
+from tokensynth_jax.errors import UserError
+from tokensynth_jax.tokens import midi_tokens
+from tokensynth_jax.tokens.token_layout import WINDOW_SECONDS
+
+from . import procedural
 
 MIDI_EXTENSIONS = (".mid", ".midi")
 UNREADABLE, EMPTY, DRUM_ONLY, EXTREME_TEMPO, TOO_MANY_NOTES = (
     "unreadable_midi", "empty_midi", "drum_only", "extreme_tempo", "too_many_notes")
 
 
-class SegmentError(ValueError):
+class SegmentError(UserError):
     """A segment that cannot be rebuilt or tokenized; the message names the source."""
 
 

@@ -17,8 +17,8 @@ import os
 
 import numpy as np
 
-from data_prep.instruments import InstrumentError, InstrumentSpec
-from data_prep.midi_sources import is_remote, read_bytes
+from .instruments import InstrumentError, InstrumentSpec
+from .midi_sources import is_remote, read_bytes
 
 NSYNTH_RATE = 16000
 

@@ -12,10 +12,11 @@ import dataclasses
 
 import numpy as np
 
-from data_prep import augment, instruments, midi_sources, render
-from data_prep.config import PrepConfig
-from data_prep.plan import PairPlan, rng_for
-from tokensynth_jax import records
+from tokensynth_jax.tokens import records
+
+from . import augment, instruments, midi_sources, render
+from .config import PrepConfig
+from .plan import PairPlan, rng_for
 
 TOKENIZE_ERROR, UNUSABLE_INSTRUMENT = "tokenize_error", "instrument_unusable"
 
@@ -85,7 +86,7 @@ def render_pair(plan: PairPlan, table: render.NoteTable, cfg: PrepConfig) -> Ren
 
 def to_record(pair: RenderedPair, codes_tk: np.ndarray, timbre: np.ndarray, codec: dict,
               clap_model: str) -> records.PairRecord:
-    """The record of an encoded pair (the schema of `tokensynth_jax.records`)."""
+    """The record of an encoded pair (the schema of `tokensynth_jax.tokens.records`)."""
     return records.PairRecord(
         pair_id=pair.plan.pair_id, split=pair.plan.split, instrument_id=pair.plan.instrument.instrument_id,
         midi_tokens=pair.midi_tokens, codes=codes_tk, timbre=timbre, codec=codec, clap_model=clap_model,

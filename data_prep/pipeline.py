@@ -25,9 +25,11 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.utils import shared
 
-from data_prep import encoders, instruments, midi_sources, pairs, plan, render, sink
-from data_prep.config import PrepConfig
-from tokensynth_jax import records
+from tokensynth_jax.audio import encoders
+from tokensynth_jax.tokens import records
+
+from . import instruments, midi_sources, pairs, plan, render, sink
+from .config import PrepConfig
 
 _NS = "tokensynth_prep"
 _REJECTED_PAIRS = "rejected_pairs"

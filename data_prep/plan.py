@@ -14,9 +14,9 @@ import math
 
 import numpy as np
 
-from data_prep.config import SPLITS, PrepConfig
-from data_prep.instruments import InstrumentSpec
-from data_prep.midi_sources import Segment, SegmentError
+from .config import SPLITS, PrepConfig
+from .instruments import InstrumentSpec
+from .midi_sources import Segment, SegmentError
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tokensynth_jax.token_layout import WINDOW_SECONDS
+from tokensynth_jax.tokens.token_layout import WINDOW_SECONDS
 
 GENERATOR = "procedural-v1"  # bump when the output for a (seed, index) changes
 TEXTURES = ("chords", "arpeggio", "melody", "melody+chords")

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from tokensynth_jax.token_layout import WINDOW_SECONDS
+from tokensynth_jax.errors import UserError
+from tokensynth_jax.tokens.token_layout import WINDOW_SECONDS
 
 SILENT, NONFINITE, MISSING_PITCHES = "silent_render", "nonfinite_render", "instrument_missing_pitches"
 
 
-class RenderError(ValueError):
+class RenderError(UserError):
     """A render that must not become a training pair; `reason` is the counter name."""
 
     def __init__(self, reason: str, message: str):

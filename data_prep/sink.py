@@ -18,7 +18,7 @@ import uuid
 
 from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 
-from data_prep.midi_sources import is_remote
+from .midi_sources import is_remote
 
 WRITER_OPTIONS = "group_size:1"  # one record per chunk: random access for the input pipeline
 MANIFEST = "manifest.json"

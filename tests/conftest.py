@@ -21,7 +21,7 @@ import pretty_midi  # noqa: E402
 import pytest  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from tokensynth_jax.model import TokenSynth  # noqa: E402
+from tokensynth_jax.model.transformer import TokenSynth  # noqa: E402
 
 # Sizes the reference forces on a tiny official-shaped model: get_hparams only lets us change
 # heads, blocks and width; 9 codebooks of 1024, the 1133-id MIDI vocabulary and the 512 -> 1024
@@ -154,7 +154,7 @@ def official_pair(tiny_reference):
     "causal": the reference after loading `convert.to_official` of our causal model (strict=False,
     as its `from_pretrained` does), which writes lower-triangular mask buffers. Built once a session.
     """
-    from tokensynth_jax import convert
+    from tokensynth_jax.interop import convert
 
     cache = {}
 

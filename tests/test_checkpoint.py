@@ -7,13 +7,13 @@ import shutil
 import jax
 import numpy as np
 import pytest
+from conftest import randomize
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from conftest import randomize
 from tokensynth_jax import checkpoint, sharding
 from tokensynth_jax.config import ModelConfig
-from tokensynth_jax.model import TokenSynth
+from tokensynth_jax.model.transformer import TokenSynth
 
 TINY = ModelConfig(num_layers=2, d_model=48, num_heads=3, num_codebooks=4, codebook_size=37, max_len=97,
                    timbre_dim=29, timbre_hidden=53)

@@ -33,14 +33,24 @@ sf = pytest.importorskip("soundfile")
 pytest.importorskip("librosa")
 transformers = pytest.importorskip("transformers")
 from array_record.python.array_record_module import ArrayRecordWriter  # noqa: E402
+from conftest import bare_package, stand_in_modules  # noqa: E402
+
 # laion_clap's model.py imports these three: resolved here, before the torchvision stand-in exists
 # (transformers' lazy loader asks importlib whether torchvision is installed)
-from transformers import BartModel, BertModel, RobertaConfig, RobertaModel, RobertaTokenizer  # noqa: E402,F401
+from transformers import (  # noqa: E402,F401
+    BartModel,
+    BertModel,
+    RobertaConfig,
+    RobertaModel,
+    RobertaTokenizer,
+)
 
-from conftest import bare_package, stand_in_modules  # noqa: E402
-from data_prep import encoders  # noqa: E402
-from tokensynth_jax import cli, clap_convert, input_pipeline, records  # noqa: E402
-from tokensynth_jax.convert import ConversionError  # noqa: E402
+from tokensynth_jax.audio import encoders  # noqa: E402
+from tokensynth_jax.cli import main as cli  # noqa: E402
+from tokensynth_jax.interop import clap_convert
+from tokensynth_jax.interop.convert import ConversionError  # noqa: E402
+from tokensynth_jax.tokens import records
+from tokensynth_jax.training import input_pipeline
 
 SR = 44100
 TEXT = RobertaConfig(num_hidden_layers=2, hidden_size=768, num_attention_heads=12, intermediate_size=256,

@@ -6,7 +6,8 @@ import pretty_midi
 import pytest
 import torch
 
-from tokensynth_jax import checkpoint, cli
+from tokensynth_jax import checkpoint
+from tokensynth_jax.cli import main as cli
 from tokensynth_jax.config import ModelConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

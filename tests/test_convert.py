@@ -6,12 +6,13 @@ import jax
 import numpy as np
 import pytest
 import torch
+from conftest import REF_TINY, model_from_params, randomize
 from flax import nnx
 
-from conftest import REF_TINY, model_from_params, randomize
-from tokensynth_jax import checkpoint, convert
+from tokensynth_jax import checkpoint
 from tokensynth_jax.config import ModelConfig
-from tokensynth_jax.model import TokenSynth
+from tokensynth_jax.interop import convert
+from tokensynth_jax.model.transformer import TokenSynth
 
 # Official-compatible (the 1133-id MIDI vocabulary) but otherwise odd sizes.
 TINY = ModelConfig(num_layers=2, d_model=48, num_heads=3, num_codebooks=4, codebook_size=37, max_len=97,

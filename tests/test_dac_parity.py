@@ -21,8 +21,9 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("einops")
 
 from conftest import bare_package, stand_in_modules  # noqa: E402
-from tokensynth_jax import dac_convert  # noqa: E402
-from tokensynth_jax.convert import ConversionError  # noqa: E402
+
+from tokensynth_jax.interop import dac_convert  # noqa: E402
+from tokensynth_jax.interop.convert import ConversionError  # noqa: E402
 
 # The real 44.1 kHz architecture (strides 2-4-8-8, 9 codebooks of 1024, dim 8) with narrow
 # encoder/decoder channels, so a 5 s clip runs in about a second; test_full_size_state_dict_converts

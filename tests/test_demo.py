@@ -7,7 +7,8 @@ import os
 import numpy as np
 import soundfile
 
-from tokensynth_jax import cli, demo
+from tokensynth_jax.cli import demo
+from tokensynth_jax.cli import main as cli
 
 
 def test_demo_runs_the_whole_chain(tmp_path, capsys):

@@ -10,9 +10,12 @@ import textwrap
 import jax
 import numpy as np
 import pytest
-
 from conftest import write_midi
-from tokensynth_jax import checkpoint, cli, export, sampling, token_layout
+
+from tokensynth_jax import checkpoint
+from tokensynth_jax.cli import main as cli
+from tokensynth_jax.inference import export, sampling
+from tokensynth_jax.tokens import token_layout
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.py")
@@ -119,7 +122,7 @@ def test_loader_script_runs_the_example_prompt_from_midi_files(exported, tmp_pat
     """, cwd=tmp_path)
     model, _ = checkpoint.load_model(ckpt)
     emb = np.load(os.path.join(out, export.EXAMPLE_PROMPT_FILE))["timbre"]
-    from tokensynth_jax import midi_tokens
+    from tokensynth_jax.tokens import midi_tokens
 
     tokens = [midi_tokens.tokenize_midi(p).tokens for p in midi_files]
     ours = sampling.generate(model, tokens, emb, sampler=sampling.TopP(0.8), seed=2, max_rows=MAX_ROWS)

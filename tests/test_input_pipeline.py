@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from array_record.python.array_record_module import ArrayRecordWriter
 
-from tokensynth_jax import input_pipeline as ip
-from tokensynth_jax import records, token_layout
 from tokensynth_jax.config import ModelConfig
+from tokensynth_jax.tokens import records, token_layout
+from tokensynth_jax.training import input_pipeline as ip
 
 CFG = ModelConfig(num_layers=1, d_model=32, num_heads=2, num_codebooks=3, codebook_size=17, max_len=64)
 

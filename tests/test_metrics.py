@@ -10,11 +10,12 @@ import numpy as np
 import pretty_midi
 import pytest
 import soundfile
-
 from conftest import write_midi
-from tokensynth_jax import cli, evaluate, metrics
-from tokensynth_jax.evaluate import EvalItem
-from tokensynth_jax.metrics import MetricError
+
+from tokensynth_jax.cli import main as cli
+from tokensynth_jax.evaluation import evaluate, metrics
+from tokensynth_jax.evaluation.evaluate import EvalItem
+from tokensynth_jax.evaluation.metrics import MetricError
 
 SR = 22050
 # A monophonic phrase: 9 notes, 0.4 s apart, 0.35 s long (onset, offset, pitch, velocity).

@@ -1,11 +1,22 @@
-"""Tests of tokensynth_jax.midi_tokens, with parity against the reference tokenizer."""
+"""Tests of tokensynth_jax.tokens.midi_tokens, with parity against the reference tokenizer."""
 import numpy as np
 import pretty_midi
 import pytest
 
-from tokensynth_jax.midi_tokens import MidiTokenizationError, MidiWindow, split_into_windows, tokenize_midi, tokens_to_notes
-from tokensynth_jax.token_layout import (
-    OFFSET_BASE, ONSET_BASE, PITCH_BASE, TOKENS_PER_NOTE, VELOCITY_BASE, WINDOW_SECONDS,
+from tokensynth_jax.tokens.midi_tokens import (
+    MidiTokenizationError,
+    MidiWindow,
+    split_into_windows,
+    tokenize_midi,
+    tokens_to_notes,
+)
+from tokensynth_jax.tokens.token_layout import (
+    OFFSET_BASE,
+    ONSET_BASE,
+    PITCH_BASE,
+    TOKENS_PER_NOTE,
+    VELOCITY_BASE,
+    WINDOW_SECONDS,
 )
 
 

@@ -5,12 +5,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from conftest import model_from_params, randomize
 from flax import nnx
 
-from conftest import model_from_params, randomize
-from tokensynth_jax import convert
 from tokensynth_jax.config import REFERENCE, ModelConfig
-from tokensynth_jax.model import TokenSynth, count_params
+from tokensynth_jax.interop import convert
+from tokensynth_jax.model.transformer import TokenSynth, count_params
 
 # Odd, prime-ish sizes so shape bugs show; not the reference's shapes.
 TINY = ModelConfig(num_layers=3, d_model=48, num_heads=3, num_codebooks=4, codebook_size=37, max_len=97,

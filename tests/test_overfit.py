@@ -11,8 +11,9 @@ import os
 import numpy as np
 import pytest
 
-from tokensynth_jax import cli, train
+from tokensynth_jax.cli import main as cli
 from tokensynth_jax.config import load_config_file
+from tokensynth_jax.training import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 150

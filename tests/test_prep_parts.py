@@ -7,11 +7,21 @@ import os
 import numpy as np
 import pretty_midi
 import pytest
-
 from conftest import write_midi as _write_midi  # noqa: E402
-from data_prep import augment, encoders, instruments, midi_sources, nsynth, plan, procedural, render, sink
-from data_prep.config import AUG_EFFECTS, ConfigError, PrepConfig
-from tokensynth_jax import midi_tokens, token_layout
+from tokensynth_prep import (
+    augment,
+    instruments,
+    midi_sources,
+    nsynth,
+    plan,
+    procedural,
+    render,
+    sink,
+)
+from tokensynth_prep.config import AUG_EFFECTS, ConfigError, PrepConfig
+
+from tokensynth_jax.audio import encoders
+from tokensynth_jax.tokens import midi_tokens, token_layout
 
 SR = 32000
 
@@ -130,7 +140,7 @@ def test_soundfont_presets_and_held_out_splits(tmp_path):
 def test_worker_table_cache_keys_on_what_builds_the_table(violin):
     """Two jobs in one worker process (DirectRunner in-process) with other note lengths must not
     share a cached table: the second job would render with the first job's notes."""
-    from data_prep import pipeline
+    from tokensynth_prep import pipeline
 
     cfg, spec, _ = violin
     longer = dataclasses.replace(cfg, note_hold_seconds=cfg.note_hold_seconds + 0.5)
@@ -328,7 +338,7 @@ def test_nsynth_raw_layout_round_trip(tmp_path):
 def test_cli_passes_beam_options_through_and_defaults_to_the_direct_runner(tmp_path):
     import argparse
 
-    from data_prep import cli
+    from tokensynth_prep import cli
 
     parser = argparse.ArgumentParser()
     cli.add_prep_parser(parser.add_subparsers(dest="command"))
@@ -346,10 +356,10 @@ def test_data_prep_stays_behind_its_wall():
     import subprocess
     import sys
 
-    code = ("import sys, data_prep.cli, data_prep.pipeline, data_prep.pairs, data_prep.nsynth; "
+    code = ("import sys, tokensynth_prep.cli, tokensynth_prep.pipeline, tokensynth_prep.pairs, tokensynth_prep.nsynth; "
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'jax', 'flax') "
-            "or (m.startswith('tokensynth_jax.') and m not in ('tokensynth_jax.records', "
-            "'tokensynth_jax.token_layout', 'tokensynth_jax.midi_tokens'))); print(bad)")
+            "or (m.startswith('tokensynth_jax.') and m not in ('tokensynth_jax.tokens.records', "
+            "'tokensynth_jax.tokens.token_layout', 'tokensynth_jax.tokens.midi_tokens'))); print(bad)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     # The last line is ours; pyfluidsynth may print where it found its library before it.

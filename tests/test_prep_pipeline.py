@@ -16,14 +16,22 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import write_midi as _write  # noqa: E402
 from array_record.python.array_record_module import ArrayRecordReader
+from conftest import write_midi as _write  # noqa: E402
+from tokensynth_prep import (
+    cli,
+    instruments,
+    midi_sources,
+    nsynth,
+    pairs,
+    pipeline,
+    plan,
+    sink,
+)
+from tokensynth_prep.config import PrepConfig
 
-from data_prep import cli, encoders, instruments, midi_sources, nsynth, pairs, pipeline, plan, sink
-from data_prep.config import PrepConfig
-from tokensynth_jax import records
-
-
+from tokensynth_jax.audio import encoders
+from tokensynth_jax.tokens import records
 
 
 def _midi_tree(root: str) -> None:

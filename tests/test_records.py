@@ -3,7 +3,7 @@ import msgpack
 import numpy as np
 import pytest
 
-from tokensynth_jax import records
+from tokensynth_jax.tokens import records
 
 
 def _record(**changes):

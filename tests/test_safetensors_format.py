@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from tokensynth_jax import checkpoint, cli, safetensors_format
+from tokensynth_jax import checkpoint
+from tokensynth_jax.cli import main as cli
+from tokensynth_jax.interop import safetensors_format
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.py")

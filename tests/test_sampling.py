@@ -7,14 +7,15 @@ import numpy as np
 import pretty_midi
 import pytest
 import torch
+from conftest import model_from_params, randomize
 from flax import nnx
 
-from conftest import model_from_params, randomize
-from tokensynth_jax import sampling, token_layout
 from tokensynth_jax.config import REFERENCE, ModelConfig
-from tokensynth_jax.midi_tokens import tokenize_midi
-from tokensynth_jax.model import TokenSynth
-from tokensynth_jax.sampling import CFG, FirstNoteGuidance, Greedy, TopK, TopP
+from tokensynth_jax.inference import sampling
+from tokensynth_jax.inference.sampling import CFG, FirstNoteGuidance, Greedy, TopK, TopP
+from tokensynth_jax.model.transformer import TokenSynth
+from tokensynth_jax.tokens import token_layout
+from tokensynth_jax.tokens.midi_tokens import tokenize_midi
 
 TINY = ModelConfig(num_layers=2, d_model=48, num_heads=3, num_codebooks=4, codebook_size=37, max_len=97,
                    timbre_dim=29, timbre_hidden=53)

@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tokensynth_jax import cli, scaling, sweep
+from tokensynth_jax.cli import main as cli
 from tokensynth_jax.config import ModelConfig, load_config_file
-from tokensynth_jax.flops import model_flops_per_token, param_counts
-from tokensynth_jax.model import TokenSynth, count_params
+from tokensynth_jax.model.transformer import TokenSynth, count_params
+from tokensynth_jax.scaling import fit as scaling
+from tokensynth_jax.scaling import sweep
+from tokensynth_jax.scaling.flops import model_flops_per_token, param_counts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAMILY = os.path.join(ROOT, "configs", "family.py")
@@ -119,7 +121,7 @@ def test_plan_commands_go_through_launch_tpu_vm(tmp_path):
         printed = subprocess.run(run["command"], shell=True, cwd=ROOT, check=True, capture_output=True,
                                  text=True).stdout
         assert "--worker=all" in printed and "TOKENSYNTH_DISTRIBUTED=auto" in printed
-        assert (f"tokensynth_jax.cli train --config {FAMILY}:base=tiny,depth={run['depth']} --workdir "
+        assert (f"tokensynth_jax.cli.main train --config {FAMILY}:base=tiny,depth={run['depth']} --workdir "
                 f"gs://b/sweep/{run['name']} --config.data.paths=gs://b/data/train "
                 f"--config.train.steps={run['steps']}") in printed
 
@@ -188,7 +190,7 @@ def test_micro_sweep_plans_runs_and_fits_end_to_end(prep_data, tmp_path, capsys)
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
            "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax-cache"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
-    done = subprocess.run([sys.executable, "-m", "tokensynth_jax.cli", "sweep", "run", plan_dir], cwd=ROOT, env=env,
+    done = subprocess.run([sys.executable, "-m", "tokensynth_jax.cli.main", "sweep", "run", plan_dir], cwd=ROOT, env=env,
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert done.stdout.count("[eval]") == 0 and done.stdout.count("[sweep] run ") == 6

@@ -7,7 +7,7 @@ from jax.sharding import PartitionSpec as P
 
 from tokensynth_jax import sharding
 from tokensynth_jax.config import ModelConfig
-from tokensynth_jax.model import TokenSynth
+from tokensynth_jax.model.transformer import TokenSynth
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices: XLA_FLAGS set in conftest")
 

@@ -12,9 +12,11 @@ import soundfile
 from conftest import write_midi
 from scipy.signal import resample_poly
 
-from data_prep import encoders
-from tokensynth_jax import checkpoint, cli, synthesize, timbre
+from tokensynth_jax import checkpoint
+from tokensynth_jax.audio import encoders
+from tokensynth_jax.cli import main as cli
 from tokensynth_jax.config import ModelConfig
+from tokensynth_jax.inference import synthesize, timbre
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.py")

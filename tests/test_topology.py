@@ -10,9 +10,11 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from tokensynth_jax import checkpoint, cli, optim, sharding
+from tokensynth_jax import checkpoint, sharding
+from tokensynth_jax.cli import main as cli
 from tokensynth_jax.config import ModelConfig, load_config_file
-from tokensynth_jax.model import TokenSynth
+from tokensynth_jax.model.transformer import TokenSynth
+from tokensynth_jax.training import optim
 
 TINY = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "tiny.py")
 STEP = 3

@@ -5,10 +5,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tokensynth_jax import input_pipeline, optim, records, sharding
-from tokensynth_jax import train_step as T
+from tokensynth_jax import sharding
 from tokensynth_jax.config import ModelConfig
-from tokensynth_jax.model import TokenSynth
+from tokensynth_jax.model.transformer import TokenSynth
+from tokensynth_jax.tokens import records
+from tokensynth_jax.training import input_pipeline, optim
+from tokensynth_jax.training import train_step as T
 
 CFG = ModelConfig(num_layers=2, d_model=48, num_heads=3, num_codebooks=3, codebook_size=17, max_len=64, dropout=0.0)
 OC = optim.OptimConfig(peak_lr=3e-3, warmup_steps=3, total_steps=100, weight_decay=0.01)
@@ -123,7 +125,7 @@ def test_configs_build_models_of_the_documented_sizes():
     import os
 
     from tokensynth_jax.config import load_config_file
-    from tokensynth_jax.model import count_params
+    from tokensynth_jax.model.transformer import count_params
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     sizes = {}

@@ -21,7 +21,8 @@ from jax.sharding import Mesh
 
 from tokensynth_jax import sharding
 from tokensynth_jax.config import ModelConfig
-from tokensynth_jax.model import TokenSynth
+from tokensynth_jax.errors import UserError
+from tokensynth_jax.model.transformer import TokenSynth
 
 FORMAT = "tokensynth-jax-model"
 FORMAT_VERSION = 1
@@ -29,7 +30,7 @@ META_FILE = "tokensynth.json"
 PARAMS_DIR = "params"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint directory that is missing, of another format, or does not match its config."""
 
 

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from typing import Any, Literal, Mapping
 
-from tokensynth_jax import token_layout
+from tokensynth_jax.errors import UserError
+from tokensynth_jax.tokens import token_layout
 
 # Attention patterns. "causal" is the paper's decoder. "tokensynth-0.0.4" reproduces what the
 # reference package computes with its own default mask buffer: it passes `triu(ones, 1)` as a
@@ -103,36 +105,77 @@ class ModelConfig:
 REFERENCE = ModelConfig()  # the paper's / official package's model: ~175M parameters
 
 
-def load_config_file(spec: str, overrides: Mapping[str, Any] | None = None):
-    """Loads `path/to/config.py[:arg]` and calls its `get_config(arg)` (big_vision style).
+def model_config_dict(**changes: Any):
+    """`config.model` of a config file: every `ModelConfig` field, so files and dataclass cannot drift.
 
-    The config file's parent directory's parent goes on sys.path, so configs can import their
-    siblings (`from configs import reference`). `overrides` are dotted keys -> values
+    Each field's meaning is its comment in `ModelConfig`; a config file changes values, never the set
+    of fields, so every field can be set from a file and as `--config.model.FIELD=value`.
+    """
+    import ml_collections
+
+    return ml_collections.ConfigDict(ModelConfig(**changes).to_dict())
+
+
+class ConfigError(UserError):
+    """A config file or override that cannot be used."""
+
+
+def _packaged_configs_dir() -> str:
+    import tokensynth_jax.configs
+
+    return os.path.dirname(os.path.abspath(tokensynth_jax.configs.__file__))
+
+
+def resolve_config_path(path: str) -> str:
+    """A user's config file, or a packaged one named `tiny`, `configs/tiny.py` or `tiny.py`.
+
+    An existing file always wins, so a user's own `configs/tiny.py` is theirs; otherwise a name
+    of a packaged config (installed with the wheel as `tokensynth_jax.configs`) is that config.
+    """
+    if os.path.isfile(path):
+        return path
+    name = os.path.basename(path)
+    name = name[:-3] if name.endswith(".py") else name
+    packaged_dir = _packaged_configs_dir()
+    packaged = os.path.join(packaged_dir, name + ".py")
+    if path in (name, name + ".py", os.path.join("configs", name + ".py")) and os.path.isfile(packaged):
+        return packaged
+    known = sorted(f[:-3] for f in os.listdir(packaged_dir) if f.endswith(".py") and not f.startswith("_"))
+    raise ConfigError(f"{path}: no such config file (packaged configs: {', '.join(known)})")
+
+
+def load_config_file(spec: str, overrides: Mapping[str, Any] | None = None):
+    """Loads `path/to/config.py[:arg]` or a packaged `NAME[:arg]` and calls its `get_config(arg)`.
+
+    Configs import their bases from the package (`from tokensynth_jax.configs import reference`),
+    so a user's own file can derive from them too. `overrides` are dotted keys -> values
     (`{"model.num_layers": 2}`), applied with the ConfigDict's own type checks.
+
+    Raises:
+      ConfigError: no such file, no `get_config`, an unknown field or a value of the wrong type.
     """
     import importlib.util
-    import os
-    import sys
 
     path, _, arg = spec.partition(":")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such config file")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
-    if root not in sys.path:
-        sys.path.insert(0, root)
+    path = resolve_config_path(path)
     module_spec = importlib.util.spec_from_file_location(f"_tokensynth_config_{abs(hash(path))}", path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
-        raise ValueError(f"{path}: a config file defines get_config(arg)")
-    config = module.get_config(arg or None)
+        raise ConfigError(f"{path}: a config file defines get_config(arg)")
+    try:
+        config = module.get_config(arg or None)
+    except ValueError as e:  # a config's own check of its argument (configs/family.py:depth=...)
+        raise ConfigError(f"{spec}: {e}") from e
     for key, value in (overrides or {}).items():
         node = config
         *parents, leaf = key.split(".")
         for name in parents:
+            if name not in node or not hasattr(node[name], "keys"):
+                raise ConfigError(f"--config.{key}: no config field {key!r} in {path}")
             node = node[name]
         if leaf not in node:
-            raise KeyError(f"{path}: no config field {key!r}")
+            raise ConfigError(f"--config.{key}: no config field {key!r} in {path}")
         node[leaf] = _coerce(value, node[leaf], key)
     return config
 
@@ -150,7 +193,7 @@ def _coerce(value: Any, current: Any, key: str) -> Any:
     try:
         parsed = ast.literal_eval(value)
     except (ValueError, SyntaxError) as e:
-        raise ValueError(f"config field {key!r}: cannot read {value!r} as {type(current).__name__}") from e
+        raise ConfigError(f"--config.{key}={value}: not a {type(current).__name__}") from e
     if isinstance(current, bool) != isinstance(parsed, bool) or not isinstance(parsed, (int, float, bool)):
-        raise ValueError(f"config field {key!r}: {value!r} is not a {type(current).__name__}")
+        raise ConfigError(f"--config.{key}={value}: not a {type(current).__name__}")
     return type(current)(parsed)

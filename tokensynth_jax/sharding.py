@@ -15,7 +15,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from tokensynth_jax.config import ModelConfig
-from tokensynth_jax.model import TokenSynth
+from tokensynth_jax.model.transformer import TokenSynth
 
 MESH_AXES = ("data", "fsdp", "tensor")
 

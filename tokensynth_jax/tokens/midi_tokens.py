@@ -20,7 +20,8 @@ from typing import Union
 import numpy as np
 import pretty_midi
 
-from tokensynth_jax.token_layout import (
+from tokensynth_jax.errors import UserError
+from tokensynth_jax.tokens.token_layout import (
     NUM_PITCHES,
     OFFSET_BASE,
     ONSET_BASE,
@@ -40,7 +41,7 @@ assert TIME_BINS == _BINS_PER_SECOND * WINDOW_SECONDS
 MidiInput = Union[str, os.PathLike, pretty_midi.PrettyMIDI]
 
 
-class MidiTokenizationError(ValueError):
+class MidiTokenizationError(UserError):
     """A MIDI input that cannot be tokenized; the message names the file and the problem."""
 
 

@@ -19,8 +19,8 @@ import numpy as np
 from flax import nnx
 
 from tokensynth_jax.config import ModelConfig
-from tokensynth_jax.convert import ConversionError
-from tokensynth_jax.model import TokenSynth
+from tokensynth_jax.interop.convert import ConversionError
+from tokensynth_jax.model.transformer import TokenSynth
 
 FORMAT = "tokensynth-jax-safetensors"
 FORMAT_VERSION = 1

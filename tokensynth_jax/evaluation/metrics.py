@@ -16,6 +16,8 @@ import warnings
 
 import numpy as np
 
+from tokensynth_jax.errors import UserError
+
 # DDSP's multi-scale spectral loss (Engel et al., ICLR 2020, ddsp.losses.SpectralLoss as trained):
 # FFT sizes 2048 ... 64, hop = size / 4 (75% overlap), Hann window, unnormalised magnitudes,
 # per scale mean |S_gen - S_ref| + mean |log(S_gen + eps) - log(S_ref + eps)|, summed over scales.
@@ -25,7 +27,7 @@ ONSET_TOLERANCE = 0.05  # mir_eval's default: an estimated onset within 50 ms of
 PITCH_TOLERANCE_CENTS = 50.0  # mir_eval's default: within a quarter tone
 
 
-class MetricError(ValueError):
+class MetricError(UserError):
     """An input a metric cannot score; the message names the input and the problem."""
 
 

@@ -17,12 +17,14 @@ import os
 
 import numpy as np
 
+from tokensynth_jax.errors import UserError
+
 DEFAULT_CLAP = "laion/larger_clap_music"  # the LAION music checkpoint (HTSAT-base), as the paper
 MIN_SECONDS = 0.5  # shorter references carry too little of the instrument to embed
 SILENCE_PEAK = 1e-4  # -80 dBFS: below this peak a reference is silent (CLAP would embed noise)
 
 
-class TimbreError(ValueError):
+class TimbreError(UserError):
     """A reference recording, text or mix weight that cannot give a timbre; the message names it."""
 
 
@@ -39,12 +41,12 @@ def load_clap(name: str = DEFAULT_CLAP, *, device: str = "cpu", offline: bool = 
         to 16 kHz first, as the reference implementation (and its official checkpoints) did.
 
     Returns:
-      A `data_prep.encoders.ClapEmbedder`.
+      A `tokensynth_jax.audio.encoders.ClapEmbedder`.
 
     Raises:
       TimbreError: the checkpoint cannot be loaded (the message says what to do).
     """
-    from data_prep import encoders
+    from tokensynth_jax.audio import encoders
 
     try:
         return encoders.ClapEmbedder(name, batch_size=1, device=device, offline=offline, input_mode=input_mode)
@@ -135,7 +137,7 @@ def text_embedding(clap, text: str) -> np.ndarray:
     Raises:
       TimbreError: empty or blank text, or a tokenizer that cannot be loaded.
     """
-    from data_prep import encoders
+    from tokensynth_jax.audio import encoders
 
     if not isinstance(text, str) or not text.strip():
         raise TimbreError(f"--text: a timbre description must be a non-empty text, got {text!r}")

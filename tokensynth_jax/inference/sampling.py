@@ -28,9 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tokensynth_jax import token_layout
 from tokensynth_jax.config import ModelConfig
-from tokensynth_jax.model import TokenSynth
+from tokensynth_jax.model.transformer import TokenSynth
+from tokensynth_jax.tokens import token_layout
 
 PROMPT_BUCKET = 16  # prompt lengths round up to a multiple of this, so compiles are reused
 

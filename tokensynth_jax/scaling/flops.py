@@ -14,7 +14,7 @@ import jax
 from flax import nnx
 
 from tokensynth_jax.config import ModelConfig
-from tokensynth_jax.model import TokenSynth
+from tokensynth_jax.model.transformer import TokenSynth
 
 EMBEDDING = ("midi_embed", "codebook_embed", "pos_embed")
 CONDITIONING = ("timbre_fc1", "timbre_fc2", "start_embed", "null_embed")

@@ -29,7 +29,11 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from tokensynth_jax.convert import ConversionError, mapped_state_problems, read_torch_file
+from tokensynth_jax.interop.convert import (
+    ConversionError,
+    mapped_state_problems,
+    read_torch_file,
+)
 
 # transformers' conversion table, in its order (each applied to every key that contains it).
 KEYS_TO_MODIFY_MAPPING = {

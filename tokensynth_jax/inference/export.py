@@ -27,9 +27,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tokensynth_jax import checkpoint, midi_tokens, safetensors_format, sampling, token_layout
+from tokensynth_jax import checkpoint
 from tokensynth_jax.config import ModelConfig
-from tokensynth_jax.model import TokenSynth
+from tokensynth_jax.errors import UserError
+from tokensynth_jax.inference import sampling
+from tokensynth_jax.interop import safetensors_format
+from tokensynth_jax.model.transformer import TokenSynth
+from tokensynth_jax.tokens import midi_tokens, token_layout
 
 FORMAT = "tokensynth-jax-export"
 FORMAT_VERSION = 1
@@ -43,7 +47,7 @@ PLATFORMS = ("cpu", "cuda", "tpu")
 KEY_IMPL = "threefry2x32"  # the key data input is raw threefry key data: jax.random.PRNGKey(seed)
 
 
-class ExportError(ValueError):
+class ExportError(UserError):
     """A model or option that cannot be exported; the message names the checkpoint or flag."""
 
 
@@ -233,7 +237,9 @@ def add_export_parser(sub) -> None:
 
 
 def _cmd_export(args) -> int:
-    from tokensynth_jax import synthesize  # the sampler and embedding readers of `tokensynth synthesize`
+    from tokensynth_jax.inference import (
+        synthesize,  # the sampler and embedding readers of `tokensynth synthesize`
+    )
 
     if args.example_timbre and not args.example_midi:
         raise ExportError("--example-timbre goes with --example-midi FILE...")

@@ -19,11 +19,13 @@ from typing import Any
 import msgpack
 import numpy as np
 
+from tokensynth_jax.errors import UserError
+
 SCHEMA_NAME = "tokensynth-pair"
 SCHEMA_VERSION = 1
 
 
-class RecordError(ValueError):
+class RecordError(UserError):
     """A record that is not of this schema or is malformed; the message says which field."""
 
 

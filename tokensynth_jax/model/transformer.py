@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from tokensynth_jax import layers
 from tokensynth_jax.config import ModelConfig
+from tokensynth_jax.model import layers
 
 
 def attention_valid(q_slots, k_slots, pad_b, last_slot, kind: str):

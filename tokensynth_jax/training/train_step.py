@@ -14,7 +14,7 @@ import optax
 from flax import nnx
 
 from tokensynth_jax.config import ModelConfig
-from tokensynth_jax.model import TokenSynth
+from tokensynth_jax.model.transformer import TokenSynth
 
 
 def channel_losses(logits_blv, targets_blc, mask_bl, cfg: ModelConfig):

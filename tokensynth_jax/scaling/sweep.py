@@ -15,12 +15,14 @@ import json
 import os
 import shlex
 
+from tokensynth_jax.errors import UserError
+
 PLAN_FORMAT = "tokensynth-sweep-plan"
 FIT_FORMAT = "tokensynth-sweep-fit"
 N_DEFINITION = "non-embedding parameters: blocks, final norm and output head (tokensynth_jax/flops.py)"
 
 
-class SweepError(ValueError):
+class SweepError(UserError):
     """A plan or run directory that cannot be used; the message names the file and the problem."""
 
 
@@ -57,7 +59,7 @@ def plan_sweep(config: str, budgets, depths, workdir: str, *, overrides: dict | 
       min_steps: runs with fewer steps are listed as skipped.
     """
     from tokensynth_jax.config import ModelConfig, load_config_file
-    from tokensynth_jax.flops import model_flops_per_token, param_counts
+    from tokensynth_jax.scaling.flops import model_flops_per_token, param_counts
 
     overrides = dict(overrides or {})
     runs, skipped = [], []
@@ -161,8 +163,8 @@ def finished(run: dict) -> bool:
 
 def run_sweep(plan: dict, only=None) -> list[str]:
     """Trains the plan's runs here, one after another; returns the names trained now."""
-    from tokensynth_jax import train
     from tokensynth_jax.config import load_config_file
+    from tokensynth_jax.training import train
 
     unknown = sorted(set(only or ()) - {r["name"] for r in plan["runs"]})
     if unknown:
@@ -215,7 +217,8 @@ def frontier(runs: list[dict]) -> list[list]:
 def fit_sweep(plan: dict, out_dir: str, *, loss: str = "auto", root: str | None = None, samples: int = 200,
               level: float = 0.9, seed: int = 0, delta: float = 1e-3) -> dict:
     """Collects the runs, fits IsoFLOP minima and the parametric law, bootstraps, writes fit.json and plots."""
-    from tokensynth_jax import scaling, scaling_plots  # scipy and matplotlib: only here
+    from tokensynth_jax.scaling import fit as scaling  # scipy and matplotlib: only here
+    from tokensynth_jax.scaling import plots as scaling_plots
 
     runs, missing = collect(plan, loss, root)
     if not runs:

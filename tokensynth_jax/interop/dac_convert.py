@@ -23,7 +23,11 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from tokensynth_jax.convert import ConversionError, mapped_state_problems, read_torch_file
+from tokensynth_jax.interop.convert import (
+    ConversionError,
+    mapped_state_problems,
+    read_torch_file,
+)
 
 
 def num_frames(num_samples: int, hop_length: int = 512) -> int:

@@ -18,11 +18,12 @@ import jax
 import numpy as np
 from flax import nnx
 
-from tokensynth_jax import checkpoint, input_pipeline, optim, sharding, train_samples
-from tokensynth_jax import train_step as ts
+from tokensynth_jax import checkpoint, sharding
 from tokensynth_jax.config import ModelConfig
-from tokensynth_jax.flops import model_flops_per_token
-from tokensynth_jax.model import TokenSynth
+from tokensynth_jax.model.transformer import TokenSynth
+from tokensynth_jax.scaling.flops import model_flops_per_token
+from tokensynth_jax.training import input_pipeline, optim, train_samples
+from tokensynth_jax.training import train_step as ts
 
 log = logging.getLogger("tokensynth.train")
 

@@ -19,14 +19,16 @@ from typing import Sequence
 
 import numpy as np
 
-from tokensynth_jax import checkpoint, midi_tokens, sampling, token_layout
+from tokensynth_jax import checkpoint
 from tokensynth_jax.config import ModelConfig
-
+from tokensynth_jax.errors import UserError
+from tokensynth_jax.inference import sampling
+from tokensynth_jax.tokens import midi_tokens, token_layout
 
 DEFAULT_MAX_ROWS = 450  # audio rows per window, as the reference (5.2 s of DAC 44.1 kHz frames)
 
 
-class SynthesisError(ValueError):
+class SynthesisError(UserError):
     """Bad synthesis input; the message names the file or option at fault."""
 
 
@@ -120,7 +122,7 @@ def resolve_codec(checkpoint_dir: str, meta: dict, asked: str | None, cfg: Model
     Raises:
       SynthesisError naming the checkpoint.
     """
-    from data_prep import encoders
+    from tokensynth_jax.audio import encoders
 
     recorded = (meta.get("metadata") or {}).get("codec", {}).get("name")
     if asked and recorded and asked != recorded:
@@ -197,7 +199,7 @@ def synthesize_audio(
     if codec is not None and not decode:
         raise SynthesisError(f"--codec {codec}: codes only are asked for (no --out), so nothing is decoded")
     if decode:
-        from data_prep import encoders
+        from tokensynth_jax.audio import encoders
 
         name = resolve_codec(checkpoint_dir, meta, codec, cfg, offline=offline)
         try:
@@ -279,7 +281,7 @@ def timbre_from_inputs(*, batch: int, timbre_dim: int, embedding: str | None = N
     ("name|front-end mode"): that CLAP and front end are the default, and another `clap` is an
     error, because embeddings of different CLAPs live in different spaces.
     """
-    from tokensynth_jax import timbre as timbre_lib
+    from tokensynth_jax.inference import timbre as timbre_lib
 
     if embedding is not None:
         if audio or text is not None or mix is not None or clap is not None:

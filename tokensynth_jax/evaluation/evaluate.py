@@ -17,8 +17,8 @@ from typing import Callable, Sequence, Union
 
 import numpy as np
 
-from tokensynth_jax import metrics
-from tokensynth_jax.metrics import MetricError
+from tokensynth_jax.evaluation import metrics
+from tokensynth_jax.evaluation.metrics import MetricError
 
 TASKS = {"cloning": "Instrument cloning", "text": "Text-to-instrument"}
 MANIFEST_NAME = "items.jsonl"  # what `tokensynth eval DIR` reads
@@ -76,7 +76,7 @@ def load_clap(name: str, *, offline: bool = True):
     Raises:
       MetricError: a pretrained checkpoint that is not in the local cache.
     """
-    from tokensynth_jax import timbre
+    from tokensynth_jax.inference import timbre
 
     try:
         return timbre.load_clap(name, offline=offline)
@@ -86,7 +86,7 @@ def load_clap(name: str, *, offline: bool = True):
 
 def _clap_scores(clap, item: EvalItem, gen: np.ndarray, sr: int, where: str) -> tuple[float | None, float | None]:
     """(generated vs reference audio, generated vs text) cosines; None where the item has no such input."""
-    from tokensynth_jax import timbre
+    from tokensynth_jax.inference import timbre
 
     # The generated clip goes to CLAP as it is: a silent or short generation is a result to score
     # low, not an input error (timbre.audio_embedding rejects those, rightly, for references).

@@ -29,12 +29,11 @@ PRETRAINED = ("facebook/encodec_32khz", "laion/larger_clap_music")
 TINY = ("tiny-encodec", "tiny-clap")
 # Eight General MIDI families: keyboard, mallet, guitar, bass, strings, brass, reed, pipe.
 DEMO_PROGRAMS = (0, 11, 24, 32, 40, 56, 71, 73)
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def pick_encoders(codec: str | None, clap: str | None) -> tuple[str, str, bool]:
     """(codec, clap, pretrained?): the ones asked for, else pretrained if cached, else the tiny presets."""
-    from data_prep import encoders
+    from tokensynth_jax.audio import encoders
 
     if codec or clap:
         return codec or TINY[0], clap or TINY[1], False
@@ -52,7 +51,7 @@ def _stage(name: str) -> float:
 
 
 def _prep(out: str, codec: str, clap: str, pairs: int, max_notes: int) -> dict:
-    from tokensynth_jax import cli
+    from tokensynth_jax.cli import main as cli
 
     args = ["prep", "--out", out, "--codec", codec, "--clap", clap, "--offline",
             "--programs", ",".join(map(str, DEMO_PROGRAMS)), "--valid-fraction", "0.25", "--test-fraction", "0.25",
@@ -66,8 +65,8 @@ def _prep(out: str, codec: str, clap: str, pairs: int, max_notes: int) -> dict:
 
 def train_config(manifest: dict, data: str, steps: int, max_notes: int):
     """configs/tiny.py with the codec's codebooks and a length budget that fits its 5 s clips."""
-    from tokensynth_jax import token_layout
     from tokensynth_jax.config import load_config_file
+    from tokensynth_jax.tokens import token_layout
 
     codec = manifest["codec"]
     frames = int(np.ceil(token_layout.WINDOW_SECONDS * codec["frame_rate"]))
@@ -75,7 +74,7 @@ def train_config(manifest: dict, data: str, steps: int, max_notes: int):
         token_layout.audio_rows_for_frames(frames, codec["num_codebooks"]) + 1
     seq_len = -(-positions // 16) * 16
     every = max(steps // 3, 1)
-    return load_config_file(os.path.join(ROOT, "configs", "tiny.py"), {
+    return load_config_file("tiny", {
         "model.num_codebooks": codec["num_codebooks"], "model.codebook_size": codec["codebook_size"],
         "model.max_len": seq_len, "codec.name": codec["name"], "codec.sample_rate": codec["sample_rate"],
         "codec.frame_rate": codec["frame_rate"], "data.paths": os.path.join(data, "train"),
@@ -90,7 +89,8 @@ def _test_records(data: str, count: int) -> list:
     of each instrument to serve as its reference recording."""
     import grain
 
-    from tokensynth_jax import input_pipeline, records
+    from tokensynth_jax.tokens import records
+    from tokensynth_jax.training import input_pipeline
 
     source = grain.sources.ArrayRecordDataSource(input_pipeline.expand_paths([os.path.join(data, "test")]))
     by_instrument: dict[str, list] = {}
@@ -135,8 +135,11 @@ def _loss_plot(metrics_path: str, out_png: str) -> None:
 def run(workdir: str, *, steps: int = 300, pairs: int = 8, items: int = 4, max_notes: int = 16,
         codec: str | None = None, clap: str | None = None) -> dict:
     """Runs the demo in `workdir`; returns {"eval": rows, "paths": {...}}."""
-    from tokensynth_jax import evaluate, midi_tokens, sampling, synthesize, timbre, train
-    from tokensynth_jax.inference_checkpoint import write_inference_checkpoint
+    from tokensynth_jax.evaluation import evaluate
+    from tokensynth_jax.inference import sampling, synthesize, timbre
+    from tokensynth_jax.inference.inference_checkpoint import write_inference_checkpoint
+    from tokensynth_jax.tokens import midi_tokens
+    from tokensynth_jax.training import train
 
     workdir = os.path.abspath(workdir)
     codec, clap, pretrained = pick_encoders(codec, clap)
@@ -160,7 +163,7 @@ def run(workdir: str, *, steps: int = 300, pairs: int = 8, items: int = 4, max_n
 
     t = _stage("3/4 synthesize held-out instruments")
     clap_model = timbre.load_clap(clap, offline=True)
-    from data_prep import encoders
+    from tokensynth_jax.audio import encoders
 
     codec_model = encoders.Codec(codec, batch_size=1, offline=True)
     rate = codec_model.info.sample_rate

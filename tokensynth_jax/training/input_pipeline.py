@@ -26,11 +26,12 @@ from typing import Sequence
 import grain
 import numpy as np
 
-from tokensynth_jax import records, token_layout
 from tokensynth_jax.config import ModelConfig
+from tokensynth_jax.errors import UserError
+from tokensynth_jax.tokens import records, token_layout
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Shards that are missing or do not fit the model; the message names the file or record."""
 
 

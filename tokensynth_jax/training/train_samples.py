@@ -21,8 +21,10 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from tokensynth_jax import input_pipeline, records, sampling, token_layout
 from tokensynth_jax.config import ModelConfig
+from tokensynth_jax.inference import sampling
+from tokensynth_jax.tokens import records, token_layout
+from tokensynth_jax.training import input_pipeline
 
 log = logging.getLogger("tokensynth.train")
 
@@ -84,7 +86,9 @@ class SampleWriter:
             return
         try:
             if self._codec is None:
-                from data_prep import encoders  # torch + transformers: only when audio samples are on
+                from tokensynth_jax.audio import (
+                    encoders,  # torch + transformers: only when audio samples are on
+                )
 
                 self._codec = encoders.Codec(self.codec_name, batch_size=1, offline=True)
             audio = self._codec.decode(codes[None])[0]

@@ -14,9 +14,7 @@ import sys
 
 import numpy as np
 
-ASSETS = os.path.join(os.path.dirname(__file__), "assets")
-EXAMPLE_MIDI = os.path.join(ASSETS, "example.mid")
-TINY_CONFIG = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "tiny.py")
+EXAMPLE_MIDI = os.path.join(os.path.dirname(os.path.dirname(__file__)), "inference", "assets", "example.mid")
 
 
 def _cmd_init(args) -> int:
@@ -40,8 +38,8 @@ def _cmd_init(args) -> int:
 def _cmd_train(args) -> int:
     import logging
 
-    from tokensynth_jax import train
     from tokensynth_jax.config import load_config_file
+    from tokensynth_jax.training import train
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     overrides = dict(kv.split("=", 1) for kv in args.set)
@@ -52,7 +50,8 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_convert(args) -> int:
-    from tokensynth_jax import checkpoint, convert, safetensors_format
+    from tokensynth_jax import checkpoint
+    from tokensynth_jax.interop import convert, safetensors_format
 
     if "safetensors" in (args.from_format, args.to_format):
         if args.num_heads is not None or args.attention is not None:
@@ -84,8 +83,9 @@ def _cmd_convert(args) -> int:
 
 
 def _cmd_synthesize(args) -> int:
-    from tokensynth_jax import checkpoint, synthesize
+    from tokensynth_jax import checkpoint
     from tokensynth_jax.config import ModelConfig
+    from tokensynth_jax.inference import synthesize
 
     if args.out is None and args.tokens_out is None:
         raise synthesize.SynthesisError("give an output: --out OUT.wav (or a folder), and/or --tokens-out OUT.npy")
@@ -139,7 +139,7 @@ def _cmd_synthesize(args) -> int:
 
 def _wav_paths(out: str, midi: list) -> list:
     """OUT.wav for one MIDI file; for several, OUT is a folder and each gets its own <stem>.wav."""
-    from tokensynth_jax.synthesize import SynthesisError
+    from tokensynth_jax.inference.synthesize import SynthesisError
 
     ext = os.path.splitext(out)[1].lower()
     if ext == ".wav" and not os.path.isdir(out):
@@ -209,26 +209,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spectrogram", action="store_true", help="a spectrogram PNG beside each WAV")
     p.set_defaults(run=_cmd_synthesize)
 
-    from data_prep.cli import add_prep_parser  # cheap: Beam is imported only when prep runs
+    from tokensynth_prep.cli import (
+        add_prep_parser,  # cheap: Beam is imported only when prep runs
+    )
 
     add_prep_parser(sub)
-    from tokensynth_jax.sweep import add_sweep_parser
+    from tokensynth_jax.scaling.sweep import add_sweep_parser
 
     add_sweep_parser(sub)
-    from tokensynth_jax.inference_checkpoint import add_inference_checkpoint_parser
+    from tokensynth_jax.inference.inference_checkpoint import (
+        add_inference_checkpoint_parser,
+    )
 
     add_inference_checkpoint_parser(sub)
-    from tokensynth_jax.export import add_export_parser
+    from tokensynth_jax.inference.export import add_export_parser
 
     add_export_parser(sub)
-    from tokensynth_jax.evaluate import add_eval_parser
+    from tokensynth_jax.evaluation.evaluate import add_eval_parser
 
     add_eval_parser(sub)
-    from tokensynth_jax.clap_convert import add_convert_clap_parser
+    from tokensynth_jax.interop.clap_convert import add_convert_clap_parser
 
     add_convert_clap_parser(sub)
 
-    from tokensynth_jax.demo import add_demo_parser
+    from tokensynth_jax.cli.demo import add_demo_parser
 
     add_demo_parser(sub)
     return parser
@@ -250,20 +254,11 @@ def main(argv=None) -> int:
     overrides, argv = _split_config_overrides(sys.argv[1:] if argv is None else list(argv))
     args = build_parser().parse_args(argv)
     args.config_overrides = overrides
-    from tokensynth_jax.checkpoint import CheckpointError
-    from tokensynth_jax.convert import ConversionError
-    from tokensynth_jax.export import ExportError
-    from tokensynth_jax.input_pipeline import DataError
-    from tokensynth_jax.midi_tokens import MidiTokenizationError
-    from tokensynth_jax.synthesize import SynthesisError
-    from tokensynth_jax.sweep import SweepError
-    from tokensynth_jax.timbre import TimbreError
-    from tokensynth_jax.metrics import MetricError
+    from tokensynth_jax.errors import UserError
 
     try:
         return args.run(args)
-    except (CheckpointError, ConversionError, MidiTokenizationError, SynthesisError, FileNotFoundError, KeyError,
-            DataError, ExportError, SweepError, MetricError, TimbreError) as e:
+    except (UserError, FileNotFoundError) as e:
         print(f"tokensynth {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -16,6 +16,8 @@ import math
 
 import numpy as np
 
+from tokensynth_jax.errors import UserError
+
 # name -> (kind, published architecture). EnCodec 32 kHz: transformers' conversion script
 # (upsampling 8-5-4-4, 2048 codes, 2.2 kbps = 4 codebooks at 50 Hz, non-causal, no conv shortcut).
 _ENCODEC_32K = dict(upsampling_ratios=[8, 5, 4, 4], target_bandwidths=[2.2], num_filters=64, sampling_rate=32000,
@@ -50,7 +52,7 @@ CLAP_SAMPLE_RATE = 48000
 _SEED = 0  # random presets are seeded, so two workers build the same model
 
 
-class EncoderError(ValueError):
+class EncoderError(UserError):
     """An encoder that cannot be loaded; the message says what to do."""
 
 

@@ -20,6 +20,8 @@ import numpy as np
 from scipy import optimize, special
 from threadpoolctl import threadpool_limits
 
+from tokensynth_jax.errors import UserError
+
 PARAM_NAMES = ("E", "A", "B", "alpha", "beta")
 # Hoffmann et al.'s initialisation grid (their appendix D.2), in (a, b, e, alpha, beta).
 INIT_GRID = np.array(list(itertools.product(
@@ -27,7 +29,7 @@ INIT_GRID = np.array(list(itertools.product(
     np.arange(0, 2.5, 0.5))))
 
 
-class FitError(ValueError):
+class FitError(UserError):
     """Too few or unusable points for a fit; the message says what is missing."""
 
 

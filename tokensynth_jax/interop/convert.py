@@ -24,14 +24,15 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from tokensynth_jax import token_layout
 from tokensynth_jax.config import ModelConfig
+from tokensynth_jax.errors import UserError
+from tokensynth_jax.tokens import token_layout
 
 OFFICIAL_NUM_HEADS = 16  # not recoverable from shapes; the official hyper-parameters
 BUFFERS = ("mask", "k_cache", "v_cache")
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError):
     """A state dict that does not match the official architecture; the message lists every problem."""
 
 

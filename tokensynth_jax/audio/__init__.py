@@ -1,0 +1,1 @@
+"""The audio front end: codecs, timbre embedders (CLAP), audio reading and resampling (torch lives here)."""

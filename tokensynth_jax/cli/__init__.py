@@ -1,0 +1,1 @@
+"""The `tokensynth` command line: parsers, flag checks and the demo; the only place that imports the prep job."""

@@ -1,0 +1,1 @@
+"""Checkpoint formats of others: the official PyTorch package, safetensors, descript DAC, LAION CLAP."""
