@@ -49,7 +49,7 @@ def beam_options(args) -> list[str]:
 def _cmd_prep(args) -> int:
     from tokensynth_jax.audio import encoders
 
-    from . import instruments, midi_sources, pipeline, sink
+    from . import instrument_spec, midi_sources, pipeline, sink
 
     try:
         cfg = config_from_args(args)
@@ -61,7 +61,7 @@ def _cmd_prep(args) -> int:
             nsynth.export_tfds(None if args.nsynth_tfds == "default" else args.nsynth_tfds, cfg.nsynth_dir,
                                cfg.nsynth_splits)
         result = pipeline.run(cfg, beam_options(args))
-    except (ConfigError, encoders.EncoderError, instruments.InstrumentError, midi_sources.SegmentError,
+    except (ConfigError, encoders.EncoderError, instrument_spec.InstrumentError, midi_sources.SegmentError,
             sink.SinkError, FileNotFoundError) as e:
         print(f"tokensynth prep: error: {e}", file=sys.stderr)
         return 2

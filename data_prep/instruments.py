@@ -18,29 +18,14 @@ import threading
 
 import numpy as np
 
-from tokensynth_jax.errors import UserError
-
 from .config import PrepConfig
-from .midi_sources import is_remote, read_bytes
+from .instrument_spec import InstrumentError, InstrumentSpec
+from .paths import is_remote, read_bytes
 from .render import NoteTable
 
 DEFAULT_SOUNDFONT = "pretty_midi:TimGM6mb.sf2"  # resolved on each machine, where pretty_midi is installed
 _TRIM_DB = -80.0  # a note's tail below this (relative to the instrument's loudest note) is cut
 _SILENT_NOTE_DB = -60.0  # a note this far below the loudest is a missing note, not a quiet one
-
-
-class InstrumentError(UserError):
-    """A library or instrument that cannot be used; the message names it."""
-
-
-@dataclasses.dataclass(frozen=True)
-class InstrumentSpec:
-    """One instrument of a library, enough for any worker to build its note table."""
-
-    instrument_id: str  # e.g. "sf2:TimGM6mb:000-040" or "nsynth:guitar_acoustic_010"
-    split: str  # "train" / "valid" / "test"
-    library: str  # "soundfont" or "nsynth"
-    params: dict  # library specifics (soundfont: path, bank, program, name; nsynth: dir, notes)
 
 
 def assign_splits(ids: list[str], valid_fraction: float, test_fraction: float, seed: int) -> dict:

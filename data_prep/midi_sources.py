@@ -22,7 +22,8 @@ from tokensynth_jax.errors import UserError
 from tokensynth_jax.tokens import midi_tokens
 from tokensynth_jax.tokens.token_layout import WINDOW_SECONDS
 
-from . import procedural
+from . import paths, procedural
+from .paths import is_remote, join, read_bytes
 
 MIDI_EXTENSIONS = (".mid", ".midi")
 UNREADABLE, EMPTY, DRUM_ONLY, EXTREME_TEMPO, TOO_MANY_NOTES = (
@@ -42,22 +43,6 @@ class Segment:
     notes: np.ndarray  # float64 [N, 4]: start s, end s (relative to the window), pitch, velocity
 
 
-def is_remote(path: str) -> bool:
-    """Whether a path is a Beam filesystem URL (gs://, s3://, ...) rather than a local path."""
-    return "://" in path
-
-
-def read_bytes(path: str) -> bytes:
-    """Reads a local file or a Beam filesystem URL."""
-    if is_remote(path):
-        from apache_beam.io.filesystems import FileSystems
-
-        with FileSystems.open(path) as f:
-            return f.read()
-    with open(path, "rb") as f:
-        return f.read()
-
-
 def list_midi_files(root: str) -> list[str]:
     """Every .mid/.midi file under `root`, at any depth, as sorted paths relative to it.
 
@@ -65,10 +50,8 @@ def list_midi_files(root: str) -> list[str]:
       SegmentError: the root does not exist or holds no MIDI file.
     """
     if is_remote(root):
-        from apache_beam.io.filesystems import FileSystems
-
         base = root.rstrip("/") + "/"
-        matches = FileSystems.match([base + "**"])[0].metadata_list
+        matches = paths.filesystems().match([base + "**"])[0].metadata_list
         rel = [m.path[len(base):] for m in matches]
     else:
         if not os.path.isdir(root):
@@ -78,10 +61,6 @@ def list_midi_files(root: str) -> list[str]:
     if not rel:
         raise SegmentError(f"{root}: no .mid or .midi files under it")
     return rel
-
-
-def _join(root: str, rel: str) -> str:
-    return root.rstrip("/") + "/" + rel if is_remote(root) else os.path.join(root, rel)
 
 
 def _load(data: bytes) -> pretty_midi.PrettyMIDI:
@@ -119,7 +98,7 @@ def file_segments(root: str, rel_path: str, *, max_notes: int, min_tempo_bpm: fl
       (segments, rejections): rejections are (reason, item) pairs, item naming the file or window.
     """
     try:
-        pm = _load(read_bytes(_join(root, rel_path)))
+        pm = _load(read_bytes(join(root, rel_path)))
         _, tempi = pm.get_tempo_changes()
     except Exception as e:  # mido/pretty_midi raise many types for corrupt or non-MIDI files
         return [], [(UNREADABLE, f"{rel_path}: {type(e).__name__}: {str(e)[:200]}")]
@@ -159,7 +138,7 @@ def segment_from_source(source: dict, *, midi_dir: str | None, max_notes: int) -
         return procedural_segment(source["seed"], source["index"], max_notes)
     if midi_dir is None:
         raise SegmentError(f"{source}: a file source needs the MIDI directory")
-    pm = _load(read_bytes(_join(midi_dir, source["midi"])))
+    pm = _load(read_bytes(join(midi_dir, source["midi"])))
     inst = pm.instruments[source["track"]]
     notes = np.asarray([(n.start, n.end, n.pitch, n.velocity) for n in inst.notes], np.float64)
     for w0, win, _ in _track_windows(notes, max_notes):

@@ -12,27 +12,16 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import os
 
 import numpy as np
 
-from .instruments import InstrumentError, InstrumentSpec
-from .midi_sources import is_remote, read_bytes
+from tokensynth_jax.audio import io as audio_io
+
+from .instrument_spec import InstrumentError, InstrumentSpec
+from .paths import exists, join, read_bytes
 
 NSYNTH_RATE = 16000
-
-
-def _join(*parts: str) -> str:
-    return "/".join(p.rstrip("/") for p in parts) if is_remote(parts[0]) else os.path.join(*parts)
-
-
-def _exists(path: str) -> bool:
-    if is_remote(path):
-        from apache_beam.io.filesystems import FileSystems
-
-        return FileSystems.exists(path)
-    return os.path.exists(path)
 
 
 def raw_instruments(root: str, splits: tuple[str, ...]) -> list[InstrumentSpec]:
@@ -50,9 +39,9 @@ def raw_instruments(root: str, splits: tuple[str, ...]) -> list[InstrumentSpec]:
     """
     specs, seen = [], {}
     for split in splits:
-        split_dir = _join(root, f"nsynth-{split}")
-        index = _join(split_dir, "examples.json")
-        if not _exists(index):
+        split_dir = join(root, f"nsynth-{split}")
+        index = join(split_dir, "examples.json")
+        if not exists(index):
             continue
         try:
             examples = json.loads(read_bytes(index))
@@ -81,22 +70,18 @@ def raw_notes(spec: InstrumentSpec, sample_rate: int) -> dict:
       InstrumentError: a wav that is missing or not 16-bit mono PCM.
     """
     from scipy.io import wavfile
-    from scipy.signal import resample_poly
 
     out = {}
     for pitch, velocity, note_str in spec.params["notes"]:
-        path = _join(spec.params["dir"], "audio", f"{note_str}.wav")
+        path = join(spec.params["dir"], "audio", f"{note_str}.wav")
         try:
             rate, pcm = wavfile.read(io.BytesIO(read_bytes(path)))
         except (OSError, ValueError) as e:
             raise InstrumentError(f"{path}: not a readable wav ({e})") from e
         if pcm.ndim != 1 or pcm.dtype != np.int16:
             raise InstrumentError(f"{path}: expected 16-bit mono PCM, got {pcm.dtype} {pcm.shape}")
-        audio = pcm.astype(np.float32) / 32768.0
-        if rate != sample_rate:
-            g = math.gcd(sample_rate, rate)
-            audio = resample_poly(audio, sample_rate // g, rate // g).astype(np.float32)
-        out[(int(pitch), int(velocity))] = audio
+        out[(int(pitch), int(velocity))] = audio_io.resample_polyphase(pcm.astype(np.float32) / 32768.0, rate,
+                                                                       sample_rate)
     return out
 
 

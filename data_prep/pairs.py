@@ -14,7 +14,7 @@ import numpy as np
 
 from tokensynth_jax.tokens import records
 
-from . import augment, instruments, midi_sources, render
+from . import augment, instrument_spec, instruments, midi_sources, render
 from .config import PrepConfig
 from .plan import PairPlan, rng_for
 
@@ -113,6 +113,6 @@ def rerender(record: records.PairRecord, cfg: PrepConfig, which: str = "target",
     if table is None:
         spec = next((s for s in instruments.list_instruments(cfg) if s.instrument_id == record.instrument_id), None)
         if spec is None:
-            raise instruments.InstrumentError(f"{record.instrument_id}: not in the configured library")
+            raise instrument_spec.InstrumentError(f"{record.instrument_id}: not in the configured library")
         table = instruments.build_note_table(spec, int(record.codec["sample_rate"]), cfg)
     return _clip(segment, table, int(source["transpose"]), augment.board(record.augmentation), cfg, which)

@@ -28,7 +28,7 @@ from apache_beam.utils import shared
 from tokensynth_jax.audio import encoders
 from tokensynth_jax.tokens import records
 
-from . import instruments, midi_sources, pairs, plan, render, sink
+from . import instrument_spec, instruments, midi_sources, pairs, paths, plan, render, sink
 from .config import PrepConfig
 
 _NS = "tokensynth_prep"
@@ -113,7 +113,7 @@ def _staged(p: beam.Pipeline, label: str, output_dir: str, items: list):
     Why: beam.Create inlines its values into the job graph, which Dataflow caps at 10 MB; the
     Lakh file list (178k paths) or the NSynth instruments (each with its notes) come close.
     """
-    path = sink.join(output_dir, "_job", f"{label}.json")
+    path = paths.join(output_dir, "_job", f"{label}.json")
     sink.write_json_atomic(path, items)
     return (p | f"{label} file" >> beam.Create([path])
             | f"Read {label}" >> beam.FlatMap(sink.read_json))
@@ -141,7 +141,7 @@ class RenderPairs(beam.DoFn):
     def process(self, chunk):
         try:
             table = _TABLES.get(chunk[0].instrument, self.sample_rate, self.cfg)
-        except (instruments.InstrumentError, render.RenderError, OSError, ValueError) as e:
+        except (instrument_spec.InstrumentError, render.RenderError, OSError, ValueError) as e:
             for p in chunk:
                 yield self._reject(p, pairs.UNUSABLE_INSTRUMENT, str(e))
             return
@@ -172,9 +172,7 @@ class EncodePairs(beam.DoFn):
 
     def setup(self):
         if self.cfg.torch_threads:
-            import torch
-
-            torch.set_num_threads(self.cfg.torch_threads)
+            encoders.set_torch_threads(self.cfg.torch_threads)
         self.models = self._shared.acquire(lambda: _Encoders(self.cfg), tag=self.cfg.fingerprint())
 
     def process(self, batch):
@@ -252,7 +250,7 @@ class WriteManifest(beam.DoFn):
         done = info.pop("done_summaries")
         manifest = build_manifest(self.cfg, summaries=list(summaries) + done, midi_rejections=midi_rejections,
                                   num_segments=num_segments, pool_size=pool_size, **info)
-        sink.write_json_atomic(sink.join(self.cfg.output_dir, sink.MANIFEST), manifest)
+        sink.write_json_atomic(paths.join(self.cfg.output_dir, sink.MANIFEST), manifest)
         sink.remove_stale_temporaries(self.cfg.output_dir)
         yield manifest
 
@@ -274,7 +272,7 @@ def build(p: beam.Pipeline, cfg: PrepConfig, *, specs, counts: dict, done: dict,
             | "Pool segments" >> beam.Map(lambda kv: [seg for _, seg in kv]))
     skip = frozenset(done)
     rendered = (_staged(p, "instruments", cfg.output_dir, [dataclasses.asdict(s) for s in specs])
-                | "Spec" >> beam.Map(lambda d: instruments.InstrumentSpec(**d))
+                | "Spec" >> beam.Map(lambda d: instrument_spec.InstrumentSpec(**d))
                 | "Plan" >> beam.FlatMap(_plan, beam.pvalue.AsSingleton(pool), cfg, counts, skip)
                 | "Reshuffle chunks" >> beam.Reshuffle()
                 | "Render" >> beam.ParDo(RenderPairs(cfg, codec.sample_rate)).with_outputs(_REJECTED_PAIRS,
@@ -330,7 +328,7 @@ def run(cfg: PrepConfig, beam_args: list[str] | None = None) -> JobResult:
       The manifest and this run's Beam counters.
 
     Raises:
-      encoders.EncoderError, instruments.InstrumentError, midi_sources.SegmentError, sink.SinkError:
+      encoders.EncoderError, instrument_spec.InstrumentError, midi_sources.SegmentError, sink.SinkError:
         before anything runs, naming what is missing or wrong.
     """
     codec = encoders.codec_info(cfg.codec, offline=cfg.offline)

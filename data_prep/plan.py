@@ -15,7 +15,7 @@ import math
 import numpy as np
 
 from .config import SPLITS, PrepConfig
-from .instruments import InstrumentSpec
+from .instrument_spec import InstrumentSpec
 from .midi_sources import Segment, SegmentError
 
 

@@ -18,7 +18,8 @@ import uuid
 
 from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 
-from .midi_sources import is_remote
+from . import paths
+from .paths import exists, is_remote, join, read_bytes, size
 
 WRITER_OPTIONS = "group_size:1"  # one record per chunk: random access for the input pipeline
 MANIFEST = "manifest.json"
@@ -29,36 +30,9 @@ class SinkError(RuntimeError):
     """An output directory that cannot be written or resumed; the message names it."""
 
 
-def join(*parts: str) -> str:
-    """Joins path parts, local or URL."""
-    return "/".join(p.rstrip("/") for p in parts) if is_remote(parts[0]) else os.path.join(*parts)
-
-
 def shard_name(split: str, index: int, num_shards: int) -> str:
     """The shard's path relative to the output directory."""
     return f"{split}/shard-{index:05d}-of-{num_shards:05d}.array_record"
-
-
-def _fs():
-    from apache_beam.io.filesystems import FileSystems
-
-    return FileSystems
-
-
-def _exists(path: str) -> bool:
-    return _fs().exists(path) if is_remote(path) else os.path.exists(path)
-
-
-def _size(path: str) -> int:
-    return _fs().match([path])[0].metadata_list[0].size_in_bytes if is_remote(path) else os.path.getsize(path)
-
-
-def _read(path: str) -> bytes:
-    if is_remote(path):
-        with _fs().open(path) as f:
-            return f.read()
-    with open(path, "rb") as f:
-        return f.read()
 
 
 def _publish(local_tmp: str, final: str) -> None:
@@ -66,7 +40,7 @@ def _publish(local_tmp: str, final: str) -> None:
     if not is_remote(final):
         os.replace(local_tmp, final)
         return
-    fs, remote_tmp = _fs(), f"{final}.tmp-{uuid.uuid4().hex}"
+    fs, remote_tmp = paths.filesystems(), f"{final}.tmp-{uuid.uuid4().hex}"
     with open(local_tmp, "rb") as src, fs.create(remote_tmp) as dst:
         while block := src.read(1 << 24):
             dst.write(block)
@@ -159,16 +133,16 @@ def completed_shards(output_dir: str, counts: dict[str, int], fingerprint: str) 
     for split, num in counts.items():
         for index in range(num):
             final = join(output_dir, shard_name(split, index, num))
-            if not _exists(final + ".json"):
+            if not exists(final + ".json"):
                 continue
-            summary = json.loads(_read(final + ".json"))
+            summary = json.loads(read_bytes(final + ".json"))
             if summary.get("fingerprint") != fingerprint:
                 raise SinkError(f"{output_dir}: {shard_name(split, index, num)} was written by a different "
                                 "configuration; use a new output directory or delete the old one")
-            if _exists(final) and _size(final) == summary["bytes"]:
+            if exists(final) and size(final) == summary["bytes"]:
                 done[(split, index)] = summary
-    if not done and _exists(join(output_dir, MANIFEST)):
-        old = json.loads(_read(join(output_dir, MANIFEST)))
+    if not done and exists(join(output_dir, MANIFEST)):
+        old = json.loads(read_bytes(join(output_dir, MANIFEST)))
         if old.get("config_fingerprint") != fingerprint:
             raise SinkError(f"{output_dir}: holds a data set of a different configuration; "
                             "use a new output directory or delete the old one")
@@ -199,7 +173,7 @@ def read_shard(path: str) -> list[bytes]:
 
 def read_json(path: str):
     """A JSON file, local or on a Beam filesystem."""
-    return json.loads(_read(path))
+    return json.loads(read_bytes(path))
 
 
 def read_manifest(output_dir: str) -> dict:

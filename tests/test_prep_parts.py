@@ -8,8 +8,12 @@ import numpy as np
 import pretty_midi
 import pytest
 from conftest import write_midi as _write_midi  # noqa: E402
+
+from tokensynth_jax.audio import encoders
+from tokensynth_jax.tokens import midi_tokens, token_layout
 from tokensynth_prep import (
     augment,
+    instrument_spec,
     instruments,
     midi_sources,
     nsynth,
@@ -19,9 +23,6 @@ from tokensynth_prep import (
     sink,
 )
 from tokensynth_prep.config import AUG_EFFECTS, ConfigError, PrepConfig
-
-from tokensynth_jax.audio import encoders
-from tokensynth_jax.tokens import midi_tokens, token_layout
 
 SR = 32000
 
@@ -133,7 +134,7 @@ def test_soundfont_presets_and_held_out_splits(tmp_path):
     assert splits.count("test") == 12 and splits.count("valid") == 12
     again = instruments.list_instruments(_cfg(tmp_path, programs=None, valid_fraction=0.1, test_fraction=0.1))
     assert [s.split for s in again] == splits
-    with pytest.raises(instruments.InstrumentError, match="no such SoundFont"):
+    with pytest.raises(instrument_spec.InstrumentError, match="no such SoundFont"):
         instruments.list_instruments(_cfg(tmp_path, soundfonts=(str(tmp_path / "missing.sf2"),)))
 
 
@@ -234,7 +235,7 @@ def test_unknown_stored_chains_are_clear_errors():
 def test_plans_are_deterministic_and_pair_different_segments(tmp_path):
     cfg = _cfg(tmp_path, pairs_per_instrument=25, chunk_size=7)
     pool = [midi_sources.procedural_segment(0, i, 128) for i in range(10)]
-    spec = instruments.InstrumentSpec("x", "train", "soundfont", {})
+    spec = instrument_spec.InstrumentSpec("x", "train", "soundfont", {})
     chunks = plan.plan_instrument(spec, pool, cfg, 3)
     assert [len(c) for c in chunks] == [7, 7, 7, 4]
     flat = [p for c in chunks for p in c]
@@ -331,7 +332,7 @@ def test_nsynth_raw_layout_round_trip(tmp_path):
     assert notes[(60, 100)].shape == (4 * SR,)
     np.testing.assert_allclose(notes[(60, 100)][1000:2000], 0.5 * np.sin(2 * np.pi * 261.6256 * np.arange(1000, 2000) / SR) * 100 / 127, atol=2e-3)
     nsynth.write_raw_layout(examples[:1], names, str(tmp_path / "nsynth-valid"))
-    with pytest.raises(instruments.InstrumentError, match="in both train and valid"):
+    with pytest.raises(instrument_spec.InstrumentError, match="in both train and valid"):
         nsynth.raw_instruments(str(tmp_path), ("train", "valid"))
 
 

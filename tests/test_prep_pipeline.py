@@ -18,6 +18,9 @@ import numpy as np
 import pytest
 from array_record.python.array_record_module import ArrayRecordReader
 from conftest import write_midi as _write  # noqa: E402
+
+from tokensynth_jax.audio import encoders
+from tokensynth_jax.tokens import records
 from tokensynth_prep import (
     cli,
     instruments,
@@ -29,9 +32,6 @@ from tokensynth_prep import (
     sink,
 )
 from tokensynth_prep.config import PrepConfig
-
-from tokensynth_jax.audio import encoders
-from tokensynth_jax.tokens import records
 
 
 def _midi_tree(root: str) -> None:
