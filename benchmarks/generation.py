@@ -192,13 +192,13 @@ def part_ours(args) -> dict:
 
     from tokensynth_jax import config as config_lib
     from tokensynth_jax.inference import sampling
-    from tokensynth_jax.model.transformer import TokenSynth
+    from tokensynth_jax.model.transformer import abstract_model
     from tokensynth_jax.tokens.midi_tokens import tokenize_midi
 
     cfg = config_lib.REFERENCE
     with np.load(os.path.join(args.workdir, "ours_params.npz")) as f:
         params = unflatten({k: f[k] for k in f.files})
-    abstract = nnx.eval_shape(lambda: TokenSynth(cfg, rngs=nnx.Rngs(0)))
+    abstract = abstract_model(cfg)
     graphdef, state = nnx.split(abstract)
     nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
     model = nnx.merge(graphdef, state)

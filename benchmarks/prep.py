@@ -76,6 +76,7 @@ def bench_encoder(kind: str, name: str, batch_sizes, repeats: int, device: str =
     import torch
 
     from tokensynth_jax.audio import encoders
+    from tokensynth_jax.audio import io as audio_io
 
     torch.set_num_threads(1)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
@@ -101,7 +102,7 @@ def bench_encoder(kind: str, name: str, batch_sizes, repeats: int, device: str =
                 model_call = (lambda: enc.model.encode(xt, bandwidth=enc._bandwidth)) if enc.kind == "encodec" \
                     else (lambda: enc.model.encode(xt))
             else:
-                feats = enc.features(list(encoders._resample(x, rate, encoders.CLAP_SAMPLE_RATE)),
+                feats = enc.features(list(audio_io.resample_polyphase(x, rate, encoders.CLAP_SAMPLE_RATE)),
                                      sampling_rate=encoders.CLAP_SAMPLE_RATE, return_tensors="pt")
                 feats = {k: v.to(enc.device) for k, v in feats.items()}
                 model_call = lambda: enc.model.get_audio_features(**feats)

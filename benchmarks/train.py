@@ -89,7 +89,8 @@ def part_ours(args) -> dict:
     from flax import nnx
 
     from tokensynth_jax.config import ModelConfig
-    from tokensynth_jax.model.transformer import TokenSynth, count_params
+    from tokensynth_jax.model.transformer import TokenSynth
+    from tokensynth_jax.scaling.flops import param_counts
     from tokensynth_jax.training import optim, train
     from tokensynth_jax.training import train_step as ts
 
@@ -116,7 +117,7 @@ def part_ours(args) -> dict:
         dt = (time.perf_counter() - t0) / args.steps
     mb = lambda name: getattr(mem, name, 0) / _common.MB if mem is not None else None
     return {
-        "params": count_params(cfg), "flops_per_token": train.model_flops_per_token(cfg, args.seq_len),
+        "params": param_counts(cfg).total, "flops_per_token": train.model_flops_per_token(cfg, args.seq_len),
         "s_per_step": dt, "tokens_per_s": args.batch * args.seq_len / dt, "compile_s": compile_s,
         "losses": losses, "device": str(jax.devices()[0].device_kind), "platform": jax.default_backend(),
         "memory_analysis_mb": {"arguments": mb("argument_size_in_bytes"), "outputs": mb("output_size_in_bytes"),

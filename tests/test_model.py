@@ -10,7 +10,8 @@ from flax import nnx
 
 from tokensynth_jax.config import REFERENCE, ModelConfig
 from tokensynth_jax.interop import convert
-from tokensynth_jax.model.transformer import TokenSynth, count_params
+from tokensynth_jax.model.transformer import TokenSynth
+from tokensynth_jax.scaling.flops import param_counts
 
 # Odd, prime-ish sizes so shape bugs show; not the reference's shapes.
 TINY = ModelConfig(num_layers=3, d_model=48, num_heads=3, num_codebooks=4, codebook_size=37, max_len=97,
@@ -62,13 +63,13 @@ def _meta_reference(reference, cls):
 
 def test_reference_parameter_count(reference):
     official = _meta_reference(reference, reference.model.TokenSynth)
-    assert count_params(REFERENCE) == sum(p.numel() for p in official.parameters())
+    assert param_counts(REFERENCE).total == sum(p.numel() for p in official.parameters())
 
 
 def test_unconditional_parameter_count(reference):
     official = _meta_reference(reference, reference.model.TokenSynthUnconditional)
     used = sum(p.numel() for name, p in official.named_parameters() if not name.startswith("clap_projection."))
-    assert count_params(REFERENCE.replace(conditioning="unconditional")) == used
+    assert param_counts(REFERENCE.replace(conditioning="unconditional")).total == used
     # the inherited timbre MLP is the only thing we leave out
     assert sum(p.numel() for p in official.parameters()) > used
 
@@ -76,8 +77,8 @@ def test_unconditional_parameter_count(reference):
 def test_count_params_counts_what_the_model_allocates():
     model = TokenSynth(TINY.replace(null_timbre=True), rngs=nnx.Rngs(0))
     leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
-    assert count_params(TINY.replace(null_timbre=True)) == sum(x.size for x in leaves)
-    assert count_params(TINY.replace(null_timbre=True)) == count_params(TINY) + TINY.d_model
+    assert param_counts(TINY.replace(null_timbre=True)).total == sum(x.size for x in leaves)
+    assert param_counts(TINY.replace(null_timbre=True)).total == param_counts(TINY).total + TINY.d_model
 
 
 # --- logits against the reference ---------------------------------------------------------------

@@ -125,7 +125,7 @@ def test_configs_build_models_of_the_documented_sizes():
     import os
 
     from tokensynth_jax.config import load_config_file
-    from tokensynth_jax.model.transformer import count_params
+    from tokensynth_jax.scaling.flops import param_counts
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     sizes = {}
@@ -133,6 +133,6 @@ def test_configs_build_models_of_the_documented_sizes():
         c = load_config_file(os.path.join(root, "configs", f"{name}.py"))
         cfg = ModelConfig.from_dict(c.model.to_dict())
         assert c.data.seq_len <= cfg.max_len
-        sizes[name] = count_params(cfg)
+        sizes[name] = param_counts(cfg).total
     assert sizes["reference"] == 175_003_766  # the official model's count (test_model checks it against torch)
     assert sizes["tiny"] < 1_000_000 < sizes["encodec"]

@@ -22,7 +22,7 @@ from jax.sharding import Mesh
 from tokensynth_jax import sharding
 from tokensynth_jax.config import ModelConfig
 from tokensynth_jax.errors import UserError
-from tokensynth_jax.model.transformer import TokenSynth
+from tokensynth_jax.model.transformer import TokenSynth, abstract_model
 
 FORMAT = "tokensynth-jax-model"
 FORMAT_VERSION = 1
@@ -69,7 +69,7 @@ def _check_keys(where: str, saved_tree, target) -> None:
 
 def _abstract_model(cfg: ModelConfig, mesh: Mesh):
     """(graphdef, abstract param state, sharded restore target) of a model for `cfg` on `mesh`."""
-    abstract = nnx.eval_shape(lambda: TokenSynth(cfg, rngs=nnx.Rngs(0)))
+    abstract = abstract_model(cfg)
     graphdef, abstract_state = nnx.split(abstract)
     return graphdef, abstract_state, _sharded_target(abstract_state, sharding.state_shardings(abstract_state, mesh))
 

@@ -15,7 +15,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from tokensynth_jax.config import ModelConfig
-from tokensynth_jax.model.transformer import TokenSynth
+from tokensynth_jax.model.transformer import TokenSynth, abstract_model
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -86,7 +86,7 @@ def state_shardings(abstract_state: nnx.State, mesh: Mesh, rules=DEFAULT_RULES):
 
 def create_sharded(cfg: ModelConfig, mesh: Mesh, seed: int = 0, rules=DEFAULT_RULES) -> TokenSynth:
     """A freshly initialised model whose parameters are born sharded on `mesh`."""
-    abstract = nnx.eval_shape(lambda: TokenSynth(cfg, rngs=nnx.Rngs(seed)))
+    abstract = abstract_model(cfg, seed)
     graphdef, abstract_state = nnx.split(abstract)
     shardings = state_shardings(abstract_state, mesh, rules)
 
@@ -101,8 +101,3 @@ def create_sharded(cfg: ModelConfig, mesh: Mesh, seed: int = 0, rules=DEFAULT_RU
 def batch_sharding(mesh: Mesh, ndim: int, rules=DEFAULT_RULES) -> NamedSharding:
     """Sharding of a batch-major array: batch over data x fsdp, other axes replicated."""
     return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), rules))
-
-
-def constrain(x, mesh: Mesh, names: Sequence[str | None], rules=DEFAULT_RULES):
-    """`with_sharding_constraint` by logical names, for activations inside jitted code."""
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(names, rules)))

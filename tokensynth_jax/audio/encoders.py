@@ -1,6 +1,6 @@
-"""The audio front end of data prep: CLAP embeddings and codec codes through transformers.
+"""The audio front end: CLAP embeddings and codec codes through transformers.
 
-The only module of data_prep that imports torch and transformers. Presets are chosen by name:
+With the converters (interop/), the only place that imports torch and transformers. Presets are chosen by name:
 pretrained checkpoints (Hugging Face ids or local paths) load the normal way and, when they are
 not in the cache and the hub cannot be reached, fail with a clear error, never a silent switch to
 random weights; `tiny-*` presets are tiny seeded random models of the same architectures (tests,
@@ -16,6 +16,7 @@ import math
 
 import numpy as np
 
+from tokensynth_jax.audio import io as audio_io
 from tokensynth_jax.errors import UserError
 
 # name -> (kind, published architecture). EnCodec 32 kHz: transformers' conversion script
@@ -113,6 +114,13 @@ def codec_info(name: str, *, offline: bool = False) -> CodecInfo:
     else:
         hop, k = int(np.prod(c.downsampling_ratios)), c.n_codebooks
     return CodecInfo(name, int(c.sampling_rate), c.sampling_rate / hop, k, int(c.codebook_size))
+
+
+def set_torch_threads(count: int) -> None:
+    """Caps the intra-op threads of the torch models here (one Beam worker per core wants 1)."""
+    import torch
+
+    torch.set_num_threads(count)
 
 
 def _seeded(build):
@@ -249,23 +257,12 @@ class Codec:
         return np.concatenate(out)
 
 
-def _resample(audio: np.ndarray, src: int, dst: int) -> np.ndarray:
-    from scipy.signal import resample_poly
-
-    g = math.gcd(src, dst)
-    return resample_poly(audio, dst // g, src // g, axis=-1).astype(np.float32)
-
-
 def reference_front_end(audio: np.ndarray, sample_rate: int) -> np.ndarray:
     """The reference's CLAP input (tokensynth 0.0.4 `CLAP.encode_audio`): `librosa.load(sr=16000)`
     then `librosa.resample` to 48 kHz, both librosa's default soxr_hq, so the same numbers; the
     embedding never sees content above 8 kHz."""
-    import librosa
-
-    audio = np.asarray(audio, np.float32)
-    if sample_rate != 16000:
-        audio = librosa.resample(audio, orig_sr=sample_rate, target_sr=16000)
-    return librosa.resample(audio, orig_sr=16000, target_sr=CLAP_SAMPLE_RATE).astype(np.float32)
+    audio = audio_io.resample_soxr(audio, sample_rate, 16000)
+    return audio_io.resample_soxr(audio, 16000, CLAP_SAMPLE_RATE)
 
 
 def check_clap(name: str, *, offline: bool = False) -> None:
@@ -330,7 +327,7 @@ class ClapEmbedder:
         if self.input_mode == "tokensynth-0.0.4":
             audio_bn = reference_front_end(audio_bn, sample_rate)
         else:
-            audio_bn = _resample(audio_bn, sample_rate, CLAP_SAMPLE_RATE)
+            audio_bn = audio_io.resample_polyphase(audio_bn, sample_rate, CLAP_SAMPLE_RATE)
         out = []
         for i in range(0, audio_bn.shape[0], self.batch_size):
             chunk = list(audio_bn[i : i + self.batch_size])

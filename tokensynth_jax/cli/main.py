@@ -73,11 +73,9 @@ def _cmd_convert(args) -> int:
                                                       "conversion": report, "codec": {"name": "descript/dac_44khz"}})
         print(json.dumps({"wrote": args.dst, "config": cfg.to_dict(), **report}, indent=2))
     else:
-        import torch
-
         model, _ = checkpoint.load_model(args.src)
         state = convert.to_official(model.cfg, checkpoint.params_to_numpy(model))
-        torch.save(state, args.dst)
+        convert.save_official_file(args.dst, state)
         print(f"wrote {len(state)} tensors to {args.dst} (attention mask buffers: {model.cfg.attention})")
     return 0
 

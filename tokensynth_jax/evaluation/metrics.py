@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import warnings
 
 import numpy as np
 
+from tokensynth_jax.audio import io as audio_io
 from tokensynth_jax.errors import UserError
 
 # DDSP's multi-scale spectral loss (Engel et al., ICLR 2020, ddsp.losses.SpectralLoss as trained):
@@ -32,37 +32,17 @@ class MetricError(UserError):
 
 
 def load_audio(path: str) -> tuple[np.ndarray, int]:
-    """Reads an audio file as mono float32.
-
-    Stereo (or more channels) is averaged to mono: the metrics are defined on mono audio, and the
-    model writes mono, so only references need the conversion.
-
-    Returns:
-      (samples [N], sample rate).
+    """Reads an audio file as mono float32 (stereo averaged): (samples [N], sample rate).
 
     Raises:
       MetricError: no such file, not audio, or no samples.
     """
-    import soundfile
-
-    if not os.path.isfile(path):
-        raise MetricError(f"{path}: no such file")
-    try:
-        audio, sr = soundfile.read(path, dtype="float32", always_2d=True)
-    except (soundfile.LibsndfileError, RuntimeError, TypeError) as e:
-        raise MetricError(f"{path}: not an audio file that libsndfile reads ({e})") from e
-    if audio.shape[0] == 0:
-        raise MetricError(f"{path}: the file holds no samples")
-    return audio.mean(axis=1), int(sr)
+    return audio_io.read_mono(path, MetricError)
 
 
 def resample(audio: np.ndarray, sr: int, target_sr: int) -> np.ndarray:
     """`audio` at `target_sr` (soxr, as librosa.load does for basic-pitch's own input)."""
-    if sr == target_sr:
-        return np.asarray(audio, np.float32)
-    import librosa
-
-    return librosa.resample(np.asarray(audio, np.float32), orig_sr=sr, target_sr=target_sr, res_type="soxr_hq")
+    return audio_io.resample_soxr(audio, sr, target_sr)
 
 
 def check_mono(audio, what: str) -> np.ndarray:

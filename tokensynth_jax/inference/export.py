@@ -32,7 +32,7 @@ from tokensynth_jax.config import ModelConfig
 from tokensynth_jax.errors import UserError
 from tokensynth_jax.inference import sampling
 from tokensynth_jax.interop import safetensors_format
-from tokensynth_jax.model.transformer import TokenSynth
+from tokensynth_jax.model.transformer import abstract_model
 from tokensynth_jax.tokens import midi_tokens, token_layout
 
 FORMAT = "tokensynth-jax-export"
@@ -55,8 +55,7 @@ def codes_from_rows(rows_brc, num_rows_b, num_codebooks: int):
     """In-graph `sampling.rows_to_codes`: codes [B, R - K + 1, K] padded with -1, frames [B]."""
     width = rows_brc.shape[1] - num_codebooks + 1
     frames = jnp.maximum(num_rows_b - (num_codebooks - 1), 0)
-    codes = jnp.stack([rows_brc[:, k : k + width, 1 + k] for k in range(num_codebooks)], axis=-1)
-    codes = jnp.maximum(codes - 1, 0)
+    codes = token_layout.remove_delay(rows_brc[..., 1:])
     return jnp.where(jnp.arange(width)[None, :, None] < frames[:, None, None], codes, -1), frames
 
 
@@ -68,7 +67,7 @@ def make_generate_fn(cfg: ModelConfig, sampler, max_rows: int):
     end row, not the cap), rows [B, max_rows, 1 + K] (generated delayed rows), num_rows [B].
     """
     names, treedef, _ = safetensors_format.param_structure(cfg)
-    abstract = nnx.eval_shape(lambda: TokenSynth(cfg, rngs=nnx.Rngs(0)))
+    abstract = abstract_model(cfg)
     graphdef, abstract_state = nnx.split(abstract)
 
     def generate(params, midi_bm, lengths_b, timbre_bt, key_data):

@@ -17,6 +17,7 @@ import os
 
 import numpy as np
 
+from tokensynth_jax.audio import io as audio_io
 from tokensynth_jax.errors import UserError
 
 DEFAULT_CLAP = "laion/larger_clap_music"  # the LAION music checkpoint (HTSAT-base), as the paper
@@ -55,26 +56,12 @@ def load_clap(name: str = DEFAULT_CLAP, *, device: str = "cpu", offline: bool = 
 
 
 def read_wav(path: str | os.PathLike) -> tuple[np.ndarray, int]:
-    """A reference recording as mono float32 audio and its sample rate.
-
-    Any format libsndfile reads (WAV, FLAC, OGG, AIFF) at any rate; several channels are
-    downmixed to their mean (what CLAP's own loaders do; CLAP is a mono model).
+    """A reference recording as mono float32 audio and its sample rate (any format, any rate).
 
     Raises:
       TimbreError naming the file: missing, unreadable or not audio, no samples.
     """
-    import soundfile
-
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise TimbreError(f"{path}: no such audio file")
-    try:
-        audio, sr = soundfile.read(path, dtype="float32", always_2d=True)
-    except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError) as e:
-        raise TimbreError(f"{path}: not an audio file libsndfile can read ({e})") from e
-    if audio.shape[0] == 0:
-        raise TimbreError(f"{path}: the file holds no samples")
-    return audio.mean(axis=1), int(sr)
+    return audio_io.read_mono(path, TimbreError)
 
 
 def check_audio(audio: np.ndarray, sample_rate: int, source: str = "<array>") -> np.ndarray:

@@ -277,6 +277,13 @@ def read_torch_file(path: str | os.PathLike):
         raise ConversionError(f"{path}: not a readable PyTorch file ({e})") from e
 
 
+def save_official_file(path: str | os.PathLike, state: Mapping[str, Any]) -> None:
+    """Writes a state dict from `to_official` as the `.pt` file the official package loads."""
+    import torch
+
+    torch.save(dict(state), path)
+
+
 def load_official_file(path: str | os.PathLike) -> dict[str, Any]:
     """Reads an official `.pt` state dict (tensors only, no pickled code)."""
     state = read_torch_file(path)

@@ -20,7 +20,7 @@ from flax import nnx
 
 from tokensynth_jax.config import ModelConfig
 from tokensynth_jax.interop.convert import ConversionError
-from tokensynth_jax.model.transformer import TokenSynth
+from tokensynth_jax.model.transformer import abstract_model
 
 FORMAT = "tokensynth-jax-safetensors"
 FORMAT_VERSION = 1
@@ -41,7 +41,7 @@ def param_structure(cfg: ModelConfig) -> tuple[list[str], Any, dict[str, tuple[t
 
     Read off the model built abstractly (`nnx.eval_shape`), so the names follow the code.
     """
-    abstract = nnx.eval_shape(lambda: TokenSynth(cfg, rngs=nnx.Rngs(0)))
+    abstract = abstract_model(cfg)
     pure = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
     leaves, treedef = jax.tree_util.tree_flatten_with_path(pure)
     names = [_name(path) for path, _ in leaves]

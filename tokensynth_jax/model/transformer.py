@@ -190,8 +190,9 @@ class TokenSynth(nnx.Module):
         return logits[:, 0], cache
 
 
-def count_params(cfg: ModelConfig) -> int:
-    """Parameter count without allocating: `jax.eval_shape` of the initialiser."""
-    abstract = nnx.eval_shape(lambda: TokenSynth(cfg, rngs=nnx.Rngs(0)))
-    leaves = jax.tree.leaves(nnx.state(abstract, nnx.Param))
-    return sum(int(x.size) for x in leaves)
+def abstract_model(cfg: ModelConfig, seed: int = 0) -> TokenSynth:
+    """The model with shapes and dtypes but no memory (`nnx.eval_shape` of the initialiser).
+
+    What restore targets, shardings, exports, tensor lists and parameter counts are read from.
+    """
+    return nnx.eval_shape(lambda: TokenSynth(cfg, rngs=nnx.Rngs(seed)))

@@ -14,7 +14,7 @@ import jax
 from flax import nnx
 
 from tokensynth_jax.config import ModelConfig
-from tokensynth_jax.model.transformer import TokenSynth
+from tokensynth_jax.model.transformer import abstract_model
 
 EMBEDDING = ("midi_embed", "codebook_embed", "pos_embed")
 CONDITIONING = ("timbre_fc1", "timbre_fc2", "start_embed", "null_embed")
@@ -36,7 +36,7 @@ class ParamCounts:
 
 def param_counts(cfg: ModelConfig) -> ParamCounts:
     """Exact counts from the abstract initialised state (no memory is allocated)."""
-    abstract = nnx.eval_shape(lambda: TokenSynth(cfg, rngs=nnx.Rngs(0)))
+    abstract = abstract_model(cfg)
     groups = {"embedding": 0, "conditioning": 0, "non_embedding": 0, "non_matmul": 0}
     for path, leaf in jax.tree_util.tree_leaves_with_path(nnx.state(abstract, nnx.Param)):
         keys = [k.key for k in path if hasattr(k, "key")]  # module and variable names (not `.value`)

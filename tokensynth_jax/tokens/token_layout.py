@@ -57,16 +57,16 @@ def remove_delay(rows_rk: np.ndarray) -> np.ndarray:
 
     Works on a leading batch axis too ([B, R, K]). Ids are shifted back by one and an empty id
     inside the frame range becomes code 0, exactly as the reference post-processes its output.
+    numpy in, numpy out; a jax array (also inside jit, as in the exported loop) stays a jax array.
     """
-    rows_rk = np.asarray(rows_rk)
+    xp = rows_rk.__array_namespace__() if hasattr(rows_rk, "__array_namespace__") else np
+    rows_rk = xp.asarray(rows_rk)
     num_rows, num_codebooks = rows_rk.shape[-2:]
     num_frames = num_rows - num_codebooks + 1
     if num_frames < 0:
         raise ValueError(f"{num_rows} audio rows are fewer than the {num_codebooks - 1} the delay needs")
-    codes = np.stack(
-        [rows_rk[..., k : k + num_frames, k] for k in range(num_codebooks)], axis=-1
-    )
-    return np.maximum(codes.astype(np.int32) - 1, 0)
+    codes = xp.stack([rows_rk[..., k : k + num_frames, k] for k in range(num_codebooks)], axis=-1)
+    return xp.maximum(codes.astype(xp.int32) - 1, 0)
 
 
 # --- Rows. -------------------------------------------------------------------------------------------
