@@ -1,0 +1,60 @@
+"""Config files: packaged names resolve from any directory, and every ModelConfig field is settable."""
+import dataclasses
+import os
+
+import pytest
+
+from tokensynth_jax.config import ConfigError, ModelConfig, load_config_file
+
+PACKAGED = ("reference", "encodec", "tiny")
+
+
+@pytest.mark.parametrize("name", PACKAGED)
+def test_packaged_configs_resolve_by_name_and_by_repo_path_from_any_directory(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no configs/ folder here
+    by_name = load_config_file(name).to_dict()
+    assert load_config_file(f"configs/{name}.py").to_dict() == by_name
+    assert load_config_file(f"{name}.py").to_dict() == by_name
+    assert load_config_file("family:depth=3,base=tiny").model.d_model == 192
+
+
+def test_a_users_own_file_wins_and_can_derive_from_the_packaged_ones(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    os.makedirs("configs")
+    with open("configs/tiny.py", "w") as f:  # the user's own file of the same name is theirs
+        f.write("from tokensynth_jax.configs import tiny\n\n"
+                "def get_config(arg=None):\n    c = tiny.get_config(arg)\n    c.model.num_layers = 5\n    return c\n")
+    assert load_config_file("configs/tiny.py").model.num_layers == 5
+    assert load_config_file("tiny").model.num_layers == 2  # a bare name is the packaged config
+
+
+def test_every_model_config_field_can_be_set_from_the_command_line():
+    defaults = ModelConfig()
+    changed = {"num_layers": "3", "d_model": "96", "num_heads": "2", "mlp_ratio": "2", "num_codebooks": "5",
+               "codebook_size": "33", "midi_vocab_size": "1133", "max_len": "77", "timbre_dim": "16",
+               "timbre_hidden": "24", "dropout": "0.25", "conditioning": "unconditional", "null_timbre": "True",
+               "attention": "tokensynth-0.0.4", "layer_norm_eps": "1e-6", "dtype": "bfloat16",
+               "param_dtype": "bfloat16"}
+    for field in dataclasses.fields(ModelConfig):
+        value = changed.get(field.name)
+        if value is None:  # a field added later: set it to its own default, as a string from the command line
+            current = getattr(defaults, field.name)
+            value = str(current) if not isinstance(current, (tuple, list)) else ",".join(map(str, current))
+        config = load_config_file("tiny", {f"model.{field.name}": value})
+        cfg = ModelConfig.from_dict(config.model.to_dict())
+        assert str(getattr(cfg, field.name)) == str(type(getattr(defaults, field.name))(
+            eval(value) if isinstance(getattr(defaults, field.name), (bool, int, float)) else value)), field.name
+    assert set(load_config_file("reference").model.to_dict()) == {f.name for f in dataclasses.fields(ModelConfig)}
+
+
+@pytest.mark.parametrize("spec, overrides, message", [
+    ("nonexistent.py", {}, "nonexistent.py: no such config file"),
+    ("tiny", {"model.no_such_field": "1"}, "--config.model.no_such_field: no config field"),
+    ("tiny", {"nothing.here": "1"}, "--config.nothing.here: no config field"),
+    ("tiny", {"train.steps": "abc"}, "--config.train.steps=abc: not a int"),
+    ("tiny", {"model.null_timbre": "3"}, "--config.model.null_timbre=3: not a bool"),
+    ("family:depth=0", {}, "family:depth=0: family depth must be at least 1"),
+])
+def test_bad_configs_are_user_errors_naming_the_flag_or_file(spec, overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config_file(spec, overrides)
