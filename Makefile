@@ -11,7 +11,7 @@ setup: $(STAMP)
 # torch first from the local CPU wheel, so transformers does not pull a CUDA build;
 # the reference package goes in with --no-deps (its pins would replace torch): tests load its model module only.
 # libfluidsynth3 (Debian) renders SoundFont presets for the data job; installed once, as root.
-$(STAMP): setup.py
+$(STAMP): setup.py pyproject.toml
 	dpkg -s libfluidsynth3 >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq libfluidsynth3)
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
