@@ -22,8 +22,9 @@ $(STAMP): setup.py pyproject.toml
 	$(BIN)/pip install -q --no-deps descript-audio-codec==1.0.0 einops
 	# LAION's CLAP for tests/test_clap_parity.py: its pins pull numpy<2, wandb, webdataset, so --no-deps; its model code needs these (torchvision is stood in by the test)
 	$(BIN)/pip install -q --no-deps laion-clap==1.1.7 torchlibrosa==0.1.0 h5py ftfy wcwidth
-	# basic-pitch (transcription F-score, metrics.py): its Linux requirements pin TensorFlow and numpy 1.x, so --no-deps; the eval extra holds its ONNX path's needs
-	$(BIN)/pip install -q --no-deps basic-pitch==0.4.0
+	# basic-pitch only for tests/test_basic_pitch_vendored.py, which checks our vendored copy (evaluation/basic_pitch/) against it; the package never imports it.
+	# Its Linux requirements pin TensorFlow and numpy 1.x, so --no-deps; its modules import resampy (>= 0.4.3: 0.4.2, its pin, imports pkg_resources, gone from setuptools >= 81)
+	$(BIN)/pip install -q --no-deps basic-pitch==0.4.0 'resampy>=0.4.3'
 	touch $(STAMP)
 
 test: setup

@@ -27,11 +27,11 @@ AUDIO = TORCH + ["transformers>=4.45", "safetensors", "soundfile>=0.12", "scipy>
 TRAIN = ["grain>=0.2.10", "array_record>=0.7", "tensorboardX>=2.6"]
 PREP = AUDIO + TRAIN + ["apache-beam>=2.60", "pedalboard>=0.9", "pyfluidsynth>=1.3", "scipy>=1.10"]
 SCALING = ["scipy>=1.10", "matplotlib>=3.6", "threadpoolctl>=3.1"]  # sweep fits and plots (scaling.py)
-# metrics.py / evaluate.py: basic-pitch itself goes in with --no-deps (Makefile), because its Linux
-# requirements pin TensorFlow < 2.15.1 (and numpy 1.x); these are what its ONNX path needs.
-# resampy >= 0.4.3: 0.4.2 (basic-pitch's pin) imports pkg_resources, gone from setuptools >= 81.
-EVAL = AUDIO + ["scipy>=1.10", "soundfile>=0.12", "librosa>=0.10", "mir_eval>=0.7", "onnxruntime>=1.16",
-                "resampy>=0.4.3", "scikit-learn"]
+# metrics.py / evaluate.py: the transcription F-score runs basic-pitch 0.4.0's ONNX path, vendored in
+# evaluation/basic_pitch/ because basic-pitch's published requirements pin tensorflow<2.15.1 on Linux
+# (and numpy 1.x), which cannot be installed next to jax. The copy needs onnxruntime, librosa and
+# scipy (librosa, scipy and soundfile come with AUDIO); mir_eval scores the notes.
+EVAL = AUDIO + ["mir_eval>=0.7", "onnxruntime>=1.16"]
 NSYNTH_TFDS = ["tensorflow-datasets", "tensorflow"]  # only to convert a prepared TFDS nsynth; not in `all`
 TEST = ["pytest>=8", "psutil"]
 
@@ -46,7 +46,9 @@ setuptools.setup(
     packages=setuptools.find_packages(include=["tokensynth_jax", "tokensynth_jax.*"]) + [
         "tokensynth_jax.configs", "tokensynth_prep"],
     package_dir={"tokensynth_jax.configs": "configs", "tokensynth_prep": "data_prep"},
-    package_data={"tokensynth_jax.inference": ["assets/*"]},
+    package_data={"tokensynth_jax.inference": ["assets/*"],
+                  # basic-pitch's ONNX model and the license and notice its Apache-2.0 terms require
+                  "tokensynth_jax.evaluation.basic_pitch": ["nmp.onnx", "LICENSE", "NOTICE"]},
     install_requires=CORE,
     extras_require={
         "torch": TORCH,

@@ -3,20 +3,20 @@
 MSS compares generated audio with the ground-truth rendering of the same notes by the same
 instrument (timbre and dynamics); the CLAP score compares CLAP embeddings (timbre, by a model that
 never saw ours); the transcription F-score asks whether the right notes are played at the right
-times, transcribing with basic-pitch (Bittner et al., ICASSP 2022; its ONNX weights ship inside the
-wheel, so it runs offline) and scoring with mir_eval. Nothing here knows about files of ours or
-about the model: `evaluate.py` feeds these functions.
+times, transcribing with basic-pitch (Bittner et al., ICASSP 2022; its ONNX path and weights are
+vendored in `basic_pitch/`, so it runs offline and installs beside jax) and scoring with mir_eval.
+Nothing here knows about files of ours or about the model: `evaluate.py` feeds these functions.
 """
 from __future__ import annotations
 
 import functools
-import logging
 import warnings
 
 import numpy as np
 
 from tokensynth_jax.audio import io as audio_io
 from tokensynth_jax.errors import UserError
+from tokensynth_jax.evaluation.basic_pitch.constants import AUDIO_SAMPLE_RATE, FFT_HOP
 
 # DDSP's multi-scale spectral loss (Engel et al., ICLR 2020, ddsp.losses.SpectralLoss as trained):
 # FFT sizes 2048 ... 64, hop = size / 4 (75% overlap), Hann window, unnormalised magnitudes,
@@ -122,53 +122,37 @@ def midi_notes(path: str) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=1)
-def _basic_pitch():
-    """basic-pitch's constants, inference and note modules and its ONNX model, loaded once per process."""
-    root = logging.getLogger()
-    level = root.level
-    # basic_pitch/__init__ logs one warning per backend it does not find (TensorFlow, CoreML,
-    # TFLite); we name the ONNX file ourselves, so they are noise on every run.
-    root.setLevel(logging.ERROR)
+def _transcriber():
+    """The vendored basic-pitch modules and its ONNX model, loaded once per process."""
     try:
-        import basic_pitch
-        from basic_pitch import constants, inference, note_creation
+        from tokensynth_jax.evaluation.basic_pitch import inference, note_creation
     except ImportError as e:
         raise MetricError(
-            f"the transcription F-score needs basic-pitch ({e}): pip install 'tokensynth-jax[eval]' and "
-            "then pip install --no-deps basic-pitch==0.4.0 (its own requirements pin TensorFlow)"
+            f"the transcription F-score needs onnxruntime, librosa and scipy ({e}): "
+            "pip install 'tokensynth-jax[eval]'"
         ) from e
-    finally:
-        root.setLevel(level)
-    path = basic_pitch.build_icassp_2022_model_path(basic_pitch.FilenameSuffix.onnx)
-    return constants, inference, note_creation, inference.Model(path)
+    return inference, note_creation, inference.Model()
 
 
 def transcribe(audio: np.ndarray, sr: int, *, onset_threshold: float = 0.5, frame_threshold: float = 0.3,
                min_note_ms: float = 127.70) -> np.ndarray:
-    """Notes that basic-pitch hears in a clip, with its default thresholds.
+    """Notes that basic-pitch hears in a clip, with the defaults of its `predict`.
 
-    basic-pitch's `predict` reads a file (and prints to stdout); this runs the same steps on an
-    array with its own windowing and unwrapping helpers, so no temporary file is written.
+    Runs basic-pitch's steps on an array (its `predict` reads a file and prints to stdout), with the
+    copy of its ONNX path in `basic_pitch/`: the same notes as basic-pitch 0.4.0 itself gives.
 
     Returns:
       float64 [N, 3]: onset s, offset s, MIDI pitch; sorted by onset (N may be 0).
     """
-    c, inference, note_creation, model = _basic_pitch()
-    audio = resample(check_mono(audio, "audio to transcribe"), sr, c.AUDIO_SAMPLE_RATE)
-    overlap_frames = 30  # as basic_pitch.inference.run_inference
-    overlap = overlap_frames * c.FFT_HOP
-    padded = np.concatenate([np.zeros(overlap // 2, np.float32), audio])
-    output = {"note": [], "onset": [], "contour": []}
-    for window, _ in inference.window_audio_file(padded, c.AUDIO_N_SAMPLES - overlap):
-        for key, value in model.predict(window[None]).items():
-            output[key].append(value)
-    output = {k: inference.unwrap_output(np.concatenate(v), audio.size, overlap_frames) for k, v in output.items()}
+    inference, note_creation, model = _transcriber()
+    audio = resample(check_mono(audio, "audio to transcribe"), sr, AUDIO_SAMPLE_RATE)
+    output = inference.run_inference(audio, model)
     with np.errstate(invalid="ignore", divide="ignore"):  # silence: basic-pitch rescales by a max of 0
-        _, events = note_creation.model_output_to_notes(
+        events = note_creation.model_output_to_notes(
             output, onset_thresh=onset_threshold, frame_thresh=frame_threshold,
-            min_note_len=int(np.round(min_note_ms / 1000 * (c.AUDIO_SAMPLE_RATE / c.FFT_HOP))),
+            min_note_len=int(np.round(min_note_ms / 1000 * (AUDIO_SAMPLE_RATE / FFT_HOP))),
         )
-    notes = [(float(start), float(end), int(pitch)) for start, end, pitch, *_ in events]
+    notes = [(float(start), float(end), int(pitch)) for start, end, pitch, _ in events]
     return np.array(sorted(notes), np.float64).reshape(-1, 3)
 
 
