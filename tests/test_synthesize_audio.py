@@ -192,7 +192,8 @@ def test_cli_renders_long_midi_window_by_window_and_many_files_in_one_run(tiny_c
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out
     # The silence from 3 to 11 s is skipped: a window ends at the last note-off before it.
-    assert "long.mid: 3 notes in 2 window(s); frames per window 0.10+2.90 s: 158 (cap), 11.00+1.20 s: 73 (cap)" in printed
+    assert ("long.mid: 3 notes in 2 window(s); frames per window 0.10+2.90 s: 158 (cap), 11.00+1.20 s: 73 (cap)"
+            in printed)
     assert "short.mid: 1 notes in 1 window(s); frames per window 0.20+0.40 s: 33 (cap)" in printed
     long_audio, sr = soundfile.read(out / "long.wav", dtype="float32")
     short_audio, _ = soundfile.read(out / "short.wav", dtype="float32")

@@ -203,8 +203,9 @@ def split_into_windows(midi: MidiInput, *, window_seconds: float = WINDOW_SECOND
     latest on ties. A note sounding across the cut is clipped there, and its rest is carried into
     the next window (it starts at 0 there), so a note longer than a window is split into pieces.
     A cut where nothing sounds moves back to the last note-off before it, and the next window
-    starts at the next onset (silence is skipped, so no window is empty); else at the cut. A window fits when it lasts at most `window_seconds` and
-    holds at most `max_notes(its length)` notes (pieces included): dense passages get shorter windows.
+    starts at the next onset (silence is skipped, so no window is empty); else at the cut. A
+    window fits when it lasts at most `window_seconds` and holds at most `max_notes(its length)`
+    notes (pieces included): dense passages get shorter windows.
 
     Args:
       midi: a path to a MIDI file, or a loaded `pretty_midi.PrettyMIDI`.
@@ -245,7 +246,7 @@ def split_into_windows(midi: MidiInput, *, window_seconds: float = WINDOW_SECOND
 
 def _best_cut(starts, ends, start: float, reach: float, budget, source: str) -> float:
     """Where the window starting at `start` ends (see `split_into_windows`)."""
-    live = (ends > start) | (starts >= start)  # notes not over before the window
+    live = ((ends > start) | (starts >= start)) & (starts < reach)  # notes the window may hold
     ls, le = starts[live], ends[live]
     cuts = np.unique(np.concatenate([ls, le, [reach]]))
     cuts = cuts[(cuts > start) & (cuts <= reach)]

@@ -223,7 +223,8 @@ def _frame_rate(checkpoint_dir: str, meta: dict, cfg: ModelConfig, offline: bool
         return float(recorded["frame_rate"])
     from data_prep import encoders
 
-    return encoders.codec_info(resolve_codec(checkpoint_dir, meta, None, cfg, offline=offline), offline=offline).frame_rate
+    name = resolve_codec(checkpoint_dir, meta, None, cfg, offline=offline)
+    return encoders.codec_info(name, offline=offline).frame_rate
 
 
 def synthesize_audio(
@@ -302,9 +303,10 @@ def synthesize_audio(
     else:
         longest = budget.longest()
         if longest < 2 * token_layout.SECONDS_PER_BIN:
-            raise SynthesisError(f"{checkpoint_dir}: max_len {cfg.max_len}" + (f" and --max-rows {max_rows}" if max_rows else "")
-                                 + f" leave no room for a window of notes ({longest:.3f} s)")
-        windows = [midi_tokens.split_into_windows(p, window_seconds=longest, max_notes=budget.notes) for p in midi_paths]
+            limits = f"max_len {cfg.max_len}" + (f" and --max-rows {max_rows}" if max_rows else "")
+            raise SynthesisError(f"{checkpoint_dir}: {limits} leave no room for a window of notes ({longest:.3f} s)")
+        windows = [midi_tokens.split_into_windows(p, window_seconds=longest, max_notes=budget.notes)
+                   for p in midi_paths]
         row_caps = [[budget.rows(w.seconds) for w in ws] for ws in windows]
     timbre = np.asarray(timbre, np.float32)
     if timbre.shape != (len(midi_paths), cfg.timbre_dim):
