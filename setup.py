@@ -24,14 +24,16 @@ TORCH = ["torch>=2.1"]
 AUDIO = TORCH + ["transformers>=4.45", "safetensors", "soundfile>=0.12", "scipy>=1.10",  # WAV in/out, resampling
                  "tqdm>=4.60", "matplotlib>=3.6",  # synthesize: progress bar over windows, spectrogram PNGs
                  "librosa>=0.10"]  # CLAP input_mode "tokensynth-0.0.4": the reference's own resampling
-TRAIN = ["grain>=0.2.10", "array_record>=0.7", "tensorboardX>=2.6"]
+# tensorboardX writes the scalars, sample audio and spectrograms; tensorboard reads and shows them.
+TENSORBOARD = ["tensorboardX>=2.6", "tensorboard>=2.21"]
+TRAIN = ["grain>=0.2.10", "array_record>=0.7"] + TENSORBOARD
 PREP = AUDIO + TRAIN + ["apache-beam>=2.60", "pedalboard>=0.9", "pyfluidsynth>=1.3", "scipy>=1.10"]
 SCALING = ["scipy>=1.10", "matplotlib>=3.6", "threadpoolctl>=3.1"]  # sweep fits and plots (scaling.py)
 # metrics.py / evaluate.py: the transcription F-score runs basic-pitch 0.4.0's ONNX path, vendored in
 # evaluation/basic_pitch/ because basic-pitch's published requirements pin tensorflow<2.15.1 on Linux
 # (and numpy 1.x), which cannot be installed next to jax. The copy needs onnxruntime, librosa and
-# scipy (librosa, scipy and soundfile come with AUDIO); mir_eval scores the notes.
-EVAL = AUDIO + ["mir_eval>=0.7", "onnxruntime>=1.16"]
+# scipy (librosa, scipy and soundfile come with AUDIO); mir_eval scores the notes; eval clips go to TensorBoard.
+EVAL = AUDIO + ["mir_eval>=0.7", "onnxruntime>=1.16"] + TENSORBOARD
 NSYNTH_TFDS = ["tensorflow-datasets", "tensorflow"]  # only to convert a prepared TFDS nsynth; not in `all`
 TEST = ["pytest>=8", "psutil"]
 

@@ -182,3 +182,13 @@ def write_midi(path, tracks, tempo=120.0):
         pm.instruments.append(inst)
     os.makedirs(os.path.dirname(str(path)), exist_ok=True)
     pm.write(str(path))
+
+
+def read_tensorboard(log_dir):
+    """An EventAccumulator (tensorboard's own reader) with every scalar, image and audio event of
+    the event files in `log_dir` loaded."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "images": 0, "audio": 0})
+    events.Reload()
+    return events

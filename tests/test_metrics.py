@@ -3,6 +3,7 @@
 Audio is real: a piano phrase rendered by FluidSynth from the General MIDI SoundFont that ships in
 pretty_midi, transcribed back by basic-pitch's shipped ONNX model; CLAP is the tiny random preset.
 """
+import io
 import json
 import os
 
@@ -10,7 +11,7 @@ import numpy as np
 import pretty_midi
 import pytest
 import soundfile
-from conftest import write_midi
+from conftest import read_tensorboard, write_midi
 
 from tokensynth_jax.cli import main as cli
 from tokensynth_jax.evaluation import evaluate, metrics
@@ -166,6 +167,20 @@ def test_eval_cli_writes_json_and_markdown(tmp_path, piano, capsys):
     assert table[2].startswith("| Instrument cloning | tokensynth | 0.000 | 1.000 |")
     assert table[3].startswith("| Text-to-instrument | tokensynth | – |")
     assert "wrote" in capsys.readouterr().out
+    # The clips, as audio and spectrogram images, and the table's numbers, in TensorBoard.
+    events = read_tensorboard(out / "tensorboard")
+    clips = ["eval/cloning/clone/generated", "eval/cloning/clone/target", "eval/cloning/clone/reference",
+             "eval/text/text/generated"]
+    assert sorted(events.Tags()["audio"]) == sorted(f"{c}/audio" for c in clips)
+    assert sorted(events.Tags()["images"]) == sorted(f"{c}/spectrogram" for c in clips)
+    organ = events.Audio("eval/text/text/generated/audio")[0]
+    assert (organ.sample_rate, organ.length_frames, organ.content_type) == (SR, len(render(PHRASE, 19)), "audio/wav")
+    heard, rate = soundfile.read(io.BytesIO(organ.encoded_audio_string), dtype="float32")
+    np.testing.assert_allclose(heard, render(PHRASE, 19), atol=1e-4)  # 16-bit WAV of the clip
+    image = events.Images("eval/cloning/clone/generated/spectrogram")[0]
+    assert image.height == 256 and image.width > 100
+    assert events.Scalars("eval/cloning/tokensynth/f1")[0].value == pytest.approx(clone["f1"])
+    assert "eval/text/tokensynth/mss" not in events.Tags()["scalars"]  # no target, no MSS
 
     (tmp_path / "bad.jsonl").write_text(json.dumps({**lines[0], "colour": "red"}) + "\n")
     assert cli.main(["eval", str(tmp_path / "bad.jsonl"), "--clap", "none"]) == 2

@@ -16,7 +16,6 @@ from tokensynth_jax.tokens.token_layout import (
     PITCH_BASE,
     TOKENS_PER_NOTE,
     VELOCITY_BASE,
-    WINDOW_SECONDS,
 )
 
 
@@ -148,22 +147,31 @@ def test_window_equals_shifted_copy(twelve_seconds, tmp_path):
     assert (window.num_notes, window.cut_notes) == (2, 2)  # the 3-7 s note and the 9.75-10.25 s note
 
 
-def test_split_into_windows(twelve_seconds):
+def test_split_into_windows_cuts_in_silence_then_clips_the_fewest_notes(twelve_seconds):
     windows = split_into_windows(twelve_seconds)
-    assert [w.start_seconds for w in windows] == [0.0, 5.0, 10.0]
-    fits = sum(e < (s // WINDOW_SECONDS + 1) * WINDOW_SECONDS for s, e, _, _ in TWELVE_SECONDS)
-    assert sum(w.num_notes for w in windows) == fits == 6
-    for w in windows:
-        np.testing.assert_array_equal(w.tokens, tokenize_midi(twelve_seconds, start_seconds=w.start_seconds).tokens)
+    # [0.5, 1.5): nothing sounds from 1.5 to 3 s, so it ends at the note-off and the next starts at
+    # 3 s; [3, 8): no silent place in its latter half, so the latest cut that clips one note
+    # (6.125..9.5, carried on from 8 s); [8, 12): the rest.
+    assert [(w.start_seconds, w.seconds) for w in windows] == [(0.5, 1.0), (3.0, 5.0), (8.0, 4.0)]
+    assert [w.num_notes for w in windows] == [1, 4, 4] and [w.clipped_notes for w in windows] == [0, 1, 0]
+    assert windows[2].tokens[:4].tolist() == [ONSET_BASE + 0, OFFSET_BASE + 150, PITCH_BASE + 64, VELOCITY_BASE + 2]
+    np.testing.assert_array_equal(windows[0].tokens, tokenize_midi(twelve_seconds, start_seconds=0.5).tokens[:4])
 
 
-def test_split_keeps_empty_windows(tmp_path):
+def test_split_skips_silence_and_tokenize_names_an_empty_window(tmp_path):
     path = write_midi(tmp_path / "gap.mid", [(False, [(1.0, 2.0, 60, 80), (11.0, 12.0, 62, 80)])])
     windows = split_into_windows(path)
-    assert [w.num_notes for w in windows] == [1, 0, 1]
-    assert windows[1].tokens.shape == (0,) and windows[1].tokens.dtype == np.int32
+    assert [(w.start_seconds, w.seconds, w.num_notes) for w in windows] == [(1.0, 1.0, 1), (11.0, 1.0, 1)]
     with pytest.raises(MidiTokenizationError, match=r"gap\.mid.*\[5, 10\).*12\.000 s"):
         tokenize_midi(path, start_seconds=5.0)
+
+
+def test_split_refuses_more_notes_at_one_instant_than_any_window_holds(tmp_path):
+    path = write_midi(tmp_path / "chord.mid", [(False, [(1.0, 2.0, p, 80) for p in (60, 64, 67)])])
+    assert [w.num_notes for w in split_into_windows(path, max_notes=3)] == [3]
+    with pytest.raises(MidiTokenizationError, match=r"chord\.mid: 3 notes sound in the 1\.000 s from 1\.000 s, "
+                                                    r"more than the 2"):
+        split_into_windows(path, max_notes=2)
 
 
 def _bad_file(tmp_path, kind):
@@ -209,8 +217,8 @@ def test_bad_files_raise(tmp_path, kind, problem, func):
     (lambda p: tokenize_midi(p, start_seconds=5.0, compat="tokensynth-0.0.4"), "only tokenizes the window at 0"),
     (lambda p: tokenize_midi(p, compat="tokensynth-9"), "unknown compat"),
     (lambda p: tokenize_midi(p, max_notes=1), "2 notes.*max_notes=1"),
-    (lambda p: split_into_windows(p, max_notes=1), "2 notes.*max_notes=1"),
-    (lambda p: split_into_windows(p, window_seconds=4.0), "window_seconds=4.0"),
+    (lambda p: split_into_windows(p, max_notes=0), "1 notes sound.*more than the 0"),
+    (lambda p: split_into_windows(p, window_seconds=6.0), "window_seconds=6.0.*at most 5 s"),
 ])
 def test_bad_requests_raise(tmp_path, call, problem):
     path = write_midi(tmp_path / "two_notes.mid", [(False, [(0.0, 0.5, 120, 80), (0.5, 1.0, 5, 80)])])

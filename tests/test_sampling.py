@@ -196,6 +196,23 @@ def test_generation_stops_at_the_end_row(sampler):
     assert capped.num_rows.tolist() == [30, 20, 30] and capped.ended.tolist() == [False, True, False]
 
 
+@pytest.mark.parametrize("sampler", [Greedy(), TopP(0.9)])
+def test_min_frames_hold_the_end_row_off_per_item(sampler):
+    model = _ending_model(30)  # the end row at every position >= 30
+    prompts, timbre = _prompts([8, 24, 1]), _timbre(3)
+    free = sampling.generate(model, prompts, timbre, sampler=sampler, max_rows=60)
+    assert free.num_frames.tolist() == [18, 2, 25] and free.ended.all()  # 30 - (M + 1) rows, less the delay
+    held = sampling.generate(model, prompts, timbre, sampler=sampler, max_rows=60, min_frames=[25, 10, 0])
+    assert held.num_frames.tolist() == [25, 10, 25] and held.ended.all()  # then the end row, at once
+    for b, n in enumerate(held.num_rows):
+        assert held.rows[b, :n, 1:].any(axis=-1).all() and not held.rows[b, n:].any()
+        assert (held.rows[b, :n - 3, 1] > 0).all() and (held.rows[b, 3:n, 4] > 0).all()  # the delay pattern holds
+    # Per-item row caps bound the rows, and a minimum never goes past what the cap leaves.
+    capped = sampling.generate(model, prompts, timbre, sampler=sampler, max_rows=60, row_caps=[20, 60, 9],
+                               min_frames=[40, 0, 40])
+    assert capped.num_rows.tolist() == [20, 5, 9] and capped.ended.tolist() == [False, True, False]
+
+
 def test_silent_codebooks_with_a_midi_token_are_not_an_end_row():
     model = _ending_model(30, channels=range(1, TINY.num_channels))
     gen = sampling.generate(model, _prompts([8]), _timbre(1), max_rows=60)

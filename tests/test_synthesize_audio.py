@@ -149,14 +149,17 @@ def test_a_codec_other_than_the_checkpoints_is_an_error(tiny_ckpt):
         synthesize.resolve_codec(tiny_ckpt, bare, "tiny-dac", cfg)
 
 
-def test_join_windows_overlap_adds_at_five_second_steps():
+def test_join_windows_overlap_adds_at_each_start_and_fits_the_length():
     sr = 10
-    first, second = np.ones(70, np.float32), np.full(20, 2.0, np.float32)  # first rings 2 s past its window
-    out = synthesize.join_windows([first, np.zeros(0, np.float32), second], sr)
-    assert len(out) == 100 + 20
-    np.testing.assert_array_equal(out[:70], 1)
-    np.testing.assert_array_equal(out[70:100], 0)  # the empty middle window is silence
-    np.testing.assert_array_equal(out[100:], 2)
+    first, second = np.ones(70, np.float32), np.full(20, 2.0, np.float32)  # first rings on under the second
+    out = synthesize.join_windows([first, second], [0.5, 6.0], sr)
+    assert len(out) == 60 + 20
+    np.testing.assert_array_equal(out[:5], 0)  # before the first onset
+    np.testing.assert_array_equal(out[5:60], 1)
+    np.testing.assert_array_equal(out[60:75], 3)  # overlap-added
+    np.testing.assert_array_equal(out[75:], 2)
+    np.testing.assert_array_equal(synthesize.join_windows([first, second], [0.5, 6.0], sr, seconds=7.0), out[:70])
+    assert len(synthesize.join_windows([first], [0.5], sr, seconds=9.0)) == 90  # padded with silence
 
 
 def test_cli_renders_a_wav_from_a_reference_recording(tiny_ckpt, wavs, tmp_path, capsys):
@@ -164,15 +167,19 @@ def test_cli_renders_a_wav_from_a_reference_recording(tiny_ckpt, wavs, tmp_path,
     write_midi(midi, [(0, False, [(0.1, 0.8, 60, 100), (0.9, 1.5, 67, 80)])])
     out, tokens = str(tmp_path / "tune.wav"), str(tmp_path / "tune.npy")
     argv = ["synthesize", "--checkpoint", tiny_ckpt, "--midi", str(midi), "--timbre-audio", wavs["22k"],
-            "--clap", "tiny-clap", "--max-rows", "30", "--seed", "2", "--out", out, "--tokens-out", tokens,
-            "--spectrogram"]
+            "--clap", "tiny-clap", "--seed", "2", "--out", out, "--tokens-out", tokens, "--spectrogram"]
     assert cli.main(argv) == 0
-    assert "tune.wav (0.54 s at 32000 Hz, codec tiny-encodec)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    # One window from the first onset to the last note-off, 1.4 s, plus 0.25 s of release: 83 frames.
+    assert "tune.mid: 2 notes in 1 window(s); frames per window 0.10+1.40 s: 83 (cap)" in printed
+    assert "tune.wav (1.75 s at 32000 Hz, codec tiny-encodec)" in printed  # the MIDI's 1.5 s + the release
     audio, sr = soundfile.read(out, dtype="float32")
     codes = np.load(tokens)[0]
-    assert sr == 32000 and codes.shape == (27, 4) and (codes >= 0).all()  # 30 rows = 27 frames + 3 delay rows
-    assert len(audio) == 27 * HOP and np.abs(audio).max() > 0
-    np.testing.assert_allclose(audio, encoders.Codec("tiny-encodec", batch_size=1).decode(codes[None])[0], atol=1e-5)
+    assert sr == 32000 and codes.shape == (83, 4) and (codes >= 0).all()
+    assert len(audio) == round(1.75 * sr) and np.abs(audio).max() > 0
+    decoded = encoders.Codec("tiny-encodec", batch_size=1).decode(codes[None])[0]
+    np.testing.assert_array_equal(audio[: sr // 10], 0)  # before the first onset
+    np.testing.assert_allclose(audio[sr // 10 :], decoded[: len(audio) - sr // 10], atol=1e-5)
     assert os.path.getsize(tmp_path / "tune.png") > 1000
 
 
@@ -183,16 +190,20 @@ def test_cli_renders_long_midi_window_by_window_and_many_files_in_one_run(tiny_c
     write_midi(short, [(0, False, [(0.2, 0.6, 67, 100)])])
     out = tmp_path / "wavs"
     argv = ["synthesize", "--checkpoint", tiny_ckpt, "--midi", str(long), str(short), "--timbre-audio", wavs["mono"],
-            "--text", "a bright marimba", "--mix", "0.7", "--clap", "tiny-clap", "--max-rows", "40", "--out", str(out)]
+            "--text", "a bright marimba", "--mix", "0.7", "--clap", "tiny-clap", "--out", str(out)]
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out
-    assert "3 window(s) -> frames 37 (cap), 0 (no notes), 37 (cap)" in printed
+    # The silence from 3 to 11 s is skipped: a window ends at the last note-off before it.
+    assert ("long.mid: 3 notes in 2 window(s); frames per window 0.10+2.90 s: 158 (cap), 11.00+1.20 s: 73 (cap)"
+            in printed)
+    assert "short.mid: 1 notes in 1 window(s); frames per window 0.20+0.40 s: 33 (cap)" in printed
     long_audio, sr = soundfile.read(out / "long.wav", dtype="float32")
     short_audio, _ = soundfile.read(out / "short.wav", dtype="float32")
-    assert sr == 32000 and len(short_audio) == 37 * HOP
-    assert len(long_audio) == 10 * sr + 37 * HOP  # one file spanning the windows: the last starts at 10 s
-    assert np.abs(long_audio[: 37 * HOP]).max() > 0 and np.abs(long_audio[10 * sr :]).max() > 0
-    np.testing.assert_array_equal(long_audio[37 * HOP : 10 * sr], 0)  # the empty window is silence
+    assert sr == 32000 and len(short_audio) == round(0.85 * sr)  # each file as long as its MIDI + 0.25 s
+    assert len(long_audio) == round(12.45 * sr)
+    first_end = sr // 10 + 158 * HOP  # the first window's audio, from 0.1 s
+    assert np.abs(long_audio[:first_end]).max() > 0 and np.abs(long_audio[11 * sr :]).max() > 0
+    np.testing.assert_array_equal(long_audio[first_end : 11 * sr], 0)  # the skipped silence
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -1,4 +1,5 @@
 """The training loop: exact resume, preemption, metrics files, fine-tuning from a checkpoint."""
+import io
 import json
 import os
 import signal
@@ -10,6 +11,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+import soundfile
 
 from tokensynth_jax.cli import main as cli
 from tokensynth_jax.config import load_config_file
@@ -18,6 +20,7 @@ from tokensynth_jax.training import train
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.py")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from conftest import read_tensorboard  # noqa: E402
 from test_input_pipeline import _write_shards  # noqa: E402
 
 
@@ -82,6 +85,27 @@ def test_loss_falls_and_eval_metrics_are_written(shards, tmp_path):
     evals = [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl")) if '"eval"' in x]
     assert evals and 0.0 <= evals[-1]["accuracy"] <= 1.0 and "ce_cb3" in evals[-1]
     assert last["tokens_per_s"] > 0 and os.listdir(os.path.join(workdir, "tensorboard"))
+
+
+def test_samples_go_to_tensorboard_as_audio_and_spectrograms(shards, tmp_path):
+    workdir = str(tmp_path / "s")
+    train.train(_config(shards, steps=4, sample_every=2, sample_count=2), workdir)
+    events = read_tensorboard(os.path.join(workdir, "tensorboard"))
+    tags = events.Tags()
+    clips = ["samples/sample_0/generated", "samples/sample_1/generated", "samples/sample_0/target",
+             "samples/sample_1/target"]
+    assert sorted(tags["audio"]) == sorted(f"{c}/audio" for c in clips)
+    assert sorted(tags["images"]) == sorted(f"{c}/spectrogram" for c in clips)
+    assert {"train/loss", "samples/sample_match"} <= set(tags["scalars"])  # beside the scalars
+    generated = events.Audio("samples/sample_0/generated/audio")
+    assert [e.step for e in generated] == [2, 4]
+    assert [e.step for e in events.Audio("samples/sample_0/target/audio")] == [2]  # the record's clip, once
+    written, rate = soundfile.read(os.path.join(workdir, "samples", "step_4", "sample_0.wav"), dtype="float32")
+    heard, tb_rate = soundfile.read(io.BytesIO(generated[-1].encoded_audio_string), dtype="float32")
+    assert rate == tb_rate == 32000 and len(written) == generated[-1].length_frames > 0
+    np.testing.assert_allclose(heard, written / max(1.0, np.abs(written).max()), atol=1e-4)
+    image = events.Images("samples/sample_0/generated/spectrogram")[-1]
+    assert image.step == 4 and image.height == 256 and image.width > 1
 
 
 def test_init_from_checkpoint_and_config_mismatch(shards, tmp_path):

@@ -103,17 +103,11 @@ def _cmd_synthesize(args) -> int:
     result = synthesize.synthesize_audio(
         args.checkpoint, args.midi, timbre, codec=args.codec, sampler=sampler, seed=args.seed,
         guidance_scale=args.guidance_scale, unconditional_dir=args.unconditional_checkpoint,
-        max_rows=args.max_rows, midi_compat=args.midi_compat, decode=args.out is not None, offline=args.offline,
-        progress=True,
+        max_rows=args.max_rows, min_rows=args.min_rows, midi_compat=args.midi_compat, decode=args.out is not None,
+        offline=args.offline, progress=True,
     )
     for b, path in enumerate(args.midi):
-        windows, frames = result.windows[b], [len(c) for c in result.codes[b]]
-        cut = sum(w.cut_notes for w in windows)
-        note = f", {cut} notes cut at the window edges" if cut else ""
-        ends = ", ".join(f"{f} ({'end row' if e else 'cap' if f else 'no notes'})"
-                         for f, e in zip(frames, result.ended[b]))
-        print(f"{path}: {sum(w.num_notes for w in windows)} notes{note} in {len(windows)} window(s) -> "
-              f"frames {ends}")
+        print(_window_report(path, result.windows[b], result.codes[b], result.ended[b], result.early_ends[b]))
         if wavs:
             audio = result.audio[b]
             synthesize.write_wav(wavs[b], audio, result.sample_rate)
@@ -135,6 +129,25 @@ def _cmd_synthesize(args) -> int:
     return 0
 
 
+def _window_report(path: str, windows: list, codes: list, ended: list, early: list) -> str:
+    """What became of a file's notes: windows, pieces, frames per window, and early end rows."""
+    clipped, cut = sum(w.clipped_notes for w in windows), sum(w.cut_notes for w in windows)
+    notes = sum(w.num_notes for w in windows) - clipped  # a clipped note's pieces are one note
+    parts = [f"{clipped} split at window edges" if clipped else "",
+             f"{cut} left out (--midi-compat)" if cut else ""]
+    detail = ", ".join(p for p in parts if p)
+    spans = ", ".join(f"{w.start_seconds:.2f}+{w.seconds:.2f} s: {len(c)} ({'end row' if e else 'cap'})"
+                      for w, c, e in zip(windows, codes, ended))
+    lines = [f"{path}: {notes} notes{f' ({detail})' if detail else ''} in {len(windows)} window(s); "
+             f"frames per window {spans}"]
+    if early:
+        where = ", ".join(f"the window at {x.start_seconds:.2f} s at {x.end_seconds:.2f} s "
+                          f"(last note-off {x.note_off_seconds:.2f} s)" for x in early)
+        lines.append(f"{path}: early end row in {len(early)} window(s), silent after it: {where}; "
+                     "--min-rows last-note-off forbids this")
+    return "\n".join(lines)
+
+
 def _wav_paths(out: str, midi: list) -> list:
     """OUT.wav for one MIDI file; for several, OUT is a folder and each gets its own <stem>.wav."""
     from tokensynth_jax.inference.synthesize import SynthesisError
@@ -150,6 +163,20 @@ def _wav_paths(out: str, midi: list) -> list:
     if len(set(paths)) < len(paths):
         raise SynthesisError(f"--out {out}: several MIDI files share a name, so their WAVs would collide")
     return paths
+
+
+_SYNTHESIZE_HELP = """MIDI + timbre (a reference recording, a text, or a mix) -> WAV.
+
+Windowing: the model reads at most 5 s of notes at a time, so a MIDI file (drums left out) is
+cut into windows. A window starts at the first onset (or where the last one ended) and ends,
+within 5 s, where no note sounds if it can (in its latter half, the latest such place); else it
+ends where the fewest notes sound, clips those notes there and carries their rest into the next
+window (a note longer than a window is split). A window holds only as many notes as the model's
+max_len leaves room for beside its audio rows, so dense passages get shorter windows. Silence
+between notes is skipped. Each window is generated on its own with the same timbre and its audio
+is overlap-added at its start, so release tails ring on; the WAV lasts as long as the MIDI plus
+0.25 s of release. One line per file reports the windows, and any window whose end row came
+before its last note-off (--min-rows last-note-off forbids that). More: docs/synthesis.md."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -183,9 +210,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override the attention pattern (default causal; see convert.py)")
     p.set_defaults(run=_cmd_convert)
 
-    p = sub.add_parser("synthesize", help="MIDI + timbre (recording, text or a mix) -> WAV")
+    p = sub.add_parser("synthesize", help="MIDI + timbre (recording, text or a mix) -> WAV",
+                       description=_SYNTHESIZE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--midi", nargs="+", required=True, metavar="FILE", help="rendered whole, 5 s window by window")
+    p.add_argument("--midi", nargs="+", required=True, metavar="FILE",
+                   help="rendered whole, in windows of up to 5 s (see above)")
     p.add_argument("--timbre-embedding", metavar="E.npy", help="CLAP embedding [512] or [N, 512]")
     p.add_argument("--timbre-audio", nargs="+", metavar="WAV", help="reference recording(s): one, or one per MIDI file")
     p.add_argument("--text", help="a timbre description, e.g. 'a warm cello'")
@@ -200,7 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--guidance-scale", type=float)
     p.add_argument("--unconditional-checkpoint", help="unconditional model for first-note guidance")
-    p.add_argument("--max-rows", type=int, help="audio rows at most (default 450, as the reference)")
+    p.add_argument("--max-rows", type=int, metavar="R",
+                   help="audio rows per window at most (default: a window's notes plus 0.25 s of release, at "
+                        "the codec's frame rate); fewer make shorter windows. --midi-compat: default 450")
+    p.add_argument("--min-rows", choices=["none", "last-note-off"], default="none",
+                   help="last-note-off: no end row before a window's last note-off (default none: the "
+                        "model may end a window early, which is reported)")
     p.add_argument("--midi-compat", choices=["tokensynth-0.0.4"], help="tokenize MIDI exactly as the reference")
     p.add_argument("--tokens-out", metavar="OUT.npy")
     p.add_argument("--out", metavar="OUT.wav", help="the WAV (one MIDI file) or a folder of <stem>.wav")

@@ -7,6 +7,8 @@ CLAP score (cosine of CLAP embeddings: generated vs reference audio for cloning,
 for text-to-instrument) and the note F1 of its transcription against its MIDI. Which instruments
 are held out is the caller's choice: the items passed in are the split, and every row lists the
 instruments it covers. `evaluate_items` takes arrays or paths, so `tokensynth demo` calls it directly.
+`write_tensorboard` puts the clips (generated, target, reference) in TensorBoard as audio and
+spectrogram images, with the table's numbers as scalars, so they can be heard where they are read.
 """
 from __future__ import annotations
 
@@ -201,6 +203,33 @@ def write_report(results: Sequence[dict], out_dir: str, settings: dict) -> tuple
     return json_path, md_path
 
 
+def write_tensorboard(items: Sequence[EvalItem], results: Sequence[dict], log_dir: str, *, step: int = 0) -> bool:
+    """Each item's clips as `eval/<task>/<id>/<generated|target|reference>` audio and spectrogram
+    images, and each table row's means as `eval/<task>/<model>/<metric>` scalars, at `step`.
+
+    Returns:
+      False (writing nothing) when tensorboardX is not installed, else True.
+    """
+    from tokensynth_jax import tensorboard_media
+
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:
+        return False
+    with SummaryWriter(log_dir) as tb:
+        for item in items:
+            for role in ("generated", "target", "reference"):
+                value = getattr(item, role)
+                if value is not None:
+                    audio, sr = _audio(value, f"item {item.id!r} {role} {_name(value)}")
+                    tensorboard_media.add_clip(tb, f"eval/{item.task}/{item.id}/{role}", audio, sr, step)
+        for row in aggregate(results):
+            for key, _ in _COLUMNS:
+                if row[key] is not None:
+                    tb.add_scalar(f"eval/{row['task']}/{row['model']}/{key}", row[key], step)
+    return True
+
+
 def read_manifest(path: str) -> list[EvalItem]:
     """Items from a JSON-lines manifest (or a folder holding `items.jsonl`); see `tokensynth eval -h`.
 
@@ -257,7 +286,10 @@ magnitudes) between generated and target, at the generated clip's rate, the shor
 zero-padded; CLAP score: cosine of CLAP embeddings, generated vs reference audio (cloning) or vs
 text (text-to-instrument); F1: note onsets within --onset-tolerance and pitch within 50 cents,
 basic-pitch's transcription of the generated clip against the MIDI's melodic notes (drums left
-out; a silent clip scores 0). Stereo files are averaged to mono."""
+out; a silent clip scores 0). Stereo files are averaged to mono.
+
+The clips (generated, target, reference) and the table's numbers also go to OUT/tensorboard:
+`tensorboard --logdir OUT/tensorboard` plays each clip and shows its spectrogram."""
 
 
 def _cmd_eval(args) -> int:
@@ -271,6 +303,11 @@ def _cmd_eval(args) -> int:
                                                          "manifest": os.path.abspath(args.items)})
     print(markdown_table(aggregate(results)), end="")
     print(f"wrote {json_path} and {md_path}")
+    board = os.path.join(out_dir, "tensorboard")
+    if write_tensorboard(items, results, board):
+        print(f"wrote the clips and scores to {board} (tensorboard --logdir {board})")
+    else:
+        print("tensorboardX is not installed: no TensorBoard clips (pip install 'tokensynth-jax[eval]')")
     return 0
 
 

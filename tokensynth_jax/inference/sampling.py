@@ -4,6 +4,9 @@ Prompts of different lengths are left-padded (model.py explains the slot layout)
 batch writes one KV-cache slot per step and stops on device when every item has produced its
 end row (an all-zero row) or reached its length cap. No per-token host sync, no recomputed
 context. The delay pattern is removed at the boundary: the result is codec codes [B, F, K].
+Each item may have its own row cap and its own fewest frames (`min_frames`): until an item has
+written that many frames, its end row is masked out (`forbid_early_end`), so a synthesis window
+cannot fall silent before its last note-off.
 
 Samplers are small frozen dataclasses applied per channel. `reference_quirks=True` reproduces
 the reference's filters exactly (top-k keeps k + 1 codebook candidates; top-p keeps the first
@@ -147,9 +150,26 @@ def rows_to_codes(rows_brc: np.ndarray, num_rows_b: np.ndarray, num_codebooks: i
     return codes, frames
 
 
+def forbid_early_end(logits_bv, step, min_frames_b, cfg: ModelConfig):
+    """Masks the empty id of the codebooks that frames below `min_frames_b` fill at row `step`.
+
+    Under the delay pattern, frame t's codebook 0 sits in row t and its last codebook in row
+    t + K - 1, so rows below min_frames have a codebook 0 and rows K - 1 .. min_frames + K - 2 a
+    last codebook. Masking those empty ids keeps the row from being the (all-zero) end row and
+    keeps the delay pattern intact, so an item writes at least `min_frames_b` frames.
+    """
+    k = cfg.num_codebooks
+    first_empty = cfg.midi_vocab_size  # id 0 of codebook 0
+    last_empty = cfg.midi_vocab_size + (k - 1) * cfg.codebook_vocab_size  # id 0 of the last codebook
+    first = step < min_frames_b
+    last = (step >= k - 1) & (step < min_frames_b + k - 1)
+    logits_bv = logits_bv.at[:, first_empty].set(jnp.where(first, -jnp.inf, logits_bv[:, first_empty]))
+    return logits_bv.at[:, last_empty].set(jnp.where(last, -jnp.inf, logits_bv[:, last_empty]))
+
+
 # --- the loop ----------------------------------------------------------------------------------------
 def _decode_loop(graphdef, state, uncond_graphdef, uncond_state, rows_bpc, pad_b, cap_b, timbre_bt, key,
-                 *, sampler, guidance, max_rows: int):
+                 min_frames_b=None, *, sampler, guidance, max_rows: int):
     model: TokenSynth = nnx.merge(graphdef, state)
     cfg = model.cfg
     batch, num_prompt = rows_bpc.shape[:2]
@@ -201,6 +221,8 @@ def _decode_loop(graphdef, state, uncond_graphdef, uncond_state, rows_bpc, pad_b
     def body(carry):
         step, done, out, num_rows, ended, logits, cache, u_logits, u_cache, count = carry
         mixed, count = guided(step, logits, u_logits, count)
+        if min_frames_b is not None:
+            mixed = forbid_early_end(mixed, step, min_frames_b, cfg)
         keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(item_keys)
         row = jax.vmap(lambda k, l: sample_row(sampler, k, l[None], cfg)[0])(keys, mixed)
         is_end = jnp.all(row == 0, axis=-1)
@@ -237,10 +259,12 @@ _decode_loop_jit = jax.jit(
 )
 
 
-def prepare_prompts(midi_tokens: Sequence[np.ndarray], cfg: ModelConfig, max_rows: int):
+def prepare_prompts(midi_tokens: Sequence[np.ndarray], cfg: ModelConfig, max_rows: int,
+                    row_caps: Sequence[int] | None = None):
     """Left-padded prompt rows [B, P, C], pads [B] and per-item row caps [B].
 
-    Item b's audio row r sits at position M_b + 2 + r; the cap keeps it inside `max_len`.
+    Item b's audio row r sits at position M_b + 2 + r; the cap keeps it inside `max_len`, and
+    within `max_rows` and `row_caps[b]` when given.
     Raises ValueError when a prompt leaves no room for audio.
     """
     prompts = [token_layout.prompt_rows(m, cfg.num_codebooks) for m in midi_tokens]
@@ -252,7 +276,7 @@ def prepare_prompts(midi_tokens: Sequence[np.ndarray], cfg: ModelConfig, max_row
     for b, p in enumerate(prompts):
         rows[b, width - p.shape[0] :] = p
         pads[b] = width - p.shape[0]
-        caps[b] = min(max_rows, cfg.max_len - 1 - p.shape[0])
+        caps[b] = min(max_rows, cfg.max_len - 1 - p.shape[0], max_rows if row_caps is None else row_caps[b])
         if caps[b] < cfg.num_codebooks:
             raise ValueError(
                 f"item {b}: {p.shape[0] - 1} MIDI tokens leave {caps[b]} of {cfg.max_len} positions for audio"
@@ -270,6 +294,8 @@ def generate(
     max_rows: int = 450,
     guidance: CFG | FirstNoteGuidance | None = None,
     unconditional_model: TokenSynth | None = None,
+    row_caps: Sequence[int] | None = None,
+    min_frames: Sequence[int] | None = None,
 ) -> Generation:
     """Generates codec tokens for a batch of MIDI prompts.
 
@@ -282,6 +308,9 @@ def generate(
       max_rows: audio rows to generate at most (the reference allows 450 per 5 s window).
       guidance: CFG(scale) for a null-timbre model, or FirstNoteGuidance(scale) with
         `unconditional_model`.
+      row_caps: per item, audio rows at most (within `max_rows`); default `max_rows` for all.
+      min_frames: per item, frames to write before the end row may come (`forbid_early_end`),
+        at most what its row cap leaves; default 0 (the model ends when it samples the end row).
     Returns:
       A Generation with codes [B, F, K] (padded with -1) and per-item frame counts.
     """
@@ -290,14 +319,16 @@ def generate(
         raise ValueError("classifier-free guidance needs a model trained with a null timbre")
     if isinstance(guidance, FirstNoteGuidance) and unconditional_model is None:
         raise ValueError("first-note guidance needs the unconditional model")
-    rows, pads, caps = prepare_prompts(midi_tokens, cfg, max_rows)
+    rows, pads, caps = prepare_prompts(midi_tokens, cfg, max_rows, row_caps)
+    if min_frames is not None:
+        min_frames = jnp.asarray(np.minimum(np.asarray(min_frames, np.int32), caps - (cfg.num_codebooks - 1)))
     if cfg.conditioning == "timbre":
         timbre = jnp.asarray(timbre, jnp.float32).reshape(len(rows), cfg.timbre_dim)
     graphdef, state = nnx.split(model)
     u_graphdef, u_state = nnx.split(unconditional_model) if unconditional_model is not None and isinstance(guidance, FirstNoteGuidance) else (None, None)
     out, num_rows, ended = _decode_loop_jit(
         graphdef, state, u_graphdef, u_state, jnp.asarray(rows), jnp.asarray(pads), jnp.asarray(caps), timbre,
-        jax.random.PRNGKey(seed), sampler=sampler, guidance=guidance, max_rows=int(max_rows),
+        jax.random.PRNGKey(seed), min_frames, sampler=sampler, guidance=guidance, max_rows=int(max_rows),
     )
     out, num_rows, ended = jax.device_get((out, num_rows, ended))
     codes, frames = rows_to_codes(out, num_rows, cfg.num_codebooks)

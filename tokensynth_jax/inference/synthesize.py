@@ -5,10 +5,17 @@ the file at fault. `synthesize_audio` renders whole files window by window and d
 (or returns their codes only). The command line
 (`tokensynth synthesize`) is a thin face over these, `timbre.py` and the writers below.
 
-Long files: window k (MIDI time [5k, 5k + 5) s) is generated from its own notes with the file's
-timbre, decoded, and overlap-added at 5k s into one track, so a window's release tail that runs
-past 5 s sounds on under the next window instead of being cut; windows without notes are silence.
-All files' window k are generated in one batched call (one jitted decode loop per window index).
+Long files (docs/synthesis.md): `midi_tokens.split_into_windows` places windows of up to 5 s so
+that no note is lost (cuts where no note sounds when it can, else clips the notes at the cut and
+carries their rest into the next window), within a note budget from the model (`RowBudget`): a
+window of s seconds gets the audio rows of s + `release_seconds` at the codec's frame rate (5 s
+of audio at most, the clips the model learned; within --max-rows), and its notes must fit in the
+positions `max_len` leaves beside them.
+Each window is generated from its own notes with the file's timbre, decoded, and overlap-added at
+its start, so a release tail sounds on under the next window; the track is the MIDI's length plus
+the release. All files' window k are generated in one batched call (one jitted decode loop per
+window index). A window whose end row comes before its last note-off is reported (`early_ends`);
+`min_rows="last-note-off"` forbids that.
 """
 from __future__ import annotations
 
@@ -25,7 +32,9 @@ from tokensynth_jax.errors import UserError
 from tokensynth_jax.inference import sampling
 from tokensynth_jax.tokens import midi_tokens, token_layout
 
-DEFAULT_MAX_ROWS = 450  # audio rows per window, as the reference (5.2 s of DAC 44.1 kHz frames)
+DEFAULT_MAX_ROWS = 450  # audio rows of the reference's single window (--midi-compat): 5.2 s of DAC frames
+RELEASE_SECONDS = 0.25  # audio rendered past a window's notes and past the file's last note-off
+MIN_ROWS = ("none", "last-note-off")  # may a window end before its last note-off? ("none": as the model samples)
 
 
 class SynthesisError(UserError):
@@ -73,9 +82,49 @@ def make_sampler(kind: str, top_k: int | None, top_p: float | None, temperature:
     raise SynthesisError(f"unknown sampler {kind!r}")
 
 
-def _max_notes(cfg: ModelConfig) -> int:
-    """Notes a window may have and still leave the model room for audio rows."""
-    return (cfg.max_len - 2 - cfg.num_codebooks) // token_layout.TOKENS_PER_NOTE
+@dataclasses.dataclass(frozen=True)
+class RowBudget:
+    """The audio rows and notes a window of a given length gets (see the module doc)."""
+
+    frame_rate: float  # the codec's frames per second
+    num_codebooks: int
+    max_len: int  # the model's positions: timbre, MIDI rows, separator, audio rows
+    max_rows: int | None  # --max-rows: audio rows per window at most (None: no cap of its own)
+    release_seconds: float
+
+    def rows(self, seconds: float) -> int:
+        """Audio rows of a window: frames up to its end plus the release, delayed, within max_rows.
+        The audio lasts 5 s at most, the clips the model learned (it ends them there itself)."""
+        audio = min(seconds + self.release_seconds, token_layout.WINDOW_SECONDS)
+        need = token_layout.audio_rows_for_frames(_frames(audio, self.frame_rate), self.num_codebooks)
+        return need if self.max_rows is None else min(need, self.max_rows)
+
+    def notes(self, seconds: float) -> int:
+        """Notes a window may hold: the positions max_len leaves after timbre, separator and its rows."""
+        return (self.max_len - 2 - self.rows(seconds)) // token_layout.TOKENS_PER_NOTE
+
+    def longest(self) -> float:
+        """The longest window: 5 s, or less where max_rows leaves fewer frames for its notes (its
+        release may be cut there) or max_len leaves too few positions beside it for one note."""
+        delay = self.num_codebooks - 1
+        seconds = token_layout.WINDOW_SECONDS
+        if self.max_rows is not None:
+            seconds = min(seconds, (self.max_rows - delay) / self.frame_rate)
+        room = self.max_len - 2 - token_layout.TOKENS_PER_NOTE  # rows that leave room for one note
+        if self.rows(seconds) > room:
+            seconds = min(seconds, (room - delay) / self.frame_rate - self.release_seconds)
+        return seconds
+
+
+def _frames(seconds: float, frame_rate: float) -> int:
+    """Codec frames that cover `seconds` (a hair of float error does not add a frame)."""
+    return math.ceil(seconds * frame_rate - 1e-9)
+
+
+def note_off_seconds(window: midi_tokens.MidiWindow) -> float:
+    """The window's last note-off (relative to its start) as its tokens say; 0 without notes."""
+    offsets = window.tokens[1 :: token_layout.TOKENS_PER_NOTE] - token_layout.OFFSET_BASE
+    return float(offsets.max()) * token_layout.SECONDS_PER_BIN if len(offsets) else 0.0
 
 
 def _load(checkpoint_dir: str, guidance_scale: float | None, unconditional_dir: str | None):
@@ -103,13 +152,24 @@ def _load(checkpoint_dir: str, guidance_scale: float | None, unconditional_dir: 
 
 # --- audio ---------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
+class EarlyEnd:
+    """A window whose end row came before its last note-off: the rest of it is silent."""
+
+    window: int  # its index in the file's windows
+    start_seconds: float  # where it starts in the file
+    end_seconds: float  # where its audio ended, from its start
+    note_off_seconds: float  # its last note-off, from its start
+
+
+@dataclasses.dataclass(frozen=True)
 class AudioResult:
     audio: list  # float32 [N] per MIDI file, at sample_rate
     sample_rate: int
     codes: list  # per file, per window: int32 [frames, K] codes
     windows: list  # per file, its MidiWindows
-    ended: list  # per file, per window: stopped on an end row (False: length cap or no notes)
+    ended: list  # per file, per window: stopped on an end row (False: length cap)
     codec: str
+    early_ends: list  # per file, its EarlyEnds (empty: every window sounded to its last note-off)
 
 
 def resolve_codec(checkpoint_dir: str, meta: dict, asked: str | None, cfg: ModelConfig, *,
@@ -143,14 +203,30 @@ def resolve_codec(checkpoint_dir: str, meta: dict, asked: str | None, cfg: Model
     return name
 
 
-def join_windows(window_audio: Sequence[np.ndarray], sample_rate: int) -> np.ndarray:
-    """One track: window k's audio overlap-added at k * 5 s (see the module doc)."""
-    hop = round(token_layout.WINDOW_SECONDS * sample_rate)
-    length = max((k * hop + len(a) for k, a in enumerate(window_audio) if len(a)), default=0)
+def join_windows(window_audio: Sequence[np.ndarray], starts: Sequence[float], sample_rate: int,
+                 seconds: float | None = None) -> np.ndarray:
+    """One track: each window's audio overlap-added at its start, cut or padded to `seconds`
+    (default: to the end of the last window's audio)."""
+    offsets = [round(s * sample_rate) for s in starts]
+    length = max((o + len(a) for o, a in zip(offsets, window_audio)), default=0)
+    if seconds is not None:
+        length = round(seconds * sample_rate)
     out = np.zeros(length, np.float32)
-    for k, a in enumerate(window_audio):
-        out[k * hop : k * hop + len(a)] += a
+    for o, a in zip(offsets, window_audio):
+        a = a[: max(length - o, 0)]
+        out[o : o + len(a)] += a
     return out
+
+
+def _frame_rate(checkpoint_dir: str, meta: dict, cfg: ModelConfig, offline: bool) -> float:
+    """The checkpoint's codec frame rate (windows are planned in frames even when nothing is decoded)."""
+    recorded = (meta.get("metadata") or {}).get("codec") or {}
+    if recorded.get("frame_rate"):
+        return float(recorded["frame_rate"])
+    from tokensynth_jax.audio import encoders
+
+    name = resolve_codec(checkpoint_dir, meta, None, cfg, offline=offline)
+    return encoders.codec_info(name, offline=offline).frame_rate
 
 
 def synthesize_audio(
@@ -164,13 +240,15 @@ def synthesize_audio(
     guidance_scale: float | None = None,
     unconditional_dir: str | None = None,
     max_rows: int | None = None,
+    min_rows: str = "none",
+    release_seconds: float = RELEASE_SECONDS,
     midi_compat: str | None = None,
     decode: bool = True,
     device: str = "cpu",
     offline: bool = False,
     progress: bool = False,
 ) -> AudioResult:
-    """Renders whole MIDI files window by window and decodes them to audio.
+    """Renders whole MIDI files window by window and decodes them to audio (see the module doc).
 
     Args:
       checkpoint_dir: a tokensynth-jax model checkpoint (timbre-conditioned).
@@ -179,10 +257,16 @@ def synthesize_audio(
       sampler: the sampling rule (`make_sampler`).
       guidance_scale: classifier-free guidance for a model with a null timbre, else the
         reference's first-note guidance with `unconditional_dir`.
-      max_rows: audio rows per window at most (default 450, as the reference).
+      max_rows: audio rows per window at most (default: what its notes and the release take);
+        fewer rows make shorter windows, and may cut a window's release.
+      min_rows: "none" (a window ends when the model samples the end row) or "last-note-off"
+        (no end row before the window's last note-off).
+      release_seconds: audio rendered past each window's notes; the track is the MIDI's length
+        plus this.
       codec: the codec to decode with (default: the checkpoint's; another one is an error).
       seed: window k samples with seed + k.
-      midi_compat: "tokensynth-0.0.4": the reference's tokens, so its single window at 0 s.
+      midi_compat: "tokensynth-0.0.4": the reference's tokens, so its single window at 0 s, with
+        max_rows (default 450) rows; the track is that window's audio.
       decode: False for codes only (no codec is loaded; `audio` is empty).
       device: torch device of the codec.
       offline: only look for a pretrained codec in the local Hugging Face cache.
@@ -193,8 +277,14 @@ def synthesize_audio(
     """
     from tqdm import tqdm
 
+    if min_rows not in MIN_ROWS:
+        raise SynthesisError(f"--min-rows {min_rows!r}: one of {', '.join(MIN_ROWS)}")
+    if release_seconds < 0:
+        raise SynthesisError(f"release_seconds={release_seconds} is negative")
     model, meta, guidance, uncond = _load(checkpoint_dir, guidance_scale, unconditional_dir)
     cfg = model.cfg
+    if max_rows is not None and max_rows < cfg.num_codebooks:
+        raise SynthesisError(f"--max-rows {max_rows}: one frame takes {cfg.num_codebooks} rows")
     codec_model = None
     if codec is not None and not decode:
         raise SynthesisError(f"--codec {codec}: codes only are asked for (no --out), so nothing is decoded")
@@ -206,37 +296,58 @@ def synthesize_audio(
             codec_model = encoders.Codec(name, batch_size=1, device=device, offline=offline)
         except encoders.EncoderError as e:
             raise SynthesisError(f"{checkpoint_dir}: {e}") from e
+    frame_rate = codec_model.info.frame_rate if codec_model else _frame_rate(checkpoint_dir, meta, cfg, offline)
+    budget = RowBudget(frame_rate, cfg.num_codebooks, cfg.max_len, max_rows, release_seconds)
     if midi_compat:
-        windows = [[midi_tokens.tokenize_midi(p, compat=midi_compat, max_notes=_max_notes(cfg))] for p in midi_paths]
+        compat_notes = (cfg.max_len - 2 - cfg.num_codebooks) // token_layout.TOKENS_PER_NOTE
+        windows = [[midi_tokens.tokenize_midi(p, compat=midi_compat, max_notes=compat_notes)] for p in midi_paths]
+        row_caps = [[max_rows or DEFAULT_MAX_ROWS] for _ in midi_paths]
     else:
-        windows = [midi_tokens.split_into_windows(p, max_notes=_max_notes(cfg)) for p in midi_paths]
+        longest = budget.longest()
+        if longest < 2 * token_layout.SECONDS_PER_BIN:
+            limits = f"max_len {cfg.max_len}" + (f" and --max-rows {max_rows}" if max_rows else "")
+            raise SynthesisError(f"{checkpoint_dir}: {limits} leave no room for a window of notes ({longest:.3f} s)")
+        windows = [midi_tokens.split_into_windows(p, window_seconds=longest, max_notes=budget.notes)
+                   for p in midi_paths]
+        row_caps = [[budget.rows(w.seconds) for w in ws] for ws in windows]
     timbre = np.asarray(timbre, np.float32)
     if timbre.shape != (len(midi_paths), cfg.timbre_dim):
         raise SynthesisError(f"{checkpoint_dir}: timbres of shape {timbre.shape} for {len(midi_paths)} MIDI files; "
                              f"the model takes [{len(midi_paths)}, {cfg.timbre_dim}]")
-    empty = np.zeros((0, cfg.num_codebooks), np.int32)
-    codes = [[empty] * len(w) for w in windows]
+    note_off = [[note_off_seconds(w) for w in ws] for ws in windows]
+    # Frames that reach the last note-off, within what the row cap leaves.
+    needed = [[min(_frames(t, frame_rate), cap - cfg.num_codebooks + 1) for t, cap in zip(ts, caps)]
+              for ts, caps in zip(note_off, row_caps)]
+    codes = [[np.zeros((0, cfg.num_codebooks), np.int32)] * len(w) for w in windows]
     ended = [[False] * len(w) for w in windows]
     audio = [[np.zeros(0, np.float32)] * len(w) for w in windows]
     num_windows = max(len(w) for w in windows)
     for k in tqdm(range(num_windows), desc="windows", unit="window", disable=not progress):
-        items = [b for b, w in enumerate(windows) if k < len(w) and w[k].num_notes]
-        if not items:
-            continue
-        # Every call has all files' batch size (idle slots repeat an item, results dropped), so
-        # the decode loop compiles once, not once per count of files still playing.
+        items = [b for b, w in enumerate(windows) if k < len(w)]
+        # Every call has all files' batch size (idle slots repeat an item, results dropped), and
+        # the longest window's rows as its buffer, so the decode loop compiles once per prompt width.
         batch = items + [items[0]] * (len(windows) - len(items))
         gen = sampling.generate(
             model, [windows[b][k].tokens for b in batch], timbre[batch], sampler=sampler, seed=seed + k,
-            max_rows=max_rows or DEFAULT_MAX_ROWS, guidance=guidance, unconditional_model=uncond,
+            max_rows=max(max(caps) for caps in row_caps), guidance=guidance, unconditional_model=uncond,
+            row_caps=[row_caps[b][k] for b in batch],
+            min_frames=[needed[b][k] for b in batch] if min_rows == "last-note-off" else None,
         )
         for i, b in enumerate(items):
             codes[b][k], ended[b][k] = gen.codes[i, : gen.num_frames[i]], bool(gen.ended[i])
             if codec_model is not None and len(codes[b][k]):
                 audio[b][k] = codec_model.decode(codes[b][k][None])[0]
-    rate = codec_model.info.sample_rate if codec_model else 0
-    tracks = [join_windows(a, rate) for a in audio] if codec_model else []
-    return AudioResult(tracks, rate, codes, windows, ended, codec_model.info.name if codec_model else "")
+    early = [[EarlyEnd(k, w.start_seconds, len(c) / frame_rate, t)
+              for k, (w, c, e, t, n) in enumerate(zip(ws, cs, es, ts, ns)) if e and len(c) < n]
+             for ws, cs, es, ts, ns in zip(windows, codes, ended, note_off, needed)]
+    tracks = []
+    if codec_model is not None:
+        rate = codec_model.info.sample_rate
+        for ws, a in zip(windows, audio):
+            end = None if midi_compat else max(w.start_seconds + w.seconds for w in ws) + release_seconds
+            tracks.append(join_windows(a, [w.start_seconds for w in ws], rate, end))
+    return AudioResult(tracks, codec_model.info.sample_rate if codec_model else 0, codes, windows, ended,
+                       codec_model.info.name if codec_model else "", early)
 
 
 def write_wav(path: str, audio: np.ndarray, sample_rate: int) -> None:

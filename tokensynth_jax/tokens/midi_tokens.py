@@ -1,4 +1,4 @@
-"""MIDI files -> TokenSynth MIDI tokens, one 5 s window at a time.
+"""MIDI files -> TokenSynth MIDI tokens: one 5 s window, or a whole file in windows that lose no note.
 
 The reference (`tokensynth.utils.get_tokens_from_midi`, v0.0.4) chains the notes of every
 instrument, drums included, sorts them by onset and stops at the first note that starts or ends at
@@ -9,13 +9,17 @@ start time, and raise `MidiTokenizationError` naming the file for bad input inst
 an empty or wrong sequence. `compat="tokensynth-0.0.4"` reproduces the reference's tokens exactly.
 Time bins keep the reference's arithmetic `int(seconds * 100)`, truncation included (a note at
 0.29 s lands in bin 28, because 0.29 * 100 == 28.999999999999996).
+
+`split_into_windows` covers a whole file for synthesis (see its doc and docs/synthesis.md): windows
+of up to 5 s end where no note sounds when they can, a note sounding across a window's end is
+clipped there and carried on into the next window, and a window holds no more notes than the model
+can take, so dense passages get shorter windows.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
-from typing import Union
+from typing import Callable, Union
 
 import numpy as np
 import pretty_midi
@@ -26,6 +30,7 @@ from tokensynth_jax.tokens.token_layout import (
     OFFSET_BASE,
     ONSET_BASE,
     PITCH_BASE,
+    SECONDS_PER_BIN,
     TIME_BINS,
     TOKENS_PER_NOTE,
     VELOCITY_BASE,
@@ -57,6 +62,9 @@ class MidiWindow:
       start before it and sound into it, or end at or after its end; in compat mode, every note
       starting inside the window that the reference drops).
     dropped_drum_notes: drum notes starting inside the window, left out (0 in compat mode).
+    seconds: the window's length; its notes lie in [start_seconds, start_seconds + seconds).
+    clipped_notes: notes clipped at the window's end, whose rest is carried into the next window
+      (`split_into_windows` only).
     """
 
     tokens: np.ndarray
@@ -65,6 +73,8 @@ class MidiWindow:
     num_notes: int
     cut_notes: int
     dropped_drum_notes: int
+    seconds: float = WINDOW_SECONDS
+    clipped_notes: int = 0
 
 
 def _load(midi: MidiInput) -> tuple[pretty_midi.PrettyMIDI, str]:
@@ -181,39 +191,105 @@ def tokenize_midi(midi: MidiInput, *, start_seconds: float = 0.0, pitch_shift: i
     return window
 
 
-def split_into_windows(midi: MidiInput, *, window_seconds: float = WINDOW_SECONDS,
-                       pitch_shift: int = 0, max_notes: int | None = None) -> list[MidiWindow]:
-    """Tokenizes a whole MIDI file as consecutive windows at 0, 5, 10, ... s.
+MIN_FILL = 0.5  # a cut is taken in the latter half of the longest window that fits, so windows stay long
 
-    The windows cover the file up to the end of its last non-drum note. Windows without notes are
-    kept, so the list stays contiguous in time for window-by-window synthesis.
+
+def split_into_windows(midi: MidiInput, *, window_seconds: float = WINDOW_SECONDS, pitch_shift: int = 0,
+                       max_notes: int | Callable[[float], int] | None = None) -> list[MidiWindow]:
+    """Tokenizes a whole MIDI file (drums left out) as windows that together hold every note.
+
+    The first window starts at the first onset. Each window ends at the best cut within reach:
+    among the onsets and note-offs in the latter half (`MIN_FILL`) of the longest window that
+    fits, one where no note sounds if there is one, else the one that clips the fewest notes; the
+    latest on ties. A note sounding across the cut is clipped there, and its rest is carried into
+    the next window (it starts at 0 there), so a note longer than a window is split into pieces.
+    A cut where nothing sounds moves back to the last note-off before it, and the next window
+    starts at the next onset (silence is skipped, so no window is empty); else at the cut. A
+    window fits when it lasts at most `window_seconds` and holds at most `max_notes(its length)`
+    notes (pieces included): dense passages get shorter windows.
 
     Args:
       midi: a path to a MIDI file, or a loaded `pretty_midi.PrettyMIDI`.
-      window_seconds: the window length; must be `token_layout.WINDOW_SECONDS`.
+      window_seconds: the longest window, in (0, 5] s (the vocabulary's time bins span 5 s).
       pitch_shift: semitones added to every pitch (the result must stay in 0..127).
-      max_notes: if given, more notes than this in any window is an error.
+      max_notes: the most notes a window may hold: a number, or a function of the window's length
+        in seconds (a synthesis model's budget: longer windows leave fewer positions for notes).
 
     Returns:
-      One `MidiWindow` per window, in time order.
+      The windows in time order; their `seconds` and `clipped_notes` say where they were cut.
 
     Raises:
-      MidiTokenizationError: as `tokenize_midi`, except that empty windows are not an error.
+      MidiTokenizationError: as `tokenize_midi`, or more notes sounding at one place than even the
+        shortest window there can hold.
     """
     source = "<PrettyMIDI>" if isinstance(midi, pretty_midi.PrettyMIDI) else os.fspath(midi)
-    if window_seconds != WINDOW_SECONDS:
+    if not 0 < window_seconds <= WINDOW_SECONDS:
         raise MidiTokenizationError(
-            f"{source}: window_seconds={window_seconds}, but the vocabulary has {WINDOW_SECONDS} s windows"
+            f"{source}: window_seconds={window_seconds}; windows last at most {WINDOW_SECONDS:g} s "
+            "(the vocabulary's time bins)"
         )
+    budget = max_notes if callable(max_notes) else (lambda seconds: max_notes)
     pm, source = _load(midi)
     notes = _sorted_notes(pm, source, with_drums=False)
-    drum_notes = _drum_notes(pm)
-    end_seconds = max(n.end for n in notes)
-    num_windows = max(1, math.ceil(end_seconds / WINDOW_SECONDS))
-    return [
-        _window(source, notes, drum_notes, k * WINDOW_SECONDS, pitch_shift, None, max_notes)
-        for k in range(num_windows)
-    ]
+    starts = np.array([n.start for n in notes])
+    ends = np.maximum([n.end for n in notes], starts + SECONDS_PER_BIN)  # a 0 s note still takes a place
+    music_end = float(ends.max())
+    windows, start = [], float(starts.min())
+    while True:
+        cut = _best_cut(starts, ends, start, min(start + window_seconds, music_end), budget, source)
+        windows.append(_pieces_window(source, notes, start, cut, pitch_shift))
+        if cut >= music_end:
+            break
+        sounding = (starts < cut) & (ends > cut)
+        start = cut if sounding.any() else float(starts[starts >= cut].min())
+    return _count_drums(windows, _drum_notes(pm))
+
+
+def _best_cut(starts, ends, start: float, reach: float, budget, source: str) -> float:
+    """Where the window starting at `start` ends (see `split_into_windows`)."""
+    live = ((ends > start) | (starts >= start)) & (starts < reach)  # notes the window may hold
+    ls, le = starts[live], ends[live]
+    cuts = np.unique(np.concatenate([ls, le, [reach]]))
+    cuts = cuts[(cuts > start) & (cuts <= reach)]
+    held = (ls[:, None] < cuts[None]).sum(0)  # notes (and pieces) in the window [start, cut)
+    crossing = ((ls[:, None] < cuts[None]) & (le[:, None] > cuts[None])).sum(0)
+    limits = np.array([np.inf if budget(c - start) is None else budget(c - start) for c in cuts])
+    fits = held <= limits
+    if not fits.any():
+        raise MidiTokenizationError(
+            f"{source}: {held[0]} notes sound in the {cuts[0] - start:.3f} s from {start:.3f} s, more than the "
+            f"{limits[0]:g} a window that short can hold"
+        )
+    longest = cuts[fits].max()
+    pool = np.flatnonzero(fits & (cuts >= start + MIN_FILL * (longest - start)))
+    best = pool[np.lexsort((-cuts[pool], crossing[pool]))[0]]  # fewest clipped notes, then the latest
+    if crossing[best] == 0:  # in silence: end at the last note-off, not after silence to be skipped
+        return float(le[ls < cuts[best]].max())
+    return float(cuts[best])
+
+
+def _pieces_window(source, notes, start: float, cut: float, pitch_shift: int) -> MidiWindow:
+    """The window [start, cut): every note sounding in it, clipped to it."""
+    pieces, clipped = [], 0
+    for n in notes:
+        if n.start < cut and (n.end > start or n.start >= start):
+            clipped += int(n.end > cut)
+            pieces.append(pretty_midi.Note(n.velocity, n.pitch, max(n.start, start), min(n.end, cut)))
+    pieces.sort(key=lambda n: n.start)  # stable: carried-in pieces first, then the reference's order
+    tokens = [t for n in pieces for t in _note_tokens(n, start, pitch_shift, source, True)]
+    return MidiWindow(np.asarray(tokens, np.int32).reshape(-1), source, start, len(pieces), 0, 0,
+                      seconds=cut - start, clipped_notes=clipped)
+
+
+def _count_drums(windows: list[MidiWindow], drum_notes: list) -> list[MidiWindow]:
+    """Each window reports the drum notes starting from it up to the next window (all, together)."""
+    bounds = [w.start_seconds for w in windows[1:]] + [np.inf]
+    out, lower = [], -np.inf
+    for w, upper in zip(windows, bounds):
+        drums = sum(lower <= n.start < upper for n in drum_notes)
+        out.append(dataclasses.replace(w, dropped_drum_notes=drums))
+        lower = upper
+    return out
 
 
 def tokens_to_notes(tokens_m: np.ndarray, *, program: int = 0) -> pretty_midi.PrettyMIDI:

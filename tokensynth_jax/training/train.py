@@ -18,7 +18,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from tokensynth_jax import checkpoint, sharding
+from tokensynth_jax import checkpoint, sharding, tensorboard_media
 from tokensynth_jax.config import ModelConfig
 from tokensynth_jax.model.transformer import TokenSynth
 from tokensynth_jax.scaling.flops import model_flops_per_token
@@ -29,7 +29,8 @@ log = logging.getLogger("tokensynth.train")
 
 
 class MetricsWriter:
-    """Metrics to a JSON-lines file and TensorBoard (process 0 only); one line on the console."""
+    """Metrics to a JSON-lines file and TensorBoard (process 0 only); one line on the console.
+    Sample clips go to TensorBoard as audio and spectrogram images (`tensorboard_media`)."""
 
     def __init__(self, workdir: str):
         self.active = jax.process_index() == 0
@@ -53,6 +54,13 @@ class MetricsWriter:
                 self.tb.add_scalar(f"{prefix}/{k}", v, step)
         head = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if not k.startswith(("ce_", "acc_")))
         print(f"[{prefix}] step {step}: {head}", flush=True)
+
+    def write_clips(self, step: int, clips: list, prefix: str = "samples"):
+        """(tag, audio, sample rate) clips as TensorBoard audio and spectrogram images."""
+        if self.tb:
+            for tag, audio, rate in clips:
+                tensorboard_media.add_clip(self.tb, f"{prefix}/{tag}", audio, rate, step)
+            self.tb.flush()
 
     def close(self):
         if self.jsonl:
@@ -219,9 +227,10 @@ def train(config, workdir: str, init_from: str | None = None) -> dict:
         if tc.eval_every and config.data.eval_paths and (done % tc.eval_every == 0 or done == tc.steps):
             writer.write(done, evaluate(eval_fn, state, config, cfg, batch_shardings), "eval")
         if samples is not None and (samples.due(done) or done == tc.steps):
-            metrics = samples(done, graphdef, state)
+            metrics, clips = samples(done, graphdef, state)
             if metrics:
                 writer.write(done, metrics, "samples")
+            writer.write_clips(done, clips)
         if stop["stop"] or done % tc.checkpoint_every == 0 or done == tc.steps:
             ckpt.save(done, state, data_iter, force=True)
         if stop["stop"]:

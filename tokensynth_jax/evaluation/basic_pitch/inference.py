@@ -31,9 +31,9 @@ import numpy.typing as npt
 import onnxruntime as ort
 
 from tokensynth_jax.evaluation.basic_pitch.constants import (
-    AUDIO_SAMPLE_RATE,
-    AUDIO_N_SAMPLES,
     ANNOTATIONS_FPS,
+    AUDIO_N_SAMPLES,
+    AUDIO_SAMPLE_RATE,
     FFT_HOP,
 )
 

@@ -28,9 +28,9 @@ import numpy as np
 import scipy.signal
 
 from tokensynth_jax.evaluation.basic_pitch.constants import (
-    AUDIO_SAMPLE_RATE,
-    AUDIO_N_SAMPLES,
     ANNOT_N_FRAMES,
+    AUDIO_N_SAMPLES,
+    AUDIO_SAMPLE_RATE,
     FFT_HOP,
 )
 
