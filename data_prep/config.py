@@ -12,6 +12,8 @@ import dataclasses
 import hashlib
 import json
 
+from tokensynth_jax import records
+
 AUG_EFFECTS = ("distortion", "overdrive", "chorus", "phaser", "flanger", "delay", "reverb",
                "compressor", "eq", "filter", "bitcrush")
 CLAP_INPUTS = ("codec-rate", "tokensynth-0.0.4")
@@ -115,6 +117,7 @@ class PrepConfig:
         d = self.to_dict()
         for k in ("output_dir", "chunk_size", "torch_threads", "note_table_cache", "offline"):
             d.pop(k)
+        d["record_version"] = records.SCHEMA_VERSION  # a new schema never resumes an old output
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
     @classmethod
