@@ -1,8 +1,9 @@
 """`tokensynth`: the command line, a thin face over the package's jobs.
 
-Subcommands: prep (the Beam data job), train, init (a randomly initialised checkpoint of a
-config), convert (official PyTorch <-> ours), synthesize (MIDI + timbre -> codec tokens), demo
-(the embedded default end to end).
+Subcommands: prep (the Beam data job; `prep verify OUT` checks its output), train, checkpoint
+verify (damaged checkpoints, offline), init (a randomly initialised checkpoint of a config),
+convert (official PyTorch <-> ours), synthesize (MIDI + timbre -> codec tokens), demo (the
+embedded default end to end).
 Errors of the user's input exit with status 2 and one line naming the file and the problem.
 """
 from __future__ import annotations
@@ -137,6 +138,19 @@ def _cmd_synthesize(args) -> int:
     return 0
 
 
+def _cmd_checkpoint_verify(args) -> int:
+    from tokensynth_jax import checkpoint
+
+    results = checkpoint.verify(args.dir, checksums=not args.sizes_only)
+    for what, problems in results:
+        print(f"{args.dir} {what}: " + ("ok" if not problems else "DAMAGED: " + "; ".join(problems)))
+    damaged = [what for what, problems in results if problems]
+    if damaged:
+        print(f"tokensynth checkpoint verify: error: {args.dir}: {', '.join(damaged)} damaged", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _wav_paths(out: str, midi: list) -> list:
     """OUT.wav for one MIDI file; for several, OUT is a folder and each gets its own <stem>.wav."""
     from tokensynth_jax.synthesize import SynthesisError
@@ -209,9 +223,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spectrogram", action="store_true", help="a spectrogram PNG beside each WAV")
     p.set_defaults(run=_cmd_synthesize)
 
-    from data_prep.cli import add_prep_parser  # cheap: Beam is imported only when prep runs
+    p = sub.add_parser("checkpoint", help="check checkpoints offline")
+    p.add_argument("action", choices=["verify"])
+    p.add_argument("dir", help="a training workdir (its checkpoints/), a checkpoints/ folder or a model checkpoint")
+    p.add_argument("--sizes-only", action="store_true", help="check file sizes, not sha256 (no reading)")
+    p.set_defaults(run=_cmd_checkpoint_verify)
+
+    from data_prep.cli import add_prep_parser, add_prep_verify_parser  # cheap: Beam loads only when prep runs
 
     add_prep_parser(sub)
+    add_prep_verify_parser(sub)
     from tokensynth_jax.sweep import add_sweep_parser
 
     add_sweep_parser(sub)
@@ -248,6 +269,8 @@ def _split_config_overrides(argv):
 
 def main(argv=None) -> int:
     overrides, argv = _split_config_overrides(sys.argv[1:] if argv is None else list(argv))
+    if argv[:2] == ["prep", "verify"]:  # `prep` takes Beam's options after it, so verify is its own parser
+        argv = ["prep-verify", *argv[2:]]
     args = build_parser().parse_args(argv)
     args.config_overrides = overrides
     from tokensynth_jax.checkpoint import CheckpointError

@@ -138,7 +138,11 @@ def train(config, workdir: str, init_from: str | None = None) -> dict:
         paths=tuple(config.data.paths), global_batch=config.data.global_batch, seq_len=config.data.seq_len,
         seed=tc.seed, worker_count=config.data.worker_count,
         allow_mixed_clap=config.data.get("allow_mixed_clap", False),
+        verify_sha256=config.data.get("verify_sha256", False),
     )
+    if config.data.eval_paths:  # found damaged now, not at the first evaluation
+        input_pipeline.verify_shards(input_pipeline.expand_paths(config.data.eval_paths),
+                                     sha256=pc.verify_sha256)
     data_iter = iter(input_pipeline.make_dataset(pc, cfg, jax.process_index(), jax.process_count()))
     if jax.process_index() == 0:  # what the run is, for inference checkpoints and sweeps
         # make_dataset has checked that every shard names the same CLAP (unless mixing is
@@ -160,10 +164,12 @@ def train(config, workdir: str, init_from: str | None = None) -> dict:
 
     # Restore, or initialise from a model checkpoint.
     ckpt = checkpoint.TrainCheckpointer(os.path.join(workdir, "checkpoints"), max_to_keep=tc.keep_last,
-                                        keep_period=tc.keep_every or None)
-    start = ckpt.latest_step()
-    if start is not None:
-        state = ckpt.restore(start, abstract_state, state_shardings, data_iter)
+                                        keep_period=tc.keep_every or None,
+                                        checksums=tc.get("checkpoint_checksums", True))
+    restored = ckpt.restore_latest(abstract_state, state_shardings, data_iter,
+                                   require_latest=tc.get("require_latest_checkpoint", False))
+    if restored is not None:
+        state, start = restored
         log.info("resumed from step %d", start)
     else:
         start = 0

@@ -1,0 +1,100 @@
+"""File lists (size and sha256 of every file) written when an output is complete, checked before use.
+
+Orbax, grain and array_record meet a damaged file with a long traceback, or with a bare error that
+names no file. A list of what the complete output held lets a check name the damaged file in one
+line before anything reads it: a missing file, a file of another size (truncated or half-copied)
+and, with checksums, changed bytes. Plain os and hashlib; no Orbax, no JAX.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+FILE_LIST_VERSION = 1
+_BLOCK = 1 << 24
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes, read in blocks (files can be larger than memory)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def list_files(root: str | os.PathLike, *, checksums: bool = True, exclude: tuple[str, ...] = ()) -> dict:
+    """Every file under `root`: relative path ("/"-separated) -> {"bytes": n[, "sha256": hex]}.
+
+    Args:
+      root: a directory.
+      checksums: also hash every file (reads every byte); sizes alone need only a stat.
+      exclude: relative paths left out (e.g. the list's own file).
+    """
+    out = {}
+    for d, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(d, name)
+            rel = os.path.relpath(path, root).replace(os.sep, "/")
+            if rel in exclude:
+                continue
+            entry = {"bytes": os.path.getsize(path)}
+            if checksums:
+                entry["sha256"] = sha256_file(path)
+            out[rel] = entry
+    return dict(sorted(out.items()))
+
+
+def write_file_list(root: str | os.PathLike, name: str, *, checksums: bool = True,
+                    exclude: tuple[str, ...] = ()) -> dict:
+    """Writes `root/name`, the JSON list of every other file under `root` (but `exclude`), atomically.
+
+    Returns:
+      The list written ({"version", "files"}).
+    """
+    files = list_files(root, checksums=checksums, exclude=(name, *exclude))
+    listing = {"version": FILE_LIST_VERSION, "files": files}
+    path = os.path.join(root, name)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(listing, f, indent=1)
+    os.replace(tmp, path)
+    return listing
+
+
+def read_file_list(root: str | os.PathLike, name: str) -> dict | None:
+    """The files of `root/name` (see `write_file_list`); None if there is no list.
+
+    Raises:
+      ValueError: the list exists but is not readable JSON of this format (the message names it).
+    """
+    path = os.path.join(root, name)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            listing = json.load(f)
+        return dict(listing["files"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{name} is unreadable ({type(e).__name__}: {e})") from e
+
+
+def check_files(root: str | os.PathLike, files: dict, *, checksums: bool = True) -> list[str]:
+    """Problems of `root` against a file list, one line each naming the file (empty: intact).
+
+    Args:
+      root: the directory the relative paths of `files` start from.
+      files: relative path -> {"bytes"[, "sha256"]}, as `list_files` returns.
+      checksums: compare sha256 where the list has one (reads every byte); else sizes only.
+    """
+    problems = []
+    for rel, want in files.items():
+        path = os.path.join(root, *rel.split("/"))
+        if not os.path.isfile(path):
+            problems.append(f"{rel} is missing")
+            continue
+        size = os.path.getsize(path)
+        if size != want["bytes"]:
+            what = "truncated" if size < want["bytes"] else "longer than written"
+            problems.append(f"{rel} has {size} bytes, {want['bytes']} were written ({what})")
+        elif checksums and "sha256" in want and sha256_file(path) != want["sha256"]:
+            problems.append(f"{rel} has changed since it was written (sha256 differs)")
+    return problems
