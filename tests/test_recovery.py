@@ -2,13 +2,19 @@
 
 A damaged newest checkpoint (a truncated array file, a deleted metadata file, a deleted data-
 iterator file) makes the run resume from the previous one with the losses of an uninterrupted run;
-`checkpoint verify` finds the same damage offline; a truncated shard is named in one line.
+`checkpoint verify` finds the same damage offline; a truncated shard is named in one line; after
+a SIGKILL and a resume every step is in metrics.jsonl (and TensorBoard) exactly once, and the
+trainer's own log lines reach the console.
 """
 import json
 import os
 import shutil
+import signal
+import subprocess
 import sys
+import time
 
+import numpy as np
 import pytest
 from array_record.python.array_record_module import ArrayRecordWriter
 
@@ -35,6 +41,10 @@ def _config(shards, **train_fields):
     overrides = {"data.paths": shards, "train.log_every": 1, "train.eval_every": 0, "train.checkpoint_every": 2}
     overrides.update({f"train.{k}": v for k, v in train_fields.items()})
     return load_config_file(TINY, overrides)
+
+
+def _metric_steps(workdir):
+    return [json.loads(x)["step"] for x in open(os.path.join(workdir, "metrics.jsonl"))]
 
 
 def _losses(workdir):
@@ -86,6 +96,7 @@ def test_damaged_newest_checkpoint_resumes_from_the_previous_one(runs, shards, t
     assert (step4, step2, problems2) == ("step 4", "step 2", []) and problems4[0].startswith(rel)
     train.train(_config(shards, steps=4), workdir)  # steps 3 and 4 again, from checkpoint 2
     assert _losses(workdir) == straight  # resumed from step 2 with its data position
+    assert _metric_steps(workdir) == [1, 2, 3, 4]  # the first run's lines of steps 3 and 4 were dropped
     assert sorted(os.listdir(ckpts)) == ["2", "4", "4.damaged"]  # moved aside, never deleted
     assert checkpoint.verify(ckpts) == [("step 4", []), ("step 2", [])]
 
@@ -207,3 +218,37 @@ def test_shard_sidecar_size_count_and_sha256(tmp_path):
     writer.close()
     with pytest.raises(input_pipeline.DataError, match=f"^{path}: 4 records in .* bytes, prep wrote 5 records"):
         input_pipeline.verify_shards([path])
+
+
+def test_kill_9_then_resume_writes_every_step_once(shards, tmp_path):
+    """A real `tokensynth train` killed with SIGKILL after step 7 (checkpoints every 3 steps), then
+    resumed: metrics.jsonl and the TensorBoard scalars hold each step once, and the resume's
+    "resumed from step K" line reaches the console."""
+    from tensorboard.backend.event_processing import event_accumulator
+
+    workdir = str(tmp_path / "k")
+    cmd = [sys.executable, "-m", "tokensynth_jax.cli", "train", "--config", TINY, "--workdir", workdir,
+           f"--config.data.paths={shards}", "--config.train.log_every=1", "--config.train.checkpoint_every=3",
+           "--config.train.eval_every=0"]
+    proc = subprocess.Popen([*cmd, "--config.train.steps=100000"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    deadline, seen = time.time() + 120, []
+    for line in proc.stdout:
+        seen.append(line)
+        if "[train] step 7:" in line or time.time() > deadline:
+            break
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    killed_at = max(_metric_steps(workdir))
+    assert killed_at >= 7, "".join(seen)
+    out = subprocess.run([*cmd, "--config.train.steps=10"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr
+    resumed = int(out.stderr.split("resumed from step ")[1].split()[0])
+    assert resumed in (3, 6) and resumed < killed_at
+    assert "tokensynth.train INFO devices: " in out.stderr and "train step memory (MB)" in out.stderr
+    assert _metric_steps(workdir) == list(range(1, 11))
+    acc = event_accumulator.EventAccumulator(os.path.join(workdir, "tensorboard"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, 11))
+    np.testing.assert_allclose([e.value for e in acc.Scalars("train/loss")],
+                               [_losses(workdir)[s] for s in range(1, 11)], rtol=1e-6)

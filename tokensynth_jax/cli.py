@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 
@@ -39,12 +40,9 @@ def _cmd_init(args) -> int:
 
 
 def _cmd_train(args) -> int:
-    import logging
-
     from tokensynth_jax import train
     from tokensynth_jax.config import load_config_file
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     overrides = dict(kv.split("=", 1) for kv in args.set)
     overrides.update(args.config_overrides)
     config = load_config_file(args.config, overrides)
@@ -267,11 +265,33 @@ def _split_config_overrides(argv):
     return overrides, rest
 
 
+class _ConsoleHandler(logging.StreamHandler):
+    """Writes to sys.stderr as it is at each record (tests and notebooks replace it)."""
+
+    def emit(self, record):
+        self.stream = sys.stderr
+        super().emit(record)
+
+
+def configure_logging() -> None:
+    """The command line's log output: warnings of every library, and the package's own INFO lines
+    ("resumed from step K", the device count, the memory plan) on stderr.
+
+    Importing Orbax or grain puts a handler on the root logger, so `logging.basicConfig` without
+    `force` does nothing; the command line owns the process, so it replaces it. Library code never
+    configures logging.
+    """
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                        handlers=[_ConsoleHandler()], force=True)
+    logging.getLogger("tokensynth").setLevel(logging.INFO)
+
+
 def main(argv=None) -> int:
     overrides, argv = _split_config_overrides(sys.argv[1:] if argv is None else list(argv))
     if argv[:2] == ["prep", "verify"]:  # `prep` takes Beam's options after it, so verify is its own parser
         argv = ["prep-verify", *argv[2:]]
     args = build_parser().parse_args(argv)
+    configure_logging()
     args.config_overrides = overrides
     from tokensynth_jax.checkpoint import CheckpointError
     from tokensynth_jax.convert import ConversionError

@@ -27,18 +27,48 @@ from tokensynth_jax.model import TokenSynth
 log = logging.getLogger("tokensynth.train")
 
 
-class MetricsWriter:
-    """Metrics to a JSON-lines file and TensorBoard (process 0 only); one line on the console."""
+def truncate_metrics(path: str, step: int) -> int:
+    """Keeps the lines of a metrics.jsonl up to `step` (the step a run resumes from); returns how
+    many were dropped. A run killed after its last checkpoint wrote lines for steps it will
+    train again; a half-written last line (killed mid-write) goes too. Rewritten atomically."""
+    if not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        lines = f.readlines()
+    keep = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= step and line.endswith("\n"):
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):
+            pass
+    if len(keep) < len(lines):
+        with open(path + ".tmp", "w") as f:
+            f.writelines(keep)
+        os.replace(path + ".tmp", path)
+    return len(lines) - len(keep)
 
-    def __init__(self, workdir: str):
+
+class MetricsWriter:
+    """Metrics to a JSON-lines file and TensorBoard (process 0 only); one line on the console.
+
+    `start` is the step the run resumes from: what was written after it is dropped (the JSON
+    lines) or hidden (TensorBoard's purge_step), so every step appears once.
+    """
+
+    def __init__(self, workdir: str, start: int = 0):
         self.active = jax.process_index() == 0
-        self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a") if self.active else None
-        self.tb = None
+        self.jsonl, self.tb = None, None
         if self.active:
+            path = os.path.join(workdir, "metrics.jsonl")
+            dropped = truncate_metrics(path, start)
+            if dropped:
+                log.info("metrics.jsonl: dropped %d lines after step %d, which this run writes again", dropped, start)
+            self.jsonl = open(path, "a")
             try:
                 from tensorboardX import SummaryWriter
 
-                self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+                self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=start + 1)
             except ImportError:
                 log.warning("tensorboardX is not installed: metrics go to metrics.jsonl only")
 
@@ -197,7 +227,7 @@ def train(config, workdir: str, init_from: str | None = None) -> dict:
                  mem.argument_size_in_bytes / 2**20, mem.output_size_in_bytes / 2**20, mem.temp_size_in_bytes / 2**20)
 
     # The loop.
-    writer = MetricsWriter(workdir)
+    writer = MetricsWriter(workdir, start)
     samples = train_samples.SampleWriter(config, cfg, workdir) if tc.sample_every else None
     stop = _install_sigterm()
     base_rng = jax.random.PRNGKey(tc.seed + 1)
