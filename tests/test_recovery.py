@@ -175,6 +175,8 @@ def test_model_checkpoint_verify(tmp_path, capsys):
         f.truncate(10)
     assert cli.main(["checkpoint", "verify", model_dir]) == 2
     assert f"model: DAMAGED: {rel} has 10 bytes" in capsys.readouterr().out
+    with pytest.raises(checkpoint.CheckpointError, match=f"^{model_dir}: damaged checkpoint: {rel} has 10 bytes"):
+        checkpoint.load_model(model_dir)
 
 
 def test_truncated_shard_is_named(tmp_path):

@@ -141,6 +141,11 @@ def load_model(
     path = os.path.join(os.path.abspath(os.fspath(directory)), PARAMS_DIR)
     if not os.path.isdir(path):
         raise CheckpointError(f"{directory}: no parameters ({PARAMS_DIR}/ is missing)")
+    # Sizes only (a stat per file): a missing or cut file is named here, not deep in Orbax.
+    problems = integrity.check_files(directory, meta.get("files") or {}, checksums=False)
+    if problems:
+        raise CheckpointError(f"{directory}: damaged checkpoint: {problems[0]}"
+                              + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
     checkpointer = ocp.StandardCheckpointer()
     try:
         _check_keys(f"{directory}: parameters do not match the config in {META_FILE}",
