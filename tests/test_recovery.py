@@ -127,6 +127,17 @@ def test_no_intact_checkpoint_stops_with_one_line_and_exit_2(runs, shards, tmp_p
     assert sorted(os.listdir(ckpts)) == ["2", "4"]
 
 
+def test_inference_checkpoint_of_a_damaged_step_is_one_line(runs, tmp_path, capsys):
+    _, stopped = runs
+    workdir, ckpts = _copy(stopped, tmp_path)
+    rel = _damage(os.path.join(ckpts, "4"), "truncated array file")
+    assert cli.main(["inference-checkpoint", "--config", TINY, workdir, str(tmp_path / "m")]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"tokensynth inference-checkpoint: error: {ckpts}: step 4 is damaged: {rel} has ")
+    assert last.endswith("(truncated); `tokensynth checkpoint verify` lists the intact steps")
+    assert cli.main(["inference-checkpoint", "--config", TINY, "--step", "2", workdir, str(tmp_path / "m")]) == 0
+
+
 def test_checkpoint_verify_command(runs, tmp_path, capsys):
     _, stopped = runs
     workdir, ckpts = _copy(stopped, tmp_path)

@@ -425,6 +425,11 @@ class TrainCheckpointer:
         if step is None or step not in self.manager.all_steps():
             raise CheckpointError(f"{self.manager.directory}: no train checkpoint at step {step} "
                                   f"(have {sorted(self.manager.all_steps())})")
+        # Sizes only (cheap); the data iterator plays no part in the parameters.
+        problems = [p for p in verify_train_step(self._step_dir(step), checksums=False) if not p.startswith("data/")]
+        if problems:
+            raise CheckpointError(f"{self.manager.directory}: step {step} is damaged: {problems[0]}; "
+                                  "`tokensynth checkpoint verify` lists the intact steps")
         graphdef, abstract_state, target = _abstract_model(cfg, mesh or sharding.make_mesh({"data": -1}))
         # The train state is the pure dict of nnx.state((model, optimizer)): the model is entry 0.
         _check_keys(f"{self.manager.directory}/{step}: parameters do not match the model config",
