@@ -233,6 +233,17 @@ def test_shard_sidecar_size_count_and_sha256(tmp_path):
         input_pipeline.verify_shards([path])
 
 
+def test_truncate_metrics_keeps_steps_up_to_the_resume_and_drops_a_half_written_line(tmp_path):
+    path = str(tmp_path / "metrics.jsonl")
+    lines = [json.dumps({"step": s, "split": split, "loss": 1.0}) + "\n" for s in (1, 2, 3, 4) for split in ("train", "eval")]
+    with open(path, "w") as f:
+        f.writelines(lines)
+        f.write('{"step": 5, "split": "tr')  # killed mid-write
+    assert train.truncate_metrics(path, 2) == 5
+    assert open(path).read() == "".join(lines[:4])
+    assert train.truncate_metrics(path, 2) == 0 and train.truncate_metrics(str(tmp_path / "none.jsonl"), 0) == 0
+
+
 def test_kill_9_then_resume_writes_every_step_once(shards, tmp_path):
     """A real `tokensynth train` killed with SIGKILL after step 7 (checkpoints every 3 steps), then
     resumed: metrics.jsonl and the TensorBoard scalars hold each step once, and the resume's

@@ -15,7 +15,6 @@ checkpoint lands sharded on whatever mesh the reader has, whatever mesh wrote it
 """
 from __future__ import annotations
 
-import glob
 import json
 import logging
 import os
@@ -25,6 +24,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -169,11 +169,11 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
 
 
-def _read_every_array(root: str, rel: str) -> list[str]:
+def _read_every_array(root: epath.Path, rel: str) -> list[str]:
     """Reads every array of the Orbax PyTree at `root/rel` to host numpy: a truncated or missing
     array file fails the read. The check of checkpoints that carry no file list."""
-    path = os.path.join(root, rel)
-    if not os.path.isfile(os.path.join(path, "_METADATA")):
+    path = root / rel
+    if not (path / "_METADATA").is_file():
         return [f"{rel}/_METADATA is missing"]
     checkpointer = ocp.PyTreeCheckpointer()
     try:
@@ -187,9 +187,9 @@ def _read_every_array(root: str, rel: str) -> list[str]:
     return []
 
 
-def _check_iterator_files(step_dir: str) -> list[str]:
+def _check_iterator_files(step_dir: epath.Path) -> list[str]:
     """The grain data-iterator files of a train step: one JSON per writing process, all present."""
-    names = [os.path.basename(p) for p in glob.glob(os.path.join(step_dir, "data", "process_*-of-*.json"))]
+    names = [p.name for p in (step_dir / "data").glob("process_*-of-*.json")]
     if not names:
         return ["data/process_*-of-*.json is missing (no data-iterator file)"]
     count = int(re.fullmatch(r"process_\d+-of-(\d+)\.json", names[0])[1])
@@ -197,8 +197,7 @@ def _check_iterator_files(step_dir: str) -> list[str]:
                 if f"process_{i}-of-{count}.json" not in names]
     for name in names:
         try:
-            with open(os.path.join(step_dir, "data", name)) as f:
-                json.load(f)
+            json.loads((step_dir / "data" / name).read_text())
         except ValueError as e:
             problems.append(f"data/{name} is not readable JSON ({e})")
     return problems
@@ -214,15 +213,15 @@ def verify_train_step(step_dir: str | os.PathLike, *, checksums: bool = True) ->
     Returns:
       The problems; empty when the step is intact.
     """
-    step_dir = os.fspath(step_dir)
-    if not os.path.isdir(step_dir):
+    step_dir = epath.Path(step_dir)
+    if not step_dir.is_dir():
         return [f"{step_dir} is missing"]
     try:
         files = integrity.read_file_list(step_dir, STEP_FILE_LIST)
     except ValueError as e:
         return [str(e)]
     problems = [] if files is None else integrity.check_files(step_dir, files, checksums=checksums)
-    if not os.path.isfile(os.path.join(step_dir, "_CHECKPOINT_METADATA")):
+    if not (step_dir / "_CHECKPOINT_METADATA").is_file():
         problems.append("_CHECKPOINT_METADATA is missing")
     if files is None:
         problems += _check_iterator_files(step_dir)
@@ -239,15 +238,15 @@ def verify_model(directory: str | os.PathLike, *, checksums: bool = True) -> lis
     directory = os.fspath(directory)
     files = read_metadata(directory).get("files")
     if files is None:  # written before file lists: read every array
-        return _read_every_array(directory, PARAMS_DIR)
+        return _read_every_array(epath.Path(directory), PARAMS_DIR)
     return integrity.check_files(directory, files, checksums=checksums)
 
 
 def train_steps(checkpoint_dir: str | os.PathLike) -> list[int]:
     """The committed steps of a train checkpoint directory, newest first (no Orbax manager: read only)."""
-    names = os.listdir(checkpoint_dir) if os.path.isdir(checkpoint_dir) else []
-    return sorted((int(n) for n in names if n.isdigit() and os.path.isdir(os.path.join(checkpoint_dir, n))),
-                  reverse=True)
+    checkpoint_dir = epath.Path(checkpoint_dir)
+    found = checkpoint_dir.iterdir() if checkpoint_dir.is_dir() else []
+    return sorted((int(p.name) for p in found if p.name.isdigit() and p.is_dir()), reverse=True)
 
 
 def verify(path: str | os.PathLike, *, checksums: bool = True) -> list[tuple[str, list[str]]]:
@@ -263,12 +262,13 @@ def verify(path: str | os.PathLike, *, checksums: bool = True) -> list[tuple[str
     path = os.fspath(path)
     if os.path.isfile(os.path.join(path, META_FILE)):
         return [("model", verify_model(path, checksums=checksums))]
-    ckpt_dir = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
+    ckpt_dir = epath.Path(path) / "checkpoints"
+    ckpt_dir = ckpt_dir if ckpt_dir.is_dir() else epath.Path(path)
     steps = train_steps(ckpt_dir)
     if not steps:
         raise CheckpointError(f"{path}: neither a model checkpoint ({META_FILE}) nor a training workdir "
                               "with saved steps (checkpoints/N/)")
-    return [(f"step {s}", verify_train_step(os.path.join(ckpt_dir, str(s)), checksums=checksums)) for s in steps]
+    return [(f"step {s}", verify_train_step(ckpt_dir / str(s), checksums=checksums)) for s in steps]
 
 
 class TrainCheckpointer:
@@ -300,15 +300,16 @@ class TrainCheckpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def _step_dir(self, step: int) -> str:
-        return os.path.join(os.fspath(self.manager.directory), str(step))
+    def _step_dir(self, step: int) -> epath.Path:
+        return epath.Path(self.manager.directory) / str(step)
 
     def _write_file_list(self) -> None:
         """Orbax's post-finalisation callback: on the primary process, once every process has written
         step `_saving`, before the temporary directory is renamed into place (object stores have
         no rename and write in place)."""
-        tmp = self._step_dir(self._saving) + ocp.utils.TMP_DIR_SUFFIX
-        root = tmp if os.path.isdir(tmp) else self._step_dir(self._saving)
+        final = self._step_dir(self._saving)
+        tmp = final.with_name(final.name + ocp.utils.TMP_DIR_SUFFIX)
+        root = tmp if tmp.is_dir() else final
         integrity.write_file_list(root, STEP_FILE_LIST, checksums=self.checksums, exclude=_WRITTEN_AT_COMMIT)
 
     def save(self, step: int, state: nnx.State, data_iterator, *, force: bool = False) -> bool:
@@ -373,11 +374,11 @@ class TrainCheckpointer:
             listed = "; ".join(f"step {s}: {p}" for s, p in damaged)
             return -1, f"{self.manager.directory}: no intact checkpoint ({listed})"
         for bad, problem in damaged:
-            aside = self._step_dir(bad) + DAMAGED_SUFFIX
-            n = 1
-            while os.path.exists(aside):
-                aside, n = f"{self._step_dir(bad)}{DAMAGED_SUFFIX}-{n}", n + 1
-            os.replace(self._step_dir(bad), aside)
+            found = self._step_dir(bad)
+            aside, n = found.with_name(found.name + DAMAGED_SUFFIX), 1
+            while aside.exists():
+                aside, n = found.with_name(f"{found.name}{DAMAGED_SUFFIX}-{n}"), n + 1
+            found.rename(aside)
             log.warning("checkpoint step %d is damaged: %s; resuming from step %d instead (moved it to %s)",
                         bad, problem, step, aside)
         return step, None

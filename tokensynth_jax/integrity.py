@@ -3,7 +3,8 @@
 Orbax, grain and array_record meet a damaged file with a long traceback, or with a bare error that
 names no file. A list of what the complete output held lets a check name the damaged file in one
 line before anything reads it: a missing file, a file of another size (truncated or half-copied)
-and, with checksums, changed bytes. Plain os and hashlib; no Orbax, no JAX.
+and, with checksums, changed bytes. Paths go through etils.epath, the file layer Orbax uses, so a
+checkpoint directory on gs:// is listed and checked like a local one. No Orbax, no JAX.
 """
 from __future__ import annotations
 
@@ -11,14 +12,19 @@ import hashlib
 import json
 import os
 
+from etils import epath
+
 FILE_LIST_VERSION = 1
 _BLOCK = 1 << 24
 
 
 def sha256_file(path: str | os.PathLike) -> str:
     """Hex sha256 of a file's bytes, read in blocks (files can be larger than memory)."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+    digest = hashlib.sha256()
+    with epath.Path(path).open("rb") as f:
+        while block := f.read(_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def list_files(root: str | os.PathLike, *, checksums: bool = True, exclude: tuple[str, ...] = ()) -> dict:
@@ -29,14 +35,14 @@ def list_files(root: str | os.PathLike, *, checksums: bool = True, exclude: tupl
       checksums: also hash every file (reads every byte); sizes alone need only a stat.
       exclude: relative paths left out (e.g. the list's own file).
     """
-    out = {}
-    for d, _, names in os.walk(root):
+    root, out = epath.Path(root), {}
+    for d, _, names in root.walk():
         for name in names:
-            path = os.path.join(d, name)
-            rel = os.path.relpath(path, root).replace(os.sep, "/")
+            path = d / name
+            rel = path.relative_to(root).as_posix()
             if rel in exclude:
                 continue
-            entry = {"bytes": os.path.getsize(path)}
+            entry = {"bytes": path.stat().length}
             if checksums:
                 entry["sha256"] = sha256_file(path)
             out[rel] = entry
@@ -52,11 +58,10 @@ def write_file_list(root: str | os.PathLike, name: str, *, checksums: bool = Tru
     """
     files = list_files(root, checksums=checksums, exclude=(name, *exclude))
     listing = {"version": FILE_LIST_VERSION, "files": files}
-    path = os.path.join(root, name)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(listing, f, indent=1)
-    os.replace(tmp, path)
+    path = epath.Path(root) / name
+    tmp = path.with_name(f"{name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(listing, indent=1))
+    tmp.replace(path)
     return listing
 
 
@@ -66,13 +71,11 @@ def read_file_list(root: str | os.PathLike, name: str) -> dict | None:
     Raises:
       ValueError: the list exists but is not readable JSON of this format (the message names it).
     """
-    path = os.path.join(root, name)
-    if not os.path.exists(path):
+    path = epath.Path(root) / name
+    if not path.exists():
         return None
     try:
-        with open(path) as f:
-            listing = json.load(f)
-        return dict(listing["files"])
+        return dict(json.loads(path.read_text())["files"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{name} is unreadable ({type(e).__name__}: {e})") from e
 
@@ -87,11 +90,11 @@ def check_files(root: str | os.PathLike, files: dict, *, checksums: bool = True)
     """
     problems = []
     for rel, want in files.items():
-        path = os.path.join(root, *rel.split("/"))
-        if not os.path.isfile(path):
+        path = epath.Path(root) / rel
+        if not path.is_file():
             problems.append(f"{rel} is missing")
             continue
-        size = os.path.getsize(path)
+        size = path.stat().length
         if size != want["bytes"]:
             what = "truncated" if size < want["bytes"] else "longer than written"
             problems.append(f"{rel} has {size} bytes, {want['bytes']} were written ({what})")
