@@ -28,6 +28,7 @@ def get_config(arg=None):
     c.data.global_batch = 64  # examples per step over all processes
     c.data.worker_count = 0  # grain worker processes per host
     c.data.allow_mixed_clap = False  # shards whose timbres come from different CLAPs are an error
+    c.data.verify_sha256 = False  # before step 0, check each shard's sha256 against prep's (reads every byte)
 
     c.optim = ml_collections.ConfigDict()
     c.optim.peak_lr = 3e-4  # after warmup
@@ -51,6 +52,8 @@ def get_config(arg=None):
     c.train.checkpoint_every = 2000  # steps between checkpoints
     c.train.keep_last = 3  # newest checkpoints kept
     c.train.keep_every = 50_000  # also keep every step divisible by this (0: none)
+    c.train.checkpoint_checksums = True  # sha256 of every checkpoint file, checked on resume (False: sizes only)
+    c.train.require_latest_checkpoint = False  # a damaged newest checkpoint stops the run instead of falling back
     c.train.sample_every = 10_000  # steps between generated samples (0: none); see train_samples.py
     c.train.sample_count = 4  # held-out prompts generated from
     c.train.sample_top_p = 0.0  # 0: greedy; else nucleus sampling with this p

@@ -4,5 +4,7 @@ MIDI segments (a Lakh-style directory or the procedural generator) x instruments
 presets or NSynth) -> sample-based renders of a reference and a target clip -> the same random
 effect chain on both -> CLAP embedding of the reference, codec codes of the target, MIDI tokens of
 the target -> `tokensynth_jax.tokens.records.PairRecord`s in ArrayRecord shards plus a manifest. The
-package may import `tokensynth_jax.tokens.records`, `token_layout` and `midi_tokens` only.
+package imports from `tokensynth_jax` only its tokens and records, the audio front end
+(`tokensynth_jax.audio`), `integrity` (file checksums), `interop.dac_convert` (descript's DAC padding)
+and `errors`; nothing there imports it back except the CLI's prep gate.
 """

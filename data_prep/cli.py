@@ -71,6 +71,30 @@ def _cmd_prep(args) -> int:
     return 0
 
 
+def _cmd_prep_verify(args) -> int:
+    from . import sink, verify
+
+    try:
+        problems, summary = verify.verify_output(args.out)
+    except sink.SinkError as e:
+        print(f"tokensynth prep verify: error: {e}", file=sys.stderr)
+        return 2
+    for problem in problems:
+        print(f"tokensynth prep verify: {args.out}/{problem}", file=sys.stderr)
+    state = f"{len(problems)} problems" if problems else "ok"
+    print(f"{args.out}: {summary['shards']} shards, {summary['records']} records read: {state}")
+    return 2 if problems else 0
+
+
+def add_prep_verify_parser(sub) -> argparse.ArgumentParser:
+    """Adds `prep-verify` (`tokensynth prep verify OUT`) to a subparsers object."""
+    p = sub.add_parser("prep-verify", help="check a prep output against its manifest (`prep verify OUT`)",
+                       description="Sizes, sha256, record counts and decoding of every shard the manifest lists.")
+    p.add_argument("out", help="the prep output directory (holds manifest.json)")
+    p.set_defaults(run=_cmd_prep_verify)
+    return p
+
+
 def add_prep_parser(sub) -> argparse.ArgumentParser:
     """Adds `prep` to a subparsers object (tokensynth's `build_parser`).
 

@@ -13,6 +13,7 @@ import hashlib
 import json
 
 from tokensynth_jax.errors import UserError
+from tokensynth_jax.tokens import records
 
 AUG_EFFECTS = ("distortion", "overdrive", "chorus", "phaser", "flanger", "delay", "reverb",
                "compressor", "eq", "filter", "bitcrush")
@@ -117,6 +118,7 @@ class PrepConfig:
         d = self.to_dict()
         for k in ("output_dir", "chunk_size", "torch_threads", "note_table_cache", "offline"):
             d.pop(k)
+        d["record_version"] = records.SCHEMA_VERSION  # a new schema never resumes an old output
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
     @classmethod

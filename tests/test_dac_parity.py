@@ -84,6 +84,22 @@ def test_codes_are_identical_and_five_seconds_is_431_frames(pair, clip, n_quanti
     assert len(np.unique(ours)) > 50  # real quantisation, not one code everywhere
 
 
+def test_prep_codec_gives_descripts_codes(pair, clip, tmp_path):
+    """Prep's DAC (tokensynth_jax.audio.encoders.Codec, loading a local checkpoint) pads as descript's
+    preprocess does: 431 frames for 5 s, the codes of descript's own model."""
+    from tokensynth_jax.audio import encoders
+
+    original, converted = pair
+    converted.save_pretrained(tmp_path / "dac")
+    codec = encoders.Codec(str(tmp_path / "dac"), batch_size=1)
+    assert codec.info.padding == "whole-hop"
+    with torch.no_grad():
+        _, codes, *_ = original.encode(original.preprocess(torch.from_numpy(clip)[:, None, :], SR))
+    ours = codec.encode(clip)  # [B, T, K]
+    assert ours.shape == (1, 431, 9)
+    np.testing.assert_array_equal(ours.transpose(0, 2, 1), codes.numpy())
+
+
 def test_encode_is_in_eval_mode_whatever_the_model_mode(pair, clip):
     _, converted = pair
     converted.train()  # quantizer dropout would ignore n_quantizers and return all 9 codebooks

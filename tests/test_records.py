@@ -59,3 +59,14 @@ def test_bad_records_raise_clear_errors(payload, message):
 def test_malformed_arrays_are_rejected_on_encode():
     with pytest.raises(records.RecordError, match="frames, codebooks"):
         _record(codes=np.zeros(5)).to_bytes()
+
+
+def test_version_1_records_still_load_and_read_as_unpadded():
+    """Version 2 added codec["padding"]; records written before it never padded."""
+    payload = msgpack.unpackb(_record().to_bytes(), raw=False)
+    assert payload["version"] == records.SCHEMA_VERSION == 2
+    payload["version"] = 1
+    old = records.decode(msgpack.packb(payload, use_bin_type=True))
+    assert old.codec == {"name": "facebook/encodec_32khz", "sample_rate": 32000, "padding": records.PADDING_NONE}
+    padded = _record(codec={"name": "descript/dac_44khz", "padding": records.PADDING_WHOLE_HOP})
+    assert records.decode(padded.to_bytes()).codec["padding"] == "whole-hop"

@@ -1,8 +1,14 @@
 """Model checkpoints: an Orbax directory of parameters plus a small JSON of the model config.
 
 Layout of a checkpoint directory:
-    DIR/tokensynth.json   format name + version, the ModelConfig, free-form metadata
+    DIR/tokensynth.json   format name + version, the ModelConfig, free-form metadata, and the
+                          size and sha256 of every file under params/ ("files")
     DIR/params/           Orbax PyTree checkpoint of the parameters (a nested dict of arrays)
+
+A train checkpoint step (`TrainCheckpointer`) holds `tokensynth_files.json`, the same list for its
+state and data-iterator files. Both lists are written once the files are complete, so a damaged
+file is found, and named, before Orbax or grain reads it; checkpoints written before the lists
+existed are checked by reading every array instead (see `verify`).
 
 This is the only module that imports Orbax. Restores go into an abstract, sharded target, so a
 checkpoint lands sharded on whatever mesh the reader has, whatever mesh wrote it.
@@ -10,16 +16,19 @@ checkpoint lands sharded on whatever mesh the reader has, whatever mesh wrote it
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 from jax.sharding import Mesh
 
-from tokensynth_jax import sharding
+from tokensynth_jax import integrity, sharding
 from tokensynth_jax.config import ModelConfig
 from tokensynth_jax.errors import UserError
 from tokensynth_jax.model.transformer import TokenSynth, abstract_model
@@ -28,6 +37,12 @@ FORMAT = "tokensynth-jax-model"
 FORMAT_VERSION = 1
 META_FILE = "tokensynth.json"
 PARAMS_DIR = "params"
+STEP_FILE_LIST = "tokensynth_files.json"  # in each train checkpoint step
+# Orbax writes these after the file list (the commit time and marker), so the list leaves them out.
+_WRITTEN_AT_COMMIT = ("_CHECKPOINT_METADATA", "commit_success.txt")
+DAMAGED_SUFFIX = ".damaged"  # a damaged step moved aside: not a step name, so Orbax ignores it
+
+log = logging.getLogger("tokensynth.checkpoint")
 
 
 class CheckpointError(UserError):
@@ -83,7 +98,9 @@ def save_model(directory: str | os.PathLike, cfg: ModelConfig, params: Any, meta
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(os.path.join(directory, PARAMS_DIR), params, force=True)
     checkpointer.wait_until_finished()
-    meta = {"format": FORMAT, "version": FORMAT_VERSION, "model": cfg.to_dict(), "metadata": metadata or {}}
+    files = integrity.list_files(os.path.join(directory, PARAMS_DIR))
+    meta = {"format": FORMAT, "version": FORMAT_VERSION, "model": cfg.to_dict(), "metadata": metadata or {},
+            "files": {f"{PARAMS_DIR}/{rel}": entry for rel, entry in files.items()}}
     with open(os.path.join(directory, META_FILE), "w") as f:
         json.dump(meta, f, indent=2, sort_keys=True)
 
@@ -93,10 +110,14 @@ def read_metadata(directory: str | os.PathLike) -> dict:
     path = os.path.join(os.fspath(directory), META_FILE)
     if not os.path.isfile(path):
         raise CheckpointError(f"{directory}: not a tokensynth-jax checkpoint (no {META_FILE})")
-    with open(path) as f:
-        meta = json.load(f)
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: not readable JSON ({e})") from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: format {meta.get('format') if isinstance(meta, dict) else None!r}, "
+                              f"expected {FORMAT!r}")
     if meta.get("version", 0) > FORMAT_VERSION:
         raise CheckpointError(f"{path}: format version {meta['version']} is newer than this code ({FORMAT_VERSION})")
     return meta
@@ -121,6 +142,11 @@ def load_model(
     path = os.path.join(os.path.abspath(os.fspath(directory)), PARAMS_DIR)
     if not os.path.isdir(path):
         raise CheckpointError(f"{directory}: no parameters ({PARAMS_DIR}/ is missing)")
+    # Sizes only (a stat per file): a missing or cut file is named here, not deep in Orbax.
+    problems = integrity.check_files(directory, meta.get("files") or {}, checksums=False)
+    if problems:
+        raise CheckpointError(f"{directory}: damaged checkpoint: {problems[0]}"
+                              + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
     checkpointer = ocp.StandardCheckpointer()
     try:
         _check_keys(f"{directory}: parameters do not match the config in {META_FILE}",
@@ -139,20 +165,134 @@ def params_to_numpy(model: TokenSynth) -> dict:
     return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
+
+def _read_every_array(root: epath.Path, rel: str) -> list[str]:
+    """Reads every array of the Orbax PyTree at `root/rel` to host numpy: a truncated or missing
+    array file fails the read. The check of checkpoints that carry no file list."""
+    path = root / rel
+    if not (path / "_METADATA").is_file():
+        return [f"{rel}/_METADATA is missing"]
+    checkpointer = ocp.PyTreeCheckpointer()
+    try:
+        tree = checkpointer.metadata(path).item_metadata.tree
+        as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+        checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
+    except Exception as e:  # Orbax and tensorstore raise many types (ValueError, OSError, ...) for damage
+        return [f"{rel}: arrays unreadable ({_first_line(e)})"]
+    finally:
+        checkpointer.close()
+    return []
+
+
+def _check_iterator_files(step_dir: epath.Path) -> list[str]:
+    """The grain data-iterator files of a train step: one JSON per writing process, all present."""
+    names = [p.name for p in (step_dir / "data").glob("process_*-of-*.json")]
+    if not names:
+        return ["data/process_*-of-*.json is missing (no data-iterator file)"]
+    count = int(re.fullmatch(r"process_\d+-of-(\d+)\.json", names[0])[1])
+    problems = [f"data/process_{i}-of-{count}.json is missing" for i in range(count)
+                if f"process_{i}-of-{count}.json" not in names]
+    for name in names:
+        try:
+            json.loads((step_dir / "data" / name).read_text())
+        except ValueError as e:
+            problems.append(f"data/{name} is not readable JSON ({e})")
+    return problems
+
+
+def verify_train_step(step_dir: str | os.PathLike, *, checksums: bool = True) -> list[str]:
+    """Problems of one saved train step, one line each naming a file relative to the step.
+
+    With a file list: every listed file is there with its size (and sha256 with `checksums`), and
+    so is Orbax's step metadata, which Orbax rewrites at commit. Without one (written by an older
+    version): the step metadata and the data-iterator files are there and every array reads.
+
+    Returns:
+      The problems; empty when the step is intact.
+    """
+    step_dir = epath.Path(step_dir)
+    if not step_dir.is_dir():
+        return [f"{step_dir} is missing"]
+    try:
+        files = integrity.read_file_list(step_dir, STEP_FILE_LIST)
+    except ValueError as e:
+        return [str(e)]
+    problems = [] if files is None else integrity.check_files(step_dir, files, checksums=checksums)
+    if not (step_dir / "_CHECKPOINT_METADATA").is_file():
+        problems.append("_CHECKPOINT_METADATA is missing")
+    if files is None:
+        problems += _check_iterator_files(step_dir)
+        problems += [] if problems else _read_every_array(step_dir, "state")
+    return problems
+
+
+def verify_model(directory: str | os.PathLike, *, checksums: bool = True) -> list[str]:
+    """Problems of a model checkpoint (`save_model`), one line each naming a file in it.
+
+    Raises:
+      CheckpointError: `directory` is not a model checkpoint (no readable tokensynth.json).
+    """
+    directory = os.fspath(directory)
+    files = read_metadata(directory).get("files")
+    if files is None:  # written before file lists: read every array
+        return _read_every_array(epath.Path(directory), PARAMS_DIR)
+    return integrity.check_files(directory, files, checksums=checksums)
+
+
+def train_steps(checkpoint_dir: str | os.PathLike) -> list[int]:
+    """The committed steps of a train checkpoint directory, newest first (no Orbax manager: read only)."""
+    checkpoint_dir = epath.Path(checkpoint_dir)
+    found = checkpoint_dir.iterdir() if checkpoint_dir.is_dir() else []
+    return sorted((int(p.name) for p in found if p.name.isdigit() and p.is_dir()), reverse=True)
+
+
+def verify(path: str | os.PathLike, *, checksums: bool = True) -> list[tuple[str, list[str]]]:
+    """Checks a model checkpoint, a training workdir or its checkpoints/ folder, offline.
+
+    Returns:
+      (what, problems) per checkpoint: "model" for a model checkpoint, "step N" per train step,
+      newest first.
+
+    Raises:
+      CheckpointError: `path` is none of these, or holds no checkpoint.
+    """
+    path = os.fspath(path)
+    if os.path.isfile(os.path.join(path, META_FILE)):
+        return [("model", verify_model(path, checksums=checksums))]
+    ckpt_dir = epath.Path(path) / "checkpoints"
+    ckpt_dir = ckpt_dir if ckpt_dir.is_dir() else epath.Path(path)
+    steps = train_steps(ckpt_dir)
+    if not steps:
+        raise CheckpointError(f"{path}: neither a model checkpoint ({META_FILE}) nor a training workdir "
+                              "with saved steps (checkpoints/N/)")
+    return [(f"step {s}", verify_train_step(ckpt_dir / str(s), checksums=checksums)) for s in steps]
+
+
 class TrainCheckpointer:
     """Train state and grain iterator saved together, so a resume replays the exact data order.
 
-    Async saves; keeps the last `max_to_keep` plus every step divisible by `keep_period`.
-    Restores land sharded: the target is an abstract state carrying the shardings.
+    Async saves; keeps the last `max_to_keep` plus every step divisible by `keep_period`. Each step
+    gets a file list (`STEP_FILE_LIST`) written after every process has written its files and
+    before Orbax commits the step, so a committed step always has one. `restore_latest` checks
+    steps against it and falls back past damaged ones. Restores land sharded: the target is an
+    abstract state carrying the shardings.
     """
 
     def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 3, keep_period: int | None = None,
-                 async_save: bool = True):
+                 async_save: bool = True, checksums: bool = True):
+        """`checksums`: sha256 of every file in the file lists and checked on resume (else sizes only:
+        a stat per file, for checkpoints too large to read back at every save)."""
         import grain  # only the trainer needs grain; inference checkpoints do not
 
         self._grain = grain
+        self.checksums, self._async, self._saving = checksums, async_save, None
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, keep_period=keep_period, enable_async_checkpointing=async_save, create=True,
+            async_options=ocp.AsyncOptions(post_finalization_callback=self._write_file_list) if async_save else None,
         )
         self.manager = ocp.CheckpointManager(
             os.path.abspath(os.fspath(directory)), options=options, item_names=("state", "data")
@@ -161,9 +301,24 @@ class TrainCheckpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def _step_dir(self, step: int) -> epath.Path:
+        return epath.Path(self.manager.directory) / str(step)
+
+    def _write_file_list(self) -> None:
+        """Orbax's post-finalisation callback: on the primary process, once every process has written
+        step `_saving`, before the temporary directory is renamed into place (object stores have
+        no rename and write in place)."""
+        final = self._step_dir(self._saving)
+        tmp = final.with_name(final.name + ocp.utils.TMP_DIR_SUFFIX)
+        root = tmp if tmp.is_dir() else final
+        integrity.write_file_list(root, STEP_FILE_LIST, checksums=self.checksums, exclude=_WRITTEN_AT_COMMIT)
+
     def save(self, step: int, state: nnx.State, data_iterator, *, force: bool = False) -> bool:
         """Starts an async save of (state, iterator) at `step`; returns whether one was started."""
-        return self.manager.save(
+        # One save at a time (Orbax's save waits here too), so the callback knows which step it ends.
+        self.manager.wait_until_finished()
+        self._saving = step
+        started = self.manager.save(
             step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(nnx.to_pure_dict(state)),
@@ -171,6 +326,63 @@ class TrainCheckpointer:
             ),
             force=force,
         )
+        if started and not self._async and jax.process_index() == 0:
+            self._write_file_list()  # a synchronous save has committed already
+        return started
+
+    def restore_latest(self, abstract_state: nnx.State, shardings: nnx.State, data_iterator, *,
+                       require_latest: bool = False) -> tuple[nnx.State, int] | None:
+        """Restores the newest intact step (see `restore`); None when nothing was saved yet.
+
+        Process 0 checks the steps, newest first (`verify_train_step`), logs one line per damaged
+        step naming the step and the file, and moves each one aside (to `N.damaged`, so Orbax
+        neither restores nor overwrites it); every process restores the step it chose.
+
+        Args:
+          require_latest: refuse to fall back: a damaged newest step is an error.
+        Raises:
+          CheckpointError: no step is intact, or the newest is damaged and `require_latest` is set.
+        """
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        if not steps:
+            return None
+        chosen, error = -1, None
+        if jax.process_index() == 0:
+            chosen, error = self._choose(steps, require_latest)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            chosen = int(multihost_utils.broadcast_one_to_all(np.int32(chosen)))
+        if chosen < 0:
+            raise CheckpointError(error or f"{self.manager.directory}: process 0 found no intact checkpoint")
+        if chosen != steps[0]:
+            self.manager.reload()  # the damaged steps moved away
+        return self.restore(chosen, abstract_state, shardings, data_iterator), chosen
+
+    def _choose(self, steps: list[int], require_latest: bool) -> tuple[int, str | None]:
+        """(newest intact step or -1, the one-line error when -1); moves damaged steps aside."""
+        damaged = []
+        for step in steps:
+            problems = verify_train_step(self._step_dir(step), checksums=self.checksums)
+            if not problems:
+                break
+            more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+            damaged.append((step, problems[0] + more))
+            if require_latest:
+                return -1, (f"{self.manager.directory}: the newest checkpoint, step {step}, is damaged: "
+                            f"{damaged[0][1]}; train.require_latest_checkpoint forbids falling back")
+        else:
+            listed = "; ".join(f"step {s}: {p}" for s, p in damaged)
+            return -1, f"{self.manager.directory}: no intact checkpoint ({listed})"
+        for bad, problem in damaged:
+            found = self._step_dir(bad)
+            aside, n = found.with_name(found.name + DAMAGED_SUFFIX), 1
+            while aside.exists():
+                aside, n = found.with_name(f"{found.name}{DAMAGED_SUFFIX}-{n}"), n + 1
+            found.rename(aside)
+            log.warning("checkpoint step %d is damaged: %s; resuming from step %d instead (moved it to %s)",
+                        bad, problem, step, aside)
+        return step, None
 
     def restore(self, step: int, abstract_state: nnx.State, shardings: nnx.State, data_iterator) -> nnx.State:
         """Restores `step` into a sharded copy of `abstract_state`; sets `data_iterator`'s position."""
@@ -215,6 +427,11 @@ class TrainCheckpointer:
         if step is None or step not in self.manager.all_steps():
             raise CheckpointError(f"{self.manager.directory}: no train checkpoint at step {step} "
                                   f"(have {sorted(self.manager.all_steps())})")
+        # Sizes only (cheap); the data iterator plays no part in the parameters.
+        problems = [p for p in verify_train_step(self._step_dir(step), checksums=False) if not p.startswith("data/")]
+        if problems:
+            raise CheckpointError(f"{self.manager.directory}: step {step} is damaged: {problems[0]}; "
+                                  "`tokensynth checkpoint verify` lists the intact steps")
         graphdef, abstract_state, target = _abstract_model(cfg, mesh or sharding.make_mesh({"data": -1}))
         # The train state is the pure dict of nnx.state((model, optimizer)): the model is entry 0.
         _check_keys(f"{self.manager.directory}/{step}: parameters do not match the model config",

@@ -18,6 +18,7 @@ import numpy as np
 
 from tokensynth_jax.audio import io as audio_io
 from tokensynth_jax.errors import UserError
+from tokensynth_jax.tokens import records
 
 # name -> (kind, published architecture). EnCodec 32 kHz: transformers' conversion script
 # (upsampling 8-5-4-4, 2048 codes, 2.2 kbps = 4 codebooks at 50 Hz, non-causal, no conv shortcut).
@@ -66,6 +67,7 @@ class CodecInfo:
     frame_rate: float
     num_codebooks: int
     codebook_size: int
+    padding: str = records.PADDING_NONE  # how a clip is padded before encoding (records.py's codec["padding"])
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -111,9 +113,10 @@ def codec_info(name: str, *, offline: bool = False) -> CodecInfo:
     if kind == "encodec":
         hop = int(np.prod(c.upsampling_ratios))
         k = int(1000 * max(c.target_bandwidths) // (math.ceil(c.sampling_rate / hop) * c.codebook_nbits))
-    else:
-        hop, k = int(np.prod(c.downsampling_ratios)), c.n_codebooks
-    return CodecInfo(name, int(c.sampling_rate), c.sampling_rate / hop, k, int(c.codebook_size))
+        padding = records.PADDING_NONE
+    else:  # descript's preprocess pads to a whole hop; the official model was trained on those codes
+        hop, k, padding = int(np.prod(c.downsampling_ratios)), c.n_codebooks, records.PADDING_WHOLE_HOP
+    return CodecInfo(name, int(c.sampling_rate), c.sampling_rate / hop, k, int(c.codebook_size), padding)
 
 
 def set_torch_threads(count: int) -> None:
@@ -200,9 +203,12 @@ class Codec:
           audio_bn: float32 [B, N] mono clips of equal length at `info.sample_rate`.
 
         Returns:
-          int64 [B, T, K] codes, undelayed.
+          int64 [B, T, K] codes, undelayed. DAC pads each clip to a whole hop first, as descript's
+          `preprocess` does (`info.padding`): T = ceil(N / hop), 431 frames for 5 s at 44.1 kHz.
         """
         import torch
+
+        from tokensynth_jax.interop import dac_convert
 
         audio_bn = np.asarray(audio_bn, np.float32)
         out = []
@@ -210,14 +216,14 @@ class Codec:
             chunk = audio_bn[i : i + self.batch_size]
             padded = np.zeros((self.batch_size, audio_bn.shape[1]), np.float32)
             padded[: chunk.shape[0]] = chunk
-            x = torch.from_numpy(padded)[:, None, :].to(self.device)
-            with torch.inference_mode():
-                if self.kind == "encodec":
+            if self.kind == "encodec":
+                x = torch.from_numpy(padded)[:, None, :].to(self.device)
+                with torch.inference_mode():
                     codes = self.model.encode(x, bandwidth=self._bandwidth).audio_codes  # [chunks, B, K, T]
-                    codes = torch.cat(list(codes), dim=-1)
-                else:
-                    codes = self.model.encode(x).audio_codes  # [B, K, T]
-            out.append(codes[: chunk.shape[0]].permute(0, 2, 1).cpu().numpy())
+                codes = torch.cat(list(codes), dim=-1).cpu().numpy()
+            else:
+                codes = dac_convert.encode(self.model, padded)  # [B, K, T]
+            out.append(codes[: chunk.shape[0]].transpose(0, 2, 1))
         return np.concatenate(out).astype(np.int64)
 
     def decode(self, codes_btk: np.ndarray) -> np.ndarray:

@@ -1,14 +1,16 @@
 """`tokensynth`: the command line, a thin face over the package's jobs.
 
-Subcommands: prep (the Beam data job), train, init (a randomly initialised checkpoint of a
-config), convert (official PyTorch <-> ours), synthesize (MIDI + timbre -> codec tokens), demo
-(the embedded default end to end).
+Subcommands: prep (the Beam data job; `prep verify OUT` checks its output), train, checkpoint
+verify (damaged checkpoints, offline), init (a randomly initialised checkpoint of a config),
+convert (official PyTorch <-> ours), synthesize (MIDI + timbre -> codec tokens), demo (the
+embedded default end to end).
 Errors of the user's input exit with status 2 and one line naming the file and the problem.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 
@@ -36,12 +38,10 @@ def _cmd_init(args) -> int:
 
 
 def _cmd_train(args) -> int:
-    import logging
 
     from tokensynth_jax.config import load_config_file
     from tokensynth_jax.training import train
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     overrides = dict(kv.split("=", 1) for kv in args.set)
     overrides.update(args.config_overrides)
     config = load_config_file(args.config, overrides)
@@ -148,6 +148,19 @@ def _window_report(path: str, windows: list, codes: list, ended: list, early: li
     return "\n".join(lines)
 
 
+def _cmd_checkpoint_verify(args) -> int:
+    from tokensynth_jax import checkpoint
+
+    results = checkpoint.verify(args.dir, checksums=not args.sizes_only)
+    for what, problems in results:
+        print(f"{args.dir} {what}: " + ("ok" if not problems else "DAMAGED: " + "; ".join(problems)))
+    damaged = [what for what, problems in results if problems]
+    if damaged:
+        print(f"tokensynth checkpoint verify: error: {args.dir}: {', '.join(damaged)} damaged", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _wav_paths(out: str, midi: list) -> list:
     """OUT.wav for one MIDI file; for several, OUT is a folder and each gets its own <stem>.wav."""
     from tokensynth_jax.inference.synthesize import SynthesisError
@@ -241,11 +254,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spectrogram", action="store_true", help="a spectrogram PNG beside each WAV")
     p.set_defaults(run=_cmd_synthesize)
 
-    from tokensynth_prep.cli import (
-        add_prep_parser,  # cheap: Beam is imported only when prep runs
-    )
+    p = sub.add_parser("checkpoint", help="check checkpoints offline")
+    p.add_argument("action", choices=["verify"])
+    p.add_argument("dir", help="a training workdir (its checkpoints/), a checkpoints/ folder or a model checkpoint")
+    p.add_argument("--sizes-only", action="store_true", help="check file sizes, not sha256 (no reading)")
+    p.set_defaults(run=_cmd_checkpoint_verify)
+
+    from tokensynth_prep.cli import add_prep_parser, add_prep_verify_parser  # cheap: Beam loads only when prep runs
 
     add_prep_parser(sub)
+    add_prep_verify_parser(sub)
     from tokensynth_jax.scaling.sweep import add_sweep_parser
 
     add_sweep_parser(sub)
@@ -282,9 +300,33 @@ def _split_config_overrides(argv):
     return overrides, rest
 
 
+class _ConsoleHandler(logging.StreamHandler):
+    """Writes to sys.stderr as it is at each record (tests and notebooks replace it)."""
+
+    def emit(self, record):
+        self.stream = sys.stderr
+        super().emit(record)
+
+
+def configure_logging() -> None:
+    """The command line's log output: warnings of every library, and the package's own INFO lines
+    ("resumed from step K", the device count, the memory plan) on stderr.
+
+    Importing Orbax or grain puts a handler on the root logger, so `logging.basicConfig` without
+    `force` does nothing; the command line owns the process, so it replaces it. Library code never
+    configures logging.
+    """
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                        handlers=[_ConsoleHandler()], force=True)
+    logging.getLogger("tokensynth").setLevel(logging.INFO)
+
+
 def main(argv=None) -> int:
     overrides, argv = _split_config_overrides(sys.argv[1:] if argv is None else list(argv))
+    if argv[:2] == ["prep", "verify"]:  # `prep` takes Beam's options after it, so verify is its own parser
+        argv = ["prep-verify", *argv[2:]]
     args = build_parser().parse_args(argv)
+    configure_logging()
     args.config_overrides = overrides
     from tokensynth_jax.errors import UserError
 

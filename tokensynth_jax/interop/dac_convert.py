@@ -130,18 +130,20 @@ def encode(model, audio_bn: np.ndarray, n_quantizers: int | None = None) -> np.n
     """Codes [B, K, T] of mono clips [B, N] as descript's `preprocess` + `encode` give them.
 
     Pads on the right to a whole hop (descript's frame count) and runs in eval mode, so
-    `n_quantizers` is honoured (train mode would apply quantizer dropout instead).
+    `n_quantizers` is honoured (train mode would apply quantizer dropout instead). The audio goes
+    to the model's device; the codes come back to the host.
     """
     import torch
 
     hop = int(np.prod(model.config.downsampling_ratios))
     audio_bn = np.asarray(audio_bn, np.float32)
     pad = num_frames(audio_bn.shape[-1], hop) * hop - audio_bn.shape[-1]
-    x = torch.from_numpy(np.pad(audio_bn, ((0, 0), (0, pad))))[:, None, :]
+    device = next(model.parameters()).device
+    x = torch.from_numpy(np.pad(audio_bn, ((0, 0), (0, pad))))[:, None, :].to(device)
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
-            return model.encode(x, n_quantizers=n_quantizers).audio_codes.numpy()
+            return model.encode(x, n_quantizers=n_quantizers).audio_codes.cpu().numpy()
     finally:
         model.train(was_training)

@@ -9,6 +9,11 @@ Fields: MIDI tokens of the target, the target's codec codes [frames, codebooks],
 CLAP embedding, the instrument, codec and CLAP identities, the augmentation applied, and the
 source ids (MIDI file and segment start of target and reference) so any record can be traced
 and re-rendered.
+
+Versions: 2 adds `codec["padding"]`, how the target clip was padded before the codec ("whole-hop":
+zeros on the right up to a whole number of hops, as descript's DAC `preprocess` pads, so 5 s at
+44.1 kHz gives 431 frames; "none": the codec saw the clip as it is). Version 1 records still load:
+their writer never padded, so they read as "none".
 """
 from __future__ import annotations
 
@@ -22,7 +27,9 @@ import numpy as np
 from tokensynth_jax.errors import UserError
 
 SCHEMA_NAME = "tokensynth-pair"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+PADDING_NONE, PADDING_WHOLE_HOP = "none", "whole-hop"  # values of codec["padding"] (see the module doc)
 
 
 class RecordError(UserError):
@@ -39,7 +46,7 @@ class PairRecord:
     midi_tokens: np.ndarray  # int16 [M], the target's MIDI tokens (token_layout vocabulary)
     codes: np.ndarray  # int16 [T, K] target codec codes, undelayed
     timbre: np.ndarray  # float16 [D] CLAP embedding of the reference clip
-    codec: dict  # {"name", "sample_rate", "frame_rate", "num_codebooks", "codebook_size"}
+    codec: dict  # {"name", "sample_rate", "frame_rate", "num_codebooks", "codebook_size", "padding"}
     clap_model: str  # which CLAP produced `timbre` (checkpoint id and front-end mode)
     augmentation: dict  # the effect chain applied to both clips ({"chain": []} when dry)
     target_source: dict  # {"midi": path or generator id, "start": seconds, "track": index}
@@ -95,11 +102,13 @@ def decode(data: bytes) -> PairRecord:
         raise RecordError(f"not a msgpack record ({e})") from e
     if not isinstance(d, dict) or d.get("schema") != SCHEMA_NAME:
         raise RecordError(f"not a {SCHEMA_NAME} record (schema {d.get('schema') if isinstance(d, dict) else None!r})")
-    if d.get("version") != SCHEMA_VERSION:
-        raise RecordError(f"record version {d.get('version')}, this code reads version {SCHEMA_VERSION}")
+    if d.get("version") not in READABLE_VERSIONS:
+        raise RecordError(f"record version {d.get('version')}, this code reads versions {READABLE_VERSIONS}")
     names = [f.name for f in dataclasses.fields(PairRecord)]
     missing = [n for n in names if n not in d]
     if missing:
         raise RecordError(f"record {d.get('pair_id')!r} misses fields {missing}")
+    if d["version"] == 1 and isinstance(d["codec"], dict):
+        d["codec"] = {**d["codec"], "padding": PADDING_NONE}
     arrays = {n: _unarray(d[n], n) for n in ("midi_tokens", "codes", "timbre")}
     return PairRecord(**{n: arrays.get(n, d[n]) for n in names})

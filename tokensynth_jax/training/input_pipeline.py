@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import json
 import os
 from typing import Sequence
 
 import grain
 import numpy as np
 
+from tokensynth_jax import integrity
 from tokensynth_jax.config import ModelConfig
 from tokensynth_jax.errors import UserError
 from tokensynth_jax.tokens import records, token_layout
@@ -96,6 +98,48 @@ class PipelineConfig:
     worker_count: int = 0  # grain worker processes (0: in the main process)
     prefetch_buffer: int = 2  # batches each worker prepares ahead
     allow_mixed_clap: bool = False  # train on shards whose timbres come from different CLAPs
+    verify_sha256: bool = False  # check each shard's sha256 against its prep sidecar (reads every byte)
+
+
+def verify_shards(paths: Sequence[str], *, sha256: bool = False) -> None:
+    """Checks that every shard opens, and matches its prep sidecar (`<shard>.json`) when it has one.
+
+    array_record's reader meets a truncated file with a bare RuntimeError (or silently reads no
+    records), so each shard is opened here first. A sidecar gives the record count and size that
+    prep wrote, and its sha256 (checked with `sha256`: it reads every byte, so it is off by
+    default for large data sets).
+
+    Raises:
+      DataError: naming the first damaged shard and what is wrong with it.
+    """
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    for path in paths:
+        if not os.path.isfile(path):
+            raise DataError(f"{path}: no such shard file")
+        reader = ArrayRecordReader(path)
+        ok = reader.ok()
+        if ok:  # closing a reader that failed to open raises a bare RuntimeError; it is dropped instead
+            count = reader.num_records()
+            reader.close()
+        if not ok:
+            raise DataError(f"{path}: not a readable ArrayRecord shard (truncated or damaged: its footer "
+                            f"does not parse; {os.path.getsize(path)} bytes)")
+        sidecar = path + ".json"
+        if not os.path.isfile(sidecar):
+            continue
+        try:
+            with open(sidecar) as f:
+                want = json.load(f)
+            want_records, want_bytes, want_sha = int(want["records"]), int(want["bytes"]), want["sha256"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise DataError(f"{sidecar}: unreadable shard sidecar ({type(e).__name__}: {e})") from e
+        size = os.path.getsize(path)
+        if size != want_bytes or count != want_records:
+            raise DataError(f"{path}: {count} records in {size} bytes, prep wrote {want_records} records in "
+                            f"{want_bytes} bytes ({sidecar})")
+        if sha256 and integrity.sha256_file(path) != want_sha:
+            raise DataError(f"{path}: sha256 differs from the one prep wrote ({sidecar}); the shard has changed")
 
 
 def shard_clap(path: str) -> str | None:
@@ -129,6 +173,7 @@ def make_dataset(pc: PipelineConfig, cfg: ModelConfig, process_index: int = 0, p
     if pc.seq_len > cfg.max_len:
         raise DataError(f"seq_len {pc.seq_len} exceeds the model's {cfg.max_len} positions")
     paths = expand_paths(pc.paths)
+    verify_shards(paths, sha256=pc.verify_sha256)
     if not pc.allow_mixed_clap:
         check_one_clap(paths)
     source = grain.sources.ArrayRecordDataSource(paths)

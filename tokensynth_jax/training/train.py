@@ -28,19 +28,49 @@ from tokensynth_jax.training import train_step as ts
 log = logging.getLogger("tokensynth.train")
 
 
+def truncate_metrics(path: str, step: int) -> int:
+    """Keeps the lines of a metrics.jsonl up to `step` (the step a run resumes from); returns how
+    many were dropped. A run killed after its last checkpoint wrote lines for steps it will
+    train again; a half-written last line (killed mid-write) goes too. Rewritten atomically."""
+    if not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        lines = f.readlines()
+    keep = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= step and line.endswith("\n"):
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):
+            pass
+    if len(keep) < len(lines):
+        with open(path + ".tmp", "w") as f:
+            f.writelines(keep)
+        os.replace(path + ".tmp", path)
+    return len(lines) - len(keep)
+
+
 class MetricsWriter:
     """Metrics to a JSON-lines file and TensorBoard (process 0 only); one line on the console.
-    Sample clips go to TensorBoard as audio and spectrogram images (`tensorboard_media`)."""
+    Sample clips go to TensorBoard as audio and spectrogram images (`tensorboard_media`).
 
-    def __init__(self, workdir: str):
+    `start` is the step the run resumes from: what was written after it is dropped (the JSON
+    lines) or hidden (TensorBoard's purge_step), so every step appears once.
+    """
+
+    def __init__(self, workdir: str, start: int = 0):
         self.active = jax.process_index() == 0
-        self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a") if self.active else None
-        self.tb = None
+        self.jsonl, self.tb = None, None
         if self.active:
+            path = os.path.join(workdir, "metrics.jsonl")
+            dropped = truncate_metrics(path, start)
+            if dropped:
+                log.info("metrics.jsonl: dropped %d lines after step %d, which this run writes again", dropped, start)
+            self.jsonl = open(path, "a")
             try:
                 from tensorboardX import SummaryWriter
 
-                self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+                self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=start + 1)
             except ImportError:
                 log.warning("tensorboardX is not installed: metrics go to metrics.jsonl only")
 
@@ -147,7 +177,11 @@ def train(config, workdir: str, init_from: str | None = None) -> dict:
         paths=tuple(config.data.paths), global_batch=config.data.global_batch, seq_len=config.data.seq_len,
         seed=tc.seed, worker_count=config.data.worker_count,
         allow_mixed_clap=config.data.get("allow_mixed_clap", False),
+        verify_sha256=config.data.get("verify_sha256", False),
     )
+    if config.data.eval_paths:  # found damaged now, not at the first evaluation
+        input_pipeline.verify_shards(input_pipeline.expand_paths(config.data.eval_paths),
+                                     sha256=pc.verify_sha256)
     data_iter = iter(input_pipeline.make_dataset(pc, cfg, jax.process_index(), jax.process_count()))
     if jax.process_index() == 0:  # what the run is, for inference checkpoints and sweeps
         # make_dataset has checked that every shard names the same CLAP (unless mixing is
@@ -169,10 +203,12 @@ def train(config, workdir: str, init_from: str | None = None) -> dict:
 
     # Restore, or initialise from a model checkpoint.
     ckpt = checkpoint.TrainCheckpointer(os.path.join(workdir, "checkpoints"), max_to_keep=tc.keep_last,
-                                        keep_period=tc.keep_every or None)
-    start = ckpt.latest_step()
-    if start is not None:
-        state = ckpt.restore(start, abstract_state, state_shardings, data_iter)
+                                        keep_period=tc.keep_every or None,
+                                        checksums=tc.get("checkpoint_checksums", True))
+    restored = ckpt.restore_latest(abstract_state, state_shardings, data_iter,
+                                   require_latest=tc.get("require_latest_checkpoint", False))
+    if restored is not None:
+        state, start = restored
         log.info("resumed from step %d", start)
     else:
         start = 0
@@ -200,7 +236,7 @@ def train(config, workdir: str, init_from: str | None = None) -> dict:
                  mem.argument_size_in_bytes / 2**20, mem.output_size_in_bytes / 2**20, mem.temp_size_in_bytes / 2**20)
 
     # The loop.
-    writer = MetricsWriter(workdir)
+    writer = MetricsWriter(workdir, start)
     samples = train_samples.SampleWriter(config, cfg, workdir) if tc.sample_every else None
     stop = _install_sigterm()
     base_rng = jax.random.PRNGKey(tc.seed + 1)
