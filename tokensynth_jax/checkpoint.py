@@ -20,18 +20,16 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from tokensynth_jax import sharding
+from tokensynth_jax.checkpoint_meta import (  # noqa: F401  (the checkpoint API: re-exported)
+    FORMAT,
+    FORMAT_VERSION,
+    META_FILE,
+    PARAMS_DIR,
+    CheckpointError,
+    read_metadata,
+)
 from tokensynth_jax.config import ModelConfig
-from tokensynth_jax.errors import UserError
 from tokensynth_jax.model.transformer import TokenSynth
-
-FORMAT = "tokensynth-jax-model"
-FORMAT_VERSION = 1
-META_FILE = "tokensynth.json"
-PARAMS_DIR = "params"
-
-
-class CheckpointError(UserError):
-    """A checkpoint directory that is missing, of another format, or does not match its config."""
 
 
 def _sharded_target(abstract_state: nnx.State, shardings: nnx.State) -> dict:
@@ -87,19 +85,6 @@ def save_model(directory: str | os.PathLike, cfg: ModelConfig, params: Any, meta
     with open(os.path.join(directory, META_FILE), "w") as f:
         json.dump(meta, f, indent=2, sort_keys=True)
 
-
-def read_metadata(directory: str | os.PathLike) -> dict:
-    """The JSON beside the parameters; raises CheckpointError naming the directory if it is not ours."""
-    path = os.path.join(os.fspath(directory), META_FILE)
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{directory}: not a tokensynth-jax checkpoint (no {META_FILE})")
-    with open(path) as f:
-        meta = json.load(f)
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
-    if meta.get("version", 0) > FORMAT_VERSION:
-        raise CheckpointError(f"{path}: format version {meta['version']} is newer than this code ({FORMAT_VERSION})")
-    return meta
 
 
 def load_model(
