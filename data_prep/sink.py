@@ -18,6 +18,8 @@ import uuid
 
 from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 
+from tokensynth_jax.errors import UserError
+
 from .midi_sources import is_remote
 
 WRITER_OPTIONS = "group_size:1"  # one record per chunk: random access for the input pipeline
@@ -25,7 +27,7 @@ MANIFEST = "manifest.json"
 _EXAMPLES_PER_REASON = 5
 
 
-class SinkError(RuntimeError):
+class SinkError(UserError):
     """An output directory that cannot be written or resumed; the message names it."""
 
 

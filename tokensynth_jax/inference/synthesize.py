@@ -1,9 +1,9 @@
 """The synthesis job: MIDI files + a timbre -> codec tokens -> audio.
 
-Glue between the MIDI tokenizer, a checkpoint, the sampler and the codec, with errors that name
-the file at fault. `synthesize_audio` renders whole files window by window and decodes them
-(or returns their codes only). The command line
-(`tokensynth synthesize`) is a thin face over these, `timbre.py` and the writers below.
+Glue between the MIDI tokenizer, a loaded model, the sampler and a loaded codec, with errors that
+name the file at fault. `synthesize_audio` renders whole files window by window and decodes them
+(or returns their codes only). The command line (`tokensynth synthesize`, cli/synthesis.py) checks
+its inputs, loads the model, CLAP and codec, and calls these, `timbre.py` and the writers below.
 
 Long files: window k (MIDI time [5k, 5k + 5) s) is generated from its own notes with the file's
 timbre, decoded, and overlap-added at 5k s into one track, so a window's release tail that runs
@@ -19,7 +19,6 @@ from typing import Sequence
 
 import numpy as np
 
-from tokensynth_jax import checkpoint
 from tokensynth_jax.config import ModelConfig
 from tokensynth_jax.errors import UserError
 from tokensynth_jax.inference import sampling
@@ -56,49 +55,9 @@ def load_timbre_embedding(path: str, batch: int, timbre_dim: int) -> np.ndarray:
     return emb.astype(np.float32)
 
 
-def make_sampler(kind: str, top_k: int | None, top_p: float | None, temperature: float):
-    """The sampler the command line names."""
-    if temperature <= 0:
-        raise SynthesisError(f"--temperature must be > 0, got {temperature}")
-    if kind == "greedy":
-        return sampling.Greedy()
-    if kind == "top-k":
-        if top_k is None:
-            raise SynthesisError("--sampler top-k needs --top-k K")
-        return sampling.TopK(top_k, temperature)
-    if kind == "top-p":
-        if top_p is None:
-            raise SynthesisError("--sampler top-p needs --top-p P")
-        return sampling.TopP(top_p, temperature)
-    raise SynthesisError(f"unknown sampler {kind!r}")
-
-
 def _max_notes(cfg: ModelConfig) -> int:
     """Notes a window may have and still leave the model room for audio rows."""
     return (cfg.max_len - 2 - cfg.num_codebooks) // token_layout.TOKENS_PER_NOTE
-
-
-def _load(checkpoint_dir: str, guidance_scale: float | None, unconditional_dir: str | None):
-    """(model, metadata, guidance, unconditional model) for a timbre-conditioned checkpoint."""
-    model, meta = checkpoint.load_model(checkpoint_dir)
-    cfg = model.cfg
-    if cfg.conditioning != "timbre":
-        raise SynthesisError(f"{checkpoint_dir}: an unconditional model cannot synthesize from a timbre")
-    guidance, uncond = None, None
-    if guidance_scale is not None:
-        if cfg.null_timbre:
-            guidance = sampling.CFG(guidance_scale)
-        elif unconditional_dir is not None:
-            uncond, _ = checkpoint.load_model(unconditional_dir)
-            if uncond.cfg.conditioning != "unconditional":
-                raise SynthesisError(f"{unconditional_dir}: not an unconditional model")
-            guidance = sampling.FirstNoteGuidance(guidance_scale)
-        else:
-            raise SynthesisError(
-                f"{checkpoint_dir}: --guidance-scale needs a model trained with a null timbre "
-                "or --unconditional-checkpoint for first-note guidance"
-            )
-    return model, meta, guidance, uncond
 
 
 # --- audio ---------------------------------------------------------------------------------------
@@ -153,39 +112,42 @@ def join_windows(window_audio: Sequence[np.ndarray], sample_rate: int) -> np.nda
     return out
 
 
+def midi_windows(midi_paths: Sequence[str], cfg: ModelConfig, midi_compat: str | None = None) -> list:
+    """Each MIDI file's 5 s windows (MidiWindows) for a model of `cfg`; MidiTokenizationError names a bad file.
+
+    midi_compat: "tokensynth-0.0.4": the reference's tokens, so its single window at 0 s.
+    """
+    if midi_compat:
+        return [[midi_tokens.tokenize_midi(p, compat=midi_compat, max_notes=_max_notes(cfg))] for p in midi_paths]
+    return [midi_tokens.split_into_windows(p, max_notes=_max_notes(cfg)) for p in midi_paths]
+
+
 def synthesize_audio(
-    checkpoint_dir: str,
-    midi_paths: Sequence[str],
+    model,
+    windows: Sequence[Sequence],
     timbre: np.ndarray,
     *,
-    codec: str | None = None,
+    codec=None,
     sampler=sampling.Greedy(),
     seed: int = 0,
-    guidance_scale: float | None = None,
-    unconditional_dir: str | None = None,
+    guidance: sampling.CFG | sampling.FirstNoteGuidance | None = None,
+    unconditional_model=None,
     max_rows: int | None = None,
-    midi_compat: str | None = None,
-    decode: bool = True,
-    device: str = "cpu",
-    offline: bool = False,
     progress: bool = False,
 ) -> AudioResult:
     """Renders whole MIDI files window by window and decodes them to audio.
 
     Args:
-      checkpoint_dir: a tokensynth-jax model checkpoint (timbre-conditioned).
-      midi_paths: MIDI files.
-      timbre: [len(midi_paths), T] CLAP embeddings.
-      sampler: the sampling rule (`make_sampler`).
-      guidance_scale: classifier-free guidance for a model with a null timbre, else the
-        reference's first-note guidance with `unconditional_dir`.
-      max_rows: audio rows per window at most (default 450, as the reference).
-      codec: the codec to decode with (default: the checkpoint's; another one is an error).
+      model: a timbre-conditioned TokenSynth (`checkpoint.load_model`).
+      windows: per MIDI file, its windows (`midi_windows`).
+      timbre: [len(windows), T] CLAP embeddings.
+      codec: a loaded `encoders.Codec` to decode with (the model's own: `resolve_codec`), or
+        None for codes only (`audio` is then empty).
+      sampler: the sampling rule (sampling.Greedy / TopK / TopP).
       seed: window k samples with seed + k.
-      midi_compat: "tokensynth-0.0.4": the reference's tokens, so its single window at 0 s.
-      decode: False for codes only (no codec is loaded; `audio` is empty).
-      device: torch device of the codec.
-      offline: only look for a pretrained codec in the local Hugging Face cache.
+      guidance: sampling.CFG(scale) for a model with a null timbre, or the reference's
+        sampling.FirstNoteGuidance(scale) with `unconditional_model`.
+      max_rows: audio rows per window at most (default 450, as the reference).
       progress: a tqdm bar over windows.
 
     Returns:
@@ -193,27 +155,13 @@ def synthesize_audio(
     """
     from tqdm import tqdm
 
-    model, meta, guidance, uncond = _load(checkpoint_dir, guidance_scale, unconditional_dir)
     cfg = model.cfg
-    codec_model = None
-    if codec is not None and not decode:
-        raise SynthesisError(f"--codec {codec}: codes only are asked for (no --out), so nothing is decoded")
-    if decode:
-        from tokensynth_jax.audio import encoders
-
-        name = resolve_codec(checkpoint_dir, meta, codec, cfg, offline=offline)
-        try:
-            codec_model = encoders.Codec(name, batch_size=1, device=device, offline=offline)
-        except encoders.EncoderError as e:
-            raise SynthesisError(f"{checkpoint_dir}: {e}") from e
-    if midi_compat:
-        windows = [[midi_tokens.tokenize_midi(p, compat=midi_compat, max_notes=_max_notes(cfg))] for p in midi_paths]
-    else:
-        windows = [midi_tokens.split_into_windows(p, max_notes=_max_notes(cfg)) for p in midi_paths]
+    if cfg.conditioning != "timbre":
+        raise SynthesisError("an unconditional model cannot synthesize from a timbre")
     timbre = np.asarray(timbre, np.float32)
-    if timbre.shape != (len(midi_paths), cfg.timbre_dim):
-        raise SynthesisError(f"{checkpoint_dir}: timbres of shape {timbre.shape} for {len(midi_paths)} MIDI files; "
-                             f"the model takes [{len(midi_paths)}, {cfg.timbre_dim}]")
+    if timbre.shape != (len(windows), cfg.timbre_dim):
+        raise SynthesisError(f"timbres of shape {timbre.shape} for {len(windows)} MIDI files; "
+                             f"the model takes [{len(windows)}, {cfg.timbre_dim}]")
     empty = np.zeros((0, cfg.num_codebooks), np.int32)
     codes = [[empty] * len(w) for w in windows]
     ended = [[False] * len(w) for w in windows]
@@ -228,15 +176,15 @@ def synthesize_audio(
         batch = items + [items[0]] * (len(windows) - len(items))
         gen = sampling.generate(
             model, [windows[b][k].tokens for b in batch], timbre[batch], sampler=sampler, seed=seed + k,
-            max_rows=max_rows or DEFAULT_MAX_ROWS, guidance=guidance, unconditional_model=uncond,
+            max_rows=max_rows or DEFAULT_MAX_ROWS, guidance=guidance, unconditional_model=unconditional_model,
         )
         for i, b in enumerate(items):
             codes[b][k], ended[b][k] = gen.codes[i, : gen.num_frames[i]], bool(gen.ended[i])
-            if codec_model is not None and len(codes[b][k]):
-                audio[b][k] = codec_model.decode(codes[b][k][None])[0]
-    rate = codec_model.info.sample_rate if codec_model else 0
-    tracks = [join_windows(a, rate) for a in audio] if codec_model else []
-    return AudioResult(tracks, rate, codes, windows, ended, codec_model.info.name if codec_model else "")
+            if codec is not None and len(codes[b][k]):
+                audio[b][k] = codec.decode(codes[b][k][None])[0]
+    rate = codec.info.sample_rate if codec else 0
+    tracks = [join_windows(a, rate) for a in audio] if codec else []
+    return AudioResult(tracks, rate, codes, windows, ended, codec.info.name if codec else "")
 
 
 def write_wav(path: str, audio: np.ndarray, sample_rate: int) -> None:
@@ -267,57 +215,3 @@ def write_spectrogram(path: str, audio: np.ndarray, sample_rate: int, title: str
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-def timbre_from_inputs(*, batch: int, timbre_dim: int, embedding: str | None = None,
-                       audio: Sequence[str] | None = None, text: str | None = None, mix: float | None = None,
-                       clap: str | None = None, device: str = "cpu", offline: bool = False,
-                       trained_clap: str | None = None) -> np.ndarray:
-    """[batch, timbre_dim] timbres from the command line's options.
-
-    Exactly one source: an embedding file; reference recordings (one, or one per MIDI file);
-    a text; or recordings and a text blended with `mix` (see `timbre.mix_embedding`).
-    `trained_clap` is the checkpoint's record of the CLAP its training timbres came from
-    ("name|front-end mode"): that CLAP and front end are the default, and another `clap` is an
-    error, because embeddings of different CLAPs live in different spaces.
-    """
-    from tokensynth_jax.inference import timbre as timbre_lib
-
-    if embedding is not None:
-        if audio or text is not None or mix is not None or clap is not None:
-            raise SynthesisError("give the timbre one way: --timbre-embedding, or --timbre-audio / --text "
-                                 "(with --mix, --clap)")
-        return load_timbre_embedding(embedding, batch, timbre_dim)
-    if not audio and text is None:
-        raise SynthesisError("give the timbre: --timbre-audio WAV, --text TEXT (both with --mix A), "
-                             "or --timbre-embedding E.npy")
-    if audio and text is not None and mix is None:
-        raise SynthesisError("--timbre-audio and --text together need --mix A (A * audio + (1 - A) * text)")
-    if mix is not None and not (audio and text is not None):
-        raise SynthesisError("--mix A blends --timbre-audio and --text; give both")
-    if mix is not None and not 0.0 <= mix <= 1.0:  # before CLAP loads
-        raise timbre_lib.TimbreError(f"--mix {mix}: the audio weight must be in [0, 1] (1 = the recording, 0 = the text)")
-    if audio and len(audio) not in (1, batch):
-        raise SynthesisError(f"{len(audio)} --timbre-audio files for {batch} MIDI files; give one or one each")
-    if text is not None and not text.strip():
-        raise timbre_lib.TimbreError(f"--text: a timbre description must be a non-empty text, got {text!r}")
-    name, mode = clap or timbre_lib.DEFAULT_CLAP, "codec-rate"
-    if trained_clap:
-        trained_name, _, trained_mode = trained_clap.partition("|")
-        if clap is not None and clap != trained_name:
-            raise SynthesisError(f"--clap {clap}: the model was trained on timbres from CLAP {trained_name!r}; "
-                                 "another CLAP's embeddings mean nothing to it (leave --clap out)")
-        name, mode = trained_name, trained_mode or mode
-    clap_model = timbre_lib.load_clap(name, device=device, offline=offline, input_mode=mode)
-    if clap_model.dim != timbre_dim:
-        raise SynthesisError(f"CLAP {clap_model.name!r} gives {clap_model.dim}-d embeddings, "
-                             f"the model takes {timbre_dim}-d timbres")
-    text_emb = timbre_lib.text_embedding(clap_model, text) if text is not None else None
-    if audio:
-        embs = [timbre_lib.audio_embedding(clap_model, p) for p in audio]
-        if text_emb is not None:
-            embs = [timbre_lib.mix_embedding(mix, e, text_emb) for e in embs]
-    else:
-        embs = [text_emb]
-    embs = np.stack(embs)
-    return np.repeat(embs, batch, axis=0) if len(embs) == 1 else embs
