@@ -51,7 +51,7 @@ def part_run(args) -> dict:
     from tokensynth_jax.audio import encoders
     from tokensynth_jax.cli import main as cli
     from tokensynth_jax.inference import sampling, synthesize, timbre
-    from tokensynth_jax.tokens.midi_tokens import tokenize_midi
+    from tokensynth_jax.tokens.midi_tokens import file_windows, tokenize_midi
 
     config, clap_name, codec_name = SETUPS["tiny" if args.tiny else "full"]
     work = args.workdir
@@ -79,7 +79,7 @@ def part_run(args) -> dict:
     t0 = time.perf_counter()
     cold_model, _ = checkpoint.load_model(ckpt)
     cold_codec = encoders.Codec(codec_name, batch_size=1, device=args.torch_device)
-    cold = synthesize.synthesize_audio(cold_model, synthesize.midi_windows([midi], cold_model.cfg), emb[None],
+    cold = synthesize.synthesize_audio(cold_model, file_windows([midi], max_notes=cold_model.cfg.max_notes), emb[None],
                                        codec=cold_codec, sampler=sampling.TopP(TOP_P), max_rows=max_rows)
     cold_s = time.perf_counter() - t0
     assert len(cold.codes[0]) == 1 and len(cold.codes[0][0]) == frames, [len(c) for c in cold.codes[0]]

@@ -74,6 +74,11 @@ class ModelConfig:
         return self.d_model // self.num_heads
 
     @property
+    def max_notes(self) -> int:
+        """MIDI notes a prompt may hold and still leave room for the separator, a frame of audio and the end."""
+        return (self.max_len - 2 - self.num_codebooks) // token_layout.TOKENS_PER_NOTE
+
+    @property
     def mlp_dim(self) -> int:
         return self.mlp_ratio * self.d_model
 

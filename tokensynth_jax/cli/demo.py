@@ -187,7 +187,7 @@ def run(workdir: str, *, steps: int = 300, pairs: int = 8, items: int = 4, max_n
         "text": np.stack([timbre.text_embedding(clap_model, x) for x in texts]),
     }
     model, _ = checkpoint.load_model(model_dir)
-    windows = synthesize.midi_windows(midi_paths, model.cfg)
+    windows = midi_tokens.file_windows(midi_paths, max_notes=model.cfg.max_notes)
     eval_items, wavs = [], []
     for task, emb in timbres.items():
         result = synthesize.synthesize_audio(model, windows, emb, codec=codec_model, sampler=sampling.TopP(0.9),

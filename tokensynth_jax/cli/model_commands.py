@@ -256,16 +256,23 @@ def _export(args) -> int:
     if args.max_rows < cfg.num_codebooks:
         raise UsageError(f"--max-rows {args.max_rows} is fewer than the {cfg.num_codebooks} rows one frame needs")
 
+    from tokensynth_jax.inference import timbre  # light: read the examples before JAX is imported
+    from tokensynth_jax.tokens import midi_tokens
+
+    tokens = [midi_tokens.tokenize_midi(p, compat=args.midi_compat, max_notes=cfg.max_notes).tokens
+              for p in args.example_midi]
+    example_timbre = (timbre.load_embedding(args.example_timbre, len(args.example_midi), cfg.timbre_dim)
+                      if args.example_timbre else None)
+
     from tokensynth_jax import checkpoint
-    from tokensynth_jax.inference import export, synthesize
+    from tokensynth_jax.inference import export
 
     example = None
-    if args.example_midi:  # read before the model loads: a bad file costs nothing
-        midi, lengths = export.midi_prompt(args.example_midi, cfg, args.midi_compat)
+    if tokens:  # padded as in-process generation pads them (export.pad_tokens)
+        midi, lengths = export.pad_tokens(tokens)
         example = {"midi": midi, "lengths": lengths}
-        if args.example_timbre:
-            example["timbre"] = synthesize.load_timbre_embedding(args.example_timbre, len(args.example_midi),
-                                                                 cfg.timbre_dim)
+        if example_timbre is not None:
+            example["timbre"] = example_timbre
     sampler = checks.make_sampler(args)
     model, _ = checkpoint.load_model(args.checkpoint)
     with outputs:

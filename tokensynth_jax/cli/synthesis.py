@@ -135,21 +135,26 @@ def _synthesize(args) -> int:
             if ucfg.conditioning != "unconditional":
                 raise UsageError(f"--unconditional-checkpoint {args.unconditional_checkpoint}: not an unconditional model")
 
-    from tokensynth_jax.audio import encoders
-    from tokensynth_jax.inference import synthesize, timbre
+    from tokensynth_jax.inference import timbre  # numpy and soundfile only, as midi_tokens
+    from tokensynth_jax.tokens import midi_tokens
 
-    windows = synthesize.midi_windows(args.midi, cfg, args.midi_compat)
-    embedding = (synthesize.load_timbre_embedding(args.timbre_embedding, len(args.midi), cfg.timbre_dim)
+    windows = midi_tokens.file_windows(args.midi, max_notes=cfg.max_notes, compat=args.midi_compat)
+    embedding = (timbre.load_embedding(args.timbre_embedding, len(args.midi), cfg.timbre_dim)
                  if args.timbre_embedding is not None else None)
     references = [timbre.read_wav(p) for p in args.timbre_audio or ()]
     references = [(timbre.check_audio(a, sr, p), sr) for (a, sr), p in zip(references, args.timbre_audio or ())]
     clap_name, clap_mode = _clap_choice(args, meta) if embedding is None else (None, None)
+
+    # 3. what the encoders' configs say (transformers loads, no weights yet).
+    from tokensynth_jax.audio import encoders
+    from tokensynth_jax.inference import synthesize
+
     if clap_name is not None:
         encoders.check_clap(clap_name, offline=args.offline)
     codec_name = synthesize.resolve_codec(args.checkpoint, meta, args.codec, cfg, offline=args.offline) \
         if wavs else None
 
-    # 3. load, generate, write.
+    # 4. load, generate, write.
     from tokensynth_jax import checkpoint
     from tokensynth_jax.inference import sampling
 

@@ -33,7 +33,7 @@ from tokensynth_jax.errors import UserError
 from tokensynth_jax.inference import sampling
 from tokensynth_jax.interop import safetensors_format
 from tokensynth_jax.model.transformer import TokenSynth
-from tokensynth_jax.tokens import midi_tokens, token_layout
+from tokensynth_jax.tokens import token_layout
 
 FORMAT = "tokensynth-jax-export"
 FORMAT_VERSION = 1
@@ -116,17 +116,6 @@ def sampler_settings(sampler) -> dict:
     return {"kind": type(sampler).__name__, **{k: getattr(sampler, k) for k in getattr(sampler, "__dataclass_fields__", {})}}
 
 
-def midi_prompt(paths: Sequence[str], cfg: ModelConfig, midi_compat: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """MIDI files -> (tokens [N, M] right-padded with 0, lengths [N]), M + 1 a multiple of 16.
-
-    The width matches `sampling.prepare_prompts`, so an exported call compiles the same shapes
-    as in-process generation (and gives bitwise the same tokens).
-    """
-    max_notes = (cfg.max_len - 2 - cfg.num_codebooks) // token_layout.TOKENS_PER_NOTE
-    tokens = [midi_tokens.tokenize_midi(p, compat=midi_compat, max_notes=max_notes).tokens for p in paths]
-    return pad_tokens(tokens)
-
-
 def pad_tokens(tokens: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """Token arrays of different lengths -> (right-padded [N, M], lengths [N]), M + 1 a multiple of 16."""
     lengths = np.array([len(t) for t in tokens], np.int32)
@@ -149,7 +138,7 @@ def export_model(model, out_dir: str, *, metadata: dict, source: str, sampler=sa
       source: where the model came from, recorded in export.json.
       sampler, max_rows: baked into the exported function.
       platforms: lowering platforms (cpu, cuda, rocm, tpu).
-      example_prompt: arrays for OUT/example_prompt.npz (`midi` and `lengths` from `midi_prompt`,
+      example_prompt: arrays for OUT/example_prompt.npz (`midi` and `lengths` from `pad_tokens`,
         optionally `timbre`), or None.
     """
     cfg = model.cfg

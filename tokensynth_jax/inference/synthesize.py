@@ -22,42 +22,13 @@ import numpy as np
 from tokensynth_jax.config import ModelConfig
 from tokensynth_jax.errors import UserError
 from tokensynth_jax.inference import sampling
-from tokensynth_jax.tokens import midi_tokens, token_layout
+from tokensynth_jax.tokens import token_layout
 
 DEFAULT_MAX_ROWS = 450  # audio rows per window, as the reference (5.2 s of DAC 44.1 kHz frames)
 
 
 class SynthesisError(UserError):
     """Bad synthesis input; the message names the file or option at fault."""
-
-
-def load_timbre_embedding(path: str, batch: int, timbre_dim: int) -> np.ndarray:
-    """Reads a [T] or [B, T] float array from a .npy file; a single embedding serves every item."""
-    if not os.path.isfile(path):
-        raise SynthesisError(f"{path}: no such timbre embedding file")
-    try:
-        emb = np.load(path, allow_pickle=False)
-    except Exception as e:  # numpy raises ValueError / OSError / UnpicklingError
-        raise SynthesisError(f"{path}: not a .npy array ({e})") from e
-    emb = np.asarray(emb)
-    if not np.issubdtype(emb.dtype, np.floating):
-        raise SynthesisError(f"{path}: timbre embedding has dtype {emb.dtype}, expected floats")
-    if emb.ndim == 1:
-        emb = emb[None]
-    if emb.ndim != 2 or emb.shape[1] != timbre_dim:
-        raise SynthesisError(f"{path}: timbre embedding of shape {emb.shape}, expected [{timbre_dim}] or [N, {timbre_dim}]")
-    if emb.shape[0] == 1:
-        emb = np.repeat(emb, batch, axis=0)
-    if emb.shape[0] != batch:
-        raise SynthesisError(f"{path}: {emb.shape[0]} embeddings for {batch} MIDI files")
-    if not np.all(np.isfinite(emb)):
-        raise SynthesisError(f"{path}: timbre embedding has NaN or Inf values")
-    return emb.astype(np.float32)
-
-
-def _max_notes(cfg: ModelConfig) -> int:
-    """Notes a window may have and still leave the model room for audio rows."""
-    return (cfg.max_len - 2 - cfg.num_codebooks) // token_layout.TOKENS_PER_NOTE
 
 
 # --- audio ---------------------------------------------------------------------------------------
@@ -112,16 +83,6 @@ def join_windows(window_audio: Sequence[np.ndarray], sample_rate: int) -> np.nda
     return out
 
 
-def midi_windows(midi_paths: Sequence[str], cfg: ModelConfig, midi_compat: str | None = None) -> list:
-    """Each MIDI file's 5 s windows (MidiWindows) for a model of `cfg`; MidiTokenizationError names a bad file.
-
-    midi_compat: "tokensynth-0.0.4": the reference's tokens, so its single window at 0 s.
-    """
-    if midi_compat:
-        return [[midi_tokens.tokenize_midi(p, compat=midi_compat, max_notes=_max_notes(cfg))] for p in midi_paths]
-    return [midi_tokens.split_into_windows(p, max_notes=_max_notes(cfg)) for p in midi_paths]
-
-
 def synthesize_audio(
     model,
     windows: Sequence[Sequence],
@@ -139,7 +100,7 @@ def synthesize_audio(
 
     Args:
       model: a timbre-conditioned TokenSynth (`checkpoint.load_model`).
-      windows: per MIDI file, its windows (`midi_windows`).
+      windows: per MIDI file, its windows (`midi_tokens.file_windows` with `cfg.max_notes`).
       timbre: [len(windows), T] CLAP embeddings.
       codec: a loaded `encoders.Codec` to decode with (the model's own: `resolve_codec`), or
         None for codes only (`audio` is then empty).

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from typing import Union
+from typing import Sequence, Union
 
 import numpy as np
 import pretty_midi
@@ -216,6 +216,19 @@ def split_into_windows(midi: MidiInput, *, window_seconds: float = WINDOW_SECOND
         _window(source, notes, drum_notes, k * WINDOW_SECONDS, pitch_shift, None, max_notes)
         for k in range(num_windows)
     ]
+
+
+def file_windows(paths: Sequence[MidiInput], *, max_notes: int | None = None,
+                 compat: str | None = None) -> list[list[MidiWindow]]:
+    """Each file's windows for synthesis: all its 5 s windows (`split_into_windows`), or with `compat`
+    the reference's single window at 0 s (`tokenize_midi`).
+
+    Raises:
+      MidiTokenizationError naming the first file that cannot be tokenized.
+    """
+    if compat:
+        return [[tokenize_midi(p, compat=compat, max_notes=max_notes)] for p in paths]
+    return [split_into_windows(p, max_notes=max_notes) for p in paths]
 
 
 def tokens_to_notes(tokens_m: np.ndarray, *, program: int = 0) -> pretty_midi.PrettyMIDI:
