@@ -77,8 +77,10 @@ def part_run(args) -> dict:
     emb = timbre.audio_embedding(clap, wav)
     max_rows = frames + info.num_codebooks - 1
     t0 = time.perf_counter()
-    cold = synthesize.synthesize_audio(ckpt, [midi], emb[None], sampler=sampling.TopP(TOP_P), max_rows=max_rows,
-                                       device=args.torch_device)
+    cold_model, _ = checkpoint.load_model(ckpt)
+    cold_codec = encoders.Codec(codec_name, batch_size=1, device=args.torch_device)
+    plan = synthesize.plan_windows(cold_model.cfg, [midi], info.frame_rate, max_rows=max_rows)
+    cold = synthesize.synthesize_audio(cold_model, plan, emb[None], codec=cold_codec, sampler=sampling.TopP(TOP_P))
     cold_s = time.perf_counter() - t0
     assert len(cold.codes[0]) == 1 and len(cold.codes[0][0]) == frames, [len(c) for c in cold.codes[0]]
 

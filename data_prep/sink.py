@@ -18,6 +18,8 @@ import uuid
 
 from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 
+from tokensynth_jax.errors import UserError
+
 from . import paths
 from .paths import exists, is_remote, join, read_bytes, size
 
@@ -26,7 +28,7 @@ MANIFEST = "manifest.json"
 _EXAMPLES_PER_REASON = 5
 
 
-class SinkError(RuntimeError):
+class SinkError(UserError):
     """An output directory that cannot be written or resumed; the message names it."""
 
 

@@ -18,7 +18,7 @@
 set -euo pipefail
 : "${PROJECT:?set PROJECT}" "${REGION:?set REGION}" "${BUCKET:?set BUCKET}" "${IMAGE:?set IMAGE}"
 
-exec python -m data_prep.cli \
+exec python -m tokensynth_jax.cli prep \
   --out "${BUCKET}/tokensynth-data/nsynth-lmd-encodec32k-v1" \
   --midi-dir "${BUCKET}/lmd_full" \
   --instruments nsynth --nsynth-dir "${BUCKET}/nsynth" \

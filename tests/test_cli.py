@@ -54,7 +54,7 @@ def test_init_applies_overrides_and_rejects_unknown_fields(tmp_path):
 def test_convert_round_trip_through_official_pt(tiny_ckpt, tmp_path):
     pt = str(tmp_path / "official.pt")
     back = str(tmp_path / "back")
-    assert cli.main(["convert", "--to", "official", tiny_ckpt, pt]) == 0
+    assert cli.main(["convert", "--to", "official", "--force", tiny_ckpt, pt]) == 0  # tiny: not the official shape
     state = torch.load(pt, weights_only=True)
     assert "blocks.0.attn.mask" in state and bool(state["blocks.0.attn.mask"][0, 0, 5, 3])  # causal: row 5 sees 3
     assert cli.main(["convert", "--from", "official", "--num-heads", "4", pt, back]) == 0

@@ -110,7 +110,7 @@ def test_a_silent_generation_is_scored_low_not_rejected(piano, clap):
 
 
 def test_bad_inputs_give_clear_errors(tmp_path, piano):
-    with pytest.raises(MetricError, match="none.wav: no such file"):
+    with pytest.raises(MetricError, match="none.wav: no such audio file"):
         metrics.load_audio(str(tmp_path / "none.wav"))
     not_audio = tmp_path / "notes.wav"
     not_audio.write_text("not audio")

@@ -339,7 +339,7 @@ def test_nsynth_raw_layout_round_trip(tmp_path):
 def test_cli_passes_beam_options_through_and_defaults_to_the_direct_runner(tmp_path):
     import argparse
 
-    from tokensynth_prep import cli
+    from tokensynth_jax.cli import prep as cli
 
     parser = argparse.ArgumentParser()
     cli.add_prep_parser(parser.add_subparsers(dest="command"))
@@ -357,7 +357,7 @@ def test_data_prep_stays_behind_its_wall():
     import subprocess
     import sys
 
-    code = ("import sys, tokensynth_prep.cli, tokensynth_prep.pipeline, tokensynth_prep.pairs, tokensynth_prep.nsynth; "
+    code = ("import sys, tokensynth_prep.pipeline, tokensynth_prep.pairs, tokensynth_prep.nsynth; "
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'jax', 'flax') "
             "or (m.startswith('tokensynth_jax.') and m not in ('tokensynth_jax.tokens', 'tokensynth_jax.tokens.records', "
             "'tokensynth_jax.tokens.token_layout', 'tokensynth_jax.tokens.midi_tokens', 'tokensynth_jax.errors', "

@@ -20,9 +20,9 @@ from array_record.python.array_record_module import ArrayRecordReader
 from conftest import write_midi as _write  # noqa: E402
 
 from tokensynth_jax.audio import encoders
+from tokensynth_jax.cli import main as cli
 from tokensynth_jax.tokens import records
 from tokensynth_prep import (
-    cli,
     instruments,
     midi_sources,
     nsynth,
@@ -254,14 +254,14 @@ def test_cli_multiprocess_run_matches_the_in_process_run(tmp_path, capsys):
     common = ["--programs", "0,40", "--pairs-per-instrument", "6", "--procedural-candidates", "10", "--num-segments", "6",
               "--table-pitches", "36:96:4", "--table-velocities", "50,110", "--records-per-shard", "4",
               "--codec", "tiny-encodec", "--clap", "tiny-clap", "--encode-batch-size", "2", "--chunk-size", "3"]
-    assert cli.main(["--out", str(tmp_path / "one"), *common]) == 0
-    assert cli.main(["--out", str(tmp_path / "two"), "--workers", "2", *common]) == 0
+    assert cli.main(["prep", "--out", str(tmp_path / "one"), *common]) == 0
+    assert cli.main(["prep", "--out", str(tmp_path / "two"), "--workers", "2", *common]) == 0
     one, two = _shards(tmp_path / "one"), _shards(tmp_path / "two")
     assert len(one) == len(two) > 0
     for x, y in zip(one, two):
         assert filecmp.cmp(x, y, shallow=False), x
     assert '"train": 12' in capsys.readouterr().out
-    assert cli.main(["--out", str(tmp_path / "three"), "--codec", "facebook/encodec_32khz", "--offline"]) == 2
+    assert cli.main(["prep", "--out", str(tmp_path / "three"), "--codec", "facebook/encodec_32khz", "--offline"]) == 2
     assert "not in the Hugging Face cache" in capsys.readouterr().err
 
 

@@ -108,8 +108,13 @@ def tiny_ckpt(tmp_path_factory):
 
 
 def test_synthesized_track_lasts_as_long_as_the_midi(tiny_ckpt, long_midi):
+    from tokensynth_jax.audio import encoders
+
     timbre = np.random.default_rng(0).normal(size=(1, 512)).astype(np.float32)
-    result = synthesize.synthesize_audio(tiny_ckpt, [long_midi], timbre, seed=1)
+    model, _ = checkpoint.load_model(tiny_ckpt)
+    plan = synthesize.plan_windows(model.cfg, [long_midi], FPS)
+    codec = encoders.Codec("tiny-encodec", batch_size=1)
+    result = synthesize.synthesize_audio(model, plan, timbre, codec=codec, seed=1)
     windows, codes = result.windows[0], result.codes[0]
     assert result.sample_rate == SR and len(windows) >= 3
     assert len(result.audio[0]) == round((11.5 + synthesize.RELEASE_SECONDS) * SR)
@@ -119,9 +124,7 @@ def test_synthesized_track_lasts_as_long_as_the_midi(tiny_ckpt, long_midi):
         assert len(c) / FPS >= min(w.seconds + synthesize.RELEASE_SECONDS, WINDOW_SECONDS)
     assert result.early_ends == [[]]
     # Window k's audio is the decoded codes overlap-added at its start.
-    from tokensynth_jax.audio import encoders
-
-    first = encoders.Codec("tiny-encodec", batch_size=1).decode(codes[0][None])[0]
+    first = codec.decode(codes[0][None])[0]
     second_at = round(windows[1].start_seconds * SR)
     np.testing.assert_allclose(result.audio[0][:second_at], first[:second_at], atol=1e-5)
 

@@ -29,24 +29,23 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from tokensynth_jax import integrity, sharding
+from tokensynth_jax.checkpoint_meta import (  # noqa: F401  (the checkpoint API: re-exported)
+    FORMAT,
+    FORMAT_VERSION,
+    META_FILE,
+    PARAMS_DIR,
+    CheckpointError,
+    read_metadata,
+)
 from tokensynth_jax.config import ModelConfig
-from tokensynth_jax.errors import UserError
 from tokensynth_jax.model.transformer import TokenSynth, abstract_model
 
-FORMAT = "tokensynth-jax-model"
-FORMAT_VERSION = 1
-META_FILE = "tokensynth.json"
-PARAMS_DIR = "params"
 STEP_FILE_LIST = "tokensynth_files.json"  # in each train checkpoint step
 # Orbax writes these after the file list (the commit time and marker), so the list leaves them out.
 _WRITTEN_AT_COMMIT = ("_CHECKPOINT_METADATA", "commit_success.txt")
 DAMAGED_SUFFIX = ".damaged"  # a damaged step moved aside: not a step name, so Orbax ignores it
 
 log = logging.getLogger("tokensynth.checkpoint")
-
-
-class CheckpointError(UserError):
-    """A checkpoint directory that is missing, of another format, or does not match its config."""
 
 
 def _sharded_target(abstract_state: nnx.State, shardings: nnx.State) -> dict:
@@ -104,23 +103,6 @@ def save_model(directory: str | os.PathLike, cfg: ModelConfig, params: Any, meta
     with open(os.path.join(directory, META_FILE), "w") as f:
         json.dump(meta, f, indent=2, sort_keys=True)
 
-
-def read_metadata(directory: str | os.PathLike) -> dict:
-    """The JSON beside the parameters; raises CheckpointError naming the directory if it is not ours."""
-    path = os.path.join(os.fspath(directory), META_FILE)
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{directory}: not a tokensynth-jax checkpoint (no {META_FILE})")
-    try:
-        with open(path) as f:
-            meta = json.load(f)
-    except ValueError as e:
-        raise CheckpointError(f"{path}: not readable JSON ({e})") from e
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: format {meta.get('format') if isinstance(meta, dict) else None!r}, "
-                              f"expected {FORMAT!r}")
-    if meta.get("version", 0) > FORMAT_VERSION:
-        raise CheckpointError(f"{path}: format version {meta['version']} is newer than this code ({FORMAT_VERSION})")
-    return meta
 
 
 def load_model(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 import os
 from typing import Any, Literal, Mapping
 
@@ -21,6 +22,13 @@ from tokensynth_jax.tokens import token_layout
 # decoding step) output zeros. Kept only so parity with that package can be tested exactly.
 AttentionKind = Literal["causal", "tokensynth-0.0.4"]
 Conditioning = Literal["timbre", "unconditional"]
+# Sizes that must be at least 1: a config with `num_layers=-1` would build (and save) a model of nothing.
+_SIZES = ("num_layers", "d_model", "num_heads", "mlp_ratio", "num_codebooks", "codebook_size", "midi_vocab_size",
+          "max_len", "timbre_dim", "timbre_hidden")
+
+
+class ConfigError(UserError):
+    """A config file, override or model config that cannot be used; the message names the field."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,16 +55,28 @@ class ModelConfig:
     remat: bool = False  # rematerialise each block in the backward pass (saves activations)
 
     def __post_init__(self):
+        for name in _SIZES:
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"model.{name}={value!r}: a size must be a positive integer")
         if self.d_model % self.num_heads:
-            raise ValueError(f"d_model {self.d_model} is not divisible by num_heads {self.num_heads}")
+            raise ConfigError(f"model.num_heads={self.num_heads} does not divide model.d_model={self.d_model} "
+                              "(head_dim = d_model / num_heads)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout={self.dropout!r}: must be in [0, 1)")
         if self.attention not in ("causal", "tokensynth-0.0.4"):
-            raise ValueError(f"unknown attention {self.attention!r}")
+            raise ConfigError(f"model.attention={self.attention!r}: one of 'causal', 'tokensynth-0.0.4'")
         if self.conditioning not in ("timbre", "unconditional"):
-            raise ValueError(f"unknown conditioning {self.conditioning!r}")
+            raise ConfigError(f"model.conditioning={self.conditioning!r}: one of 'timbre', 'unconditional'")
 
     @property
     def head_dim(self) -> int:
         return self.d_model // self.num_heads
+
+    @property
+    def max_notes(self) -> int:
+        """MIDI notes a prompt may hold and still leave room for the separator, a frame of audio and the end."""
+        return (self.max_len - 2 - self.num_codebooks) // token_layout.TOKENS_PER_NOTE
 
     @property
     def mlp_dim(self) -> int:
@@ -98,7 +118,7 @@ class ModelConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - names)
         if unknown:
-            raise ValueError(f"unknown model config keys: {unknown}")
+            raise ConfigError(f"unknown model config keys: {unknown}")
         return cls(**dict(values))
 
 
@@ -114,10 +134,6 @@ def model_config_dict(**changes: Any):
     import ml_collections
 
     return ml_collections.ConfigDict(ModelConfig(**changes).to_dict())
-
-
-class ConfigError(UserError):
-    """A config file or override that cannot be used."""
 
 
 def _packaged_configs_dir() -> str:
@@ -193,7 +209,7 @@ def _coerce(value: Any, current: Any, key: str) -> Any:
     try:
         parsed = ast.literal_eval(value)
     except (ValueError, SyntaxError) as e:
-        raise ConfigError(f"--config.{key}={value}: not a {type(current).__name__}") from e
+        raise ConfigError(f"--config.{key}={value}: not a value of type {type(current).__name__}") from e
     if isinstance(current, bool) != isinstance(parsed, bool) or not isinstance(parsed, (int, float, bool)):
-        raise ConfigError(f"--config.{key}={value}: not a {type(current).__name__}")
+        raise ConfigError(f"--config.{key}={value}: not a value of type {type(current).__name__}")
     return type(current)(parsed)

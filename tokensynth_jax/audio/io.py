@@ -33,7 +33,7 @@ def read_mono(path: str | os.PathLike, error: type[UserError] = UserError) -> tu
     if os.path.isdir(path):
         raise error(f"{path}: is a directory, not an audio file")
     if not os.path.isfile(path):
-        raise error(f"{path}: no such file")
+        raise error(f"{path}: no such audio file")
     try:
         audio, sr = soundfile.read(path, dtype="float32", always_2d=True)
     except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError) as e:

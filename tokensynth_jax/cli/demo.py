@@ -25,6 +25,8 @@ import time
 
 import numpy as np
 
+from tokensynth_jax.cli import checks
+
 PRETRAINED = ("facebook/encodec_32khz", "laion/larger_clap_music")
 TINY = ("tiny-encodec", "tiny-clap")
 # Eight General MIDI families: keyboard, mallet, guitar, bass, strings, brass, reed, pipe.
@@ -51,14 +53,18 @@ def _stage(name: str) -> float:
 
 
 def _prep(out: str, codec: str, clap: str, pairs: int, max_notes: int) -> dict:
-    from tokensynth_jax.cli import main as cli
+    import argparse
+
+    from tokensynth_jax.cli import prep
 
     args = ["prep", "--out", out, "--codec", codec, "--clap", clap, "--offline",
             "--programs", ",".join(map(str, DEMO_PROGRAMS)), "--valid-fraction", "0.25", "--test-fraction", "0.25",
             "--pairs-per-instrument", str(pairs), "--num-segments", str(4 * pairs), "--max-notes", str(max_notes),
             "--table-pitches", "36:96:4", "--table-velocities", "50,110", "--chunk-size", str(pairs)]
-    if cli.main(args) != 0:
-        raise RuntimeError(f"tokensynth {' '.join(args)} failed")
+    parser = argparse.ArgumentParser(prog="tokensynth demo")
+    prep.add_prep_parser(parser.add_subparsers())
+    parsed = parser.parse_args(args)
+    parsed.run(parsed)  # a UserError of prep reaches the demo's own one-line error
     with open(os.path.join(out, "manifest.json")) as f:
         return json.load(f)
 
@@ -135,6 +141,7 @@ def _loss_plot(metrics_path: str, out_png: str) -> None:
 def run(workdir: str, *, steps: int = 300, pairs: int = 8, items: int = 4, max_notes: int = 16,
         codec: str | None = None, clap: str | None = None) -> dict:
     """Runs the demo in `workdir`; returns {"eval": rows, "paths": {...}}."""
+    from tokensynth_jax import checkpoint
     from tokensynth_jax.evaluation import evaluate
     from tokensynth_jax.inference import sampling, synthesize, timbre
     from tokensynth_jax.inference.inference_checkpoint import write_inference_checkpoint
@@ -183,9 +190,11 @@ def run(workdir: str, *, steps: int = 300, pairs: int = 8, items: int = 4, max_n
         "cloning": np.stack([timbre.audio_embedding(clap_model, a, rate) for a in references]),
         "text": np.stack([timbre.text_embedding(clap_model, x) for x in texts]),
     }
+    model, _ = checkpoint.load_model(model_dir)
+    windows = synthesize.plan_windows(model.cfg, midi_paths, codec_model.info.frame_rate)
     eval_items, wavs = [], []
     for task, emb in timbres.items():
-        result = synthesize.synthesize_audio(model_dir, midi_paths, emb, codec=codec, sampler=sampling.TopP(0.9),
+        result = synthesize.synthesize_audio(model, windows, emb, codec=codec_model, sampler=sampling.TopP(0.9),
                                              seed=0, progress=True)
         for i, (rec, ref) in enumerate(chosen):
             clip = f"{rec.instrument_id.rsplit(':', 1)[-1]}-{rec.pair_id[:8]}"
@@ -207,8 +216,10 @@ def run(workdir: str, *, steps: int = 300, pairs: int = 8, items: int = 4, max_n
 
     t = _stage("4/4 evaluate")
     results = evaluate.evaluate_items(eval_items, clap=clap_model)
-    json_path, md_path = evaluate.write_report(
-        results, os.path.join(workdir, "eval"),
+    json_path, md_path = (os.path.join(workdir, "eval", name) for name in evaluate.REPORT_FILES)
+    os.makedirs(os.path.dirname(json_path), exist_ok=True)
+    evaluate.write_report(
+        results, json_path, md_path,
         {"codec": codec, "clap": clap, "pretrained_encoders": pretrained, "train_steps": step,
          "split": "test (instruments never trained on)", "target": "codec decoding of the held-out record"},
     )
@@ -221,12 +232,23 @@ def run(workdir: str, *, steps: int = 300, pairs: int = 8, items: int = 4, max_n
 
 
 def add_demo_parser(sub) -> None:
-    p = sub.add_parser("demo", help="the embedded default end to end: prep -> train -> synthesize -> eval")
-    p.add_argument("--workdir", default="runs/demo")
-    p.add_argument("--steps", type=int, default=300, help="training steps")
-    p.add_argument("--pairs-per-instrument", type=int, default=8)
-    p.add_argument("--items", type=int, default=4, help="held-out clips synthesized per task")
+    p = checks.subcommand(sub, "demo", _demo, help="the embedded default end to end: prep -> train -> synthesize -> eval")
+    p.add_argument("--workdir", default="runs/demo", help="every stage's output; a rerun resumes")
+    p.add_argument("--steps", type=checks.positive_int, default=300, help="training steps")
+    p.add_argument("--pairs-per-instrument", type=checks.positive_int, default=8)
+    p.add_argument("--items", type=checks.positive_int, default=4, help="held-out clips synthesized per task")
     p.add_argument("--codec", help="codec preset or checkpoint (default: EnCodec 32 kHz if cached, else tiny-encodec)")
     p.add_argument("--clap", help="CLAP preset or checkpoint (default: LAION music CLAP if cached, else tiny-clap)")
-    p.set_defaults(run=lambda a: 0 if run(a.workdir, steps=a.steps, pairs=a.pairs_per_instrument, items=a.items,
-                                           codec=a.codec, clap=a.clap) else 1)
+
+
+def _demo(args) -> int:
+    checks.output_dir(args.workdir, "--workdir")
+    if args.codec or args.clap:  # before minutes of prep: the encoders asked for must exist
+        from tokensynth_jax.audio import encoders
+
+        codec, clap, _ = pick_encoders(args.codec, args.clap)
+        encoders.codec_info(codec, offline=True)
+        encoders.check_clap(clap, offline=True)
+    run(args.workdir, steps=args.steps, pairs=args.pairs_per_instrument, items=args.items, codec=args.codec,
+        clap=args.clap)
+    return 0

@@ -1,290 +1,63 @@
 """`tokensynth`: the command line, a thin face over the package's jobs.
 
-Subcommands: prep (the Beam data job; `prep verify OUT` checks its output), train, checkpoint
-verify (damaged checkpoints, offline), init (a randomly initialised checkpoint of a config),
-convert (official PyTorch <-> ours), synthesize (MIDI + timbre -> codec tokens), demo (the
-embedded default end to end).
-Errors of the user's input exit with status 2 and one line naming the file and the problem.
+Every subcommand lives in a module of this package, grouped by job, as one `add_<name>_parser(sub)`
+function that builds its parser and names its run function; `SUBCOMMANDS` below registers them.
+A run function checks its flags and paths first (checks.py), then loads what it needs, then
+writes its results atomically (atomic.py). A `UserError` (errors.py) becomes one line on stderr
+and exit status 2, argparse's own usage errors too; any other exception is a bug and keeps its
+traceback.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import sys
 
-import numpy as np
+from tokensynth_jax.cli import demo, evaluation, model_commands, prep, synthesis, training
+from tokensynth_jax.cli.checks import UsageError
+from tokensynth_jax.errors import UserError
 
-EXAMPLE_MIDI = os.path.join(os.path.dirname(os.path.dirname(__file__)), "inference", "assets", "example.mid")
-
-
-def _cmd_init(args) -> int:
-    from flax import nnx
-
-    from tokensynth_jax import checkpoint, sharding
-    from tokensynth_jax.config import ModelConfig, load_config_file
-
-    overrides = dict(kv.split("=", 1) for kv in args.set)
-    overrides.update(getattr(args, "config_overrides", {}))
-    config = load_config_file(args.config, overrides)
-    cfg = ModelConfig.from_dict(config.model.to_dict())
-    model = sharding.create_sharded(cfg, sharding.make_mesh({"data": -1}), seed=args.seed)
-    meta = {"weights": "random-init", "seed": args.seed, "config_file": args.config,
-            "codec": config.codec.to_dict()}
-    checkpoint.save_model(args.out_dir, cfg, nnx.state(model, nnx.Param), meta)
-    print(f"wrote randomly initialised {args.config} ({cfg.num_layers}x{cfg.d_model}) to {args.out_dir}")
-    return 0
+SUBCOMMANDS = (
+    prep.add_prep_parser,
+    prep.add_prep_verify_parser,
+    training.add_train_parser,
+    model_commands.add_init_parser,
+    model_commands.add_convert_parser,
+    model_commands.add_convert_clap_parser,
+    model_commands.add_inference_checkpoint_parser,
+    model_commands.add_export_parser,
+    model_commands.add_checkpoint_parser,
+    synthesis.add_synthesize_parser,
+    evaluation.add_eval_parser,
+    training.add_sweep_parser,
+    demo.add_demo_parser,
+)
 
 
-def _cmd_train(args) -> int:
+class _ParseError(UsageError):
+    """argparse's complaint about the command line of one (sub)parser."""
 
-    from tokensynth_jax.config import load_config_file
-    from tokensynth_jax.training import train
-
-    overrides = dict(kv.split("=", 1) for kv in args.set)
-    overrides.update(args.config_overrides)
-    config = load_config_file(args.config, overrides)
-    train.train(config, args.workdir, init_from=args.init_from)
-    return 0
+    def __init__(self, prog: str, message: str):
+        super().__init__(message)
+        self.prog = prog
 
 
-def _cmd_convert(args) -> int:
-    from tokensynth_jax import checkpoint
-    from tokensynth_jax.interop import convert, safetensors_format
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line (prog: error: ...) and exit status 2.
 
-    if "safetensors" in (args.from_format, args.to_format):
-        if args.num_heads is not None or args.attention is not None:
-            raise convert.ConversionError("--num-heads and --attention are for official .pt files; "
-                                          "safetensors checkpoints carry their config")
-        if args.from_format == "safetensors":
-            cfg, params, metadata = safetensors_format.load(args.src)
-            checkpoint.save_model(args.dst, cfg, params, metadata)
-        else:
-            model, meta = checkpoint.load_model(args.src)
-            safetensors_format.save(args.dst, model.cfg, checkpoint.params_to_numpy(model), meta["metadata"])
-        print(f"wrote {args.dst} ({args.from_format or 'ours'} -> {args.to_format or 'ours'})")
-        return 0
-    if args.from_format == "official":
-        state = convert.load_official_file(args.src)
-        cfg, params, report = convert.from_official(
-            state, num_heads=args.num_heads or convert.OFFICIAL_NUM_HEADS, attention=args.attention)
-        checkpoint.save_model(args.dst, cfg, params, {"weights": "converted", "source": os.path.abspath(args.src),
-                                                      "conversion": report, "codec": {"name": "descript/dac_44khz"}})
-        print(json.dumps({"wrote": args.dst, "config": cfg.to_dict(), **report}, indent=2))
-    else:
-        model, _ = checkpoint.load_model(args.src)
-        state = convert.to_official(model.cfg, checkpoint.params_to_numpy(model))
-        convert.save_official_file(args.dst, state)
-        print(f"wrote {len(state)} tensors to {args.dst} (attention mask buffers: {model.cfg.attention})")
-    return 0
+    Subparsers inherit the class, so `tokensynth init --seed x` says "tokensynth init: error:
+    argument --seed: ..." and returns 2 from `main`, without the usage block.
+    """
 
-
-def _cmd_synthesize(args) -> int:
-    from tokensynth_jax import checkpoint
-    from tokensynth_jax.config import ModelConfig
-    from tokensynth_jax.inference import synthesize
-
-    if args.out is None and args.tokens_out is None:
-        raise synthesize.SynthesisError("give an output: --out OUT.wav (or a folder), and/or --tokens-out OUT.npy")
-    if args.spectrogram and args.out is None:
-        raise synthesize.SynthesisError("--spectrogram draws the WAV of --out; give --out")
-    wavs = _wav_paths(args.out, args.midi) if args.out is not None else []
-    meta = checkpoint.read_metadata(args.checkpoint)
-    cfg = ModelConfig.from_dict(meta["model"])
-    if wavs:  # fail fast, before CLAP and the model load
-        synthesize.resolve_codec(args.checkpoint, meta, args.codec, cfg, offline=args.offline)
-    sampler = synthesize.make_sampler(args.sampler, args.top_k, args.top_p, args.temperature)
-    timbre = synthesize.timbre_from_inputs(
-        batch=len(args.midi), timbre_dim=cfg.timbre_dim, embedding=args.timbre_embedding,
-        audio=args.timbre_audio, text=args.text, mix=args.mix, clap=args.clap, offline=args.offline,
-        trained_clap=(meta.get("metadata") or {}).get("clap_model"),
-    )
-    result = synthesize.synthesize_audio(
-        args.checkpoint, args.midi, timbre, codec=args.codec, sampler=sampler, seed=args.seed,
-        guidance_scale=args.guidance_scale, unconditional_dir=args.unconditional_checkpoint,
-        max_rows=args.max_rows, min_rows=args.min_rows, midi_compat=args.midi_compat, decode=args.out is not None,
-        offline=args.offline, progress=True,
-    )
-    for b, path in enumerate(args.midi):
-        print(_window_report(path, result.windows[b], result.codes[b], result.ended[b], result.early_ends[b]))
-        if wavs:
-            audio = result.audio[b]
-            synthesize.write_wav(wavs[b], audio, result.sample_rate)
-            print(f"wrote {wavs[b]} ({len(audio) / result.sample_rate:.2f} s at {result.sample_rate} Hz, "
-                  f"codec {result.codec})")
-            if args.spectrogram:
-                png = os.path.splitext(wavs[b])[0] + ".png"
-                synthesize.write_spectrogram(png, audio, result.sample_rate, title=os.path.basename(path))
-                print(f"wrote {png}")
-    if args.tokens_out is not None:
-        # Each file's windows one after another (the WAV overlaps them at 5 s steps instead).
-        per_file = [np.concatenate(c) for c in result.codes]
-        codes = np.full((len(per_file), max(len(c) for c in per_file), cfg.num_codebooks), -1, np.int32)
-        for b, c in enumerate(per_file):
-            codes[b, : len(c)] = c
-        np.save(args.tokens_out, codes)
-        print(f"wrote codes {codes.shape} (items x frames x codebooks, windows one after another, "
-              f"-1 after each item's end) to {args.tokens_out}")
-    return 0
-
-
-def _window_report(path: str, windows: list, codes: list, ended: list, early: list) -> str:
-    """What became of a file's notes: windows, pieces, frames per window, and early end rows."""
-    clipped, cut = sum(w.clipped_notes for w in windows), sum(w.cut_notes for w in windows)
-    notes = sum(w.num_notes for w in windows) - clipped  # a clipped note's pieces are one note
-    parts = [f"{clipped} split at window edges" if clipped else "",
-             f"{cut} left out (--midi-compat)" if cut else ""]
-    detail = ", ".join(p for p in parts if p)
-    spans = ", ".join(f"{w.start_seconds:.2f}+{w.seconds:.2f} s: {len(c)} ({'end row' if e else 'cap'})"
-                      for w, c, e in zip(windows, codes, ended))
-    lines = [f"{path}: {notes} notes{f' ({detail})' if detail else ''} in {len(windows)} window(s); "
-             f"frames per window {spans}"]
-    if early:
-        where = ", ".join(f"the window at {x.start_seconds:.2f} s at {x.end_seconds:.2f} s "
-                          f"(last note-off {x.note_off_seconds:.2f} s)" for x in early)
-        lines.append(f"{path}: early end row in {len(early)} window(s), silent after it: {where}; "
-                     "--min-rows last-note-off forbids this")
-    return "\n".join(lines)
-
-
-def _cmd_checkpoint_verify(args) -> int:
-    from tokensynth_jax import checkpoint
-
-    results = checkpoint.verify(args.dir, checksums=not args.sizes_only)
-    for what, problems in results:
-        print(f"{args.dir} {what}: " + ("ok" if not problems else "DAMAGED: " + "; ".join(problems)))
-    damaged = [what for what, problems in results if problems]
-    if damaged:
-        print(f"tokensynth checkpoint verify: error: {args.dir}: {', '.join(damaged)} damaged", file=sys.stderr)
-        return 2
-    return 0
-
-
-def _wav_paths(out: str, midi: list) -> list:
-    """OUT.wav for one MIDI file; for several, OUT is a folder and each gets its own <stem>.wav."""
-    from tokensynth_jax.inference.synthesize import SynthesisError
-
-    ext = os.path.splitext(out)[1].lower()
-    if ext == ".wav" and not os.path.isdir(out):
-        if len(midi) > 1:
-            raise SynthesisError(f"--out {out}: {len(midi)} MIDI files need a folder, not one WAV file")
-        return [out]
-    if os.path.isfile(out) or (ext and not os.path.isdir(out)):
-        raise SynthesisError(f"--out {out}: synthesis writes WAV files; give OUT.wav or a folder")
-    paths = [os.path.join(out, os.path.splitext(os.path.basename(m))[0] + ".wav") for m in midi]
-    if len(set(paths)) < len(paths):
-        raise SynthesisError(f"--out {out}: several MIDI files share a name, so their WAVs would collide")
-    return paths
-
-
-_SYNTHESIZE_HELP = """MIDI + timbre (a reference recording, a text, or a mix) -> WAV.
-
-Windowing: the model reads at most 5 s of notes at a time, so a MIDI file (drums left out) is
-cut into windows. A window starts at the first onset (or where the last one ended) and ends,
-within 5 s, where no note sounds if it can (in its latter half, the latest such place); else it
-ends where the fewest notes sound, clips those notes there and carries their rest into the next
-window (a note longer than a window is split). A window holds only as many notes as the model's
-max_len leaves room for beside its audio rows, so dense passages get shorter windows. Silence
-between notes is skipped. Each window is generated on its own with the same timbre and its audio
-is overlap-added at its start, so release tails ring on; the WAV lasts as long as the MIDI plus
-0.25 s of release. One line per file reports the windows, and any window whose end row came
-before its last note-off (--min-rows last-note-off forbids that). More: docs/synthesis.md."""
+    def error(self, message: str):
+        raise _ParseError(self.prog, message)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tokensynth", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("init", help="a randomly initialised checkpoint of a config (benchmarks, smoke tests)")
-    p.add_argument("--config", required=True, help="configs/X.py[:arg]")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, e.g. model.num_layers=2")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("out_dir")
-    p.set_defaults(run=_cmd_init)
-
-    p = sub.add_parser("train", help="train a model on `tokensynth prep` shards (resumes from --workdir)")
-    p.add_argument("--config", required=True, help="configs/X.py[:arg]; override fields with --config.a.b=value")
-    p.add_argument("--workdir", required=True)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--init-from", help="a model checkpoint (e.g. a converted official one) to fine-tune")
-    p.set_defaults(run=_cmd_train)
-
-    p = sub.add_parser("convert", help="official PyTorch state dict or safetensors <-> our checkpoint")
-    direction = p.add_mutually_exclusive_group(required=True)
-    direction.add_argument("--from", dest="from_format", choices=["official", "safetensors"],
-                           help="IN.pt OUT_DIR, or SAFETENSORS_DIR OUT_DIR")
-    direction.add_argument("--to", dest="to_format", choices=["official", "safetensors"],
-                           help="CKPT_DIR OUT.pt, or CKPT_DIR SAFETENSORS_DIR")
-    p.add_argument("src")
-    p.add_argument("dst")
-    p.add_argument("--num-heads", type=int, help="attention heads (not stored in the official file; default 16)")
-    p.add_argument("--attention", choices=["causal", "tokensynth-0.0.4"], default=None,
-                   help="override the attention pattern (default causal; see convert.py)")
-    p.set_defaults(run=_cmd_convert)
-
-    p = sub.add_parser("synthesize", help="MIDI + timbre (recording, text or a mix) -> WAV",
-                       description=_SYNTHESIZE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--midi", nargs="+", required=True, metavar="FILE",
-                   help="rendered whole, in windows of up to 5 s (see above)")
-    p.add_argument("--timbre-embedding", metavar="E.npy", help="CLAP embedding [512] or [N, 512]")
-    p.add_argument("--timbre-audio", nargs="+", metavar="WAV", help="reference recording(s): one, or one per MIDI file")
-    p.add_argument("--text", help="a timbre description, e.g. 'a warm cello'")
-    p.add_argument("--mix", type=float, metavar="A", help="A * audio + (1 - A) * text, renormalised (0 <= A <= 1)")
-    p.add_argument("--clap", help="CLAP checkpoint or preset (default laion/larger_clap_music)")
-    p.add_argument("--codec", help="codec to decode with (default and only choice: the checkpoint's)")
-    p.add_argument("--offline", action="store_true", help="pretrained CLAP and codec from the local cache only")
-    p.add_argument("--sampler", choices=["greedy", "top-k", "top-p"], default="top-p")
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--top-p", type=float, default=0.9)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--guidance-scale", type=float)
-    p.add_argument("--unconditional-checkpoint", help="unconditional model for first-note guidance")
-    p.add_argument("--max-rows", type=int, metavar="R",
-                   help="audio rows per window at most (default: a window's notes plus 0.25 s of release, at "
-                        "the codec's frame rate); fewer make shorter windows. --midi-compat: default 450")
-    p.add_argument("--min-rows", choices=["none", "last-note-off"], default="none",
-                   help="last-note-off: no end row before a window's last note-off (default none: the "
-                        "model may end a window early, which is reported)")
-    p.add_argument("--midi-compat", choices=["tokensynth-0.0.4"], help="tokenize MIDI exactly as the reference")
-    p.add_argument("--tokens-out", metavar="OUT.npy")
-    p.add_argument("--out", metavar="OUT.wav", help="the WAV (one MIDI file) or a folder of <stem>.wav")
-    p.add_argument("--spectrogram", action="store_true", help="a spectrogram PNG beside each WAV")
-    p.set_defaults(run=_cmd_synthesize)
-
-    p = sub.add_parser("checkpoint", help="check checkpoints offline")
-    p.add_argument("action", choices=["verify"])
-    p.add_argument("dir", help="a training workdir (its checkpoints/), a checkpoints/ folder or a model checkpoint")
-    p.add_argument("--sizes-only", action="store_true", help="check file sizes, not sha256 (no reading)")
-    p.set_defaults(run=_cmd_checkpoint_verify)
-
-    from tokensynth_prep.cli import add_prep_parser, add_prep_verify_parser  # cheap: Beam loads only when prep runs
-
-    add_prep_parser(sub)
-    add_prep_verify_parser(sub)
-    from tokensynth_jax.scaling.sweep import add_sweep_parser
-
-    add_sweep_parser(sub)
-    from tokensynth_jax.inference.inference_checkpoint import (
-        add_inference_checkpoint_parser,
-    )
-
-    add_inference_checkpoint_parser(sub)
-    from tokensynth_jax.inference.export import add_export_parser
-
-    add_export_parser(sub)
-    from tokensynth_jax.evaluation.evaluate import add_eval_parser
-
-    add_eval_parser(sub)
-    from tokensynth_jax.interop.clap_convert import add_convert_clap_parser
-
-    add_convert_clap_parser(sub)
-
-    from tokensynth_jax.cli.demo import add_demo_parser
-
-    add_demo_parser(sub)
+    parser = Parser(prog="tokensynth", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in SUBCOMMANDS:
+        add(sub)
     return parser
 
 
@@ -298,6 +71,14 @@ def _split_config_overrides(argv):
         else:
             rest.append(arg)
     return overrides, rest
+
+
+def _one_line(error: Exception) -> str:
+    """An error's message on one line: a list of problems ("...:\\n  a\\n  b") becomes "...: a; b"."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].endswith(":"):
+        return lines[0] + " " + "; ".join(lines[1:])
+    return "; ".join(lines)
 
 
 class _ConsoleHandler(logging.StreamHandler):
@@ -325,15 +106,21 @@ def main(argv=None) -> int:
     overrides, argv = _split_config_overrides(sys.argv[1:] if argv is None else list(argv))
     if argv[:2] == ["prep", "verify"]:  # `prep` takes Beam's options after it, so verify is its own parser
         argv = ["prep-verify", *argv[2:]]
-    args = build_parser().parse_args(argv)
-    configure_logging()
-    args.config_overrides = overrides
-    from tokensynth_jax.errors import UserError
-
+    prog = "tokensynth"
     try:
+        try:
+            args = build_parser().parse_args(argv)
+        except _ParseError as e:
+            prog = e.prog
+            raise
+        prog = args.prog
+        if overrides and not getattr(args, "takes_config", False):
+            raise UsageError(f"--config.{next(iter(overrides))}: `{prog}` takes no --config")
+        args.config_overrides = overrides
+        configure_logging()
         return args.run(args)
-    except (UserError, FileNotFoundError) as e:
-        print(f"tokensynth {args.command}: error: {e}", file=sys.stderr)
+    except UserError as e:
+        print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
         return 2
 
 

@@ -24,6 +24,7 @@ from tokensynth_jax.evaluation.metrics import MetricError
 
 TASKS = {"cloning": "Instrument cloning", "text": "Text-to-instrument"}
 MANIFEST_NAME = "items.jsonl"  # what `tokensynth eval DIR` reads
+REPORT_FILES = ("eval.json", "eval.md")  # what `tokensynth eval` writes
 Audio = Union[str, os.PathLike, tuple]  # a file, or (mono samples [N], sample rate)
 
 _COLUMNS = (("mss", "MSS ↓"), ("clap_score", "CLAP score ↑"), ("f1", "F1 ↑"))
@@ -184,15 +185,9 @@ def markdown_table(rows: Sequence[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(results: Sequence[dict], out_dir: str, settings: dict) -> tuple[str, str]:
-    """Writes `eval.json` (settings, rows, items) and `eval.md` (the table) into `out_dir`.
-
-    Returns:
-      The two paths.
-    """
+def write_report(results: Sequence[dict], json_path: str, md_path: str, settings: dict) -> None:
+    """Writes the report: JSON (settings, rows, items) to `json_path`, the markdown table to `md_path`."""
     rows = aggregate(results)
-    os.makedirs(out_dir, exist_ok=True)
-    json_path, md_path = os.path.join(out_dir, "eval.json"), os.path.join(out_dir, "eval.md")
     metric_settings = {"mss_fft_sizes": list(metrics.MSS_FFT_SIZES), "mss_hop": "fft_size / 4",
                        "mss_log_eps": metrics.MSS_LOG_EPS, "pitch_tolerance_cents": metrics.PITCH_TOLERANCE_CENTS,
                        "transcriber": "basic-pitch icassp_2022 (onnx)"}
@@ -200,7 +195,12 @@ def write_report(results: Sequence[dict], out_dir: str, settings: dict) -> tuple
         json.dump({"settings": {**metric_settings, **settings}, "rows": rows, "items": list(results)}, f, indent=2)
     with open(md_path, "w") as f:
         f.write(markdown_table(rows))
-    return json_path, md_path
+
+
+def item_files(item: EvalItem) -> list[tuple[str, str]]:
+    """(field, path) of each file an item names, so a caller can check them all before scoring any."""
+    return [(field, os.fspath(value)) for field in ("generated", "midi", "target", "reference")
+            if isinstance(value := getattr(item, field), (str, os.PathLike))]
 
 
 def write_tensorboard(items: Sequence[EvalItem], results: Sequence[dict], log_dir: str, *, step: int = 0) -> bool:
@@ -267,62 +267,3 @@ def read_manifest(path: str) -> list[EvalItem]:
     for item in items:
         item.check()
     return items
-
-
-_HELP = f"""Scores generated clips as the paper does and writes OUT/eval.json and OUT/eval.md.
-
-ITEMS is a JSON-lines manifest, or a folder holding {MANIFEST_NAME}; one object a line, paths
-relative to the manifest's folder:
-  {{"id": "piano-3", "task": "cloning", "generated": "gen/piano-3.wav", "midi": "midi/3.mid",
-   "target": "target/piano-3.wav", "reference": "ref/piano.wav", "model": "tokensynth", "instrument": "piano"}}
-  {{"id": "pad-3", "task": "text", "generated": "gen/pad-3.wav", "midi": "midi/3.mid", "text": "a warm synth pad"}}
-task: "cloning" (needs "reference") or "text" (needs "text"). "target", the ground-truth
-rendering of the same MIDI by the same instrument, is optional: without it MSS is left out.
-"model" names the table row (default tokensynth); "instrument" is reported per row. The items are
-the held-out split: pass the instruments you held out of training.
-
-Metrics: MSS (DDSP's multi-scale spectral loss: FFT 2048..64, hop size/4, L1 of linear plus log
-magnitudes) between generated and target, at the generated clip's rate, the shorter clip
-zero-padded; CLAP score: cosine of CLAP embeddings, generated vs reference audio (cloning) or vs
-text (text-to-instrument); F1: note onsets within --onset-tolerance and pitch within 50 cents,
-basic-pitch's transcription of the generated clip against the MIDI's melodic notes (drums left
-out; a silent clip scores 0). Stereo files are averaged to mono.
-
-The clips (generated, target, reference) and the table's numbers also go to OUT/tensorboard:
-`tensorboard --logdir OUT/tensorboard` plays each clip and shows its spectrogram."""
-
-
-def _cmd_eval(args) -> int:
-    items = read_manifest(args.items)
-    clap = None if args.clap == "none" else load_clap(args.clap, offline=args.offline)
-    out_dir = args.out or os.path.dirname(os.path.abspath(
-        os.path.join(args.items, MANIFEST_NAME) if os.path.isdir(args.items) else args.items))
-    results = evaluate_items(items, clap=clap, onset_tolerance=args.onset_tolerance,
-                             progress=lambda i, r: print(f"[{i + 1}/{len(items)}] {r['id']}: F1 {r['f1']:.3f}"))
-    json_path, md_path = write_report(results, out_dir, {"clap": args.clap, "onset_tolerance": args.onset_tolerance,
-                                                         "manifest": os.path.abspath(args.items)})
-    print(markdown_table(aggregate(results)), end="")
-    print(f"wrote {json_path} and {md_path}")
-    board = os.path.join(out_dir, "tensorboard")
-    if write_tensorboard(items, results, board):
-        print(f"wrote the clips and scores to {board} (tensorboard --logdir {board})")
-    else:
-        print("tensorboardX is not installed: no TensorBoard clips (pip install 'tokensynth-jax[eval]')")
-    return 0
-
-
-def add_eval_parser(sub) -> None:
-    """Registers `tokensynth eval`."""
-    import argparse
-
-    p = sub.add_parser("eval", help="the paper's metrics (MSS, CLAP score, F1) of generated clips",
-                       description=_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("items", metavar="ITEMS", help=f"manifest (JSON lines) or a folder holding {MANIFEST_NAME}")
-    p.add_argument("--out", help="folder for eval.json and eval.md (default: the manifest's folder)")
-    p.add_argument("--clap", default="laion/larger_clap_music",
-                   help="CLAP checkpoint or preset (tiny-clap for tests; 'none' leaves CLAP scores out)")
-    p.add_argument("--offline", action=argparse.BooleanOptionalAction, default=True,
-                   help="load CLAP from the local cache only (default)")
-    p.add_argument("--onset-tolerance", type=float, default=metrics.ONSET_TOLERANCE, metavar="S",
-                   help="seconds within which onsets match (default 0.05, mir_eval's)")
-    p.set_defaults(run=_cmd_eval)

@@ -33,7 +33,7 @@ from tokensynth_jax.errors import UserError
 from tokensynth_jax.inference import sampling
 from tokensynth_jax.interop import safetensors_format
 from tokensynth_jax.model.transformer import abstract_model
-from tokensynth_jax.tokens import midi_tokens, token_layout
+from tokensynth_jax.tokens import token_layout
 
 FORMAT = "tokensynth-jax-export"
 FORMAT_VERSION = 1
@@ -115,17 +115,6 @@ def sampler_settings(sampler) -> dict:
     return {"kind": type(sampler).__name__, **{k: getattr(sampler, k) for k in getattr(sampler, "__dataclass_fields__", {})}}
 
 
-def midi_prompt(paths: Sequence[str], cfg: ModelConfig, midi_compat: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """MIDI files -> (tokens [N, M] right-padded with 0, lengths [N]), M + 1 a multiple of 16.
-
-    The width matches `sampling.prepare_prompts`, so an exported call compiles the same shapes
-    as in-process generation (and gives bitwise the same tokens).
-    """
-    max_notes = (cfg.max_len - 2 - cfg.num_codebooks) // token_layout.TOKENS_PER_NOTE
-    tokens = [midi_tokens.tokenize_midi(p, compat=midi_compat, max_notes=max_notes).tokens for p in paths]
-    return pad_tokens(tokens)
-
-
 def pad_tokens(tokens: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """Token arrays of different lengths -> (right-padded [N, M], lengths [N]), M + 1 a multiple of 16."""
     lengths = np.array([len(t) for t in tokens], np.int32)
@@ -136,18 +125,27 @@ def pad_tokens(tokens: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     return midi, lengths
 
 
-def export_checkpoint(checkpoint_dir: str, out_dir: str, *, sampler=sampling.TopP(0.9), max_rows: int = 450,
-                      platforms: Sequence[str] = PLATFORMS, example_midi: Sequence[str] = (),
-                      example_timbre: np.ndarray | None = None, midi_compat: str | None = None) -> dict:
-    """Writes the export directory described in the module docstring; returns its metadata."""
-    meta = checkpoint.read_metadata(checkpoint_dir)
-    cfg = ModelConfig.from_dict(meta["model"])
+def export_model(model, out_dir: str, *, metadata: dict, source: str, sampler=sampling.TopP(0.9),
+                 max_rows: int = 450, platforms: Sequence[str] = PLATFORMS,
+                 example_prompt: dict[str, np.ndarray] | None = None) -> dict:
+    """Writes the export directory described in the module docstring; returns its metadata.
+
+    Args:
+      model: a timbre-conditioned TokenSynth (`checkpoint.load_model`).
+      out_dir: the directory to write (created).
+      metadata: the checkpoint's free-form metadata (codec, weights), recorded in export.json.
+      source: where the model came from, recorded in export.json.
+      sampler, max_rows: baked into the exported function.
+      platforms: lowering platforms (cpu, cuda, rocm, tpu).
+      example_prompt: arrays for OUT/example_prompt.npz (`midi` and `lengths` from `pad_tokens`,
+        optionally `timbre`), or None.
+    """
+    cfg = model.cfg
     if cfg.conditioning != "timbre":
-        raise ExportError(f"{checkpoint_dir}: only timbre-conditioned models are exported (this one is unconditional)")
+        raise ExportError(f"{source}: only timbre-conditioned models are exported (this one is unconditional)")
     unknown = sorted(set(platforms) - {"cpu", "cuda", "rocm", "tpu"})
     if unknown:
         raise ExportError(f"unknown platforms {unknown}; jax lowers for cpu, cuda, rocm and tpu")
-    model, _ = checkpoint.load_model(checkpoint_dir)
     exported = export_generate(cfg, sampler, max_rows, platforms)
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, EXPORTED_FILE), "wb") as f:
@@ -162,10 +160,10 @@ def export_checkpoint(checkpoint_dir: str, out_dir: str, *, sampler=sampling.Top
         "platforms": list(exported.platforms),
         "calling_convention_version": exported.calling_convention_version,
         "files": {"exported": EXPORTED_FILE, "params": PARAMS_FILE, "loader": LOADER_FILE},
-        "source_checkpoint": os.path.abspath(checkpoint_dir),
+        "source_checkpoint": source,
         "model": cfg.to_dict(),
-        "codec": meta["metadata"].get("codec"),
-        "weights": meta["metadata"].get("weights"),
+        "codec": metadata.get("codec"),
+        "weights": metadata.get("weights"),
         "sampler": sampler_settings(sampler),
         "max_rows": max_rows,
         "max_midi_tokens": cfg.max_len - 2 - cfg.num_codebooks,
@@ -207,53 +205,6 @@ def export_checkpoint(checkpoint_dir: str, out_dir: str, *, sampler=sampling.Top
     }
     with open(os.path.join(out_dir, META_FILE), "w") as f:
         json.dump(info, f, indent=2)
-    if example_midi:
-        midi, lengths = midi_prompt(example_midi, cfg, midi_compat)
-        arrays = {"midi": midi, "lengths": lengths}
-        if example_timbre is not None:
-            arrays["timbre"] = np.asarray(example_timbre, np.float32)
-        np.savez(os.path.join(out_dir, EXAMPLE_PROMPT_FILE), **arrays)
+    if example_prompt is not None:
+        np.savez(os.path.join(out_dir, EXAMPLE_PROMPT_FILE), **example_prompt)
     return info
-
-
-# --- command line ------------------------------------------------------------------------------------
-def add_export_parser(sub) -> None:
-    """Registers `tokensynth export` on the command line's subparsers."""
-    p = sub.add_parser("export", help="jax.export of the generation function (cpu, cuda, tpu) + params + loader")
-    p.add_argument("--checkpoint", required=True, help="a tokensynth-jax model checkpoint (timbre-conditioned)")
-    p.add_argument("out_dir", metavar="OUT")
-    p.add_argument("--sampler", choices=["greedy", "top-k", "top-p"], default="top-p", help="baked into the export")
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--top-p", type=float, default=0.9)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--max-rows", type=int, default=450, help="audio rows at most (450: a 5 s window, as the reference)")
-    p.add_argument("--platforms", default=",".join(PLATFORMS), help="comma-separated lowering platforms")
-    p.add_argument("--example-midi", nargs="+", default=[], metavar="FILE",
-                   help=f"tokenize these MIDI files into OUT/{EXAMPLE_PROMPT_FILE} for the loader")
-    p.add_argument("--example-timbre", metavar="E.npy", help="CLAP embedding [T] or [N, T] stored in the example prompt")
-    p.add_argument("--midi-compat", choices=["tokensynth-0.0.4"], help="tokenize the example MIDI as the reference")
-    p.set_defaults(run=_cmd_export)
-
-
-def _cmd_export(args) -> int:
-    from tokensynth_jax.inference import (
-        synthesize,  # the sampler and embedding readers of `tokensynth synthesize`
-    )
-
-    if args.example_timbre and not args.example_midi:
-        raise ExportError("--example-timbre goes with --example-midi FILE...")
-    cfg = ModelConfig.from_dict(checkpoint.read_metadata(args.checkpoint)["model"])
-    sampler = synthesize.make_sampler(args.sampler, args.top_k, args.top_p, args.temperature)
-    timbre = (synthesize.load_timbre_embedding(args.example_timbre, len(args.example_midi), cfg.timbre_dim)
-              if args.example_timbre else None)
-    info = export_checkpoint(
-        args.checkpoint, args.out_dir, sampler=sampler, max_rows=args.max_rows,
-        platforms=[p for p in args.platforms.split(",") if p], example_midi=args.example_midi,
-        example_timbre=timbre, midi_compat=args.midi_compat,
-    )
-    print(f"exported {args.checkpoint} for {', '.join(info['platforms'])} (jax {info['jax_version']}, "
-          f"sampler {info['sampler']['kind']}, max_rows {info['max_rows']}) to {args.out_dir}")
-    example = f" --prompt {os.path.join(args.out_dir, EXAMPLE_PROMPT_FILE)}" if args.example_midi else " --prompt P.npz"
-    print(f"run it without this package: python {os.path.join(args.out_dir, LOADER_FILE)} {args.out_dir}{example}"
-          + ("" if timbre is not None else " --timbre E.npy"))
-    return 0

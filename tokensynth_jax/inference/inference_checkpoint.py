@@ -1,4 +1,4 @@
-"""`tokensynth inference-checkpoint`: a params-only model checkpoint from a training run.
+"""A params-only model checkpoint from a training run (`tokensynth inference-checkpoint`).
 
 A train checkpoint holds the parameters, the optimizer state (twice the parameters' size for
 AdamW) and the data iterator; inference and fine-tuning need the parameters alone, in the
@@ -41,26 +41,3 @@ def write_inference_checkpoint(config, workdir: str, out_dir: str, step: int | N
             meta["clap_model"] = json.load(f).get("clap_model")
     checkpoint.save_model(out_dir, cfg, nnx.state(model, nnx.Param), meta)
     return step
-
-
-def _cmd(args) -> int:
-    from tokensynth_jax.config import load_config_file
-
-    overrides = dict(kv.split("=", 1) for kv in args.set)
-    overrides.update(getattr(args, "config_overrides", {}))
-    config = load_config_file(args.config, overrides)
-    step = write_inference_checkpoint(config, args.workdir, args.out_dir, args.step)
-    print(f"wrote the parameters of {args.workdir} step {step} (no optimizer state) to {args.out_dir}")
-    return 0
-
-
-def add_inference_checkpoint_parser(sub) -> None:
-    """Registers `tokensynth inference-checkpoint` on the top-level subparsers."""
-    p = sub.add_parser("inference-checkpoint",
-                       help="params-only model checkpoint from a training workdir (drops optimizer state)")
-    p.add_argument("--config", required=True, help="the run's configs/X.py[:arg] (gives the model shapes)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
-    p.add_argument("--step", type=int, help="saved step to export (default: the newest)")
-    p.add_argument("workdir", help="the --workdir of tokensynth train")
-    p.add_argument("out_dir")
-    p.set_defaults(run=_cmd)

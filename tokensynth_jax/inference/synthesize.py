@@ -1,9 +1,10 @@
 """The synthesis job: MIDI files + a timbre -> codec tokens -> audio.
 
-Glue between the MIDI tokenizer, a checkpoint, the sampler and the codec, with errors that name
-the file at fault. `synthesize_audio` renders whole files window by window and decodes them
-(or returns their codes only). The command line
-(`tokensynth synthesize`) is a thin face over these, `timbre.py` and the writers below.
+Glue between the MIDI tokenizer, a loaded model, the sampler and a loaded codec, with errors that
+name the file at fault. `plan_windows` places each file's windows, `synthesize_audio` renders them
+and decodes them (or returns their codes only). The command line (`tokensynth synthesize`,
+cli/synthesis.py) checks its inputs, loads the model, CLAP and codec, and calls these, `timbre.py`
+and the writers below.
 
 Long files (docs/synthesis.md): `midi_tokens.split_into_windows` places windows of up to 5 s so
 that no note is lost (cuts where no note sounds when it can, else clips the notes at the cut and
@@ -26,7 +27,6 @@ from typing import Sequence
 
 import numpy as np
 
-from tokensynth_jax import checkpoint
 from tokensynth_jax.config import ModelConfig
 from tokensynth_jax.errors import UserError
 from tokensynth_jax.inference import sampling
@@ -39,47 +39,6 @@ MIN_ROWS = ("none", "last-note-off")  # may a window end before its last note-of
 
 class SynthesisError(UserError):
     """Bad synthesis input; the message names the file or option at fault."""
-
-
-def load_timbre_embedding(path: str, batch: int, timbre_dim: int) -> np.ndarray:
-    """Reads a [T] or [B, T] float array from a .npy file; a single embedding serves every item."""
-    if not os.path.isfile(path):
-        raise SynthesisError(f"{path}: no such timbre embedding file")
-    try:
-        emb = np.load(path, allow_pickle=False)
-    except Exception as e:  # numpy raises ValueError / OSError / UnpicklingError
-        raise SynthesisError(f"{path}: not a .npy array ({e})") from e
-    emb = np.asarray(emb)
-    if not np.issubdtype(emb.dtype, np.floating):
-        raise SynthesisError(f"{path}: timbre embedding has dtype {emb.dtype}, expected floats")
-    if emb.ndim == 1:
-        emb = emb[None]
-    if emb.ndim != 2 or emb.shape[1] != timbre_dim:
-        raise SynthesisError(f"{path}: timbre embedding of shape {emb.shape}, expected [{timbre_dim}] or [N, {timbre_dim}]")
-    if emb.shape[0] == 1:
-        emb = np.repeat(emb, batch, axis=0)
-    if emb.shape[0] != batch:
-        raise SynthesisError(f"{path}: {emb.shape[0]} embeddings for {batch} MIDI files")
-    if not np.all(np.isfinite(emb)):
-        raise SynthesisError(f"{path}: timbre embedding has NaN or Inf values")
-    return emb.astype(np.float32)
-
-
-def make_sampler(kind: str, top_k: int | None, top_p: float | None, temperature: float):
-    """The sampler the command line names."""
-    if temperature <= 0:
-        raise SynthesisError(f"--temperature must be > 0, got {temperature}")
-    if kind == "greedy":
-        return sampling.Greedy()
-    if kind == "top-k":
-        if top_k is None:
-            raise SynthesisError("--sampler top-k needs --top-k K")
-        return sampling.TopK(top_k, temperature)
-    if kind == "top-p":
-        if top_p is None:
-            raise SynthesisError("--sampler top-p needs --top-p P")
-        return sampling.TopP(top_p, temperature)
-    raise SynthesisError(f"unknown sampler {kind!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,30 +86,6 @@ def note_off_seconds(window: midi_tokens.MidiWindow) -> float:
     return float(offsets.max()) * token_layout.SECONDS_PER_BIN if len(offsets) else 0.0
 
 
-def _load(checkpoint_dir: str, guidance_scale: float | None, unconditional_dir: str | None):
-    """(model, metadata, guidance, unconditional model) for a timbre-conditioned checkpoint."""
-    model, meta = checkpoint.load_model(checkpoint_dir)
-    cfg = model.cfg
-    if cfg.conditioning != "timbre":
-        raise SynthesisError(f"{checkpoint_dir}: an unconditional model cannot synthesize from a timbre")
-    guidance, uncond = None, None
-    if guidance_scale is not None:
-        if cfg.null_timbre:
-            guidance = sampling.CFG(guidance_scale)
-        elif unconditional_dir is not None:
-            uncond, _ = checkpoint.load_model(unconditional_dir)
-            if uncond.cfg.conditioning != "unconditional":
-                raise SynthesisError(f"{unconditional_dir}: not an unconditional model")
-            guidance = sampling.FirstNoteGuidance(guidance_scale)
-        else:
-            raise SynthesisError(
-                f"{checkpoint_dir}: --guidance-scale needs a model trained with a null timbre "
-                "or --unconditional-checkpoint for first-note guidance"
-            )
-    return model, meta, guidance, uncond
-
-
-# --- audio ---------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class EarlyEnd:
     """A window whose end row came before its last note-off: the rest of it is silent."""
@@ -218,7 +153,7 @@ def join_windows(window_audio: Sequence[np.ndarray], starts: Sequence[float], sa
     return out
 
 
-def _frame_rate(checkpoint_dir: str, meta: dict, cfg: ModelConfig, offline: bool) -> float:
+def codec_frame_rate(checkpoint_dir: str, meta: dict, cfg: ModelConfig, offline: bool) -> float:
     """The checkpoint's codec frame rate (windows are planned in frames even when nothing is decoded)."""
     recorded = (meta.get("metadata") or {}).get("codec") or {}
     if recorded.get("frame_rate"):
@@ -229,47 +164,78 @@ def _frame_rate(checkpoint_dir: str, meta: dict, cfg: ModelConfig, offline: bool
     return encoders.codec_info(name, offline=offline).frame_rate
 
 
+@dataclasses.dataclass(frozen=True)
+class WindowPlan:
+    """Each file's windows, each window's audio-row cap, and what the track is cut to."""
+
+    windows: list  # per file: midi_tokens.MidiWindow, in time order
+    row_caps: list  # per file: audio rows each window may take
+    frame_rate: float  # the codec's frames per second
+    track_seconds: list  # per file: the track's length (None: the window's own audio, --midi-compat)
+
+
+def plan_windows(cfg: ModelConfig, midi_paths: Sequence, frame_rate: float, *, max_rows: int | None = None,
+                 release_seconds: float = RELEASE_SECONDS, midi_compat: str | None = None) -> WindowPlan:
+    """Places every file's windows within the model's budget (see the module doc).
+
+    Args:
+      cfg: the model's config (max_len and codebooks set the budget).
+      midi_paths: MIDI files (or PrettyMIDI objects).
+      frame_rate: the codec's frames per second.
+      max_rows: audio rows per window at most (default: what its notes and the release take);
+        fewer rows make shorter windows, and may cut a window's release.
+      release_seconds: audio rendered past each window's notes; the track is the MIDI's length plus this.
+      midi_compat: "tokensynth-0.0.4": the reference's tokens, so its single window at 0 s, with
+        max_rows (default 450) rows; the track is that window's audio.
+
+    Raises:
+      SynthesisError: limits that leave no room for a window of notes; MidiTokenizationError naming a file.
+    """
+    if release_seconds < 0:
+        raise SynthesisError(f"release_seconds={release_seconds} is negative")
+    if max_rows is not None and max_rows < cfg.num_codebooks:
+        raise SynthesisError(f"--max-rows {max_rows}: one frame takes {cfg.num_codebooks} rows")
+    if midi_compat:
+        windows = [[midi_tokens.tokenize_midi(p, compat=midi_compat, max_notes=cfg.max_notes)] for p in midi_paths]
+        return WindowPlan(windows, [[max_rows or DEFAULT_MAX_ROWS] for _ in midi_paths], frame_rate,
+                          [None] * len(midi_paths))
+    budget = RowBudget(frame_rate, cfg.num_codebooks, cfg.max_len, max_rows, release_seconds)
+    longest = budget.longest()
+    if longest < 2 * token_layout.SECONDS_PER_BIN:
+        limits = f"max_len {cfg.max_len}" + (f" and --max-rows {max_rows}" if max_rows else "")
+        raise SynthesisError(f"{limits} leave no room for a window of notes ({longest:.3f} s)")
+    windows = [midi_tokens.split_into_windows(p, window_seconds=longest, max_notes=budget.notes) for p in midi_paths]
+    return WindowPlan(windows, [[budget.rows(w.seconds) for w in ws] for ws in windows], frame_rate,
+                      [max(w.start_seconds + w.seconds for w in ws) + release_seconds for ws in windows])
+
+
 def synthesize_audio(
-    checkpoint_dir: str,
-    midi_paths: Sequence[str],
+    model,
+    plan: WindowPlan,
     timbre: np.ndarray,
     *,
-    codec: str | None = None,
+    codec=None,
     sampler=sampling.Greedy(),
     seed: int = 0,
-    guidance_scale: float | None = None,
-    unconditional_dir: str | None = None,
-    max_rows: int | None = None,
+    guidance: sampling.CFG | sampling.FirstNoteGuidance | None = None,
+    unconditional_model=None,
     min_rows: str = "none",
-    release_seconds: float = RELEASE_SECONDS,
-    midi_compat: str | None = None,
-    decode: bool = True,
-    device: str = "cpu",
-    offline: bool = False,
     progress: bool = False,
 ) -> AudioResult:
     """Renders whole MIDI files window by window and decodes them to audio (see the module doc).
 
     Args:
-      checkpoint_dir: a tokensynth-jax model checkpoint (timbre-conditioned).
-      midi_paths: MIDI files.
-      timbre: [len(midi_paths), T] CLAP embeddings.
-      sampler: the sampling rule (`make_sampler`).
-      guidance_scale: classifier-free guidance for a model with a null timbre, else the
-        reference's first-note guidance with `unconditional_dir`.
-      max_rows: audio rows per window at most (default: what its notes and the release take);
-        fewer rows make shorter windows, and may cut a window's release.
+      model: a timbre-conditioned TokenSynth (`checkpoint.load_model`).
+      plan: the files' windows (`plan_windows`).
+      timbre: [len(plan.windows), T] CLAP embeddings.
+      codec: a loaded `encoders.Codec` to decode with (the model's own: `resolve_codec`), or
+        None for codes only (`audio` is then empty).
+      sampler: the sampling rule (sampling.Greedy / TopK / TopP).
+      seed: window k samples with seed + k.
+      guidance: sampling.CFG(scale) for a model with a null timbre, or the reference's
+        sampling.FirstNoteGuidance(scale) with `unconditional_model`.
       min_rows: "none" (a window ends when the model samples the end row) or "last-note-off"
         (no end row before the window's last note-off).
-      release_seconds: audio rendered past each window's notes; the track is the MIDI's length
-        plus this.
-      codec: the codec to decode with (default: the checkpoint's; another one is an error).
-      seed: window k samples with seed + k.
-      midi_compat: "tokensynth-0.0.4": the reference's tokens, so its single window at 0 s, with
-        max_rows (default 450) rows; the track is that window's audio.
-      decode: False for codes only (no codec is loaded; `audio` is empty).
-      device: torch device of the codec.
-      offline: only look for a pretrained codec in the local Hugging Face cache.
       progress: a tqdm bar over windows.
 
     Returns:
@@ -277,43 +243,16 @@ def synthesize_audio(
     """
     from tqdm import tqdm
 
+    cfg = model.cfg
+    if cfg.conditioning != "timbre":
+        raise SynthesisError("an unconditional model cannot synthesize from a timbre")
     if min_rows not in MIN_ROWS:
         raise SynthesisError(f"--min-rows {min_rows!r}: one of {', '.join(MIN_ROWS)}")
-    if release_seconds < 0:
-        raise SynthesisError(f"release_seconds={release_seconds} is negative")
-    model, meta, guidance, uncond = _load(checkpoint_dir, guidance_scale, unconditional_dir)
-    cfg = model.cfg
-    if max_rows is not None and max_rows < cfg.num_codebooks:
-        raise SynthesisError(f"--max-rows {max_rows}: one frame takes {cfg.num_codebooks} rows")
-    codec_model = None
-    if codec is not None and not decode:
-        raise SynthesisError(f"--codec {codec}: codes only are asked for (no --out), so nothing is decoded")
-    if decode:
-        from tokensynth_jax.audio import encoders
-
-        name = resolve_codec(checkpoint_dir, meta, codec, cfg, offline=offline)
-        try:
-            codec_model = encoders.Codec(name, batch_size=1, device=device, offline=offline)
-        except encoders.EncoderError as e:
-            raise SynthesisError(f"{checkpoint_dir}: {e}") from e
-    frame_rate = codec_model.info.frame_rate if codec_model else _frame_rate(checkpoint_dir, meta, cfg, offline)
-    budget = RowBudget(frame_rate, cfg.num_codebooks, cfg.max_len, max_rows, release_seconds)
-    if midi_compat:
-        compat_notes = (cfg.max_len - 2 - cfg.num_codebooks) // token_layout.TOKENS_PER_NOTE
-        windows = [[midi_tokens.tokenize_midi(p, compat=midi_compat, max_notes=compat_notes)] for p in midi_paths]
-        row_caps = [[max_rows or DEFAULT_MAX_ROWS] for _ in midi_paths]
-    else:
-        longest = budget.longest()
-        if longest < 2 * token_layout.SECONDS_PER_BIN:
-            limits = f"max_len {cfg.max_len}" + (f" and --max-rows {max_rows}" if max_rows else "")
-            raise SynthesisError(f"{checkpoint_dir}: {limits} leave no room for a window of notes ({longest:.3f} s)")
-        windows = [midi_tokens.split_into_windows(p, window_seconds=longest, max_notes=budget.notes)
-                   for p in midi_paths]
-        row_caps = [[budget.rows(w.seconds) for w in ws] for ws in windows]
+    windows, row_caps, frame_rate = plan.windows, plan.row_caps, plan.frame_rate
     timbre = np.asarray(timbre, np.float32)
-    if timbre.shape != (len(midi_paths), cfg.timbre_dim):
-        raise SynthesisError(f"{checkpoint_dir}: timbres of shape {timbre.shape} for {len(midi_paths)} MIDI files; "
-                             f"the model takes [{len(midi_paths)}, {cfg.timbre_dim}]")
+    if timbre.shape != (len(windows), cfg.timbre_dim):
+        raise SynthesisError(f"timbres of shape {timbre.shape} for {len(windows)} MIDI files; "
+                             f"the model takes [{len(windows)}, {cfg.timbre_dim}]")
     note_off = [[note_off_seconds(w) for w in ws] for ws in windows]
     # Frames that reach the last note-off, within what the row cap leaves.
     needed = [[min(_frames(t, frame_rate), cap - cfg.num_codebooks + 1) for t, cap in zip(ts, caps)]
@@ -329,25 +268,23 @@ def synthesize_audio(
         batch = items + [items[0]] * (len(windows) - len(items))
         gen = sampling.generate(
             model, [windows[b][k].tokens for b in batch], timbre[batch], sampler=sampler, seed=seed + k,
-            max_rows=max(max(caps) for caps in row_caps), guidance=guidance, unconditional_model=uncond,
+            max_rows=max(max(caps) for caps in row_caps), guidance=guidance, unconditional_model=unconditional_model,
             row_caps=[row_caps[b][k] for b in batch],
             min_frames=[needed[b][k] for b in batch] if min_rows == "last-note-off" else None,
         )
         for i, b in enumerate(items):
             codes[b][k], ended[b][k] = gen.codes[i, : gen.num_frames[i]], bool(gen.ended[i])
-            if codec_model is not None and len(codes[b][k]):
-                audio[b][k] = codec_model.decode(codes[b][k][None])[0]
+            if codec is not None and len(codes[b][k]):
+                audio[b][k] = codec.decode(codes[b][k][None])[0]
     early = [[EarlyEnd(k, w.start_seconds, len(c) / frame_rate, t)
               for k, (w, c, e, t, n) in enumerate(zip(ws, cs, es, ts, ns)) if e and len(c) < n]
              for ws, cs, es, ts, ns in zip(windows, codes, ended, note_off, needed)]
     tracks = []
-    if codec_model is not None:
-        rate = codec_model.info.sample_rate
-        for ws, a in zip(windows, audio):
-            end = None if midi_compat else max(w.start_seconds + w.seconds for w in ws) + release_seconds
-            tracks.append(join_windows(a, [w.start_seconds for w in ws], rate, end))
-    return AudioResult(tracks, codec_model.info.sample_rate if codec_model else 0, codes, windows, ended,
-                       codec_model.info.name if codec_model else "", early)
+    if codec is not None:
+        for ws, a, seconds in zip(windows, audio, plan.track_seconds):
+            tracks.append(join_windows(a, [w.start_seconds for w in ws], codec.info.sample_rate, seconds))
+    return AudioResult(tracks, codec.info.sample_rate if codec else 0, codes, windows, ended,
+                       codec.info.name if codec else "", early)
 
 
 def write_wav(path: str, audio: np.ndarray, sample_rate: int) -> None:
@@ -378,57 +315,3 @@ def write_spectrogram(path: str, audio: np.ndarray, sample_rate: int, title: str
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-def timbre_from_inputs(*, batch: int, timbre_dim: int, embedding: str | None = None,
-                       audio: Sequence[str] | None = None, text: str | None = None, mix: float | None = None,
-                       clap: str | None = None, device: str = "cpu", offline: bool = False,
-                       trained_clap: str | None = None) -> np.ndarray:
-    """[batch, timbre_dim] timbres from the command line's options.
-
-    Exactly one source: an embedding file; reference recordings (one, or one per MIDI file);
-    a text; or recordings and a text blended with `mix` (see `timbre.mix_embedding`).
-    `trained_clap` is the checkpoint's record of the CLAP its training timbres came from
-    ("name|front-end mode"): that CLAP and front end are the default, and another `clap` is an
-    error, because embeddings of different CLAPs live in different spaces.
-    """
-    from tokensynth_jax.inference import timbre as timbre_lib
-
-    if embedding is not None:
-        if audio or text is not None or mix is not None or clap is not None:
-            raise SynthesisError("give the timbre one way: --timbre-embedding, or --timbre-audio / --text "
-                                 "(with --mix, --clap)")
-        return load_timbre_embedding(embedding, batch, timbre_dim)
-    if not audio and text is None:
-        raise SynthesisError("give the timbre: --timbre-audio WAV, --text TEXT (both with --mix A), "
-                             "or --timbre-embedding E.npy")
-    if audio and text is not None and mix is None:
-        raise SynthesisError("--timbre-audio and --text together need --mix A (A * audio + (1 - A) * text)")
-    if mix is not None and not (audio and text is not None):
-        raise SynthesisError("--mix A blends --timbre-audio and --text; give both")
-    if mix is not None and not 0.0 <= mix <= 1.0:  # before CLAP loads
-        raise timbre_lib.TimbreError(f"--mix {mix}: the audio weight must be in [0, 1] (1 = the recording, 0 = the text)")
-    if audio and len(audio) not in (1, batch):
-        raise SynthesisError(f"{len(audio)} --timbre-audio files for {batch} MIDI files; give one or one each")
-    if text is not None and not text.strip():
-        raise timbre_lib.TimbreError(f"--text: a timbre description must be a non-empty text, got {text!r}")
-    name, mode = clap or timbre_lib.DEFAULT_CLAP, "codec-rate"
-    if trained_clap:
-        trained_name, _, trained_mode = trained_clap.partition("|")
-        if clap is not None and clap != trained_name:
-            raise SynthesisError(f"--clap {clap}: the model was trained on timbres from CLAP {trained_name!r}; "
-                                 "another CLAP's embeddings mean nothing to it (leave --clap out)")
-        name, mode = trained_name, trained_mode or mode
-    clap_model = timbre_lib.load_clap(name, device=device, offline=offline, input_mode=mode)
-    if clap_model.dim != timbre_dim:
-        raise SynthesisError(f"CLAP {clap_model.name!r} gives {clap_model.dim}-d embeddings, "
-                             f"the model takes {timbre_dim}-d timbres")
-    text_emb = timbre_lib.text_embedding(clap_model, text) if text is not None else None
-    if audio:
-        embs = [timbre_lib.audio_embedding(clap_model, p) for p in audio]
-        if text_emb is not None:
-            embs = [timbre_lib.mix_embedding(mix, e, text_emb) for e in embs]
-    else:
-        embs = [text_emb]
-    embs = np.stack(embs)
-    return np.repeat(embs, batch, axis=0) if len(embs) == 1 else embs

@@ -3,7 +3,8 @@
 The audio front end (torch, transformers) is data_prep's `encoders.ClapEmbedder`, so synthesis
 embeds references exactly as prep embedded the training references. This module adds what a
 user's input needs: reading a WAV file of any rate and channel count, with a `TimbreError` naming
-the file for one that is unreadable, empty, too short, silent or not finite, and the audio/text mix.
+the file for one that is unreadable, empty, too short, silent or not finite, reading an embedding
+file, and the audio/text mix.
 
 All embeddings are float32 [D] (D = 512 for LAION CLAP) of unit L2 norm, as CLAP's are and as the
 model saw in training. The mix `a * audio + (1 - a) * text` is renormalised to unit norm: the
@@ -27,6 +28,30 @@ SILENCE_PEAK = 1e-4  # -80 dBFS: below this peak a reference is silent (CLAP wou
 
 class TimbreError(UserError):
     """A reference recording, text or mix weight that cannot give a timbre; the message names it."""
+
+
+def load_embedding(path: str, batch: int, timbre_dim: int) -> np.ndarray:
+    """Reads a [T] or [B, T] float array from a .npy file; a single embedding serves every item."""
+    if not os.path.isfile(path):
+        raise TimbreError(f"{path}: no such timbre embedding file")
+    try:
+        emb = np.load(path, allow_pickle=False)
+    except Exception as e:  # numpy raises ValueError / OSError / UnpicklingError
+        raise TimbreError(f"{path}: not a .npy array ({e})") from e
+    emb = np.asarray(emb)
+    if not np.issubdtype(emb.dtype, np.floating):
+        raise TimbreError(f"{path}: timbre embedding has dtype {emb.dtype}, expected floats")
+    if emb.ndim == 1:
+        emb = emb[None]
+    if emb.ndim != 2 or emb.shape[1] != timbre_dim:
+        raise TimbreError(f"{path}: timbre embedding of shape {emb.shape}, expected [{timbre_dim}] or [N, {timbre_dim}]")
+    if emb.shape[0] == 1:
+        emb = np.repeat(emb, batch, axis=0)
+    if emb.shape[0] != batch:
+        raise TimbreError(f"{path}: {emb.shape[0]} embeddings for {batch} MIDI files")
+    if not np.all(np.isfinite(emb)):
+        raise TimbreError(f"{path}: timbre embedding has NaN or Inf values")
+    return emb.astype(np.float32)
 
 
 def load_clap(name: str = DEFAULT_CLAP, *, device: str = "cpu", offline: bool = False,

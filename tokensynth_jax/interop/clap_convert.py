@@ -102,6 +102,9 @@ def config_from_state(state: Mapping[str, Any], text_heads: int = ROBERTA_BASE_H
     patch = shape("audio_branch.patch_embed.proj.weight")
     n_text = len({m[1] for k in state if (m := re.match(r"text_branch\.encoder\.layer\.(\d+)\.", k))})
     words, width = shape("text_branch.embeddings.word_embeddings.weight")
+    if text_heads < 1 or width % text_heads:
+        raise ConversionError(f"{text_heads} text attention heads do not divide the text width {width} "
+                              f"(roberta-base: {ROBERTA_BASE_HEADS})")
     projection = shape("audio_projection.0.weight")[0]
     audio = dict(depths=depths, num_attention_heads=heads, window_size=(int(round(table ** 0.5)) + 1) // 2,
                  patch_embeds_hidden_size=patch[0], patch_size=patch[-1], patch_stride=[patch[-1], patch[-1]],
@@ -183,43 +186,50 @@ def load_original_file(path: str | os.PathLike) -> dict:
     return dict(state)
 
 
+def text_width(state: Mapping[str, Any]) -> int:
+    """The width of the original's RoBERTa text encoder (what its attention heads must divide)."""
+    key = "text_branch.embeddings.word_embeddings.weight"
+    value = state.get(key, state.get("module." + key))
+    if value is None:
+        raise ConversionError(f"not a laion_clap HTSAT + RoBERTa state dict: no {key}")
+    return int(value.shape[1])
+
+
+def load_tokenizer(directory: str | os.PathLike):
+    """A RoBERTa tokenizer from a local directory, set to LAION's 77-token limit."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ConversionError(f"{directory}: not a tokenizer directory ({e})") from e
+    tok.model_max_length = LAION_CONTEXT_LENGTH
+    return tok
+
+
+def convert_state(state: Mapping[str, Any], out_dir: str | os.PathLike, *, tokenizer=None,
+                  text_heads: int = ROBERTA_BASE_HEADS) -> dict:
+    """Writes LAION's state dict as a transformers directory usable as `--clap OUT_DIR`; returns a summary.
+
+    tokenizer: a loaded RoBERTa tokenizer (`load_tokenizer`) to save beside the model (text
+    embeddings need one; the hub is out of reach).
+    """
+    model = from_original(state, text_heads=text_heads)
+    model.save_pretrained(out_dir)
+    feature_extractor().save_pretrained(out_dir)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+    a = model.config.audio_config
+    return {"wrote": str(out_dir), "parameters": sum(p.numel() for p in model.parameters()),
+            "audio": {"depths": list(a.depths), "hidden_size": a.hidden_size}}
+
+
 def convert_file(src: str | os.PathLike, out_dir: str | os.PathLike, *, tokenizer: str | None = None,
                  text_heads: int = ROBERTA_BASE_HEADS) -> dict:
     """Converts LAION's `.pt` into a transformers directory usable as `--clap OUT_DIR`; returns a summary.
 
-    tokenizer: a RoBERTa tokenizer directory to copy in (text embeddings need one; the hub is out of
-    reach), saved with LAION's 77-token limit.
+    tokenizer: a RoBERTa tokenizer directory to copy in, read before anything is written.
     """
-    model = from_original(load_original_file(src), text_heads=text_heads)
-    model.save_pretrained(out_dir)
-    feature_extractor().save_pretrained(out_dir)
-    if tokenizer is not None:
-        from transformers import AutoTokenizer
-
-        try:
-            tok = AutoTokenizer.from_pretrained(tokenizer, local_files_only=True)
-        except (OSError, ValueError) as e:
-            raise ConversionError(f"{tokenizer}: not a tokenizer directory ({e})") from e
-        tok.model_max_length = LAION_CONTEXT_LENGTH
-        tok.save_pretrained(out_dir)
-    a = model.config.audio_config
-    return {"wrote": str(out_dir), "source": os.path.abspath(src), "parameters": sum(p.numel() for p in model.parameters()),
-            "audio": {"depths": list(a.depths), "hidden_size": a.hidden_size}, "tokenizer": tokenizer}
-
-
-def _cmd_convert_clap(args) -> int:
-    import json
-
-    print(json.dumps(convert_file(args.original, args.out_dir, tokenizer=args.tokenizer, text_heads=args.text_heads),
-                     indent=2))
-    return 0
-
-
-def add_convert_clap_parser(sub) -> None:
-    """`tokensynth convert-clap ORIGINAL.pt OUT_DIR`."""
-    p = sub.add_parser("convert-clap", help="LAION's original CLAP .pt (HTSAT, unfused) -> a --clap directory")
-    p.add_argument("original", help="e.g. music_audioset_epoch_15_esc_90.14.pt")
-    p.add_argument("out_dir")
-    p.add_argument("--tokenizer", help="RoBERTa tokenizer directory to include (for text timbres)")
-    p.add_argument("--text-heads", type=int, default=ROBERTA_BASE_HEADS, help="RoBERTa attention heads (default 12)")
-    p.set_defaults(run=_cmd_convert_clap)
+    tok = load_tokenizer(tokenizer) if tokenizer is not None else None
+    summary = convert_state(load_original_file(src), out_dir, tokenizer=tok, text_heads=text_heads)
+    return {**summary, "source": os.path.abspath(src), "tokenizer": tokenizer}

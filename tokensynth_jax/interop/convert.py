@@ -24,12 +24,17 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from tokensynth_jax.config import ModelConfig
+from tokensynth_jax.config import REFERENCE, ModelConfig
 from tokensynth_jax.errors import UserError
 from tokensynth_jax.tokens import token_layout
 
 OFFICIAL_NUM_HEADS = 16  # not recoverable from shapes; the official hyper-parameters
 BUFFERS = ("mask", "k_cache", "v_cache")
+# What the official package hard-codes (its get_hparams and modules): the reference model's sizes.
+# It loads with strict=False, so a file of other sizes fails on a shape or, worse, leaves missing
+# blocks random; and it always splits attention into 16 heads, which shapes cannot show.
+OFFICIAL_FIXED = ("num_layers", "d_model", "num_heads", "mlp_ratio", "num_codebooks", "codebook_size",
+                  "midi_vocab_size", "max_len", "timbre_dim", "timbre_hidden")
 
 
 class ConversionError(UserError):
@@ -68,6 +73,12 @@ def official_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         shapes[p + "ff.2.weight"] = (d, cfg.mlp_dim)
         shapes[p + "ff.2.bias"] = (d,)
     return shapes
+
+
+def official_shape_problems(cfg: ModelConfig) -> list[str]:
+    """What the official package would reject or misread in a file of `cfg` ([] for the reference shape)."""
+    return [f"{name} {getattr(cfg, name)} (it builds {getattr(REFERENCE, name)})"
+            for name in OFFICIAL_FIXED if getattr(cfg, name) != getattr(REFERENCE, name)]
 
 
 def infer_config(state: Mapping[str, Any], num_heads: int = OFFICIAL_NUM_HEADS) -> ModelConfig:

@@ -10,7 +10,6 @@ fits -> fit.json and PNG plots (scaling_plots.py).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shlex
@@ -129,7 +128,7 @@ def read_plan(path: str) -> dict:
     if os.path.isdir(path):
         path = os.path.join(path, "plan.json")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such plan (write one with `tokensynth sweep plan --out DIR`)")
+        raise SweepError(f"{path}: no such plan (write one with `tokensynth sweep plan --out DIR`)")
     try:
         with open(path) as f:
             plan = json.load(f)
@@ -162,13 +161,11 @@ def finished(run: dict) -> bool:
 
 
 def run_sweep(plan: dict, only=None) -> list[str]:
-    """Trains the plan's runs here, one after another; returns the names trained now."""
+    """Trains the plan's runs here, one after another (only those named in `only`, if given);
+    returns the names trained now."""
     from tokensynth_jax.config import load_config_file
     from tokensynth_jax.training import train
 
-    unknown = sorted(set(only or ()) - {r["name"] for r in plan["runs"]})
-    if unknown:
-        raise SweepError(f"no runs named {unknown} in the plan")
     done = []
     for i, run in enumerate(plan["runs"], 1):
         if (only and run["name"] not in only) or finished(run):
@@ -242,79 +239,3 @@ def fit_sweep(plan: dict, out_dir: str, *, loss: str = "auto", root: str | None 
     with open(os.path.join(out_dir, "fit.json"), "w") as f:
         json.dump(result, f, indent=1)
     return result
-
-
-# --- command line ------------------------------------------------------------------------------
-def _floats(text: str) -> list[float]:
-    return [float(t) for t in text.split(",") if t.strip()]
-
-
-def _ints(text: str) -> list[int]:
-    return [int(t) for t in text.split(",") if t.strip()]
-
-
-def _cmd_plan(args) -> int:
-    plan = plan_sweep(args.config, args.budgets, args.depths, args.workdir,
-                      overrides=getattr(args, "config_overrides", {}), launcher=args.launcher, min_steps=args.min_steps)
-    paths = write_plan(plan, args.out)
-    print(plan_table(plan), end="")
-    print(f"wrote {len(plan['runs'])} runs ({len(plan['skipped'])} skipped) to {', '.join(paths)}")
-    return 0
-
-
-def _cmd_run(args) -> int:
-    import logging
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    done = run_sweep(read_plan(args.plan), args.only)
-    print(f"[sweep] trained {len(done)} runs: {' '.join(done) or '(all were finished)'}")
-    return 0
-
-
-def _cmd_fit(args) -> int:
-    plan = read_plan(args.plan)
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.plan)) if args.plan.endswith(".json")
-                                   else args.plan, "fit")
-    result = fit_sweep(plan, out, loss=args.loss, root=args.workdir, samples=args.bootstrap, level=args.level, seed=args.seed)
-    law = result["law"]
-    summary = {"runs": len(result["runs"]), "missing": result["missing"], "law": law,
-               "isoflop_n_opt": result["isoflop"]["n_opt"], "isoflop_d_opt": result["isoflop"]["d_opt"],
-               "wrote": [os.path.join(out, n) for n in ("fit.json", *result["plots"])]}
-    print(json.dumps(summary, indent=1))
-    return 0
-
-
-def add_sweep_parser(sub) -> argparse.ArgumentParser:
-    """Adds `sweep` (plan, run, fit) to tokensynth's subparsers."""
-    p = sub.add_parser("sweep", help="scaling-law sweeps: IsoFLOP plan, local runs, fits and plots",
-                       description=__doc__.splitlines()[0])
-    steps = p.add_subparsers(dest="sweep_command", required=True)
-
-    q = steps.add_parser("plan", help="an IsoFLOP plan: a table and one train command per run; "
-                         "--config.a.b=value overrides go to every run")
-    q.add_argument("--config", default="configs/family.py", help="a family config taking depth=N (configs/family.py[:base=tiny])")
-    q.add_argument("--budgets", type=_floats, required=True, help="compute budgets in FLOPs, e.g. 1e17,3e17,1e18")
-    q.add_argument("--depths", type=_ints, required=True, help="family sizes to try at each budget, e.g. 4,6,8,10")
-    q.add_argument("--workdir", required=True, help="root of the run directories (local or gs://)")
-    q.add_argument("--out", required=True, help="where plan.json, plan.md and commands.sh go")
-    q.add_argument("--launcher", help='a launch/ prefix, e.g. "python launch/tpu_vm.py --tpu T --zone Z --run"')
-    q.add_argument("--min-steps", type=int, default=100, help="drop runs shorter than this")
-    q.set_defaults(run=_cmd_plan)
-
-    q = steps.add_parser("run", help="train a plan's runs here, one after another (finished ones are skipped)")
-    q.add_argument("plan", help="plan.json or its directory")
-    q.add_argument("--only", nargs="+", metavar="NAME", help="just these runs")
-    q.set_defaults(run=_cmd_run)
-
-    q = steps.add_parser("fit", help="IsoFLOP minima and L(N, D) = E + A/N^a + B/D^b with bootstrap intervals; plots")
-    q.add_argument("plan", help="plan.json or its directory")
-    q.add_argument("--out", help="output directory (default: fit/ beside the plan)")
-    q.add_argument("--workdir", help="where the run directories are, if not the plan's --workdir "
-                   "(e.g. their metrics.jsonl copied down from a bucket)")
-    q.add_argument("--loss", choices=["auto", "eval", "train"], default="auto",
-                   help="final loss: held-out (eval), last training log (train), eval where present (auto)")
-    q.add_argument("--bootstrap", type=int, default=200, help="resamples for the intervals (0: none)")
-    q.add_argument("--level", type=float, default=0.9, help="interval coverage")
-    q.add_argument("--seed", type=int, default=0)
-    q.set_defaults(run=_cmd_fit)
-    return p

@@ -81,6 +81,8 @@ def _load(midi: MidiInput) -> tuple[pretty_midi.PrettyMIDI, str]:
     if isinstance(midi, pretty_midi.PrettyMIDI):
         return midi, "<PrettyMIDI>"
     source = os.fspath(midi)
+    if os.path.isdir(source):
+        raise MidiTokenizationError(f"{source}: is a directory, not a MIDI file")
     if not os.path.isfile(source):
         raise MidiTokenizationError(f"{source}: no such file")
     try:

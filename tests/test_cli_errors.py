@@ -1,0 +1,273 @@
+"""Bad command lines, one table: each exits 2 with one line naming the flag or file, no traceback, nothing written.
+
+Every case runs `cli.main` in-process against a fresh output folder and checks that the folder is
+exactly as the case left it before (no result, no temporary sibling, no created parent). The
+inputs (a tiny checkpoint from `tokensynth init --config tiny`, MIDI, an embedding, a sweep plan,
+a fake training workdir) are made once for the module. Most cases fail before any model loads;
+a few run as `python -m tokensynth_jax.cli` to show that stderr carries no traceback.
+"""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+from conftest import write_midi
+
+from tokensynth_jax.checkpoint_meta import META_FILE
+from tokensynth_jax.cli import main as cli
+from tokensynth_jax.cli import model_commands
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """Paths the cases refer to as {name}."""
+    root = tmp_path_factory.mktemp("inputs")
+    ckpt = str(root / "ckpt")
+    assert cli.main(["init", "--config", "tiny", ckpt]) == 0
+    write_midi(root / "a.mid", [(0, False, [(0.1, 0.9, 60, 100)])])
+    (root / "text.mid").write_text("not MIDI")
+    np.save(root / "e.npy", np.ones(512, np.float32))
+    np.save(root / "bad_e.npy", np.ones(7, np.float32))
+    (root / "folder").mkdir()
+    (root / "file.txt").write_text("a file")
+    # A LAION-like state dict with just what the --text-heads check reads (a 768-wide RoBERTa).
+    torch.save({"state_dict": {"module.audio_branch.bn0.weight": torch.zeros(4),
+                               "module.text_branch.embeddings.word_embeddings.weight": torch.zeros(5, 768)}},
+               root / "clap.pt")
+    os.makedirs(root / "workdir" / "checkpoints" / "3")  # a training workdir with step 3 saved
+    soundfile.write(root / "one.wav", np.zeros(16000, np.float32), 16000)
+    (root / "items.jsonl").write_text(
+        '{"id": "first", "task": "text", "generated": "file.txt", "midi": "a.mid", "text": "a cello"}\n'
+        '{"id": "second", "task": "text", "generated": "gone.wav", "midi": "a.mid", "text": "a cello"}\n')
+    (root / "ok.jsonl").write_text('{"id": "first", "task": "text", "generated": "one.wav", "midi": "a.mid", "text": "a"}\n')
+    plan = str(root / "plan")
+    assert cli.main(["sweep", "plan", "--config", "configs/family.py:base=tiny", "--depths", "1,2",
+                     "--budgets", "1e11", "--workdir", str(root / "runs"), "--out", plan, "--min-steps", "1"]) == 0
+    return {"ckpt": ckpt, "midi": str(root / "a.mid"), "text_midi": str(root / "text.mid"), "emb": str(root / "e.npy"),
+            "bad_emb": str(root / "bad_e.npy"), "folder": str(root / "folder"), "file": str(root / "file.txt"),
+            "clap_pt": str(root / "clap.pt"), "workdir": str(root / "workdir"), "items": str(root / "items.jsonl"),
+            "items_ok": str(root / "ok.jsonl"),
+            "plan": plan, "inputs": str(root)}
+
+
+SYN = ["synthesize", "--checkpoint", "{ckpt}", "--midi", "{midi}", "--timbre-embedding", "{emb}",
+       "--tokens-out", "{tmp}/codes.npy"]
+EXPORT = ["export", "--checkpoint", "{ckpt}", "{tmp}/export"]
+INFER = ["inference-checkpoint", "--config", "tiny", "{workdir}", "{tmp}/model"]
+PLAN = ["sweep", "plan", "--budgets", "1e11", "--workdir", "{tmp}/runs", "--out", "{tmp}/plan"]
+TRAIN = ["train", "--config", "tiny", "--workdir", "{tmp}/run"]
+DATA = "--config.data.paths={folder}"
+
+# (id, argv, what stderr must name, files and folders the case makes in {tmp} first)
+CASES = [
+    # init
+    ("init-heads-do-not-divide-width", ["init", "--config", "tiny", "--set", "model.num_heads=5", "{tmp}/m"],
+     "model.num_heads=5", []),
+    ("init-set-without-equals", ["init", "--config", "tiny", "--set", "model.num_layers", "{tmp}/m"], "--set model.num_layers", []),
+    ("init-negative-layers", ["init", "--config", "tiny", "--set", "model.num_layers=-1", "{tmp}/m"], "model.num_layers=-1", []),
+    ("init-out-is-a-file", ["init", "--config", "tiny", "{tmp}/m"], "is a file", ["file:m"]),
+    ("init-out-exists", ["init", "--config", "tiny", "{tmp}/m"], "pass --overwrite", [f"file:m/{META_FILE}"]),
+    ("init-overwrite-refuses-a-foreign-folder", ["init", "--config", "tiny", "--overwrite", "{tmp}/m"],
+     "not replacing it", ["file:m/notes.txt"]),
+    ("init-no-such-config", ["init", "--config", "no_such_config", "{tmp}/m"], "no_such_config", []),
+    ("init-unknown-config-field", ["init", "--config", "tiny", "--config.model.no_such=1", "{tmp}/m"],
+     "--config.model.no_such", []),
+    ("init-seed-not-an-int", ["init", "--config", "tiny", "--seed", "x", "{tmp}/m"], "argument --seed", []),
+    # train
+    ("train-steps-not-a-number", [*TRAIN, DATA, "--config.train.steps=abc"], "--config.train.steps=abc", []),
+    ("train-without-data", TRAIN, "--config.data.paths", []),
+    ("train-data-path-missing", [*TRAIN, "--config.data.paths={tmp}/nothing"], "nothing", []),
+    ("train-zero-steps", [*TRAIN, DATA, "--config.train.steps=0"], "--config.train.steps=0", []),
+    ("train-seq-len-over-max-len", [*TRAIN, DATA, "--config.data.seq_len=4096"], "--config.data.seq_len", []),
+    ("train-workdir-is-a-file", [*TRAIN, DATA], "--workdir", ["file:run"]),
+    ("train-init-from-not-a-checkpoint", [*TRAIN, DATA, "--init-from", "{folder}"], "folder", []),
+    # convert
+    ("convert-official-of-another-shape", ["convert", "--to", "official", "{ckpt}", "{tmp}/o.pt"], "--force", []),
+    ("convert-official-onto-a-folder", ["convert", "--to", "official", "--force", "{ckpt}", "{tmp}/o.pt"],
+     "is a directory", ["dir:o.pt"]),
+    ("convert-official-onto-a-file", ["convert", "--to", "official", "--force", "{ckpt}", "{tmp}/o.pt"],
+     "pass --overwrite", ["file:o.pt"]),
+    ("convert-from-missing-pt", ["convert", "--from", "official", "{tmp}/none.pt", "{tmp}/o"], "none.pt: no such file", []),
+    ("convert-from-pt-is-a-folder", ["convert", "--from", "official", "{folder}", "{tmp}/o"], "is a directory", []),
+    ("convert-safetensors-num-heads", ["convert", "--to", "safetensors", "--num-heads", "4", "{ckpt}", "{tmp}/o"],
+     "--num-heads", []),
+    ("convert-safetensors-onto-a-full-folder", ["convert", "--to", "safetensors", "{ckpt}", "{tmp}/o"],
+     "pass --overwrite", ["file:o/other.txt"]),
+    ("convert-zero-heads", ["convert", "--from", "official", "--num-heads", "0", "{file}", "{tmp}/o"],
+     "argument --num-heads", []),
+    ("convert-force-without-official", ["convert", "--to", "safetensors", "--force", "{ckpt}", "{tmp}/o"], "--force", []),
+    ("convert-from-not-safetensors", ["convert", "--from", "safetensors", "{folder}", "{tmp}/o"], "no config.json", []),
+    # convert-clap
+    ("clap-zero-text-heads", ["convert-clap", "{clap_pt}", "{tmp}/clap", "--text-heads", "0"], "argument --text-heads", []),
+    ("clap-text-heads-do-not-divide", ["convert-clap", "{clap_pt}", "{tmp}/clap", "--text-heads", "7"], "--text-heads 7", []),
+    ("clap-out-is-a-file", ["convert-clap", "{clap_pt}", "{tmp}/clap"], "is a file", ["file:clap"]),
+    ("clap-missing-original", ["convert-clap", "{tmp}/missing.pt", "{tmp}/clap"], "missing.pt: no such file", []),
+    ("clap-missing-tokenizer", ["convert-clap", "{clap_pt}", "{tmp}/clap", "--tokenizer", "{tmp}/tok"], "--tokenizer", []),
+    ("clap-not-a-tokenizer", ["convert-clap", "{clap_pt}", "{tmp}/clap", "--tokenizer", "{folder}"],
+     "not a tokenizer directory", []),
+    # inference-checkpoint
+    ("infer-not-a-workdir", ["inference-checkpoint", "--config", "tiny", "{folder}", "{tmp}/model"],
+     "not a training workdir", []),
+    ("infer-no-such-step", [*INFER, "--step", "99"], "--step 99", []),
+    ("infer-negative-step", [*INFER, "--step", "-1"], "argument --step", []),
+    ("infer-out-is-a-file", INFER, "is a file", ["file:model"]),
+    # export
+    ("export-top-p-zero", [*EXPORT, "--top-p", "0"], "argument --top-p", []),
+    ("export-top-p-above-one", [*EXPORT, "--top-p", "1.5"], "argument --top-p", []),
+    ("export-top-k-negative", [*EXPORT, "--sampler", "top-k", "--top-k", "-1"], "argument --top-k", []),
+    ("export-top-k-ignored", [*EXPORT, "--top-k", "5"], "--top-k 5", []),
+    ("export-out-is-a-file", EXPORT, "is a file", ["file:export"]),
+    ("export-bad-example-midi", [*EXPORT, "--example-midi", "{text_midi}"], "text.mid", []),
+    ("export-example-midi-is-a-folder", [*EXPORT, "--example-midi", "{folder}"], "is a directory", []),
+    ("export-unknown-platform", [*EXPORT, "--platforms", "cpu,gpu"], "--platforms", []),
+    ("export-too-few-rows", [*EXPORT, "--max-rows", "3"], "--max-rows 3", []),
+    ("export-timbre-without-midi", [*EXPORT, "--example-timbre", "{emb}"], "--example-timbre", []),
+    # synthesize
+    ("synth-top-p-above-one", [*SYN, "--top-p", "1.5"], "argument --top-p", []),
+    ("synth-top-k-negative", [*SYN, "--top-k", "-1"], "argument --top-k", []),
+    ("synth-top-k-ignored", [*SYN, "--top-k", "5"], "--top-k 5", []),
+    ("synth-temperature-ignored-by-greedy", [*SYN, "--sampler", "greedy", "--temperature", "0.5"], "--temperature", []),
+    ("synth-midi-is-a-folder", [*SYN[:4], "{folder}", *SYN[5:]], "is a directory", []),
+    ("synth-midi-missing", [*SYN[:4], "{tmp}/none.mid", *SYN[5:]], "none.mid: no such file", []),
+    ("synth-tokens-out-exists", SYN, "pass --overwrite", ["file:codes.npy"]),
+    ("synth-mix-out-of-range", [*SYN[:5], "--timbre-audio", "{inputs}/one.wav", "--text", "a", "--mix", "2",
+                                "--tokens-out", "{tmp}/codes.npy"], "argument --mix", []),
+    ("synth-embedding-of-wrong-size", [*SYN[:6], "{bad_emb}", *SYN[7:]], "bad_e.npy", []),
+    ("synth-guidance-without-null-timbre", [*SYN, "--guidance-scale", "2"], "--guidance-scale", []),
+    ("synth-too-few-rows", [*SYN, "--max-rows", "2"], "--max-rows 2", []),
+    ("synth-config-override-ignored", [*SYN, "--config.model.num_layers=3"], "--config.model.num_layers", []),
+    ("synth-wav-folder-is-a-file", [*SYN, "--out", "{tmp}/wavs.d"], "--out", ["file:wavs.d"]),
+    # eval
+    ("eval-missing-file-of-a-later-item", ["eval", "{items}", "--clap", "none", "--out", "{tmp}/report"], "gone.wav", []),
+    ("eval-zero-tolerance", ["eval", "{items}", "--onset-tolerance", "0", "--out", "{tmp}/report"],
+     "argument --onset-tolerance", []),
+    ("eval-report-exists", ["eval", "{items_ok}", "--clap", "none", "--out", "{tmp}"], "eval.json", ["file:eval.json"]),
+    ("eval-no-manifest", ["eval", "{tmp}/none.jsonl", "--clap", "none"], "none.jsonl", []),
+    # sweep
+    ("sweep-depth-zero", [*PLAN, "--depths", "0,2"], "argument --depths", []),
+    ("sweep-negative-budget", [*PLAN[:2], "--budgets=-1e12", *PLAN[4:], "--depths", "1"], "argument --budgets", []),
+    ("sweep-not-a-family", [*PLAN, "--config", "configs/tiny.py", "--depths", "1,2"], "not a model family", []),
+    ("sweep-one-depth-not-a-family", [*PLAN, "--config", "tiny", "--depths", "1"], "not a model family", []),
+    ("sweep-zero-min-steps", [*PLAN, "--depths", "1", "--min-steps", "0"], "argument --min-steps", []),
+    ("sweep-plan-out-is-a-file", [*PLAN, "--config", "configs/family.py:base=tiny", "--depths", "1"], "--out",
+     ["file:plan"]),
+    ("sweep-fit-level-above-one", ["sweep", "fit", "{plan}", "--level", "2", "--out", "{tmp}/fit"], "argument --level", []),
+    ("sweep-fit-negative-bootstrap", ["sweep", "fit", "{plan}", "--bootstrap", "-3", "--out", "{tmp}/fit"],
+     "argument --bootstrap", []),
+    ("sweep-run-unknown-run", ["sweep", "run", "{plan}", "--only", "c1e11-d9"], "c1e11-d9", []),
+    ("sweep-no-such-plan", ["sweep", "fit", "{tmp}/nowhere", "--out", "{tmp}/fit"], "no such plan", []),
+    # prep
+    ("prep-out-is-a-file", ["prep", "--out", "{tmp}/data"], "--out", ["file:data"]),
+    ("prep-verify-no-such-output", ["prep", "verify", "{tmp}/data"], "data: no such directory", []),
+    ("prep-verify-no-manifest", ["prep", "verify", "{tmp}/data"], "manifest", ["dir:data"]),
+    # checkpoint verify
+    ("checkpoint-verify-no-such-dir", ["checkpoint", "verify", "{tmp}/none"], "none: no such directory", []),
+    ("checkpoint-verify-not-a-checkpoint", ["checkpoint", "verify", "{tmp}/empty"], "empty", ["dir:empty"]),
+    ("prep-missing-midi-dir", ["prep", "--out", "{tmp}/data", "--midi-dir", "{tmp}/lmd"], "--midi-dir", []),
+    ("prep-programs-not-numbers", ["prep", "--out", "{tmp}/data", "--programs", "a,b"], "argument --programs", []),
+    ("prep-zero-workers", ["prep", "--out", "{tmp}/data", "--workers", "0"], "argument --workers", []),
+    ("prep-missing-soundfont", ["prep", "--out", "{tmp}/data", "--soundfont", "{tmp}/gm.sf2"], "gm.sf2", []),
+    # demo and the top level
+    ("demo-zero-steps", ["demo", "--workdir", "{tmp}/demo", "--steps", "0"], "argument --steps", []),
+    ("demo-workdir-is-a-file", ["demo", "--workdir", "{tmp}/demo"], "--workdir", ["file:demo"]),
+    ("unknown-command", ["frobnicate"], "frobnicate", []),
+]
+
+
+def _make(tmp_path, entries) -> None:
+    for entry in entries:
+        kind, name = entry.split(":", 1)
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if kind == "dir":
+            path.mkdir()
+        else:
+            path.write_text("something the user made")
+
+
+def _tree(root) -> dict:
+    """Every path under root with its size and modification time."""
+    out = {}
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = os.path.join(folder, name)
+            stat = os.stat(path)
+            out[os.path.relpath(path, root)] = (stat.st_size, stat.st_mtime_ns)
+    return out
+
+
+def _argv(template, inputs, tmp_path) -> list[str]:
+    return [a.format(tmp=tmp_path, **inputs) for a in template]
+
+
+def _assert_one_line(err: str, expected: str) -> None:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("tokensynth") and ": error: " in lines[0], err
+    assert expected in lines[0], err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("name, argv, expected, make", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_exits_2_with_one_line_and_leaves_nothing(inputs, tmp_path, capsys, name, argv, expected, make):
+    _make(tmp_path, make)
+    before, shared = _tree(tmp_path), _tree(inputs["inputs"])
+    capsys.readouterr()
+    assert cli.main(_argv(argv, inputs, tmp_path)) == 2
+    _assert_one_line(capsys.readouterr().err, expected.format(tmp=tmp_path, **inputs))
+    assert _tree(tmp_path) == before  # no result, no temporary sibling, no parent folder made
+    assert _tree(inputs["inputs"]) == shared
+
+
+def test_the_table_covers_every_subcommand():
+    assert len(CASES) >= 40
+    # `prep verify OUT` is the prep-verify parser (prep itself takes Beam's options after it)
+    commands = {"prep-verify" if c[1][:2] == ["prep", "verify"] else c[1][0] for c in CASES}
+    assert set(cli.build_parser()._subparsers._group_actions[0].choices) <= commands
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["init", "--config", "tiny", "--set", "model.num_layers=-1", "{tmp}/m"], "model.num_layers=-1"),
+    (["train", "--config", "tiny", "--workdir", "{tmp}/run", DATA, "--config.train.steps=abc"], "train.steps=abc"),
+    (["sweep", "fit", "{plan}", "--level", "2"], "argument --level"),
+    (["export", "--checkpoint", "{ckpt}", "{tmp}/export", "--example-midi", "{text_midi}"], "text.mid"),
+])
+def test_a_user_error_in_its_own_process_prints_no_traceback(inputs, tmp_path, argv, expected):
+    done = subprocess.run([sys.executable, "-m", "tokensynth_jax.cli", *_argv(argv, inputs, tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    _assert_one_line(done.stderr, expected)
+    assert os.listdir(tmp_path) == []
+
+
+def test_convert_force_writes_another_shape_with_a_warning(inputs, tmp_path, capsys):
+    out = tmp_path / "o.pt"
+    assert cli.main(["convert", "--to", "official", "--force", inputs["ckpt"], str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "warning: the official package (tokensynth 0.0.4) hard-codes" in err and "num_layers 2 (it builds 12)" in err
+    assert sorted(os.listdir(tmp_path)) == ["o.pt"]  # the temporary sibling is gone
+    assert cli.main(["convert", "--to", "official", "--force", "--overwrite", inputs["ckpt"], str(out)]) == 0
+
+
+def test_overwrite_replaces_a_previous_result_whole(inputs, tmp_path):
+    out = tmp_path / "st"
+    assert cli.main(["convert", "--to", "safetensors", inputs["ckpt"], str(out)]) == 0
+    (out / "stale.txt").write_text("left from before")
+    assert cli.main(["convert", "--to", "safetensors", inputs["ckpt"], str(out)]) == 2
+    assert cli.main(["convert", "--to", "safetensors", "--overwrite", inputs["ckpt"], str(out)]) == 0
+    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]  # the old folder went whole
+    assert sorted(os.listdir(tmp_path)) == ["st"]
+
+
+def test_output_markers_are_the_writers_file_names():
+    from tokensynth_jax.inference import export
+    from tokensynth_jax.interop import safetensors_format
+
+    assert model_commands.EXPORT_MARKER == export.META_FILE
+    assert model_commands.SAFETENSORS_MARKER == safetensors_format.CONFIG_FILE
+    assert set(model_commands.PLATFORMS) >= set(export.PLATFORMS)

@@ -1,0 +1,39 @@
+"""The JSON half of a model checkpoint (`DIR/tokensynth.json`), readable without JAX or Orbax.
+
+`checkpoint.py` writes and restores checkpoints and re-exports these names; they live apart so
+that the command line can check a checkpoint's format and model config before it imports the
+heavy stack or loads a single array.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+from tokensynth_jax.errors import UserError
+
+FORMAT = "tokensynth-jax-model"
+FORMAT_VERSION = 1
+META_FILE = "tokensynth.json"
+PARAMS_DIR = "params"
+
+
+class CheckpointError(UserError):
+    """A checkpoint directory that is missing, of another format, or does not match its config."""
+
+
+def read_metadata(directory: str | os.PathLike) -> dict:
+    """The JSON beside the parameters; raises CheckpointError naming the directory if it is not ours."""
+    path = os.path.join(os.fspath(directory), META_FILE)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{directory}: not a tokensynth-jax checkpoint (no {META_FILE})")
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not JSON ({e})") from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: format {meta.get('format') if isinstance(meta, dict) else None!r}, "
+                              f"expected {FORMAT!r}")
+    if meta.get("version", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format version {meta['version']} is newer than this code ({FORMAT_VERSION})")
+    return meta

@@ -1,0 +1,197 @@
+"""Checks of what a command line gives, run before anything loads; each fails with one line naming the flag or file.
+
+Two kinds: argparse types (`positive_int`, `probability`, ...), so argparse itself names the flag
+of a bad number, and checks of paths, config overrides and sampler options that a command calls
+first, before it imports the heavy stack or loads a model. Nothing here imports JAX. `subcommand`
+is the one way a cli module adds its parser, so every command carries the same defaults.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+
+from tokensynth_jax.errors import UserError
+
+SAMPLERS = ("greedy", "top-k", "top-p")
+DEFAULT_TOP_P = 0.9  # the reference's nucleus
+
+
+class UsageError(UserError):
+    """A flag or path of the command line that cannot be used; the message names it."""
+
+
+def subcommand(sub, name: str, run, *, help: str, takes_config: bool = False, **kwargs):
+    """Adds subcommand `name` to the subparsers `sub`; `run(args) -> int` is what it does.
+
+    Args:
+      takes_config: the command reads `--config`, so `--config.a.b=value` overrides are its own
+        (elsewhere they are an error instead of being ignored).
+      kwargs: more ArgumentParser arguments (description, formatter_class).
+    Returns:
+      The new parser, for the command's flags.
+    """
+    p = sub.add_parser(name, help=help, **kwargs)
+    p.set_defaults(run=run, prog=p.prog, takes_config=takes_config)
+    return p
+
+
+# --- argparse types: a ValueError-free ArgumentTypeError makes argparse say "argument --x: <why>" ---------
+def _number(kind, text: str, ok, want: str):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+    if not (math.isfinite(value) and ok(value)):
+        raise argparse.ArgumentTypeError(f"{text} is not {want}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    return _number(int, text, lambda v: v >= 1, "a positive integer")
+
+
+def non_negative_int(text: str) -> int:
+    return _number(int, text, lambda v: v >= 0, "an integer >= 0")
+
+
+def positive_float(text: str) -> float:
+    return _number(float, text, lambda v: v > 0, "a positive number")
+
+
+def probability(text: str) -> float:
+    """A top-p mass: 0 < p <= 1."""
+    return _number(float, text, lambda v: 0 < v <= 1, "in (0, 1]")
+
+
+def unit_weight(text: str) -> float:
+    """A blend weight: 0 <= a <= 1."""
+    return _number(float, text, lambda v: 0 <= v <= 1, "in [0, 1]")
+
+
+def open_fraction(text: str) -> float:
+    """An interval coverage: 0 < x < 1."""
+    return _number(float, text, lambda v: 0 < v < 1, "in (0, 1)")
+
+
+def _list_of(item, text: str) -> list:
+    values = [item(t.strip()) for t in text.split(",") if t.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError(f"{text!r} lists nothing")
+    return values
+
+
+def positive_ints(text: str) -> list[int]:
+    """Comma-separated positive integers, e.g. 4,6,8."""
+    return _list_of(positive_int, text)
+
+
+def positive_floats(text: str) -> list[float]:
+    """Comma-separated positive numbers, e.g. 1e17,3e17."""
+    return _list_of(positive_float, text)
+
+
+# --- paths ----------------------------------------------------------------------------------------------
+def is_local(path: str) -> bool:
+    """False for a filesystem URL (gs://, s3://, ...), whose checks are left to the job that reads it."""
+    return "://" not in path
+
+
+def input_file(path: str, flag: str) -> str:
+    """An existing file (not a directory)."""
+    if os.path.isdir(path):
+        raise UsageError(f"{flag} {path}: is a directory, not a file")
+    if not os.path.isfile(path):
+        raise UsageError(f"{flag} {path}: no such file")
+    return path
+
+
+def input_dir(path: str, flag: str) -> str:
+    """An existing directory."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"{flag} {path}: is a file, not a directory")
+    if not os.path.isdir(path):
+        raise UsageError(f"{flag} {path}: no such directory")
+    return path
+
+
+def output_dir(path: str, flag: str) -> str:
+    """A directory that a resumable job (prep, train, sweep) creates or continues: anything but a file."""
+    if is_local(path) and os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"{flag} {path}: is a file; give a directory")
+    return path
+
+
+def model_checkpoint(path: str, flag: str):
+    """(metadata, ModelConfig) of a tokensynth-jax model checkpoint, from its JSON alone."""
+    from tokensynth_jax.checkpoint_meta import CheckpointError, read_metadata
+    from tokensynth_jax.config import ModelConfig
+
+    if not os.path.isdir(path):
+        why = "a file" if os.path.exists(path) else "no such directory"
+        raise UsageError(f"{flag} {path}: not a tokensynth-jax checkpoint ({why})")
+    try:
+        meta = read_metadata(path)
+    except CheckpointError as e:
+        raise UsageError(f"{flag} {e}") from e
+    return meta, ModelConfig.from_dict(meta["model"])
+
+
+# --- configs --------------------------------------------------------------------------------------------
+def set_overrides(values) -> dict:
+    """`--set KEY=VALUE` arguments -> {KEY: VALUE}."""
+    out = {}
+    for kv in values or ():
+        key, eq, value = kv.partition("=")
+        if not eq or not key.strip():
+            raise UsageError(f"--set {kv}: expected KEY=VALUE, e.g. --set model.num_layers=2")
+        out[key.strip()] = value
+    return out
+
+
+def load_config(args):
+    """`--config` with the `--set` and `--config.a.b=value` overrides, its model block checked.
+
+    Raises:
+      ConfigError (a UserError): no such config, an unknown field, a value of the wrong type, or a
+      model config that cannot be built (e.g. heads that do not divide the width).
+    """
+    from tokensynth_jax.config import ModelConfig, load_config_file
+
+    config = load_config_file(args.config, {**set_overrides(getattr(args, "set", ())), **args.config_overrides})
+    ModelConfig.from_dict(config.model.to_dict())
+    return config
+
+
+# --- samplers -------------------------------------------------------------------------------------------
+def add_sampler_flags(p) -> None:
+    """--sampler, --top-k, --top-p and --temperature (synthesize and export)."""
+    p.add_argument("--sampler", choices=SAMPLERS, default="top-p")
+    p.add_argument("--top-k", type=positive_int, help="ids kept per channel (--sampler top-k)")
+    p.add_argument("--top-p", type=probability, help=f"probability mass kept, 0 < P <= 1 (--sampler top-p; default {DEFAULT_TOP_P})")
+    p.add_argument("--temperature", type=positive_float, help="logit divisor of top-k and top-p (default 1)")
+
+
+def check_sampler_flags(args) -> None:
+    """Refuses a sampler option that the chosen sampler would ignore, and a missing --top-k."""
+    used = {"--top-k": args.top_k, "--top-p": args.top_p, "--temperature": args.temperature}
+    ignored = {"greedy": ("--top-k", "--top-p", "--temperature"), "top-k": ("--top-p",), "top-p": ("--top-k",)}
+    for flag in ignored[args.sampler]:
+        if used[flag] is not None:
+            raise UsageError(f"{flag} {used[flag]}: --sampler {args.sampler} does not use it "
+                             f"(--top-k goes with --sampler top-k, --top-p with top-p, --temperature with both)")
+    if args.sampler == "top-k" and args.top_k is None:
+        raise UsageError("--sampler top-k needs --top-k K")
+
+
+def make_sampler(args):
+    """The sampling.Greedy / TopK / TopP that the checked sampler flags name."""
+    from tokensynth_jax.inference import sampling
+
+    check_sampler_flags(args)
+    temperature = 1.0 if args.temperature is None else args.temperature
+    if args.sampler == "greedy":
+        return sampling.Greedy()
+    if args.sampler == "top-k":
+        return sampling.TopK(args.top_k, temperature)
+    return sampling.TopP(DEFAULT_TOP_P if args.top_p is None else args.top_p, temperature)

@@ -1,0 +1,175 @@
+"""Commands that train: `train` (one run, resumed from its workdir) and `sweep` (plan, run, fit an IsoFLOP sweep).
+
+Both resume into their own output, so they are not atomic; their checks (the config, its data
+paths and sizes, a sweep's family and budgets) run before JAX is imported.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+from tokensynth_jax.cli import checks
+from tokensynth_jax.cli.checks import UsageError
+
+# Config fields that must be at least this (their meaning: configs/reference.py).
+_MINIMUM = {"data.global_batch": 1, "data.seq_len": 2, "train.steps": 1, "train.grad_accum": 1,
+            "train.log_every": 1, "train.checkpoint_every": 1, "train.keep_last": 1, "train.eval_every": 0,
+            "train.eval_batches": 1, "train.keep_every": 0, "train.sample_every": 0, "optim.total_steps": 1,
+            "optim.warmup_steps": 0}
+
+
+def _logging() -> None:
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+
+
+# --- train ---------------------------------------------------------------------------------------------
+def add_train_parser(sub) -> None:
+    p = checks.subcommand(sub, "train", _train, takes_config=True,
+                          help="train a model on `tokensynth prep` shards (resumes from --workdir)")
+    p.add_argument("--config", required=True, help="a packaged config or configs/X.py[:arg]; override fields with "
+                   "--config.a.b=value")
+    p.add_argument("--workdir", required=True, help="checkpoints, metrics and samples (a rerun resumes)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--init-from", help="a model checkpoint (e.g. a converted official one) to fine-tune")
+
+
+def check_run_config(config) -> None:
+    """Refuses a run config that would fail late or train nonsense: sizes below their minimum,
+    no training data, data paths that match nothing, a sequence longer than the model's positions."""
+    for key, least in _MINIMUM.items():
+        group, name = key.split(".")
+        value = config[group].get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+            raise UsageError(f"--config.{key}={value!r}: must be an integer >= {least}")
+    if config.data.seq_len > config.model.max_len:
+        raise UsageError(f"--config.data.seq_len={config.data.seq_len}: longer than the model's "
+                         f"{config.model.max_len} positions (model.max_len)")
+    if not config.data.paths:
+        raise UsageError("--config.data.paths: no training data; give the shards `tokensynth prep` wrote, "
+                         "e.g. --config.data.paths=DATA/train")
+    for key in ("paths", "eval_paths"):
+        for pattern in config.data[key]:
+            if checks.is_local(pattern) and not (os.path.isdir(pattern) or glob.glob(pattern)):
+                raise UsageError(f"--config.data.{key}: {pattern}: no such file, folder or match")
+
+
+def _train(args) -> int:
+    from tokensynth_jax.config import ModelConfig
+
+    config = checks.load_config(args)
+    checks.output_dir(args.workdir, "--workdir")
+    check_run_config(config)
+    if args.init_from is not None:
+        _, loaded = checks.model_checkpoint(args.init_from, "--init-from")
+        cfg = ModelConfig.from_dict(config.model.to_dict())
+        if loaded.replace(dropout=cfg.dropout, dtype=cfg.dtype, remat=cfg.remat) != cfg:
+            raise UsageError(f"--init-from {args.init_from}: its model config differs from the run's: {loaded}")
+    from tokensynth_jax.training import train
+
+    _logging()
+    train.train(config, args.workdir, init_from=args.init_from)
+    return 0
+
+
+# --- sweep ---------------------------------------------------------------------------------------------
+def add_sweep_parser(sub) -> None:
+    p = sub.add_parser("sweep", help="scaling-law sweeps: IsoFLOP plan, local runs, fits and plots",
+                       description="IsoFLOP sweeps over a model family: plan, run locally, fit (scaling/sweep.py).")
+    steps = p.add_subparsers(dest="sweep_command", required=True, metavar="STEP")
+
+    q = checks.subcommand(steps, "plan", _plan, takes_config=True,
+                          help="an IsoFLOP plan: a table and one train command per run; "
+                               "--config.a.b=value overrides go to every run")
+    q.add_argument("--config", default="configs/family.py",
+                   help="a family config taking depth=N (configs/family.py[:base=tiny])")
+    q.add_argument("--budgets", type=checks.positive_floats, required=True,
+                   help="compute budgets in FLOPs, e.g. 1e17,3e17,1e18")
+    q.add_argument("--depths", type=checks.positive_ints, required=True,
+                   help="family sizes to try at each budget, e.g. 4,6,8,10")
+    q.add_argument("--workdir", required=True, help="root of the run directories (local or gs://)")
+    q.add_argument("--out", required=True, help="where plan.json, plan.md and commands.sh go")
+    q.add_argument("--launcher", help='a launch/ prefix, e.g. "python launch/tpu_vm.py --tpu T --zone Z --run"')
+    q.add_argument("--min-steps", type=checks.positive_int, default=100, help="drop runs shorter than this")
+
+    q = checks.subcommand(steps, "run", _run, help="train a plan's runs here, one after another (finished ones are skipped)")
+    q.add_argument("plan", help="plan.json or its directory")
+    q.add_argument("--only", nargs="+", metavar="NAME", help="just these runs")
+
+    q = checks.subcommand(steps, "fit", _fit,
+                          help="IsoFLOP minima and L(N, D) = E + A/N^a + B/D^b with bootstrap intervals; plots")
+    q.add_argument("plan", help="plan.json or its directory")
+    q.add_argument("--out", help="output directory (default: fit/ beside the plan)")
+    q.add_argument("--workdir", help="where the run directories are, if not the plan's --workdir "
+                   "(e.g. their metrics.jsonl copied down from a bucket)")
+    q.add_argument("--loss", choices=["auto", "eval", "train"], default="auto",
+                   help="final loss: held-out (eval), last training log (train), eval where present (auto)")
+    q.add_argument("--bootstrap", type=checks.non_negative_int, default=200, help="resamples for the intervals (0: none)")
+    q.add_argument("--level", type=checks.open_fraction, default=0.9, help="interval coverage, in (0, 1)")
+    q.add_argument("--seed", type=int, default=0)
+
+
+def check_family(spec: str, depths, overrides: dict) -> None:
+    """Refuses a config whose `depth=N` does not change the model (a plan of identical runs).
+
+    Each depth's config must load and give its own model; a single depth is compared with the next.
+    """
+    from tokensynth_jax.config import ModelConfig, load_config_file
+    from tokensynth_jax.scaling.sweep import member_spec
+
+    probe = sorted(set(depths))
+    probe += [probe[-1] + 1] if len(probe) == 1 else []
+    seen = {}
+    for depth in probe:
+        config = load_config_file(member_spec(spec, depth), overrides)
+        key = json.dumps(ModelConfig.from_dict(config.model.to_dict()).to_dict(), sort_keys=True)
+        if key in seen:
+            raise UsageError(f"--config {spec}: not a model family: depth={seen[key]} and depth={depth} give the same "
+                             "model (use configs/family.py[:base=...], whose depth=N sets the size)")
+        seen[key] = depth
+
+
+def _plan(args) -> int:
+    from tokensynth_jax.scaling import sweep
+
+    checks.output_dir(args.out, "--out")
+    check_family(args.config, args.depths, args.config_overrides)
+    plan = sweep.plan_sweep(args.config, args.budgets, args.depths, args.workdir, overrides=args.config_overrides,
+                            launcher=args.launcher, min_steps=args.min_steps)
+    paths = sweep.write_plan(plan, args.out)
+    print(sweep.plan_table(plan), end="")
+    print(f"wrote {len(plan['runs'])} runs ({len(plan['skipped'])} skipped) to {', '.join(paths)}")
+    return 0
+
+
+def _run(args) -> int:
+    from tokensynth_jax.scaling import sweep
+
+    plan = sweep.read_plan(args.plan)
+    unknown = sorted(set(args.only or ()) - {r["name"] for r in plan["runs"]})
+    if unknown:
+        raise UsageError(f"--only: no runs named {unknown} in {args.plan}")
+    _logging()
+    done = sweep.run_sweep(plan, args.only)
+    print(f"[sweep] trained {len(done)} runs: {' '.join(done) or '(all were finished)'}")
+    return 0
+
+
+def _fit(args) -> int:
+    from tokensynth_jax.scaling import sweep
+
+    plan = sweep.read_plan(args.plan)
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.plan)) if args.plan.endswith(".json")
+                                   else args.plan, "fit")
+    checks.output_dir(out, "--out")
+    if args.workdir is not None:
+        checks.input_dir(args.workdir, "--workdir")
+    result = sweep.fit_sweep(plan, out, loss=args.loss, root=args.workdir, samples=args.bootstrap, level=args.level,
+                             seed=args.seed)
+    summary = {"runs": len(result["runs"]), "missing": result["missing"], "law": result["law"],
+               "isoflop_n_opt": result["isoflop"]["n_opt"], "isoflop_d_opt": result["isoflop"]["d_opt"],
+               "wrote": [os.path.join(out, n) for n in ("fit.json", *result["plots"])]}
+    print(json.dumps(summary, indent=1))
+    return 0
