@@ -4,6 +4,7 @@ Subcommands: prep (the Beam data job), train, init (a randomly initialised check
 config), convert (official PyTorch <-> ours), synthesize (MIDI + timbre -> codec tokens), demo
 (the embedded default end to end).
 Errors of the user's input exit with status 2 and one line naming the file and the problem.
+Every command keeps compiled XLA executables in a persistent cache (compile_cache.py).
 """
 from __future__ import annotations
 
@@ -156,6 +157,9 @@ def _wav_paths(out: str, midi: list) -> list:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokensynth", description=__doc__.splitlines()[0])
+    parser.add_argument("--compile-cache", metavar="DIR|off",
+                        help="persistent XLA compilation cache folder, or 'off' (default: $TOKENSYNTH_COMPILE_CACHE, "
+                             "else ~/.cache/tokensynth-jax/xla; see docs/compile_cache.md)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("init", help="a randomly initialised checkpoint of a config (benchmarks, smoke tests)")
@@ -250,6 +254,7 @@ def main(argv=None) -> int:
     overrides, argv = _split_config_overrides(sys.argv[1:] if argv is None else list(argv))
     args = build_parser().parse_args(argv)
     args.config_overrides = overrides
+    from tokensynth_jax import compile_cache
     from tokensynth_jax.checkpoint import CheckpointError
     from tokensynth_jax.convert import ConversionError
     from tokensynth_jax.export import ExportError
@@ -261,8 +266,9 @@ def main(argv=None) -> int:
     from tokensynth_jax.metrics import MetricError
 
     try:
+        compile_cache.enable(*compile_cache.resolve(args.compile_cache))  # before anything compiles
         return args.run(args)
-    except (CheckpointError, ConversionError, MidiTokenizationError, SynthesisError, FileNotFoundError, KeyError,
+    except (compile_cache.CompileCacheError, CheckpointError, ConversionError, MidiTokenizationError, SynthesisError, FileNotFoundError, KeyError,
             DataError, ExportError, SweepError, MetricError, TimbreError) as e:
         print(f"tokensynth {args.command}: error: {e}", file=sys.stderr)
         return 2
