@@ -107,7 +107,7 @@ def _cmd_synthesize(args) -> int:
         args.checkpoint, args.midi, timbre, codec=args.codec, sampler=sampler, seed=args.seed,
         guidance_scale=args.guidance_scale, unconditional_dir=args.unconditional_checkpoint,
         max_rows=args.max_rows, midi_compat=args.midi_compat, decode=args.out is not None, offline=args.offline,
-        progress=True,
+        progress=True, dtype=args.dtype,
     )
     for b, path in enumerate(args.midi):
         windows, frames = result.windows[b], [len(c) for c in result.codes[b]]
@@ -208,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unconditional-checkpoint", help="unconditional model for first-note guidance")
     p.add_argument("--max-rows", type=int, help="audio rows at most (default 450, as the reference)")
     p.add_argument("--midi-compat", choices=["tokensynth-0.0.4"], help="tokenize MIDI exactly as the reference")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"],
+                   help="decode with parameters in this dtype (default: the checkpoint's; bfloat16 pays on GPU/TPU, not CPU)")
     p.add_argument("--tokens-out", metavar="OUT.npy")
     p.add_argument("--out", metavar="OUT.wav", help="the WAV (one MIDI file) or a folder of <stem>.wav")
     p.add_argument("--spectrogram", action="store_true", help="a spectrogram PNG beside each WAV")

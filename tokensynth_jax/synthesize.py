@@ -167,6 +167,7 @@ def synthesize_audio(
     device: str = "cpu",
     offline: bool = False,
     progress: bool = False,
+    dtype: str | None = None,
 ) -> AudioResult:
     """Renders whole MIDI files window by window and decodes them to audio.
 
@@ -185,6 +186,7 @@ def synthesize_audio(
       device: torch device of the codec.
       offline: only look for a pretrained codec in the local Hugging Face cache.
       progress: a tqdm bar over windows.
+      dtype: decode with parameters in this dtype ("bfloat16": faster on GPU/TPU, slower on CPU).
 
     Returns:
       An AudioResult.
@@ -193,6 +195,8 @@ def synthesize_audio(
 
     model, meta, guidance, uncond = _load(checkpoint_dir, guidance_scale, unconditional_dir)
     cfg = model.cfg
+    model = model.for_decoding(dtype)  # once, not once per window
+    uncond = uncond.for_decoding(dtype) if uncond is not None else None
     codec_model = None
     if codec is not None and not decode:
         raise SynthesisError(f"--codec {codec}: codes only are asked for (no --out), so nothing is decoded")
