@@ -491,6 +491,7 @@ def main(argv=None) -> int:
     parser.add_argument("--part", choices=sorted(PARTS), help=argparse.SUPPRESS)
     parser.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    args.out = os.path.abspath(args.out)  # the sections run from the repository root
     os.makedirs(args.out, exist_ok=True)
     if args.part:
         section = Section(args)

@@ -44,9 +44,10 @@ PROMPT_BUCKET = 16  # prompt lengths round up to a multiple of this, so compiles
 # channel. "bisect": a 32-step bisection over the float32 bit patterns of the logits for the
 # cut-off logit itself, each step a compare-and-sum over the channel; the same candidates without
 # a sort (TopP's probability sums may round differently in the last bit). On XLA:CPU, where sort
-# and top_k are comparison sorts, bisecting is 14x faster at batch 16 (2.2 vs 30 ms a step for
-# top-p). "auto": sort on GPU (one kernel there; a 32-step loop would be 32 launches), bisect
-# elsewhere.
+# and top_k are comparison sorts, the bisection took 2.2 ms of CPU time a step for top-p at batch
+# 16 against 30 ms for the sort (0.12 vs 2.2 ms at batch 1); the whole batch-16 step took 74 ms
+# with the sort. "auto": sort on GPU (one kernel there, where a 32-step loop may cost 32 launches;
+# not measured yet: benchmarks/accelerator.py times both), bisect elsewhere.
 FILTER_METHODS = ("auto", "sort", "bisect")
 
 
