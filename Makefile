@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test demo bench wheels clean
 
 setup: $(STAMP)
 
@@ -36,6 +36,15 @@ demo: setup
 bench: setup
 	$(BIN)/python benchmarks/generation.py
 	$(BIN)/python benchmarks/prep.py
+
+# What benchmarks/accelerator.py needs on a bare GPU machine (jax, flax, optax, torch and
+# transformers already there) as Python 3.12 manylinux wheels, carried to it in wheels/. On the
+# machine: pip install --no-deps wheels/*.whl && python benchmarks/accelerator.py --out accel
+GPU_WHEELS := grain array_record pretty_midi mido six ml_collections importlib_resources appdirs tokensynth==0.0.4
+# Any pip will do (PIP=pip3); the venv's is the default.
+PIP ?= $(BIN)/pip
+wheels:
+	$(PIP) download -q --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 --no-deps -d wheels $(GPU_WHEELS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

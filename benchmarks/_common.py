@@ -11,8 +11,6 @@ import shlex
 import subprocess
 import time
 
-import psutil
-
 MB = 1024 * 1024
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOC_HEADER = "# Benchmarks\n\nMeasured numbers; each section says how to reproduce it.\n"
@@ -25,6 +23,8 @@ def peak_rss_mb() -> float:
 
 def rss_mb() -> float:
     """Current resident set size of this process."""
+    import psutil  # imported where used: benchmarks/accelerator.py runs where psutil may be missing
+
     return psutil.Process().memory_info().rss / MB
 
 
@@ -49,11 +49,15 @@ class CpuWatch:
 
     @staticmethod
     def _busy() -> float:
+        import psutil
+
         t = psutil.cpu_times()
         return sum(t) - t.idle - getattr(t, "iowait", 0.0)
 
     @staticmethod
     def _own() -> float:
+        import psutil
+
         t = psutil.Process().cpu_times()
         return t.user + t.system + t.children_user + t.children_system
 
@@ -102,7 +106,7 @@ def machine_info() -> dict:
     return {
         "nproc": os.cpu_count(),
         "cpu": cpu,
-        "ram_gib": round(psutil.virtual_memory().total / 1024**3, 1),
+        "ram_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3, 1),
         "python": platform.python_version(),
         "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
     }

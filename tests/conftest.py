@@ -11,6 +11,10 @@ import os
 import sys
 import types
 
+# `cli.main` turns on the persistent compile cache (compile_cache.py); tests that call it must not
+# write into the user's cache folder. test_compile_cache.py sets its own folders.
+os.environ.setdefault("TOKENSYNTH_COMPILE_CACHE", "off")
+
 _DEVICES_FLAG = "--xla_force_host_platform_device_count"
 if _DEVICES_FLAG not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_DEVICES_FLAG}=8".strip()

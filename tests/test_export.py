@@ -102,7 +102,8 @@ def test_artifact_is_lowered_for_cpu_cuda_tpu_with_a_symbolic_batch(exported):
     assert os.path.getsize(os.path.join(out, export.EXPORTED_FILE)) < 1_000_000  # weights are not baked in
     meta = json.load(open(os.path.join(out, export.META_FILE)))
     assert meta["platforms"] == ["cpu", "cuda", "tpu"] and meta["jax_version"] == jax.__version__
-    assert meta["sampler"] == {"kind": "TopP", "p": 0.8, "temperature": 1.0, "reference_quirks": False}
+    assert meta["sampler"] == {"kind": "TopP", "p": 0.8, "temperature": 1.0, "reference_quirks": False,
+                               "method": sampling.filter_method("auto")}
     assert meta["outputs"][0]["shape"] == ["b", MAX_ROWS - 4 + 1, 4]
     assert meta["codec"]["name"] == "tiny-encodec"
 

@@ -1,5 +1,5 @@
-"""The NNX model: parameter counts and logits against the reference, cached decoding, masking,
-the null timbre, dropout and bf16 compute."""
+"""The NNX model: parameter counts and logits against the reference, cached decoding (also with
+the fused projections of `for_decoding`), masking, the null timbre, dropout and bf16 compute."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -129,17 +129,20 @@ def test_full_size_logits_match_reference(reference):
 forward = nnx.jit(lambda model, rows, timbre: model(rows, timbre))
 
 
+@pytest.mark.parametrize("prepared", [False, True])
 @pytest.mark.parametrize("attention", ATTENTIONS)
 @pytest.mark.parametrize("conditioning", CONDITIONINGS)
-def test_cached_decoding_equals_full_forward(tiny_model, conditioning, attention):
+def test_cached_decoding_equals_full_forward(tiny_model, conditioning, attention, prepared):
     """Left-padded prompts of different lengths, prefilled together, then decoded row by row.
 
     A cached step must reproduce the last position of a full forward over the rows so far (what
     the reference computes at each step). Under causal attention that is the same position of one
     full forward over all rows; under the reference's inverted mask it is not (earlier positions
-    of a longer forward see later rows), so there each prefix is run on its own.
+    of a longer forward see later rows), so there each prefix is run on its own. `prepared`: the
+    cached steps run the model from `for_decoding` (fused QKV projections), the forward the plain one.
     """
-    model = tiny_model(conditioning, attention)
+    full = tiny_model(conditioning, attention)
+    model = full.for_decoding() if prepared else full
     cfg, steps = model.cfg, 4
     rng = np.random.default_rng(11)
     num_midi = [3, 6, 0]  # prompts of 4, 7 and 1 rows (the separator included)
@@ -165,9 +168,9 @@ def test_cached_decoding_equals_full_forward(tiny_model, conditioning, attention
         t = None if timbre is None else timbre[b : b + 1]
         n = prompt_len[b]
         if attention == "causal":
-            expected = np.asarray(forward(model, rows[None], t))[0, n : n + steps + 1]
+            expected = np.asarray(forward(full, rows[None], t))[0, n : n + steps + 1]
         else:
-            expected = np.stack([np.asarray(forward(model, rows[None, : n + j], t))[0, -1] for j in range(steps + 1)])
+            expected = np.stack([np.asarray(forward(full, rows[None, : n + j], t))[0, -1] for j in range(steps + 1)])
         np.testing.assert_allclose(got[b], expected, rtol=1e-5, atol=1e-5, err_msg=f"item {b}")
 
 
@@ -277,3 +280,29 @@ def test_bfloat16_compute_is_close_to_float32():
     cache = model.init_cache(1, rows.shape[1] + 1)
     logits, _ = model.prefill(jnp.asarray(rows), jnp.zeros(1, jnp.int32), timbre, cache=cache)
     np.testing.assert_allclose(np.asarray(logits)[0], low[0, -1], rtol=0, atol=0.05 * np.abs(high).max())
+
+
+def test_for_decoding_in_bfloat16(tiny_model):
+    """bf16 inference parameters: every parameter and the cache in bf16, logits close to fp32,
+    the original model (and so its checkpoint) untouched, and a prepared model left as it is."""
+    model = TokenSynth(TINY, rngs=nnx.Rngs(0))  # the default init: logits of a realistic scale
+    low = model.for_decoding("bfloat16")
+    assert {x.dtype for x in jax.tree.leaves(nnx.state(low, nnx.Param))} == {jnp.dtype(jnp.bfloat16)}
+    assert {x.dtype for x in jax.tree.leaves(nnx.state(model, nnx.Param))} == {jnp.dtype(jnp.float32)}
+    assert "query" in nnx.to_pure_dict(nnx.state(model))["blocks"][0]["attn"]
+    assert set(nnx.to_pure_dict(nnx.state(low))["blocks"][0]["attn"]) == {"qkv", "out"}
+    assert low.for_decoding() is low and low.for_decoding("bfloat16") is low
+    with pytest.raises(ValueError, match="prepared for decoding in bfloat16"):
+        low.for_decoding("float32")
+    rows = random_rows(np.random.default_rng(9), 6, 10, TINY)[None]
+    timbre, pad = timbre_for(TINY, 1), jnp.zeros(1, jnp.int32)
+    outs = []
+    for m in (model, low):
+        cache = m.init_cache(1, rows.shape[1] + 3)
+        logits, cache = m.prefill(jnp.asarray(rows), pad, timbre, cache=cache)
+        assert cache[0].k.dtype == jnp.dtype(m.cfg.dtype)
+        step, _ = m.decode(jnp.asarray(rows[:, 2]), pad, rows.shape[1] + 1, cache=cache)
+        outs.append(np.asarray(step))
+    assert outs[1].dtype == np.float32
+    err, scale = np.abs(outs[1] - outs[0]).max(), np.abs(outs[0]).max()
+    assert 0 < err < 0.05 * scale, (err, scale)

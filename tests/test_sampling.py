@@ -1,6 +1,8 @@
 """Generation: greedy parity with the reference's `synthesize`, batching, end rows and length
 caps, the samplers' candidate sets, seeds, temperature, guidance, and the delay pattern."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -278,14 +280,51 @@ def test_top_p_candidates_match_the_reference(reference, full_logits, p):
 
 def test_top_p_boundary_is_inclusive_except_for_quirky_codebooks():
     logits = jnp.asarray([[1.0, 3.0, -1.0, 2.0, 0.5]])
-    # The cumulative probability after the two most likely ids, computed as the filter does.
+    # The cumulative probability after the two most likely ids, computed as the sort filter does
+    # (the bisecting filter sums in another order, so an exact tie is the sort's alone; below).
     cum = jnp.cumsum(jax.nn.softmax(-jnp.sort(-logits, axis=-1), axis=-1), axis=-1)
     p = float(cum[0, 1])
-    assert _kept(TopP(p).filter(logits, True)) == [{1, 3}]
-    assert _kept(TopP(p).filter(logits, False)) == [{1, 3}]
-    assert _kept(TopP(p, reference_quirks=True).filter(logits, True)) == [{1, 3}]  # >= for MIDI
-    assert _kept(TopP(p, reference_quirks=True).filter(logits, False)) == [{1, 3, 0}]  # > for codebooks
-    assert _kept(TopP(1.0).filter(logits, False)) == [{0, 1, 2, 3, 4}]
+    assert _kept(TopP(p, method="sort").filter(logits, True)) == [{1, 3}]
+    assert _kept(TopP(p, method="sort").filter(logits, False)) == [{1, 3}]
+    assert _kept(TopP(p, reference_quirks=True, method="sort").filter(logits, True)) == [{1, 3}]  # >= for MIDI
+    assert _kept(TopP(p, reference_quirks=True, method="sort").filter(logits, False)) == [{1, 3, 0}]  # > for codebooks
+    for method in ("sort", "bisect"):
+        assert _kept(TopP(1.0, method=method).filter(logits, False)) == [{0, 1, 2, 3, 4}]
+        assert _kept(TopP(p - 1e-6, method=method).filter(logits, False)) == [{1, 3}]
+        assert _kept(TopP(p + 1e-6, method=method).filter(logits, False)) == [{1, 3, 0}]
+
+
+def _rounding_close(logits, p, margin=1e-5):
+    """Channels whose nucleus boundary lies within float32 rounding of p: any sum order decides."""
+    out = []
+    for lo, hi in REFERENCE.channel_slices():
+        x = np.sort(logits[0, lo:hi].astype(np.float64))[::-1]
+        cum = np.cumsum(np.exp(x - x[0])) / np.exp(x - x[0]).sum()
+        out.append(bool(np.abs(cum - p).min() < margin))
+    return out
+
+
+@pytest.mark.parametrize("scale", [0.02, 1.0, 3.0])
+def test_bisecting_filters_keep_the_sorted_candidates(scale):
+    """On the reference's full output head, with ties (rounded logits) and without. Top-k is exact;
+    top-p agrees wherever its boundary is not within float32 rounding of p."""
+    rng = np.random.default_rng(7)
+    logits = rng.normal(scale=scale, size=(2, REFERENCE.output_size)).astype(np.float32)
+    logits[1] = np.round(logits[1] * 4) / 4  # many exact ties, and -0.0 beside +0.0
+    samplers = [TopK(k, reference_quirks=q) for k in (1, 7, 300) for q in (False, True)]
+    samplers += [TopP(p, reference_quirks=q) for p in (1e-9, 0.3, 0.9, 0.999) for q in (False, True)]
+    compared = 0
+    for sampler in samplers:
+        fast, slow = (dataclasses.replace(sampler, method=m) for m in ("bisect", "sort"))
+        for b in range(2):
+            row = logits[b : b + 1]
+            skip = _rounding_close(row, sampler.p) if isinstance(sampler, TopP) else [False] * REFERENCE.num_channels
+            for c, (mine, theirs) in enumerate(zip(_our_candidates(fast, row), _our_candidates(slow, row))):
+                if not skip[c]:
+                    assert mine == theirs, (sampler, b, c)
+                    compared += 1
+    assert compared > 0.75 * len(samplers) * 2 * REFERENCE.num_channels
+    assert sampling.filter_method("auto") == "bisect"  # this CPU
 
 
 def test_top_k_and_temperature_on_hand_made_logits():
@@ -323,6 +362,41 @@ def test_temperature(tiny):
     assert not np.array_equal(hot, warm)
     # near-uniform draws agree with greedy about as often as chance does
     assert (hot[..., 1:] == greedy[..., 1:]).mean() < (warm[..., 1:] == greedy[..., 1:]).mean()
+
+
+# --- the public loop and bf16 parameters -------------------------------------------------------
+def test_decode_loop_is_the_loop_generate_runs(tiny):
+    """`decode_loop` (what export traces) under jit: a DecodeState pytree whose rows are generate's."""
+    model = tiny()
+    prompts, timbre = _prompts([5, 19]), _timbre(2)
+    sampler = TopP(0.9)
+    gen = sampling.generate(model, prompts, timbre, sampler=sampler, seed=4, max_rows=20)
+    rows, pads, caps = sampling.prepare_prompts(prompts, model.cfg, 20)
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def run(state, rows, pads, caps, timbre, key):
+        return sampling.decode_loop(nnx.merge(graphdef, state), rows, pads, caps, timbre, key, sampler=sampler,
+                                    max_rows=20)
+
+    final = run(state, rows, pads, caps, timbre, jax.random.PRNGKey(4))
+    assert isinstance(final, sampling.DecodeState) and int(final.step) == 20  # both items ran to max_rows
+    assert len(final.cache) == model.cfg.num_layers and final.uncond_cache == ()
+    for field in ("rows", "num_rows", "ended"):
+        np.testing.assert_array_equal(np.asarray(getattr(final, field)), getattr(gen, field), err_msg=field)
+    # a pytree: jax maps over its arrays and rebuilds it
+    assert isinstance(jax.tree.map(lambda x: x, final), sampling.DecodeState)
+
+
+def test_generate_with_bfloat16_parameters(tiny):
+    model = tiny()
+    prompts, timbre = _prompts([5, 19]), _timbre(2)
+    low = sampling.generate(model, prompts, timbre, max_rows=30, dtype="bfloat16")
+    high = sampling.generate(model, prompts, timbre, max_rows=30)
+    assert low.num_rows.tolist() == high.num_rows.tolist() == [30, 30]
+    assert ((low.codes >= 0) & (low.codes < TINY.codebook_size)).all()
+    # greedy on the same weights: mostly the same tokens, not necessarily all (bf16 rounding)
+    assert (low.rows == high.rows).mean() > 0.5
 
 
 # --- guidance -----------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import argparse
 import logging
 import sys
 
+from tokensynth_jax import compile_cache
 from tokensynth_jax.cli import demo, evaluation, model_commands, prep, synthesis, training
 from tokensynth_jax.cli.checks import UsageError
 from tokensynth_jax.errors import UserError
@@ -55,6 +56,9 @@ class Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="tokensynth", description=__doc__.splitlines()[0])
+    parser.add_argument("--compile-cache", metavar="DIR|off",
+                        help="persistent XLA compilation cache folder, or 'off' (default: $TOKENSYNTH_COMPILE_CACHE, "
+                             "else ~/.cache/tokensynth-jax/xla; see docs/compile_cache.md)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in SUBCOMMANDS:
         add(sub)
@@ -118,6 +122,7 @@ def main(argv=None) -> int:
             raise UsageError(f"--config.{next(iter(overrides))}: `{prog}` takes no --config")
         args.config_overrides = overrides
         configure_logging()
+        compile_cache.enable(*compile_cache.resolve(args.compile_cache))  # before anything compiles
         return args.run(args)
     except UserError as e:
         print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)

@@ -17,6 +17,7 @@ decode loop as `sampling.generate`, so the same seed gives the same tokens.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -83,12 +84,11 @@ def make_generate_fn(cfg: ModelConfig, sampler, max_rows: int):
         rows = jnp.zeros((batch, width + 1, cfg.num_channels), jnp.int32).at[..., 0].set(channel0)
         caps = jnp.minimum(max_rows, cfg.max_len - 2 - lengths_b)
         key = jax.random.wrap_key_data(key_data, impl=KEY_IMPL)
-        out, num_rows, ended = sampling._decode_loop(  # the loop `sampling.generate` runs, unjitted
-            graphdef, state, None, None, rows, pad_b, caps, timbre_bt, key,
-            sampler=sampler, guidance=None, max_rows=max_rows,
+        final = sampling.decode_loop(  # the loop `sampling.generate` jits
+            nnx.merge(graphdef, state), rows, pad_b, caps, timbre_bt, key, sampler=sampler, max_rows=max_rows,
         )
-        codes, frames = codes_from_rows(out, num_rows, cfg.num_codebooks)
-        return codes, frames, ended, out, num_rows
+        codes, frames = codes_from_rows(final.rows, final.num_rows, cfg.num_codebooks)
+        return codes, frames, final.ended, final.rows, final.num_rows
 
     return generate
 
@@ -146,6 +146,8 @@ def export_model(model, out_dir: str, *, metadata: dict, source: str, sampler=sa
     unknown = sorted(set(platforms) - {"cpu", "cuda", "rocm", "tpu"})
     if unknown:
         raise ExportError(f"unknown platforms {unknown}; jax lowers for cpu, cuda, rocm and tpu")
+    if getattr(sampler, "method", None) is not None:  # the filter method this machine picks is baked in
+        sampler = dataclasses.replace(sampler, method=sampling.filter_method(sampler.method))
     exported = export_generate(cfg, sampler, max_rows, platforms)
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, EXPORTED_FILE), "wb") as f:

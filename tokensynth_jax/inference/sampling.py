@@ -7,6 +7,9 @@ context. The delay pattern is removed at the boundary: the result is codec codes
 Each item may have its own row cap and its own fewest frames (`min_frames`): until an item has
 written that many frames, its end row is masked out (`forbid_early_end`), so a synthesis window
 cannot fall silent before its last note-off.
+`decode_loop` is that loop as a traceable function over a named carry (`DecodeState`); `generate`
+jits it and `export` traces it. The model runs through `TokenSynth.for_decoding` (fused QKV
+projections, optionally bf16 parameters).
 
 Samplers are small frozen dataclasses applied per channel. `reference_quirks=True` reproduces
 the reference's filters exactly (top-k keeps k + 1 codebook candidates; top-p keeps the first
@@ -26,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -39,6 +43,45 @@ PROMPT_BUCKET = 16  # prompt lengths round up to a multiple of this, so compiles
 
 
 # --- samplers ----------------------------------------------------------------------------------------
+# How TopK and TopP find their cut-off. "sort": a sort (TopP) or `lax.top_k` (TopK) of each
+# channel. "bisect": a 32-step bisection over the float32 bit patterns of the logits for the
+# cut-off logit itself, each step a compare-and-sum over the channel; the same candidates without
+# a sort (TopP's probability sums may round differently in the last bit). On XLA:CPU, where sort
+# and top_k are comparison sorts, the bisection took 2.2 ms of CPU time a step for top-p at batch
+# 16 against 30 ms for the sort (0.12 vs 2.2 ms at batch 1); the whole batch-16 step took 74 ms
+# with the sort. "auto": sort on GPU (one kernel there, where a 32-step loop may cost 32 launches;
+# not measured yet: benchmarks/accelerator.py times both), bisect elsewhere.
+FILTER_METHODS = ("auto", "sort", "bisect")
+
+
+def filter_method(method: str) -> str:
+    """The method "auto" stands for on the default backend (a method other than "auto" as it is)."""
+    if method != "auto":
+        return method
+    return "sort" if jax.default_backend() in ("gpu", "cuda", "rocm") else "bisect"
+
+
+def _ordered_bits(x):
+    """uint32 keys in the order of the float32 values x; -0.0 and +0.0 get one key, as they compare equal."""
+    x = jnp.where(x == 0, 0.0, x.astype(jnp.float32))
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(0x80000000))
+
+
+def _largest_key_where(keys, ok):
+    """The largest t with ok(t) [..., 1] (0 if none) for a predicate that holds at 0 and, as t
+    grows, holds until some key and never after: a bisection over uint32 in 32 steps."""
+    def step(_, bounds):
+        lo, hi = bounds
+        mid = hi - (hi - lo) // 2  # upper middle, so lo always moves when ok(mid)
+        good = ok(mid)
+        return jnp.where(good, mid, lo), jnp.where(good | (mid == lo), hi, mid - 1)
+
+    lo = jnp.zeros(keys.shape[:-1] + (1,), jnp.uint32)
+    hi = keys.max(axis=-1, keepdims=True)
+    return jax.lax.fori_loop(0, 32, step, (lo, hi))[0]
+
+
 @dataclasses.dataclass(frozen=True)
 class Greedy:
     """Arg-max on every channel."""
@@ -56,18 +99,26 @@ class TopK:
     k: int
     temperature: float = 1.0
     reference_quirks: bool = False
+    method: str = "auto"  # FILTER_METHODS
     stochastic = True
 
     def __post_init__(self):
         if self.k < 1:
             raise ValueError(f"top-k needs k >= 1, got {self.k}")
+        if self.method not in FILTER_METHODS:
+            raise ValueError(f"unknown filter method {self.method!r}; one of {FILTER_METHODS}")
 
     def filter(self, logits, is_midi: bool):
         logits = logits if self.reference_quirks else logits / self.temperature
         k = self.k + (1 if self.reference_quirks and not is_midi else 0)
         k = min(k, logits.shape[-1])
-        kth = jax.lax.top_k(logits, k)[0][..., -1:]
-        return jnp.where(logits >= kth, logits, -jnp.inf)
+        if filter_method(self.method) == "sort":
+            kth = jax.lax.top_k(logits, k)[0][..., -1:]
+            return jnp.where(logits >= kth, logits, -jnp.inf)
+        # The k-th largest logit is the largest t that at least k logits reach.
+        keys = _ordered_bits(logits)
+        kth = _largest_key_where(keys, lambda t: (keys >= t).sum(-1, keepdims=True) >= k)
+        return jnp.where(keys >= kth, logits, -jnp.inf)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,21 +128,38 @@ class TopP:
     p: float
     temperature: float = 1.0
     reference_quirks: bool = False
+    method: str = "auto"  # FILTER_METHODS
     stochastic = True
 
     def __post_init__(self):
         if not 0.0 < self.p <= 1.0:
             raise ValueError(f"top-p needs 0 < p <= 1, got {self.p}")
+        if self.method not in FILTER_METHODS:
+            raise ValueError(f"unknown filter method {self.method!r}; one of {FILTER_METHODS}")
 
     def filter(self, logits, is_midi: bool):
         logits = logits if self.reference_quirks else logits / self.temperature
-        sorted_desc = -jnp.sort(-logits, axis=-1)
-        cum = jnp.cumsum(jax.nn.softmax(sorted_desc, axis=-1), axis=-1)
-        reached = cum > self.p if (self.reference_quirks and not is_midi) else cum >= self.p
-        # Index of the first id that reaches p (the last one kept); all kept if none reaches it.
-        last = jnp.where(reached.any(-1), jnp.argmax(reached, axis=-1), logits.shape[-1] - 1)
-        threshold = jnp.take_along_axis(sorted_desc, last[..., None], axis=-1)
-        return jnp.where(logits >= threshold, logits, -jnp.inf)
+        strict = self.reference_quirks and not is_midi  # the reference's > for codebooks
+        if filter_method(self.method) == "sort":
+            sorted_desc = -jnp.sort(-logits, axis=-1)
+            cum = jnp.cumsum(jax.nn.softmax(sorted_desc, axis=-1), axis=-1)
+            reached = cum > self.p if strict else cum >= self.p
+            # Index of the first id that reaches p (the last one kept); all kept if none reaches it.
+            last = jnp.where(reached.any(-1), jnp.argmax(reached, axis=-1), logits.shape[-1] - 1)
+            threshold = jnp.take_along_axis(sorted_desc, last[..., None], axis=-1)
+            return jnp.where(logits >= threshold, logits, -jnp.inf)
+        # The cut-off is the largest logit t whose ids at or above it hold probability p (all
+        # kept if rounding leaves even the whole channel short of it, as the sort does).
+        weights = jnp.exp(logits - logits.max(axis=-1, keepdims=True))
+        target = self.p * weights.sum(axis=-1, keepdims=True)
+        keys = _ordered_bits(logits)
+
+        def reaches(t):
+            mass = jnp.where(keys >= t, weights, 0.0).sum(axis=-1, keepdims=True)
+            return mass > target if strict else mass >= target
+
+        threshold = _largest_key_where(keys, reaches)
+        return jnp.where(keys >= threshold, logits, -jnp.inf)
 
 
 Sampler = Greedy | TopK | TopP
@@ -150,6 +218,7 @@ def rows_to_codes(rows_brc: np.ndarray, num_rows_b: np.ndarray, num_codebooks: i
     return codes, frames
 
 
+# --- the loop ----------------------------------------------------------------------------------------
 def forbid_early_end(logits_bv, step, min_frames_b, cfg: ModelConfig):
     """Masks the empty id of the codebooks that frames below `min_frames_b` fill at row `step`.
 
@@ -167,95 +236,140 @@ def forbid_early_end(logits_bv, step, min_frames_b, cfg: ModelConfig):
     return logits_bv.at[:, last_empty].set(jnp.where(last, -jnp.inf, logits_bv[:, last_empty]))
 
 
-# --- the loop ----------------------------------------------------------------------------------------
-def _decode_loop(graphdef, state, uncond_graphdef, uncond_state, rows_bpc, pad_b, cap_b, timbre_bt, key,
-                 min_frames_b=None, *, sampler, guidance, max_rows: int):
-    model: TokenSynth = nnx.merge(graphdef, state)
+@flax.struct.dataclass
+class DecodeState:
+    """The carry of the decode `while_loop`: one row a step for the whole batch.
+
+    B is the batch; under classifier-free guidance the model's half (`logits`, `cache`) has 2B
+    items (timbre, then null). Without first-note guidance the `uncond_*` fields are empty.
+    """
+
+    step: jax.Array  # int32 []: rows generated so far; the next is written at slot P + 1 + step
+    done: jax.Array  # bool [B]: stopped (end row, length cap)
+    rows: jax.Array  # int32 [B, max_rows, C]: generated rows, zeros after each item's end
+    num_rows: jax.Array  # int32 [B]: rows before the end row or cap
+    ended: jax.Array  # bool [B]: stopped on an end row (not the cap)
+    logits: jax.Array  # float32 [B or 2B, V]: logits of the next row
+    cache: tuple  # the model's KV cache (`TokenSynth.init_cache`)
+    uncond_logits: jax.Array  # float32 [B, V] or [B, 0]: the unconditional model's next logits
+    uncond_cache: tuple  # its KV cache, or ()
+    guided: jax.Array  # int32 [B]: non-silent rows blended so far (first-note guidance)
+
+
+def decode_loop(model: TokenSynth, rows_bpc, pad_b, cap_b, timbre_bt, key, *, sampler: Sampler,
+                max_rows: int, guidance: CFG | FirstNoteGuidance | None = None,
+                unconditional_model: TokenSynth | None = None, min_frames_b=None) -> DecodeState:
+    """Prefill and the decode `while_loop`, as a traceable function (`generate` jits it; `export`
+    traces it into a `jax.export` artifact). Stops on device when every item is done.
+
+    Args:
+      model: a timbre-conditioned TokenSynth (prepared for decoding here if it is not yet).
+      rows_bpc, pad_b, cap_b: left-padded prompt rows [B, P, C], paddings [B] and row caps [B]
+        (`prepare_prompts`).
+      timbre_bt: CLAP embeddings [B, T].
+      key: item b samples with fold_in(key, b), its step s with fold_in(that, s).
+      sampler: Greedy(), TopK(...) or TopP(...).
+      max_rows: rows of the output buffer (static).
+      guidance, unconditional_model: as in `generate`.
+      min_frames_b: int32 [B] frames each item writes before its end row may come
+        (`forbid_early_end`), or None.
+    Returns:
+      The final DecodeState: `rows`, `num_rows` and `ended` are the results.
+    """
+    model = model.for_decoding()
     cfg = model.cfg
     batch, num_prompt = rows_bpc.shape[:2]
     slots = num_prompt + 1 + max_rows
     cfg_guided = isinstance(guidance, CFG)
+    first_note = isinstance(guidance, FirstNoteGuidance)
 
     if cfg_guided:  # timbre half and null half in one batch
-        cache = model.init_cache(2 * batch, slots)
         use_null = jnp.concatenate([jnp.zeros(batch, bool), jnp.ones(batch, bool)])
         two = lambda x: jnp.concatenate([x, x])
-        logits, cache = model.prefill(two(rows_bpc), two(pad_b), two(timbre_bt), cache=cache, use_null_b=use_null)
+        logits, cache = model.prefill(two(rows_bpc), two(pad_b), two(timbre_bt), cache=model.init_cache(2 * batch, slots),
+                                      use_null_b=use_null)
     else:
-        cache = model.init_cache(batch, slots)
-        logits, cache = model.prefill(rows_bpc, pad_b, timbre_bt, cache=cache)
-
-    first_note = isinstance(guidance, FirstNoteGuidance)
+        logits, cache = model.prefill(rows_bpc, pad_b, timbre_bt, cache=model.init_cache(batch, slots))
+    zero_pad = jnp.zeros(batch, jnp.int32)
     if first_note:
-        uncond: TokenSynth = nnx.merge(uncond_graphdef, uncond_state)
-        zero_pad = jnp.zeros(batch, jnp.int32)
-        u_cache = uncond.init_cache(batch, 1 + max_rows)
-        u_logits, u_cache = uncond.prefill(rows_bpc[:, :0], zero_pad, None, cache=u_cache, use_null_b=jnp.zeros(batch, bool))
+        uncond = unconditional_model.for_decoding()
+        u_logits, u_cache = uncond.prefill(rows_bpc[:, :0], zero_pad, None, cache=uncond.init_cache(batch, 1 + max_rows),
+                                           use_null_b=jnp.zeros(batch, bool))
     else:
-        u_logits, u_cache, zero_pad = jnp.zeros((batch, 0)), (), None
+        u_logits, u_cache = jnp.zeros((batch, 0)), ()
     item_keys = jax.vmap(lambda b: jax.random.fold_in(key, b))(jnp.arange(batch))
+    feed_pad = jnp.concatenate([pad_b, pad_b]) if cfg_guided else pad_b
 
-    def guided(step, logits, u_logits, count):
+    def guided(s: DecodeState):
+        """The logits to sample from, and the updated count of guided rows."""
         if cfg_guided:
-            c, u = logits[:batch], logits[batch:]
-            return u + guidance.scale * (c - u), count
+            c, u = s.logits[:batch], s.logits[batch:]
+            return u + guidance.scale * (c - u), s.guided
         if not first_note:
-            return logits, count
+            return s.logits, s.guided
         lo = cfg.midi_vocab_size
-        first_book = logits[:, lo : lo + cfg.codebook_size]
+        first_book = s.logits[:, lo : lo + cfg.codebook_size]
         silent = jnp.argmax(first_book, -1) == guidance.silence_id
-        guide = ~silent & (count < guidance.steps)
-        count = count + guide
+        guide = ~silent & (s.guided < guidance.steps)
+        count = s.guided + guide
         books = jnp.maximum(count, 2)  # codebooks blended: 2, 2, 3, ..., steps
-        channel = jnp.arange(logits.shape[-1])
+        channel = jnp.arange(s.logits.shape[-1])
         in_books = (channel[None] >= lo) & (channel[None] < lo + books[:, None] * cfg.codebook_vocab_size)
         # The reference skips blending when the first guided row is the very first audio row.
-        blend = (guide & ~((count == 1) & (step == 0)))[:, None] & in_books
-        mixed = guidance.scale * logits + (1.0 - guidance.scale) * u_logits
-        return jnp.where(blend, mixed, logits), count
+        blend = (guide & ~((count == 1) & (s.step == 0)))[:, None] & in_books
+        mixed = guidance.scale * s.logits + (1.0 - guidance.scale) * s.uncond_logits
+        return jnp.where(blend, mixed, s.logits), count
 
-    def cond(carry):
-        step, done = carry[0], carry[1]
-        return (step < max_rows) & ~jnp.all(done)
+    def cond(s: DecodeState):
+        return (s.step < max_rows) & ~jnp.all(s.done)
 
-    def body(carry):
-        step, done, out, num_rows, ended, logits, cache, u_logits, u_cache, count = carry
-        mixed, count = guided(step, logits, u_logits, count)
+    def body(s: DecodeState) -> DecodeState:
+        mixed, count = guided(s)
         if min_frames_b is not None:
-            mixed = forbid_early_end(mixed, step, min_frames_b, cfg)
-        keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(item_keys)
+            mixed = forbid_early_end(mixed, s.step, min_frames_b, cfg)
+        keys = jax.vmap(lambda k: jax.random.fold_in(k, s.step))(item_keys)
         row = jax.vmap(lambda k, l: sample_row(sampler, k, l[None], cfg)[0])(keys, mixed)
         is_end = jnp.all(row == 0, axis=-1)
-        live = ~done & (step < cap_b)
+        live = ~s.done & (s.step < cap_b)
         keep = live & ~is_end
         row = jnp.where(keep[:, None], row, 0)
-        out = jax.lax.dynamic_update_slice_in_dim(out, row[:, None], step, axis=1)
-        num_rows = jnp.where(keep, step + 1, num_rows)
-        ended = ended | (live & is_end)
         done = ~keep
-        slot = num_prompt + 1 + step
         feed = jnp.concatenate([row, row]) if cfg_guided else row
-        feed_pad = jnp.concatenate([pad_b, pad_b]) if cfg_guided else pad_b
-        logits, cache = model.decode(feed, feed_pad, slot, cache=cache)
+        logits, cache = model.decode(feed, feed_pad, num_prompt + 1 + s.step, cache=s.cache)
+        u_logits, u_cache = s.uncond_logits, s.uncond_cache
         if first_note:
             u_logits, u_cache = jax.lax.cond(
                 jnp.any(~done & (count < guidance.steps)),
-                lambda: uncond.decode(row, zero_pad, 1 + step, cache=u_cache),
-                lambda: (u_logits, u_cache),
+                lambda: uncond.decode(row, zero_pad, 1 + s.step, cache=s.uncond_cache),
+                lambda: (s.uncond_logits, s.uncond_cache),
             )
-        return step + 1, done, out, num_rows, ended, logits, cache, u_logits, u_cache, count
+        return DecodeState(
+            step=s.step + 1, done=done,
+            rows=jax.lax.dynamic_update_slice_in_dim(s.rows, row[:, None], s.step, axis=1),
+            num_rows=jnp.where(keep, s.step + 1, s.num_rows), ended=s.ended | (live & is_end),
+            logits=logits, cache=cache, uncond_logits=u_logits, uncond_cache=u_cache, guided=count,
+        )
 
-    carry = (
-        jnp.int32(0), cap_b <= 0, jnp.zeros((batch, max_rows, cfg.num_channels), jnp.int32),
-        jnp.zeros(batch, jnp.int32), jnp.zeros(batch, bool), logits, cache, u_logits, u_cache,
-        jnp.zeros(batch, jnp.int32),
+    start = DecodeState(
+        step=jnp.int32(0), done=cap_b <= 0, rows=jnp.zeros((batch, max_rows, cfg.num_channels), jnp.int32),
+        num_rows=jnp.zeros(batch, jnp.int32), ended=jnp.zeros(batch, bool), logits=logits, cache=cache,
+        uncond_logits=u_logits, uncond_cache=u_cache, guided=jnp.zeros(batch, jnp.int32),
     )
-    carry = jax.lax.while_loop(cond, body, carry)
-    return carry[2], carry[3], carry[4]
+    return jax.lax.while_loop(cond, body, start)
 
 
-_decode_loop_jit = jax.jit(
-    _decode_loop, static_argnames=("graphdef", "uncond_graphdef", "sampler", "guidance", "max_rows")
+def _decode_split(graphdef, state, uncond_graphdef, uncond_state, rows_bpc, pad_b, cap_b, timbre_bt, key,
+                  min_frames_b=None, *, sampler, guidance, max_rows):
+    """`decode_loop` over split modules (graph definitions are static jit arguments); returns the
+    results only, so the cache is not an output."""
+    uncond = nnx.merge(uncond_graphdef, uncond_state) if uncond_graphdef is not None else None
+    final = decode_loop(nnx.merge(graphdef, state), rows_bpc, pad_b, cap_b, timbre_bt, key, sampler=sampler,
+                        max_rows=max_rows, guidance=guidance, unconditional_model=uncond, min_frames_b=min_frames_b)
+    return final.rows, final.num_rows, final.ended
+
+
+_decode_jit = jax.jit(
+    _decode_split, static_argnames=("graphdef", "uncond_graphdef", "sampler", "guidance", "max_rows")
 )
 
 
@@ -284,6 +398,29 @@ def prepare_prompts(midi_tokens: Sequence[np.ndarray], cfg: ModelConfig, max_row
     return rows, pads, caps
 
 
+def _decode_args(model, midi_tokens, timbre, *, sampler, seed, max_rows, guidance, unconditional_model, dtype,
+                 row_caps=None, min_frames=None):
+    """(positional, keyword) arguments of `_decode_jit` for `generate`'s arguments."""
+    cfg = model.cfg
+    if isinstance(guidance, CFG) and not cfg.null_timbre:
+        raise ValueError("classifier-free guidance needs a model trained with a null timbre")
+    if isinstance(guidance, FirstNoteGuidance) and unconditional_model is None:
+        raise ValueError("first-note guidance needs the unconditional model")
+    rows, pads, caps = prepare_prompts(midi_tokens, cfg, max_rows, row_caps)
+    if min_frames is not None:
+        min_frames = jnp.asarray(np.minimum(np.asarray(min_frames, np.int32), caps - (cfg.num_codebooks - 1)))
+    if cfg.conditioning == "timbre":
+        timbre = jnp.asarray(timbre, jnp.float32).reshape(len(rows), cfg.timbre_dim)
+    graphdef, state = nnx.split(model.for_decoding(dtype))
+    if isinstance(guidance, FirstNoteGuidance):
+        u_graphdef, u_state = nnx.split(unconditional_model.for_decoding(dtype))
+    else:
+        u_graphdef, u_state = None, None
+    args = (graphdef, state, u_graphdef, u_state, jnp.asarray(rows), jnp.asarray(pads), jnp.asarray(caps), timbre,
+            jax.random.PRNGKey(seed), min_frames)
+    return args, {"sampler": sampler, "guidance": guidance, "max_rows": int(max_rows)}
+
+
 def generate(
     model: TokenSynth,
     midi_tokens: Sequence[np.ndarray],
@@ -296,11 +433,12 @@ def generate(
     unconditional_model: TokenSynth | None = None,
     row_caps: Sequence[int] | None = None,
     min_frames: Sequence[int] | None = None,
+    dtype: str | None = None,
 ) -> Generation:
     """Generates codec tokens for a batch of MIDI prompts.
 
     Args:
-      model: a timbre-conditioned TokenSynth.
+      model: a timbre-conditioned TokenSynth (or one from its `for_decoding`, to prepare once).
       midi_tokens: one int array of MIDI tokens per item (lengths may differ).
       timbre: CLAP embeddings [B, T].
       sampler: Greedy(), TopK(k, ...) or TopP(p, ...).
@@ -311,25 +449,22 @@ def generate(
       row_caps: per item, audio rows at most (within `max_rows`); default `max_rows` for all.
       min_frames: per item, frames to write before the end row may come (`forbid_early_end`),
         at most what its row cap leaves; default 0 (the model ends when it samples the end row).
+      dtype: parameters and compute in this dtype (e.g. "bfloat16" on GPU/TPU); None keeps the model's.
     Returns:
       A Generation with codes [B, F, K] (padded with -1) and per-item frame counts.
     """
-    cfg = model.cfg
-    if isinstance(guidance, CFG) and not cfg.null_timbre:
-        raise ValueError("classifier-free guidance needs a model trained with a null timbre")
-    if isinstance(guidance, FirstNoteGuidance) and unconditional_model is None:
-        raise ValueError("first-note guidance needs the unconditional model")
-    rows, pads, caps = prepare_prompts(midi_tokens, cfg, max_rows, row_caps)
-    if min_frames is not None:
-        min_frames = jnp.asarray(np.minimum(np.asarray(min_frames, np.int32), caps - (cfg.num_codebooks - 1)))
-    if cfg.conditioning == "timbre":
-        timbre = jnp.asarray(timbre, jnp.float32).reshape(len(rows), cfg.timbre_dim)
-    graphdef, state = nnx.split(model)
-    u_graphdef, u_state = nnx.split(unconditional_model) if unconditional_model is not None and isinstance(guidance, FirstNoteGuidance) else (None, None)
-    out, num_rows, ended = _decode_loop_jit(
-        graphdef, state, u_graphdef, u_state, jnp.asarray(rows), jnp.asarray(pads), jnp.asarray(caps), timbre,
-        jax.random.PRNGKey(seed), min_frames, sampler=sampler, guidance=guidance, max_rows=int(max_rows),
-    )
-    out, num_rows, ended = jax.device_get((out, num_rows, ended))
-    codes, frames = rows_to_codes(out, num_rows, cfg.num_codebooks)
+    args, kwargs = _decode_args(model, midi_tokens, timbre, sampler=sampler, seed=seed, max_rows=max_rows,
+                                guidance=guidance, unconditional_model=unconditional_model, dtype=dtype,
+                                row_caps=row_caps, min_frames=min_frames)
+    out, num_rows, ended = jax.device_get(_decode_jit(*args, **kwargs))
+    codes, frames = rows_to_codes(out, num_rows, model.cfg.num_codebooks)
     return Generation(codes=codes, num_frames=frames, rows=out, num_rows=num_rows, ended=ended)
+
+
+def lower_generate(model: TokenSynth, midi_tokens: Sequence[np.ndarray], timbre=None, **kwargs) -> jax.stages.Lowered:
+    """The decode loop `generate` would run for these arguments, lowered (for `.compile()`,
+    `.cost_analysis()`, `.memory_analysis()`); keyword arguments as `generate`'s."""
+    defaults = {"sampler": Greedy(), "seed": 0, "max_rows": 450, "guidance": None, "unconditional_model": None,
+                "dtype": None}
+    args, static = _decode_args(model, midi_tokens, timbre, **{**defaults, **kwargs})
+    return _decode_jit.lower(*args, **static)

@@ -126,9 +126,8 @@ class Attention(nnx.Module):
 
     def __call__(self, x_bld, valid_bqk, cache: KVCache | None = None, slot=None):
         """Attends over this call's keys, or over `cache` after writing them at `slot`."""
-        q = self.query(x_bld)
-        k = jnp.swapaxes(self.key(x_bld), 1, 2)  # [B, H, L, h]
-        v = jnp.swapaxes(self.value(x_bld), 1, 2)
+        q, k, v = self.project_qkv(x_bld)
+        k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, H, L, h]
         if cache is not None:
             k = jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype), slot, axis=2)
             v = jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype), slot, axis=2)
@@ -138,6 +137,32 @@ class Attention(nnx.Module):
         fn = attend_causal if cache is None and self.causal else attend
         y = fn(q, k.astype(q.dtype), v.astype(q.dtype), valid_bqk)
         return self.out(y), cache
+
+    def project_qkv(self, x_bld):
+        """Queries, keys and values, each [B, L, H, h]."""
+        return self.query(x_bld), self.key(x_bld), self.value(x_bld)
+
+
+class FusedQKVAttention(Attention):
+    """`Attention` with the query, key and value projections in one [D, 3, H, h] matmul.
+
+    For decoding: one kernel a layer and step instead of three. Built from a trained `Attention`
+    (`TokenSynth.for_decoding`), so checkpoints keep the three projections apart.
+    """
+
+    def __init__(self, attn: Attention, cfg: ModelConfig):
+        parts = (attn.query, attn.key, attn.value)
+        d, h, hd = cfg.d_model, cfg.num_heads, cfg.head_dim
+        names = ("embed", None, "heads", "kv")
+        self.qkv = nnx.eval_shape(lambda: Dense((d,), (3, h, hd), names, cfg, rngs=nnx.Rngs(0)))
+        self.qkv.kernel.set_value(jnp.stack([p.kernel[...] for p in parts], axis=1))
+        self.qkv.bias.set_value(jnp.stack([p.bias[...] for p in parts], axis=0))
+        self.out = attn.out
+        self.causal = attn.causal
+
+    def project_qkv(self, x_bld):
+        qkv = self.qkv(x_bld)  # [B, L, 3, H, h]
+        return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
 
 
 class Mlp(nnx.Module):

@@ -150,6 +150,32 @@ class TokenSynth(nnx.Module):
         logits, _ = self._trunk(x, valid, dropout_rng=dropout_rng)
         return logits
 
+    def for_decoding(self, dtype: str | None = None) -> "TokenSynth":
+        """This model prepared for `prefill` and `decode`: each layer's query, key and value
+        projections fused into one matmul, and parameters and compute in `dtype` if given.
+
+        bfloat16 halves the weight bytes read per decoding step, which pays on GPU and TPU; on
+        XLA:CPU bf16 matmuls are slower than fp32 (benchmarks/generation.py). Unchanged arrays are
+        shared with this model, whose checkpoint layout is untouched. A prepared model is returned
+        as it is when `dtype` asks for nothing new.
+        """
+        cfg = self.cfg
+        casts = dtype is not None and jnp.dtype(dtype) != jnp.dtype(cfg.dtype) or (
+            dtype is not None and jnp.dtype(dtype) != jnp.dtype(cfg.param_dtype))
+        if isinstance(self.blocks[0].attn, layers.FusedQKVAttention):
+            if casts:
+                raise ValueError(f"this model was prepared for decoding in {cfg.dtype}; prepare the original for {dtype}")
+            return self
+        if casts:
+            cfg = cfg.replace(dtype=str(jnp.dtype(dtype)), param_dtype=str(jnp.dtype(dtype)))
+            model = nnx.eval_shape(lambda: TokenSynth(cfg, rngs=nnx.Rngs(0)))
+            nnx.update(model, jax.tree.map(lambda x: x.astype(dtype), nnx.state(self, nnx.Param)))
+        else:
+            model = nnx.merge(*nnx.split(self))  # new modules over the same arrays
+        for block in model.blocks:
+            block.attn = layers.FusedQKVAttention(block.attn, cfg)
+        return model
+
     def init_cache(self, batch: int, num_slots: int, dtype=None):
         """An empty KV cache of `num_slots` slots per layer."""
         shape = (batch, self.cfg.num_heads, num_slots, self.cfg.head_dim)

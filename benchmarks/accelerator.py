@@ -1,0 +1,523 @@
+"""Ours against the reference in PyTorch on one accelerator, in one command of under 10 minutes.
+
+Four sections, each in its own subprocess with its share of a global time budget; each writes its
+measurements as it makes them (OUT/<section>.jsonl), and the driver rewrites OUT/results.json and
+OUT/results.md after every section, so an out-of-memory error, a missing package or a timeout in
+one section costs that section (or the rest of it) and nothing else:
+  ours-train   `train_step.train_step` under jit with the state donated: configs/reference.py
+               (12 x 1024, 175M parameters), bf16 compute, fp32 master weights, AdamW; random rows,
+               every position a target; batch 16, 32 and 64 x 1024. `--ours-set model.KEY=VALUE`
+               passes config overrides (attention implementation, remat policy, ...).
+  torch-train  the reference package's own TokenSynth module (as benchmarks/train.py trains it:
+               batch-sized cache buffers, causal mask), eager, autocast bf16, fused AdamW.
+  ours-decode  `sampling.generate`, a 5 s window (449 rows), top-p 0.9, random weights (never end
+               early), bf16 parameters on a GPU: batch 1, 16, 64 and 256.
+  ref-decode   the reference's `TokenSynth.synthesize(clap, midi, top_p=0.9)` under no_grad
+               (batch 1, a Python loop), same MIDI file.
+MFU: training FLOPs per token 6 N + 12 L T D (flops.py) against the bf16 dense peak of the card
+(989 TFLOP/s for H100/H200 SXM). Memory: ours, the compiled step's arguments + temporaries +
+outputs - aliased (`memory_analysis()`) and the device's peak so far; PyTorch,
+`torch.cuda.max_memory_allocated()` for each batch.
+
+The device machine has jax, flax, optax, torch and transformers; the rest comes as wheels
+(`make wheels`, Python 3.12 manylinux). On it, from the repository root:
+  pip install -q --no-deps wheels/*.whl && python benchmarks/accelerator.py --out accel
+Here, a CPU smoke test at tiny sizes (2 layers, 64 positions, 16 rows; numbers not meaningful):
+  python benchmarks/accelerator.py --quick --out /tmp/accel
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import traceback
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402
+
+REPO = _common.REPO
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12}  # dense bf16 FLOP/s (SXM datasheets), by device name
+SIZES = {  # full, and --quick (a CPU smoke test)
+    False: {"train_batches": (16, 32, 64), "seq_len": 1024, "train_steps": 5, "layers": None,
+            "decode_batches": (1, 16, 64, 256), "rows": 449, "ref_runs": 2},
+    True: {"train_batches": (1, 2, 4), "seq_len": 64, "train_steps": 1, "layers": 2,
+           "decode_batches": (1, 2, 4, 8), "rows": 16, "ref_runs": 1},
+}
+SECTIONS = {"ours-train": 0.35, "torch-train": 0.2, "ours-decode": 0.3, "ref-decode": 0.15}  # budget shares
+MIN_SECTION_S = 20.0  # a section with less time than this is not started
+GOALS = {"train_ratio": 1.5, "decode1_ms": 150.0, "decode256_clips_s": 300.0}
+TOP_P = 0.9
+
+
+# --- inside a section's subprocess -------------------------------------------------------------------
+class Section:
+    """What a section needs: its sizes, its deadline, and `emit` to record a measurement now."""
+
+    def __init__(self, args):
+        self.args, self.size = args, SIZES[args.quick]
+        self.path = os.path.join(args.out, f"{args.part}.jsonl")
+
+    def emit(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        print(json.dumps(record), flush=True)
+
+    def left_s(self) -> float:
+        return self.args.deadline - time.time()
+
+    def attempt(self, item: str, fn, min_left_s: float = 10.0) -> None:
+        """Runs fn() -> record for `item`, recording an error or a skip instead of raising."""
+        if self.left_s() < min_left_s:
+            self.emit({"item": item, "skipped": f"time budget ({self.left_s():.0f} s left)"})
+            return
+        try:
+            self.emit({"item": item, **fn()})
+        except Exception as e:  # out of memory, a missing package: this item fails, the next one runs
+            traceback.print_exc()
+            self.emit({"item": item, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"})
+
+
+def _ours_config(section: Section, dtype: str):
+    from tokensynth_jax.config import ModelConfig, load_config_file
+
+    overrides = {"model.dtype": dtype, "data.seq_len": section.size["seq_len"]}
+    if section.size["layers"]:
+        overrides["model.num_layers"] = section.size["layers"]
+    overrides.update(dict(kv.split("=", 1) for kv in section.args.ours_set))
+    config = load_config_file(os.path.join(REPO, "configs", "reference.py"), overrides)
+    return config, ModelConfig.from_dict(config.model.to_dict())
+
+
+def _jax_setup(section: Section):
+    import jax
+
+    from tokensynth_jax import compile_cache
+
+    compile_cache.enable(os.path.join(section.args.out, "xla_cache"), "--out")  # a rerun skips compiles
+    device = jax.devices()[0]
+    section.emit({"item": "device", "device": device.device_kind, "platform": jax.default_backend(),
+                  "jax": jax.__version__})
+    return device
+
+
+def _device_peak_gb(device):
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    return stats["peak_bytes_in_use"] / 1e9 if stats and "peak_bytes_in_use" in stats else None
+
+
+def part_ours_train(section: Section) -> None:
+    import jax
+    from flax import nnx
+    from train import _batch  # benchmarks/train.py: the same random rows as the CPU benchmark
+
+    from tokensynth_jax.model.transformer import TokenSynth, count_params
+    from tokensynth_jax.scaling import flops
+    from tokensynth_jax.training import optim
+    from tokensynth_jax.training import train_step as ts
+
+    device = _jax_setup(section)
+    config, cfg = _ours_config(section, "bfloat16")
+    oc = optim.OptimConfig.from_dict(config.optim.to_dict())
+    seq = section.size["seq_len"]
+    section.emit({"item": "model", "params": count_params(cfg), "flops_per_token": flops.model_flops_per_token(cfg, seq),
+                  "config": cfg.to_dict()})
+
+    def fresh():  # a failed call may have consumed the donated state
+        model = TokenSynth(cfg, rngs=nnx.Rngs(0))
+        opt = nnx.Optimizer(model, optim.make_optimizer(oc, nnx.state(model, nnx.Param)), wrt=nnx.Param)
+        return nnx.split((model, opt))
+
+    graphdef, state = fresh()
+    step = jax.jit(functools.partial(ts.train_step, graphdef), donate_argnums=0)
+    holder = {"state": state}
+
+    def measure(batch_size):
+        if any(x.is_deleted() for x in jax.tree.leaves(holder["state"])):
+            holder["state"] = fresh()[1]
+        batch = jax.device_put(_batch(cfg, batch_size, seq))
+        t0 = time.perf_counter()
+        compiled = step.lower(holder["state"], batch, jax.random.PRNGKey(0)).compile()
+        compile_s = time.perf_counter() - t0
+        m = compiled.memory_analysis()
+        footprint = (m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes
+                     - m.alias_size_in_bytes) / 1e9 if m is not None else None
+        holder["state"], metrics = compiled(holder["state"], batch, jax.random.PRNGKey(1))  # warm-up
+        jax.block_until_ready(metrics)
+        steps = section.size["train_steps"]
+        t0 = time.perf_counter()
+        for i in range(steps):
+            holder["state"], metrics = compiled(holder["state"], batch, jax.random.PRNGKey(2 + i))
+        loss = float(metrics["loss"])
+        dt = (time.perf_counter() - t0) / steps
+        return {"batch": batch_size, "s_per_step": dt, "tokens_per_s": batch_size * seq / dt, "compile_s": compile_s,
+                "loss": loss, "memory_gb": footprint, "temp_gb": m.temp_size_in_bytes / 1e9 if m else None,
+                "device_peak_gb": _device_peak_gb(device)}
+
+    for b in section.size["train_batches"]:
+        section.attempt(f"train {b}", lambda: measure(b), min_left_s=30.0)
+
+
+def part_torch_train(section: Section) -> None:
+    import torch
+    import torch.nn.functional as F
+    from generation import load_reference_model_module
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    section.emit({"item": "device", "device": name, "torch": torch.__version__})
+    ref = load_reference_model_module()
+    torch.manual_seed(0)
+    model = ref.TokenSynth(device=device)
+    if section.size["layers"]:
+        model.blocks = torch.nn.Sequential(*list(model.blocks)[: section.size["layers"]])
+    model.train()
+    hp, seq = model.hparams, section.size["seq_len"]
+    # The reference's optimizer settings are not published; AdamW as configs/reference.py sets it.
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
+                            fused=device.type == "cuda")
+    vm, vc = hp.midi_vocab_size, hp.audio_vocab_size
+
+    def measure(batch_size):
+        for block in model.blocks:  # batch-sized cache buffers, causal mask (benchmarks/train.py)
+            attn = block.attn
+            attn.k_cache = torch.zeros(batch_size, *attn.k_cache.shape[1:], device=device)
+            attn.v_cache = torch.zeros(batch_size, *attn.v_cache.shape[1:], device=device)
+            attn.mask = torch.tril(torch.ones(hp.max_len, hp.max_len, dtype=torch.bool, device=device))[None, None]
+        g = torch.Generator().manual_seed(0)
+        targets = torch.cat([torch.randint(0, vm, (batch_size, seq, 1), generator=g),
+                             torch.randint(0, vc, (batch_size, seq, 9), generator=g)], -1).to(device)
+        rows, timbre = targets[:, :-1], torch.randn(batch_size, 512, generator=g).to(device)
+
+        def step():
+            model.current_length = 0  # its forward checks the length left by the previous call
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                logits = model(rows, timbre)
+            logits = logits.float()
+            ce = F.cross_entropy(logits[..., :vm].reshape(-1, vm), targets[..., 0].reshape(-1), reduction="sum")
+            ce = ce + F.cross_entropy(logits[..., vm:].reshape(-1, vc), targets[..., 1:].reshape(-1), reduction="sum")
+            loss = ce / (batch_size * seq * 10)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            return loss
+
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            step()  # warm-up
+            sync()
+            steps = section.size["train_steps"]
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                loss = step()
+            loss = float(loss)
+            dt = (time.perf_counter() - t0) / steps
+        finally:
+            opt.zero_grad(set_to_none=True)
+        peak = torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None
+        return {"batch": batch_size, "s_per_step": dt, "tokens_per_s": batch_size * seq / dt, "loss": loss,
+                "memory_gb": peak}
+
+    for b in section.size["train_batches"]:
+        section.attempt(f"train {b}", lambda: measure(b), min_left_s=15.0)
+
+
+def _bench_midi(section: Section) -> str:
+    from generation import write_midi
+
+    path = os.path.join(section.args.out, "bench.mid")
+    if not os.path.exists(path):
+        write_midi(path)
+    return path
+
+
+def part_ours_decode(section: Section) -> None:
+    import jax
+    from flax import nnx
+
+    from tokensynth_jax.config import REFERENCE
+    from tokensynth_jax.inference import sampling
+    from tokensynth_jax.model.transformer import TokenSynth
+    from tokensynth_jax.tokens.midi_tokens import tokenize_midi
+
+    device = _jax_setup(section)
+    cfg = REFERENCE.replace(num_layers=section.size["layers"] or REFERENCE.num_layers)
+    dtype = section.args.decode_dtype
+    dtype = ("bfloat16" if jax.default_backend() != "cpu" else "float32") if dtype == "auto" else dtype
+    model = TokenSynth(cfg, rngs=nnx.Rngs(0)).for_decoding(dtype)
+    tokens = tokenize_midi(_bench_midi(section)).tokens
+    timbre = np.random.default_rng(0).standard_normal(cfg.timbre_dim).astype(np.float32)
+    rows = section.size["rows"]
+    section.emit({"item": "setup", "dtype": dtype, "rows": rows, "layers": cfg.num_layers})
+
+    def measure(batch, sampler=sampling.TopP(TOP_P), runs=2):
+        def call(seed):
+            t0 = time.perf_counter()
+            g = sampling.generate(model, [tokens] * batch, np.tile(timbre, (batch, 1)), sampler=sampler, seed=seed,
+                                  max_rows=rows)
+            assert (g.num_rows == rows).all(), g.num_rows  # random weights run the whole window
+            return time.perf_counter() - t0
+
+        first = call(0)
+        times = [call(1 + i) for i in range(runs)]
+        s = min(times)
+        return {"batch": batch, "sampler": repr(sampler), "first_call_s": first, "times_s": times, "s_per_call": s,
+                "ms_per_clip": 1e3 * s / batch, "clips_per_s": batch / s, "ms_per_step": 1e3 * s / rows,
+                "device_peak_gb": _device_peak_gb(device)}
+
+    for b in section.size["decode_batches"]:
+        section.attempt(f"decode {b}", lambda: measure(b, runs=3 if b == 1 else 2 if b < 256 else 1), min_left_s=20.0)
+    # Extras when time is left: the other top-p filter method (sampling.FILTER_METHODS) at batch 1
+    # and the largest batch, and fp32 parameters at batch 1.
+    other = "sort" if sampling.filter_method("auto") == "bisect" else "bisect"
+    for b in (1, section.size["decode_batches"][-1]):
+        section.attempt(f"decode {b}, top-p by {other}", lambda: measure(b, sampling.TopP(TOP_P, method=other), 1),
+                        min_left_s=30.0)
+    if dtype != "float32":
+        model = TokenSynth(cfg, rngs=nnx.Rngs(0)).for_decoding()
+        section.attempt("decode 1, fp32 parameters", lambda: measure(1, runs=1), min_left_s=30.0)
+
+
+def part_ref_decode(section: Section) -> None:
+    import torch
+    from generation import load_reference_model_module
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    section.emit({"item": "device", "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                  "torch": torch.__version__})
+    ref = load_reference_model_module()
+    torch.manual_seed(0)
+    model = ref.TokenSynth(device=device)
+    if section.size["layers"]:
+        model.blocks = torch.nn.Sequential(*list(model.blocks)[: section.size["layers"]])
+    clap = torch.from_numpy(np.random.default_rng(0).standard_normal((1, 512)).astype(np.float32)).to(device)
+    midi = _bench_midi(section)
+
+    def run(seed):
+        torch.manual_seed(seed)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = model.synthesize(clap, midi, top_p=TOP_P)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0, int(out.shape[1])
+
+    def measure():
+        first, frames = run(0)
+        times = [run(1 + i)[0] for i in range(section.size["ref_runs"])]
+        s = min(times)
+        return {"batch": 1, "first_call_s": first, "times_s": times, "ms_per_clip": 1e3 * s, "clips_per_s": 1 / s,
+                "frames": frames}
+
+    section.attempt("decode 1", measure, min_left_s=15.0)
+
+
+PARTS = {"ours-train": part_ours_train, "torch-train": part_torch_train, "ours-decode": part_ours_decode,
+         "ref-decode": part_ref_decode}
+
+
+# --- the driver --------------------------------------------------------------------------------------
+def run_section(name: str, args, timeout: float) -> str:
+    """Runs one section in its own process group for at most `timeout` s; returns its status."""
+    log = os.path.join(args.out, f"{name}.log")
+    cmd = [sys.executable, os.path.abspath(__file__), "--part", name, "--out", args.out,
+           "--deadline", str(time.time() + timeout - 5), "--decode-dtype", args.decode_dtype]
+    cmd += ["--quick"] * args.quick + [f"--ours-set={kv}" for kv in args.ours_set]
+    env = dict(os.environ, TQDM_DISABLE="1", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("XLA_FLAGS", None)  # one real device, not fake CPU devices
+    print(f"[{time.strftime('%H:%M:%S')}] {name}: up to {timeout:.0f} s, log {log}", flush=True)
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=env, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=timeout)
+            status = "ok" if rc == 0 else f"failed (exit {rc})"
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            status = f"stopped at its time limit ({timeout:.0f} s)"
+    print(f"[{time.strftime('%H:%M:%S')}] {name}: {status} after {time.perf_counter() - t0:.0f} s", flush=True)
+    if status != "ok":
+        with open(log) as f:
+            print("".join(f.readlines()[-15:]), flush=True)
+    return status
+
+
+def read_records(out: str, name: str) -> dict:
+    path = os.path.join(out, f"{name}.jsonl")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return {r["item"]: r for r in map(json.loads, f)}
+
+
+def _cell(rec, fmt) -> str:
+    if rec is None:
+        return "not measured"
+    if "error" in rec:
+        return "failed: " + rec["error"][:80]
+    if "skipped" in rec:
+        return "skipped: " + rec["skipped"]
+    return fmt(rec)
+
+
+def _peak(device_name) -> float | None:
+    return next((v for k, v in PEAK_BF16.items() if k in (device_name or "")), None)
+
+
+def build_table(results: dict, quick: bool) -> tuple[str, list[str]]:
+    """The one markdown table, and the goal lines."""
+    get = lambda section, item: results.get(section, {}).get("records", {}).get(item)
+    ours_model = get("ours-train", "model") or {}
+    flops_tok = ours_model.get("flops_per_token")
+    sizes = SIZES[quick]
+    g = lambda x: "-" if x is None else f"{x:.1f} GB"
+    k = lambda x: f"{x / 1e3:.1f}k" if x >= 1e3 else f"{x:.0f}"
+
+    def mfu(rec, section):
+        peak = _peak((get(section, "device") or {}).get("device"))
+        return f"{rec['tokens_per_s'] * flops_tok / peak:.1%}" if peak and flops_tok else "n/a"
+
+    rows, goals = [], []
+    best = {"ours": 0.0, "torch": 0.0}
+    for b in sizes["train_batches"]:
+        o, t = get("ours-train", f"train {b}"), get("torch-train", f"train {b}")
+        ok = lambda r: r is not None and "tokens_per_s" in r
+        for who, r in (("ours", o), ("torch", t)):
+            if ok(r):
+                best[who] = max(best[who], r["tokens_per_s"])
+        rows.append([f"train, batch {b} x {sizes['seq_len']}: tokens/s",
+                     _cell(o, lambda r: k(r["tokens_per_s"])), _cell(o, lambda r: mfu(r, "ours-train")) if ok(o) else "-",
+                     _cell(o, lambda r: g(r["memory_gb"])) if ok(o) else "-",
+                     _cell(t, lambda r: k(r["tokens_per_s"])), _cell(t, lambda r: mfu(r, "torch-train")) if ok(t) else "-",
+                     _cell(t, lambda r: g(r["memory_gb"])) if ok(t) else "-",
+                     f"{o['tokens_per_s'] / t['tokens_per_s']:.2f}x" if ok(o) and ok(t) else "-"])
+    ref = get("ref-decode", "decode 1")
+    ref_ok = ref is not None and "ms_per_clip" in ref
+    for b in sizes["decode_batches"]:
+        o = get("ours-decode", f"decode {b}")
+        ok = o is not None and "ms_per_clip" in o
+        if b == 1:
+            what, mine, theirs = "decode, batch 1: ms per 5 s clip", _cell(o, lambda r: f"{r['ms_per_clip']:.0f}"), \
+                _cell(ref, lambda r: f"{r['ms_per_clip']:.0f}")
+            ratio = f"{ref['ms_per_clip'] / o['ms_per_clip']:.1f}x faster" if ok and ref_ok else "-"
+        else:
+            what, mine = f"decode, batch {b}: clips/s", _cell(o, lambda r: f"{r['clips_per_s']:.1f}")
+            theirs = _cell(ref, lambda r: f"{r['clips_per_s']:.2f} (one at a time)")
+            ratio = f"{o['clips_per_s'] / ref['clips_per_s']:.0f}x" if ok and ref_ok else "-"
+        peak = o.get("device_peak_gb") if ok else None
+        rows.append([what, mine, "-", "-" if peak is None else f"{peak:.1f} GB (device peak)", theirs, "-", "-", ratio])
+    for item in sorted(results.get("ours-decode", {}).get("records", {})):
+        if "," in item:  # the extras
+            o = get("ours-decode", item)
+            rows.append([f"ours, {item}", _cell(o, lambda r: f"{r['ms_per_clip']:.0f} ms per clip, "
+                                                      f"{r['clips_per_s']:.1f} clips/s"), "-", "-", "-", "-", "-", "-"])
+    table = _common.md_table(["", "ours", "ours MFU", "ours memory", "reference (PyTorch)", "reference MFU",
+                              "reference memory", "ours / reference"], rows)
+    o1, o256 = get("ours-decode", "decode 1"), get("ours-decode", f"decode {sizes['decode_batches'][-1]}")
+    b64 = get("ours-train", f"train {sizes['train_batches'][-1]}")
+    verdict = lambda ok: "PASS" if ok else "FAIL"
+    if best["ours"] and best["torch"]:
+        goals.append(f"train, best batch: {best['ours'] / best['torch']:.2f}x the reference (goal >= "
+                     f"{GOALS['train_ratio']}x): {verdict(best['ours'] >= GOALS['train_ratio'] * best['torch'])}")
+    remat = ours_model.get("config", {}).get("remat")
+    goals.append(f"train batch {sizes['train_batches'][-1]} x {sizes['seq_len']} fits (remat={remat}): "
+                 f"{verdict(b64 is not None and 'tokens_per_s' in b64)}")
+    if o1 and "ms_per_clip" in o1:
+        goals.append(f"decode batch 1: {o1['ms_per_clip']:.0f} ms per clip (goal <= {GOALS['decode1_ms']:.0f}): "
+                     f"{verdict(o1['ms_per_clip'] <= GOALS['decode1_ms'])}")
+    if o256 and "clips_per_s" in o256:
+        goals.append(f"decode batch {sizes['decode_batches'][-1]}: {o256['clips_per_s']:.0f} clips/s (goal >= "
+                     f"{GOALS['decode256_clips_s']:.0f}): {verdict(o256['clips_per_s'] >= GOALS['decode256_clips_s'])}")
+    if quick:
+        goals = [g_ + " (quick sizes: not the goal's measurement)" for g_ in goals]
+    return table, goals
+
+
+def write_outputs(args, results: dict, started: str) -> str:
+    table, goals = build_table(results, args.quick)
+    devices = {s: (r["records"].get("device") or {}).get("device") for s, r in results.items()}
+    status = "; ".join(f"{s}: {r['status']} ({r['wall_s']:.0f} of {r['timeout_s']:.0f} s)" for s, r in results.items())
+    decode = results.get("ours-decode", {}).get("records", {}).get("setup") or {}
+    md = "\n".join([
+        f"Command: `{args.command}`  ",
+        f"Decoding: ours {decode.get('rows', '?')} rows a clip ({decode.get('dtype', '?')} parameters, top-p {TOP_P}), "
+        f"the reference its 450 steps; ours per clip = one call's time / batch.  ",
+        f"Started {started}; devices: {', '.join(sorted({d for d in devices.values() if d}))}; "
+        f"versions: {', '.join(f'{k} {v}' for k, v in args.versions.items())}  ",
+        f"Sections: {status}", "", table, "", *[f"- {line}" for line in goals], "",
+    ])
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(md)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump({"command": args.command, "started": started, "versions": args.versions, "sections": results}, f,
+                  indent=2)
+    return md
+
+
+def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for p in ("jax", "jaxlib", "flax", "optax", "torch", "transformers", "tokensynth"):
+        try:
+            out[p] = version(p)
+        except PackageNotFoundError:
+            out[p] = "missing"
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="accel", help="folder for results.json, results.md, logs and partial results")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test that runs on a CPU")
+    parser.add_argument("--budget", type=float, default=540.0, help="seconds for all sections together")
+    parser.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated subset, in this order")
+    parser.add_argument("--ours-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override for ours, e.g. model.remat=True (repeatable)")
+    parser.add_argument("--decode-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                        help="parameters of ours when decoding (auto: bfloat16 on an accelerator, float32 on CPU)")
+    parser.add_argument("--part", choices=sorted(PARTS), help=argparse.SUPPRESS)
+    parser.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.out = os.path.abspath(args.out)  # the sections run from the repository root
+    os.makedirs(args.out, exist_ok=True)
+    if args.part:
+        section = Section(args)
+        open(section.path, "w").close()
+        PARTS[args.part](section)
+        return 0
+
+    args.command = "python benchmarks/accelerator.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    args.versions = versions()
+    started = time.strftime("%Y-%m-%d %H:%M %Z")
+    names = [s for s in args.sections.split(",") if s]
+    unknown = sorted(set(names) - set(SECTIONS))
+    if unknown:
+        parser.error(f"--sections: unknown {unknown}; choose from {list(SECTIONS)}")
+    t_start, results = time.perf_counter(), {}
+    for i, name in enumerate(names):
+        left = args.budget - (time.perf_counter() - t_start)
+        timeout = left * SECTIONS[name] / sum(SECTIONS[n] for n in names[i:])  # unused time flows on
+        t0 = time.perf_counter()
+        status = run_section(name, args, timeout) if timeout >= MIN_SECTION_S else "not run (time budget spent)"
+        results[name] = {"status": status, "timeout_s": timeout, "wall_s": time.perf_counter() - t0,
+                         "records": read_records(args.out, name)}
+        md = write_outputs(args, results, started)
+    print("\n" + md)
+    print(f"wrote {os.path.join(args.out, 'results.md')} and results.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
