@@ -18,6 +18,7 @@ def get_config(arg=None):
     c.model.mlp_ratio = 4  # MLP hidden = mlp_ratio * d_model
     c.model.num_codebooks = 9  # from the codec: DAC 44.1 kHz uses 9 of its codebooks
     c.model.codebook_size = 1024  # from the codec
+    c.model.midi_vocab_size = 1133  # channel-0 vocabulary (tokensynth_jax/midi_tokens.py)
     c.model.max_len = 1024  # learned positions: timbre + MIDI + separator + audio rows + end
     c.model.timbre_dim = 512  # CLAP embedding size
     c.model.timbre_hidden = 1024  # timbre MLP hidden width
@@ -25,8 +26,13 @@ def get_config(arg=None):
     c.model.conditioning = "timbre"  # "unconditional" for the guidance model
     c.model.null_timbre = False  # learn a null timbre for classifier-free guidance
     c.model.attention = "causal"  # "tokensynth-0.0.4" only for parity with that package
-    c.model.dtype = "float32"  # compute dtype
+    c.model.layer_norm_eps = 1e-5  # LayerNorm epsilon (torch's default, as the reference)
+    c.model.dtype = "float32"  # compute dtype ("bfloat16" on GPU/TPU; slower on this CPU)
     c.model.param_dtype = "float32"  # master weights
+    c.model.remat = "none"  # backward-pass rematerialisation: "none" | "full" | "dots"
+    c.model.attention_impl = "auto"  # "auto" (cuDNN on GPU, splash on TPU, XLA on CPU) | "xla" | "cudnn" | "pallas_tpu"
+    c.model.scan_layers = True  # blocks as one lax.scan (False: unrolled, no stacked copy of the weights)
+    c.model.loss_chunk = 256  # positions per output-head chunk of the loss (0: the whole sequence)
 
     c.codec = ml_collections.ConfigDict()
     c.codec.name = "descript/dac_44khz"  # Hugging Face id of the codec

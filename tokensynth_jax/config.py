@@ -19,6 +19,19 @@ from tokensynth_jax import token_layout
 # decoding step) output zeros. Kept only so parity with that package can be tested exactly.
 AttentionKind = Literal["causal", "tokensynth-0.0.4"]
 Conditioning = Literal["timbre", "unconditional"]
+# How causal self-attention over a sequence (training, prefill) is computed; see attention.py.
+# "auto": cuDNN flash attention on a CUDA GPU with bf16/fp16 compute, Pallas splash attention on
+# a TPU, the chunked XLA path elsewhere (fastest on CPU). All give the same numbers.
+AttentionImpl = Literal["auto", "xla", "cudnn", "pallas_tpu"]
+# Rematerialisation of each block in the backward pass: "none" keeps every activation; "full"
+# keeps only each block's input (least memory, one more forward); "dots" keeps the matmul outputs
+# without batch dimensions and the attention output, and recomputes the cheap elementwise work
+# (LayerNorm, GELU, dropout, softmax) and the attention scores.
+Remat = Literal["none", "full", "dots"]
+REMAT_POLICIES = ("none", "full", "dots")
+# Config fields that change how the model computes, not its parameters: a checkpoint trained
+# with one value loads under another.
+RUNTIME_FIELDS = ("dropout", "dtype", "remat", "attention_impl", "scan_layers", "loss_chunk")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,9 +55,24 @@ class ModelConfig:
     layer_norm_eps: float = 1e-5
     dtype: str = "float32"  # compute dtype of activations and matmuls ("bfloat16" on TPU/GPU)
     param_dtype: str = "float32"  # master weights
-    remat: bool = False  # rematerialise each block in the backward pass (saves activations)
+    remat: Remat = "none"  # "none" | "full" | "dots" (see Remat); True/False still mean "full"/"none"
+    attention_impl: AttentionImpl = "auto"  # "auto" | "xla" | "cudnn" | "pallas_tpu" (see AttentionImpl)
+    scan_layers: bool = True  # blocks as one lax.scan (XLA:CPU's backward is quadratic in depth unrolled)
+    loss_chunk: int = 256  # positions per output-head chunk of the training loss (0: all at once)
 
     def __post_init__(self):
+        # Checkpoints and command lines from before the policies name remat as a bool.
+        legacy = {True: "full", False: "none", "True": "full", "False": "none"}
+        if isinstance(self.remat, (bool, str)) and self.remat in legacy:
+            object.__setattr__(self, "remat", legacy[self.remat])
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"unknown remat {self.remat!r}; one of {', '.join(REMAT_POLICIES)}")
+        if self.attention_impl not in ("auto", "xla", "cudnn", "pallas_tpu"):
+            raise ValueError(f"unknown attention_impl {self.attention_impl!r}; one of auto, xla, cudnn, pallas_tpu")
+        if self.attention_impl == "cudnn" and self.dtype not in ("bfloat16", "float16"):
+            raise ValueError(f"attention_impl 'cudnn' needs dtype bfloat16 or float16, not {self.dtype!r}")
+        if self.loss_chunk < 0:
+            raise ValueError(f"loss_chunk must be >= 0, got {self.loss_chunk}")
         if self.d_model % self.num_heads:
             raise ValueError(f"d_model {self.d_model} is not divisible by num_heads {self.num_heads}")
         if self.attention not in ("causal", "tokensynth-0.0.4"):
@@ -83,6 +111,11 @@ class ModelConfig:
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
+
+    def runtime(self) -> dict[str, Any]:
+        """The fields of RUNTIME_FIELDS: `other.replace(**cfg.runtime()) == cfg` when the two
+        configs describe the same parameters."""
+        return {name: getattr(self, name) for name in RUNTIME_FIELDS}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -169,7 +169,7 @@ def train(config, workdir: str, init_from: str | None = None) -> dict:
         start = 0
         if init_from:
             loaded, _ = checkpoint.load_model(init_from, mesh)
-            if loaded.cfg.replace(dropout=cfg.dropout, dtype=cfg.dtype, remat=cfg.remat) != cfg:
+            if loaded.cfg.replace(**cfg.runtime()) != cfg:
                 raise checkpoint.CheckpointError(f"{init_from}: its model config differs from the run's: {loaded.cfg}")
             model, opt = nnx.merge(graphdef, state)
             nnx.update(model, nnx.state(loaded, nnx.Param))
