@@ -132,3 +132,31 @@ def test_model_with_the_splash_kernel_equals_xla_in_forward_and_left_padded_pref
 
     for a, b in zip(jax.tree.leaves(run(splash)), jax.tree.leaves(run(xla))):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices: XLA_FLAGS set in conftest")
+def test_splash_kernel_runs_per_shard_on_a_mesh():
+    """XLA cannot partition a Pallas TPU kernel: under a mesh in context each device runs it on its
+    items (data x fsdp) and heads (tensor), with the same numbers, forward and gradient."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from tokensynth_jax import sharding
+
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    rng = np.random.default_rng(3)
+    q, k, v = (jnp.asarray(rng.normal(size=(4, 29, 2, 8)), jnp.float32) for _ in range(3))
+    pad = jnp.asarray([0, 3, 28, 7], jnp.int32)
+    place = NamedSharding(mesh, PartitionSpec(("data", "fsdp"), None, "tensor", None))
+    q, k, v = (jax.device_put(x, place) for x in (q, k, v))
+    w = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
+
+    def run(impl):
+        f = lambda q, k, v: (attention.causal_self_attention(q, k, v, pad, impl=impl) * w).sum()
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))
+
+    with jax.set_mesh(mesh):
+        assert "shard_map" in str(jax.make_jaxpr(run("pallas_tpu"))(q, k, v))
+        got = run("pallas_tpu")(q, k, v)
+    want = run("xla")(q, k, v)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-5)

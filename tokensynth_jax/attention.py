@@ -24,6 +24,7 @@ import functools
 import jax
 import jax.extend
 import jax.numpy as jnp
+import numpy as np
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "pallas_tpu")
 SPLASH_BLOCKS = (512, 256, 128)  # splash tiles: the largest that divides the padded length
@@ -107,8 +108,37 @@ def causal_self_attention(q_blhd, k_blhd, v_blhd, pad_b=None, *, impl: str = "xl
     if impl == "cudnn":
         return padded_dot_product_attention(q_blhd, k_blhd, v_blhd, pad_b, implementation="cudnn")
     if impl == "pallas_tpu":
-        return splash_attention(q_blhd, k_blhd, v_blhd, pad_b, interpret=jax.default_backend() != "tpu")
+        splash = functools.partial(splash_attention, interpret=jax.default_backend() != "tpu")
+        return _per_shard(splash, q_blhd, k_blhd, v_blhd, pad_b)
     raise ValueError(f"unknown attention implementation {impl!r}; one of {IMPLEMENTATIONS[1:]}")
+
+
+def _per_shard(fn, q_blhd, k_blhd, v_blhd, pad_b):
+    """`fn` under `shard_map` over the mesh in context (`jax.set_mesh`, as train.py sets it):
+    batch over the mesh axes of the logical `batch` axis, heads over those of `heads`.
+
+    XLA cannot partition a Pallas TPU kernel; each device runs it on its own items and heads.
+    An axis that the mesh does not divide stays whole. Without a mesh in context (one device),
+    `fn` runs as it is.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return fn(q_blhd, k_blhd, v_blhd, pad_b)
+    from tokensynth_jax import sharding  # here: sharding imports the model, which imports us
+
+    def axes(logical: str, size: int):
+        names = sharding.logical_to_spec((logical,))[0]
+        names = tuple(a for a in ((names,) if isinstance(names, str) else names or ()) if a in mesh.axis_names)
+        return names if names and size % int(np.prod([mesh.shape[a] for a in names])) == 0 else None
+
+    P = jax.sharding.PartitionSpec
+    batch, heads = axes("batch", q_blhd.shape[0]), axes("heads", q_blhd.shape[2])
+    spec = P(batch, None, heads, None)
+    if pad_b is None:
+        return jax.shard_map(lambda q, k, v: fn(q, k, v, None), mesh=mesh, in_specs=(spec, spec, spec),
+                             out_specs=spec, check_vma=False)(q_blhd, k_blhd, v_blhd)
+    return jax.shard_map(fn, mesh=mesh, in_specs=(spec, spec, spec, P(batch)), out_specs=spec,
+                         check_vma=False)(q_blhd, k_blhd, v_blhd, pad_b)
 
 
 def _scaled(q_blhd):
@@ -157,7 +187,8 @@ def _splash_kernel(length: int, heads: int, block: int, interpret: bool):
     mask = sa.MultiHeadMask([sa.CausalMask((length, length)) for _ in range(heads)])
     sizes = sa.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
                           block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
-    return sa.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
+    with jax.ensure_compile_time_eval():  # concrete tables, so the cached kernel outlives any trace
+        return sa.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
 
 
 def splash_attention(q_blhd, k_blhd, v_blhd, pad_b=None, *, interpret: bool = False):
