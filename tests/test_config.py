@@ -51,8 +51,8 @@ def test_every_model_config_field_can_be_set_from_the_command_line():
     ("nonexistent.py", {}, "nonexistent.py: no such config file"),
     ("tiny", {"model.no_such_field": "1"}, "--config.model.no_such_field: no config field"),
     ("tiny", {"nothing.here": "1"}, "--config.nothing.here: no config field"),
-    ("tiny", {"train.steps": "abc"}, "--config.train.steps=abc: not a int"),
-    ("tiny", {"model.null_timbre": "3"}, "--config.model.null_timbre=3: not a bool"),
+    ("tiny", {"train.steps": "abc"}, "--config.train.steps=abc: not a value of type int"),
+    ("tiny", {"model.null_timbre": "3"}, "--config.model.null_timbre=3: not a value of type bool"),
     ("family:depth=0", {}, "family:depth=0: family depth must be at least 1"),
 ])
 def test_bad_configs_are_user_errors_naming_the_flag_or_file(spec, overrides, message):

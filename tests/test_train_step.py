@@ -110,15 +110,78 @@ def test_sharded_steps_match_one_device_and_state_is_sharded():
     assert data_sharding.spec[0] == ("data", "fsdp")
 
 
-def test_remat_gives_the_same_step():
+def test_speed_knobs_give_the_same_steps():
+    """Remat policies and unrolled layers compute the same steps; bf16 compute (weights stacked
+    for the layer scan already cast) gives the unrolled bf16 step and stays near fp32."""
     batch = _batch()
+    variants = [dict(), dict(remat="full"), dict(remat="dots"), dict(scan_layers=False, remat="dots"),
+                dict(dtype="bfloat16"), dict(dtype="bfloat16", scan_layers=False)]
     results = []
-    for remat in (False, True):
-        graphdef, state = _state(CFG.replace(remat=remat))
-        state, m = STEP(graphdef, state, batch, jax.random.PRNGKey(0))
-        state, m = STEP(graphdef, state, batch, jax.random.PRNGKey(1))
-        results.append((float(m["loss"]), float(m["grad_norm"])))
-    np.testing.assert_allclose(results[0], results[1], rtol=1e-5)
+    for changes in variants:
+        graphdef, state = _state(CFG.replace(**changes))
+        state, m1 = STEP(graphdef, state, batch, jax.random.PRNGKey(0))
+        state, m2 = STEP(graphdef, state, batch, jax.random.PRNGKey(1))
+        results.append(np.array([float(m1["grad_norm"]), float(m2["loss"])]))
+    fp32, bf16, bf16_unrolled = results[0], results[4], results[5]
+    for changes, result in zip(variants[1:4], results[1:4]):
+        np.testing.assert_allclose(result, fp32, rtol=1e-5, err_msg=str(changes))
+    np.testing.assert_allclose(bf16, bf16_unrolled, rtol=1e-2)
+    np.testing.assert_allclose(bf16, fp32, rtol=5e-2)
+    assert CFG.replace(remat=True).remat == "full" and CFG.replace(remat="False").remat == "none"
+
+
+def test_chunked_head_loss_equals_the_whole_sequence_loss_and_gradient():
+    """Chunks that do not divide the length (38 positions in chunks of 5, 16 and 38+)."""
+    model = TokenSynth(CFG.replace(loss_chunk=0), rngs=nnx.Rngs(0))
+    batch = _batch()
+    features = model.features(batch["rows"], batch["timbre"])
+    params = nnx.state(model, nnx.Param)
+
+    def loss(params, chunk):
+        m = nnx.merge(nnx.graphdef(TokenSynth(CFG.replace(loss_chunk=chunk), rngs=nnx.Rngs(0))), params)
+        ce, hit, count = T.head_losses(m, features, batch["targets"], batch["mask"])
+        return ce.sum() / count, (ce, hit, count)
+
+    (want, (ce0, hit0, n0)), g0 = jax.value_and_grad(loss, has_aux=True)(params, 0)
+    np.testing.assert_allclose(np.asarray(ce0), np.asarray(T.channel_losses(
+        model(batch["rows"], batch["timbre"]), batch["targets"], batch["mask"], CFG)[0]), rtol=1e-6)
+    for chunk in (5, 16, 64):
+        (got, (ce, hit, n)), g = jax.value_and_grad(loss, has_aux=True)(params, chunk)
+        np.testing.assert_allclose(np.asarray(ce), np.asarray(ce0), rtol=1e-5)
+        np.testing.assert_array_equal(np.asarray(hit), np.asarray(hit0))
+        assert float(n) == float(n0) == batch["mask"].sum()
+        for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g0)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-7)
+
+
+def test_chunked_loss_keeps_the_step_lean():
+    """With a reference-width head (10,358 logits) the chunked loss needs far fewer temporaries."""
+    cfg = CFG.replace(num_codebooks=9, codebook_size=1024, max_len=300, d_model=24, num_heads=2)
+    rng = np.random.default_rng(0)
+    batch = {"rows": rng.integers(0, 17, (4, 255, 10)).astype(np.int32), "timbre": np.zeros((4, 512), np.float32),
+             "targets": rng.integers(0, 17, (4, 256, 10)).astype(np.int32), "mask": np.ones((4, 256), bool)}
+    temps = {}
+    for chunk in (0, 16):
+        graphdef, state = _state(cfg.replace(loss_chunk=chunk))
+        compiled = STEP.lower(graphdef, state, batch, jax.random.PRNGKey(0)).compile()
+        temps[chunk] = compiled.memory_analysis().temp_size_in_bytes
+    logits_bytes = 4 * 256 * cfg.output_size * 4  # one fp32 copy of the whole batch's logits
+    # Whole, the step holds the logits and their gradient; chunked, a few chunks' worth (1/16 each).
+    assert temps[0] - temps[16] > 1.5 * logits_bytes, (temps, logits_bytes)
+
+
+def test_reference_config_sets_every_model_field():
+    """Every ModelConfig field can be set from a config file and the command line."""
+    import dataclasses
+    import os
+
+    from tokensynth_jax.config import load_config_file
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    c = load_config_file(os.path.join(root, "configs", "reference.py"), {"model.remat": "dots"})
+    assert set(c.model) == {f.name for f in dataclasses.fields(ModelConfig)}
+    assert ModelConfig.from_dict(c.model.to_dict()).remat == "dots"
+    assert ModelConfig.from_dict({**c.model.to_dict(), "remat": "none"}) == ModelConfig()  # the defaults
 
 
 def test_configs_build_models_of_the_documented_sizes():

@@ -31,6 +31,21 @@ class ConfigError(UserError):
     """A config file, override or model config that cannot be used; the message names the field."""
 
 
+# How causal self-attention over a sequence (training, prefill) is computed; see attention.py.
+# "auto": cuDNN flash attention on a CUDA GPU with bf16/fp16 compute, Pallas splash attention on
+# a TPU, the chunked XLA path elsewhere (fastest on CPU). All give the same numbers.
+AttentionImpl = Literal["auto", "xla", "cudnn", "pallas_tpu"]
+# Rematerialisation of each block in the backward pass: "none" keeps every activation; "full"
+# keeps only each block's input (least memory, one more forward); "dots" keeps the matmul outputs
+# without batch dimensions and the attention output, and recomputes the cheap elementwise work
+# (LayerNorm, GELU, dropout, softmax) and the attention scores.
+Remat = Literal["none", "full", "dots"]
+REMAT_POLICIES = ("none", "full", "dots")
+# Config fields that change how the model computes, not its parameters: a checkpoint trained
+# with one value loads under another.
+RUNTIME_FIELDS = ("dropout", "dtype", "remat", "attention_impl", "scan_layers", "loss_chunk")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Sizes and switches of the TokenSynth decoder."""
@@ -52,13 +67,28 @@ class ModelConfig:
     layer_norm_eps: float = 1e-5
     dtype: str = "float32"  # compute dtype of activations and matmuls ("bfloat16" on TPU/GPU)
     param_dtype: str = "float32"  # master weights
-    remat: bool = False  # rematerialise each block in the backward pass (saves activations)
+    remat: Remat = "none"  # "none" | "full" | "dots" (see Remat); True/False still mean "full"/"none"
+    attention_impl: AttentionImpl = "auto"  # "auto" | "xla" | "cudnn" | "pallas_tpu" (see AttentionImpl)
+    scan_layers: bool = True  # blocks as one lax.scan (XLA:CPU's backward is quadratic in depth unrolled)
+    loss_chunk: int = 256  # positions per output-head chunk of the training loss (0: all at once)
 
     def __post_init__(self):
         for name in _SIZES:
             value = getattr(self, name)
             if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"model.{name}={value!r}: a size must be a positive integer")
+        # Checkpoints and command lines from before the policies name remat as a bool.
+        legacy = {True: "full", False: "none", "True": "full", "False": "none"}
+        if isinstance(self.remat, (bool, str)) and self.remat in legacy:
+            object.__setattr__(self, "remat", legacy[self.remat])
+        if self.remat not in REMAT_POLICIES:
+            raise ConfigError(f"model.remat={self.remat!r}: unknown; one of {', '.join(REMAT_POLICIES)}")
+        if self.attention_impl not in ("auto", "xla", "cudnn", "pallas_tpu"):
+            raise ConfigError(f"model.attention_impl={self.attention_impl!r}: unknown; one of auto, xla, cudnn, pallas_tpu")
+        if self.attention_impl == "cudnn" and self.dtype not in ("bfloat16", "float16"):
+            raise ConfigError(f"model.attention_impl='cudnn' needs dtype bfloat16 or float16 (model.dtype={self.dtype!r})")
+        if self.loss_chunk < 0:
+            raise ConfigError(f"model.loss_chunk={self.loss_chunk}: must be >= 0")
         if self.d_model % self.num_heads:
             raise ConfigError(f"model.num_heads={self.num_heads} does not divide model.d_model={self.d_model} "
                               "(head_dim = d_model / num_heads)")
@@ -105,6 +135,11 @@ class ModelConfig:
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
+
+    def runtime(self) -> dict[str, Any]:
+        """The fields of RUNTIME_FIELDS: `other.replace(**cfg.runtime()) == cfg` when the two
+        configs describe the same parameters."""
+        return {name: getattr(self, name) for name in RUNTIME_FIELDS}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -67,6 +67,9 @@ def make_generate_fn(cfg: ModelConfig, sampler, max_rows: int):
     [B, max_rows - K + 1, K] (-1 after each item's end), num_frames [B], ended [B] (stopped on an
     end row, not the cap), rows [B, max_rows, 1 + K] (generated delayed rows), num_rows [B].
     """
+    # The XLA attention lowers for every platform; the fused kernels are per platform, and a
+    # custom call without a compatibility guarantee cannot be serialized.
+    cfg = cfg.replace(attention_impl="xla")
     names, treedef, _ = safetensors_format.param_structure(cfg)
     abstract = abstract_model(cfg)
     graphdef, abstract_state = nnx.split(abstract)

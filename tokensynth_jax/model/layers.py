@@ -11,7 +11,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
+from tokensynth_jax import attention
 from tokensynth_jax.config import ModelConfig
 
 KERNEL_INIT = nnx.initializers.normal(stddev=0.02)
@@ -37,11 +39,14 @@ class Dense(nnx.Module):
         self.num_in = len(in_shape)
         self.dtype = jnp.dtype(cfg.dtype)
 
-    def __call__(self, x):
+    def __call__(self, x, out_dtype=None):
+        """`out_dtype` (e.g. fp32 for logits) is what the product accumulates into and returns;
+        default the compute dtype."""
+        out_dtype = out_dtype or self.dtype
         kernel = self.kernel[...].astype(self.dtype)
         axes = (tuple(range(x.ndim - self.num_in, x.ndim)), tuple(range(self.num_in)))
-        y = jax.lax.dot_general(x.astype(self.dtype), kernel, (axes, ((), ())))
-        return y + self.bias[...].astype(self.dtype)
+        y = jax.lax.dot_general(x.astype(self.dtype), kernel, (axes, ((), ())), preferred_element_type=out_dtype)
+        return y.astype(out_dtype) + self.bias[...].astype(out_dtype)
 
 
 class LayerNorm(nnx.Module):
@@ -70,42 +75,6 @@ def dropout(x, rate: float, key):
     return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
-def attend(q_bqhd, k_bhkd, v_bhkd, valid_bqk):
-    """Softmax attention in fp32; a query with no valid key outputs zeros.
-
-    Keys and values are head-major ([B, H, S, h]): on XLA:CPU a slot-major cache made XLA
-    transpose the whole cache every step (21 ms vs 1.7 ms a layer at batch 16, 466 slots).
-    Queries go head-major too, and masked logits get the most negative float (not -inf) so
-    `jax.nn.softmax` and its fused gradient apply; rows with no valid key are zeroed afterwards.
-    The earlier -inf / isfinite formulation made the attention backward 2.5x slower on XLA:CPU
-    (0.45 s vs 0.18 s a layer at 1024 positions). Zeros for fully masked rows is what torch's
-    scaled_dot_product_attention returns, which the reference's inverted mask relies on.
-    """
-    q_bhqd = jnp.swapaxes(q_bqhd, 1, 2) * jnp.asarray(q_bqhd.shape[-1] ** -0.5, q_bqhd.dtype)
-    logits = jnp.einsum("bhqd,bhkd->bhqk", q_bhqd, k_bhkd, preferred_element_type=jnp.float32)
-    logits = jnp.where(valid_bqk[:, None], logits, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(logits, axis=-1)
-    weights = jnp.where(valid_bqk.any(-1)[:, None, :, None], weights, 0.0)
-    return jnp.swapaxes(jnp.einsum("bhqk,bhkd->bhqd", weights.astype(v_bhkd.dtype), v_bhkd), 1, 2)
-
-
-def attend_causal(q_bqhd, k_bhkd, v_bhkd, valid_bqk, chunk: int = 256):
-    """`attend` for masks that never let a query see a later key (causal, with or without left
-    padding), in query chunks that each read only the keys up to their own end.
-
-    Skips the upper triangle: at 1024 positions in chunks of 256 it does 10/16 of the score and
-    softmax work, which is most of attention's cost on a CPU.
-    """
-    length = q_bqhd.shape[1]
-    if length % chunk or length <= chunk:
-        return attend(q_bqhd, k_bhkd, v_bhkd, valid_bqk)
-    outs = []
-    for start in range(0, length, chunk):
-        end = start + chunk
-        outs.append(attend(q_bqhd[:, start:end], k_bhkd[:, :, :end], v_bhkd[:, :, :end], valid_bqk[:, start:end, :end]))
-    return jnp.concatenate(outs, axis=1)
-
-
 class KVCache(NamedTuple):
     """One layer's keys and values for every slot, [B, H, S, h]; a pytree passed in and out."""
 
@@ -122,20 +91,42 @@ class Attention(nnx.Module):
         self.key = Dense((d,), (h, hd), ("embed", "heads", "kv"), cfg, rngs=rngs)
         self.value = Dense((d,), (h, hd), ("embed", "heads", "kv"), cfg, rngs=rngs)
         self.out = Dense((h, hd), (d,), ("heads", "kv", "embed"), cfg, rngs=rngs)
-        self.causal = cfg.attention == "causal"
+        self.impl = cfg.attention_impl
 
-    def __call__(self, x_bld, valid_bqk, cache: KVCache | None = None, slot=None):
-        """Attends over this call's keys, or over `cache` after writing them at `slot`."""
-        q, k, v = self.project_qkv(x_bld)
-        k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, H, L, h]
+    def __call__(self, x_bld, valid_bqk=None, cache: KVCache | None = None, slot=None, pad_b=None):
+        """Self-attention of this call's rows, writing their keys and values into `cache` at `slot`.
+
+        Args:
+          x_bld: [B, L, D] input rows.
+          valid_bqk: a dense [B, L, S] mask over the keys attended to: the cache's slots when
+            there is a cache, else this call's. None: causal attention over this call's own keys
+            only (full forwards; a prefill into a fresh cache from slot 0), computed by the
+            fused kernel of `ModelConfig.attention_impl`.
+          cache: one layer's KVCache, or None.
+          slot: where this call's keys go in the cache.
+          pad_b: int [B] left padding of each item (causal path only; None: none).
+        Returns:
+          ([B, L, D] output, the updated cache or None).
+        """
+        q, k, v = self.project_qkv(x_bld)  # [B, L, H, h]
         if cache is not None:
-            k = jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype), slot, axis=2)
-            v = jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype), slot, axis=2)
-            cache = KVCache(k, v)
-        # Without a cache this call's queries are its keys, in order; the causal pattern never
-        # attends ahead, so the upper triangle can be skipped.
-        fn = attend_causal if cache is None and self.causal else attend
-        y = fn(q, k.astype(q.dtype), v.astype(q.dtype), valid_bqk)
+            cache = KVCache(
+                jax.lax.dynamic_update_slice_in_dim(cache.k, jnp.swapaxes(k, 1, 2).astype(cache.k.dtype), slot, axis=2),
+                jax.lax.dynamic_update_slice_in_dim(cache.v, jnp.swapaxes(v, 1, 2).astype(cache.v.dtype), slot, axis=2),
+            )
+        if valid_bqk is None:
+            if cache is not None:  # attend to exactly what later steps will read back
+                k, v = k.astype(cache.k.dtype).astype(q.dtype), v.astype(cache.v.dtype).astype(q.dtype)
+            impl = attention.resolve(self.impl, q.dtype)
+            y = attention.causal_self_attention(q, k, v, pad_b, impl=impl)
+        else:
+            if cache is not None:
+                k_bhsd, v_bhsd = cache.k, cache.v
+            else:
+                k_bhsd, v_bhsd = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
+            y = attention.attend(q, k_bhsd.astype(q.dtype), v_bhsd.astype(q.dtype), valid_bqk)
+        # Named so the "dots" remat policy keeps it: a fused kernel's output is no matmul.
+        y = checkpoint_name(y, "attention")
         return self.out(y), cache
 
     def project_qkv(self, x_bld):
@@ -158,7 +149,7 @@ class FusedQKVAttention(Attention):
         self.qkv.kernel.set_value(jnp.stack([p.kernel[...] for p in parts], axis=1))
         self.qkv.bias.set_value(jnp.stack([p.bias[...] for p in parts], axis=0))
         self.out = attn.out
-        self.causal = attn.causal
+        self.impl = attn.impl
 
     def project_qkv(self, x_bld):
         qkv = self.qkv(x_bld)  # [B, L, 3, H, h]
@@ -186,9 +177,10 @@ class Block(nnx.Module):
         self.mlp = Mlp(cfg, rngs=rngs)
         self.rate = cfg.dropout
 
-    def __call__(self, x, valid_bqk, cache=None, slot=None, dropout_key=None):
+    def __call__(self, x, valid_bqk=None, cache=None, slot=None, dropout_key=None, pad_b=None):
+        """One block; `valid_bqk`, `cache`, `slot` and `pad_b` as `Attention.__call__`."""
         keys = (None, None) if dropout_key is None else tuple(jax.random.split(dropout_key))
-        y, cache = self.attn(self.ln1(x), valid_bqk, cache, slot)
+        y, cache = self.attn(self.ln1(x), valid_bqk, cache, slot, pad_b)
         x = x + dropout(y, self.rate, keys[0])
         x = x + dropout(self.mlp(self.ln2(x)), self.rate, keys[1])
         return x, cache

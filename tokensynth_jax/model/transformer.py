@@ -89,46 +89,73 @@ class TokenSynth(nnx.Module):
         return start
 
     # --- shared trunk -------------------------------------------------------------------------
-    def _trunk(self, x_bld, valid_bqk, caches=None, slot=None, dropout_rng=None):
+    def _trunk(self, x_bld, valid_bqk, caches=None, slot=None, dropout_rng=None, pad_b=None):
+        """The blocks and the final LayerNorm: ([B, L, D] features, new caches or None).
+
+        `valid_bqk` None means causal self-attention (see `layers.Attention`)."""
         keys = [None] * len(self.blocks)
         if dropout_rng is not None:
             dropout_rng, *keys = jax.random.split(dropout_rng, len(self.blocks) + 1)
             x_bld = layers.dropout(x_bld, self.cfg.dropout, dropout_rng)
-        if caches is None and len(self.blocks) > 1:
-            x_bld = self._scan_blocks(x_bld, valid_bqk, keys)
-            return self.head(self.final_ln(x_bld)).astype(jnp.float32), None
+        call = self._block_call()
+        if caches is None and self.cfg.scan_layers and len(self.blocks) > 1:
+            return self.final_ln(self._scan_blocks(call, x_bld, valid_bqk, keys, pad_b)), None
         new_caches = []
         for i, block in enumerate(self.blocks):
-            call = nnx.remat(type(block).__call__) if self.cfg.remat else type(block).__call__
             cache = None if caches is None else caches[i]
-            x_bld, cache = call(block, x_bld, valid_bqk, cache, slot, keys[i])
+            x_bld, cache = call(block, x_bld, valid_bqk, cache, slot, keys[i], pad_b)
             new_caches.append(cache)
-        logits = self.head(self.final_ln(x_bld)).astype(jnp.float32)
-        return logits, (None if caches is None else tuple(new_caches))
+        return self.final_ln(x_bld), (None if caches is None else tuple(new_caches))
 
-    def _scan_blocks(self, x_bld, valid_bqk, keys):
+    def _block_call(self):
+        """`Block.__call__`, rematerialised in the backward pass as `cfg.remat` says."""
+        call = type(self.blocks[0]).__call__
+        if self.cfg.remat == "none":
+            return call
+        policy = None  # "full": save only the block's inputs
+        if self.cfg.remat == "dots":
+            policy = jax.checkpoint_policies.save_from_both_policies(
+                jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+                jax.checkpoint_policies.save_only_these_names("attention"),
+            )
+        # Inside a scan XLA cannot merge the recomputation with the forward (CSE), so the guard
+        # against it is only needed unrolled.
+        return nnx.remat(call, policy=policy, prevent_cse=not self.cfg.scan_layers)
+
+    def _scan_blocks(self, call, x_bld, valid_bqk, keys, pad_b):
         """The blocks as one `lax.scan` over their stacked parameters (full forwards: training,
-        evaluation, prefill without a cache).
+        evaluation).
 
         Why: unrolled, XLA:CPU fused each block's residual gradient into every consumer of it and
         recomputed the whole chain from the last block down, so the backward pass grew
         quadratically with depth (a 12 x 1024 train step at 1024 positions: 19.9 s, 3x PyTorch).
         A loop boundary materialises the residual and its gradient once per block. Parameters
-        stay per block (checkpoints, conversion, sharding annotations are unchanged); stacking
-        them is one copy per step.
+        stay per block (checkpoints, conversion, sharding annotations are unchanged), so they are
+        stacked here, once per step. The matmul weights are stacked already cast to the compute
+        dtype: with bf16 compute the stack is the cast that mixed precision does anyway (one
+        pass, half the bytes), and the blocks read bf16 directly. LayerNorm parameters stay fp32.
         """
+        dtype = jnp.dtype(self.cfg.dtype)
         graphdef = nnx.graphdef(self.blocks[0])
-        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.state(b) for b in self.blocks])
+        norms = nnx.Any(nnx.PathContains("ln1"), nnx.PathContains("ln2"))
+        dense = [nnx.state(b, nnx.Not(norms)) for b in self.blocks]
+        ln = [nnx.state(b, norms) for b in self.blocks]
+        stack = lambda *xs: jnp.stack([x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x for x in xs])
+        stacked_dense = jax.tree.map(stack, *dense)
+        stacked_ln = jax.tree.map(lambda *xs: jnp.stack(xs), *ln)
         key_stack = None if keys[0] is None else jnp.stack(keys)
-        call = nnx.remat(type(self.blocks[0]).__call__) if self.cfg.remat else type(self.blocks[0]).__call__
 
         def body(x, xs):
-            state, key = xs
-            x, _ = call(nnx.merge(graphdef, state), x, valid_bqk, None, None, key)
+            dense_state, ln_state, key = xs
+            x, _ = call(nnx.merge(graphdef, dense_state, ln_state), x, valid_bqk, None, None, key, pad_b)
             return x, None
 
-        x_bld, _ = jax.lax.scan(body, x_bld, (stacked, key_stack))
+        x_bld, _ = jax.lax.scan(body, x_bld, (stacked_dense, stacked_ln, key_stack))
         return x_bld
+
+    def logits(self, features_bld):
+        """Output head: [..., D] features -> [..., V] fp32 logits (accumulated in fp32)."""
+        return self.head(features_bld, out_dtype=jnp.float32)
 
     # --- entry points -------------------------------------------------------------------------
     def __call__(self, rows_blc, timbre_bt=None, *, use_null_b=None, dropout_rng=None):
@@ -140,15 +167,22 @@ class TokenSynth(nnx.Module):
           use_null_b: bool [B], replace the timbre by the learned null embedding (CFG training).
           dropout_rng: a PRNG key for dropout; None is inference.
         """
+        return self.logits(self.features(rows_blc, timbre_bt, use_null_b=use_null_b, dropout_rng=dropout_rng))
+
+    def features(self, rows_blc, timbre_bt=None, *, use_null_b=None, dropout_rng=None):
+        """The full forward up to the output head: [B, L + 1, D] in the compute dtype (what the
+        training loss feeds to the head chunk by chunk)."""
         batch, length = rows_blc.shape[:2]
         x = jnp.concatenate(
             [self.start_embedding(batch, timbre_bt, use_null_b)[:, None], self.embed_rows(rows_blc)], axis=1
         )
         x = x + self.pos_embed[: length + 1].astype(x.dtype)
-        slots = jnp.arange(length + 1)
-        valid = attention_valid(slots, slots, jnp.zeros((batch,), jnp.int32), length, self.cfg.attention)
-        logits, _ = self._trunk(x, valid, dropout_rng=dropout_rng)
-        return logits
+        valid = None  # causal: the attention kernel builds its own pattern
+        if self.cfg.attention != "causal":
+            slots = jnp.arange(length + 1)
+            valid = attention_valid(slots, slots, jnp.zeros((batch,), jnp.int32), length, self.cfg.attention)
+        features, _ = self._trunk(x, valid, dropout_rng=dropout_rng)
+        return features
 
     def for_decoding(self, dtype: str | None = None) -> "TokenSynth":
         """This model prepared for `prefill` and `decode`: each layer's query, key and value
@@ -200,9 +234,11 @@ class TokenSynth(nnx.Module):
         x = jnp.where((slots[None, :] == pad_b[:, None])[..., None], start[:, None], x)
         positions = jnp.clip(slots[None, :] - pad_b[:, None], 0, self.cfg.max_len - 1)
         x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(x.dtype)
-        valid = attention_valid(slots, jnp.arange(cache[0].k.shape[2]), pad_b, num_rows, self.cfg.attention)
-        logits, cache = self._trunk(x, valid, cache, 0)
-        return logits[:, -1], cache
+        valid = None  # causal: over the prompt's own keys, left padding from pad_b
+        if self.cfg.attention != "causal":
+            valid = attention_valid(slots, jnp.arange(cache[0].k.shape[2]), pad_b, num_rows, self.cfg.attention)
+        features, cache = self._trunk(x, valid, cache, 0, pad_b=pad_b)
+        return self.logits(features[:, -1]), cache
 
     def decode(self, row_bc, pad_b, slot, *, cache):
         """One row per item written at `slot`; returns its logits [B, V] and the cache."""
@@ -212,8 +248,8 @@ class TokenSynth(nnx.Module):
         valid = attention_valid(
             jnp.reshape(slot, (1,)), jnp.arange(cache[0].k.shape[2]), pad_b, slot, self.cfg.attention
         )
-        logits, cache = self._trunk(x, valid, cache, slot)
-        return logits[:, 0], cache
+        features, cache = self._trunk(x, valid, cache, slot)
+        return self.logits(features[:, 0]), cache
 
 
 def abstract_model(cfg: ModelConfig, seed: int = 0) -> TokenSynth:

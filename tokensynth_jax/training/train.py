@@ -214,7 +214,7 @@ def train(config, workdir: str, init_from: str | None = None) -> dict:
         start = 0
         if init_from:
             loaded, _ = checkpoint.load_model(init_from, mesh)
-            if loaded.cfg.replace(dropout=cfg.dropout, dtype=cfg.dtype, remat=cfg.remat) != cfg:
+            if loaded.cfg.replace(**cfg.runtime()) != cfg:
                 raise checkpoint.CheckpointError(f"{init_from}: its model config differs from the run's: {loaded.cfg}")
             model, opt = nnx.merge(graphdef, state)
             nnx.update(model, nnx.state(loaded, nnx.Param))
@@ -226,10 +226,17 @@ def train(config, workdir: str, init_from: str | None = None) -> dict:
         functools.partial(ts.train_step, graphdef, null_rate=tc.null_rate, grad_accum=tc.grad_accum),
         in_shardings=(state_shardings, batch_shardings, None), out_shardings=(state_shardings, None), donate_argnums=0,
     )
-    eval_fn = jax.jit(functools.partial(ts.eval_step, graphdef), in_shardings=(state_shardings, batch_shardings))
+    eval_jit = jax.jit(functools.partial(ts.eval_step, graphdef), in_shardings=(state_shardings, batch_shardings))
+
+    # The steps are traced with the mesh in context: the Pallas TPU attention, which XLA cannot
+    # partition, is shard_mapped over it (attention._per_shard).
+    def eval_fn(*args):
+        with jax.set_mesh(mesh):
+            return eval_jit(*args)
 
     first = to_global(next(data_iter), batch_shardings)
-    compiled = step_fn.lower(state, first, jax.random.PRNGKey(0)).compile()
+    with jax.set_mesh(mesh):
+        compiled = step_fn.lower(state, first, jax.random.PRNGKey(0)).compile()
     mem = compiled.memory_analysis()
     if mem is not None:
         log.info("train step memory (MB): arguments %.1f, outputs %.1f, temporaries %.1f",

@@ -36,13 +36,48 @@ def channel_losses(logits_blv, targets_blc, mask_bl, cfg: ModelConfig):
     return (ce * m).sum((0, 1)), (hit * m).sum((0, 1)), mask_bl.sum().astype(jnp.float32)
 
 
+def head_losses(model: TokenSynth, features_bld, targets_blc, mask_bl):
+    """`channel_losses` of the output head over `features`, `cfg.loss_chunk` positions at a time.
+
+    The head is 10,358 logits wide at the reference size: fp32 logits of a whole batch (and their
+    gradient, and softmax temporaries) would be the step's largest tensors. Here a `lax.scan`
+    over position chunks computes each chunk's logits, losses and hits, and `jax.checkpoint`
+    makes the backward recompute a chunk's logits rather than keep them: the head costs one more
+    matmul, and no more than one chunk of logits is alive at a time.
+    """
+    cfg = model.cfg
+    batch, length = targets_blc.shape[:2]
+    chunk = cfg.loss_chunk
+    if chunk == 0 or chunk >= length:
+        return channel_losses(model.logits(features_bld), targets_blc, mask_bl, cfg)
+    num = -(-length // chunk)
+    pad = num * chunk - length  # padded positions are masked out
+
+    def chunks(x):
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+        return jnp.swapaxes(x.reshape(batch, num, chunk, *x.shape[2:]), 0, 1)
+
+    @jax.checkpoint
+    def one(f_bcd, t_bcc, m_bc):
+        ce, hit, _ = channel_losses(model.logits(f_bcd), t_bcc, m_bc, cfg)
+        return ce, hit
+
+    def body(acc, xs):
+        ce, hit = one(*xs)
+        return (acc[0] + ce, acc[1] + hit), None
+
+    zeros = jnp.zeros((cfg.num_channels,), jnp.float32)
+    (ce, hit), _ = jax.lax.scan(body, (zeros, zeros), (chunks(features_bld), chunks(targets_blc), chunks(mask_bl)))
+    return ce, hit, mask_bl.sum().astype(jnp.float32)
+
+
 def _forward_losses(model: TokenSynth, batch, rng, null_rate: float, train: bool):
     use_null = None
     if model.cfg.null_timbre:
         null_key, rng = jax.random.split(rng)
         use_null = jax.random.bernoulli(null_key, null_rate, (batch["timbre"].shape[0],)) if train else None
-    logits = model(batch["rows"], batch["timbre"], use_null_b=use_null, dropout_rng=rng if train else None)
-    return channel_losses(logits, batch["targets"], batch["mask"], model.cfg)
+    features = model.features(batch["rows"], batch["timbre"], use_null_b=use_null, dropout_rng=rng if train else None)
+    return head_losses(model, features, batch["targets"], batch["mask"])
 
 
 def _loss(model, batch, rng, null_rate, norm):
