@@ -7,7 +7,6 @@ import subprocess
 import sys
 import textwrap
 
-
 from tokensynth_jax import cli, compile_cache
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
