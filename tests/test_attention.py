@@ -160,3 +160,18 @@ def test_splash_kernel_runs_per_shard_on_a_mesh():
     want = run("xla")(q, k, v)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-5)
+
+
+def test_the_reference_compatible_pattern_stays_on_the_xla_path():
+    """attention="tokensynth-0.0.4" is no causal pattern: whatever attention_impl says, it is
+    computed by `attend` with its dense mask (a causal kernel would change every position)."""
+    cfg = ModelConfig(num_layers=2, d_model=48, num_heads=3, num_codebooks=3, codebook_size=17, max_len=64,
+                      timbre_dim=29, timbre_hidden=31, attention="tokensynth-0.0.4", attention_impl="xla")
+    xla = randomize(TokenSynth(cfg, rngs=nnx.Rngs(0)), seed=1)
+    splash = nnx.merge(nnx.graphdef(TokenSynth(cfg.replace(attention_impl="pallas_tpu"), rngs=nnx.Rngs(0))),
+                       nnx.state(xla))
+    rows = jnp.asarray(np.random.default_rng(2).integers(0, 17, (1, 9, 4)), jnp.int32)
+    timbre = jnp.ones((1, 29), jnp.float32)
+    jaxpr = str(jax.make_jaxpr(lambda r: splash(r, timbre))(rows))
+    assert "pallas_call" not in jaxpr
+    np.testing.assert_array_equal(np.asarray(splash(rows, timbre)), np.asarray(xla(rows, timbre)))
