@@ -42,8 +42,8 @@ def _imports(module: str, path: str, known: set[str]) -> set[str]:
                 target = ".".join(base + ([node.module] if node.module else []))
             else:
                 target = node.module
-            found.add(target)
-            found.update(f"{target}.{alias.name}" for alias in node.names if f"{target}.{alias.name}" in known)
+            submodules = {f"{target}.{alias.name}" for alias in node.names if f"{target}.{alias.name}" in known}
+            found.update(submodules or {target})  # `from pkg import module` imports the module, not pkg's names
     # a name of ours resolves to the longest module that exists; third-party names keep their top level
     resolved = set()
     for name in found:

@@ -8,8 +8,8 @@ import pytest
 from conftest import randomize
 from flax import nnx
 
-from tokensynth_jax import attention
 from tokensynth_jax.config import ModelConfig
+from tokensynth_jax.model import attention
 from tokensynth_jax.model.transformer import TokenSynth
 
 B, L, H, HD = 3, 37, 3, 16  # odd length: splash pads it to 128 positions

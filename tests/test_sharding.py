@@ -7,6 +7,7 @@ from jax.sharding import PartitionSpec as P
 
 from tokensynth_jax import sharding
 from tokensynth_jax.config import ModelConfig
+from tokensynth_jax.model import transformer
 from tokensynth_jax.model.transformer import TokenSynth
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices: XLA_FLAGS set in conftest")
@@ -67,7 +68,7 @@ def mesh():
 
 @pytest.fixture(scope="module")
 def sharded(mesh):
-    return sharding.create_sharded(EVEN, mesh, seed=4)
+    return transformer.create_sharded(EVEN, mesh, seed=4)
 
 
 def test_parameters_are_born_sharded_by_the_rules(sharded, mesh):
@@ -99,7 +100,7 @@ def test_parameters_are_born_sharded_by_the_rules(sharded, mesh):
 
 def test_axes_that_do_not_divide_are_replicated(mesh):
     odd = EVEN.replace(num_heads=3)  # 3 heads over tensor=2
-    model = sharding.create_sharded(odd, mesh, seed=0)
+    model = transformer.create_sharded(odd, mesh, seed=0)
     assert model.blocks[0].attn.query.kernel[...].sharding.spec == P("fsdp", None, None)
     assert model.blocks[0].mlp.fc1.kernel[...].sharding.spec == P("fsdp", "tensor")
 

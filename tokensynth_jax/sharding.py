@@ -14,9 +14,6 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from tokensynth_jax.config import ModelConfig
-from tokensynth_jax.model.transformer import TokenSynth, abstract_model
-
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # Logical axis -> mesh axes (t5x-sized). Weights: FSDP over `embed`, tensor parallel over the
@@ -82,22 +79,3 @@ def state_shardings(abstract_state: nnx.State, mesh: Mesh, rules=DEFAULT_RULES):
         return NamedSharding(mesh, spec)
 
     return jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-
-
-def create_sharded(cfg: ModelConfig, mesh: Mesh, seed: int = 0, rules=DEFAULT_RULES) -> TokenSynth:
-    """A freshly initialised model whose parameters are born sharded on `mesh`."""
-    abstract = abstract_model(cfg, seed)
-    graphdef, abstract_state = nnx.split(abstract)
-    shardings = state_shardings(abstract_state, mesh, rules)
-
-    @jax.jit
-    def init():
-        return nnx.state(TokenSynth(cfg, rngs=nnx.Rngs(seed)))
-
-    state = jax.jit(init, out_shardings=shardings)()
-    return nnx.merge(graphdef, state)
-
-
-def batch_sharding(mesh: Mesh, ndim: int, rules=DEFAULT_RULES) -> NamedSharding:
-    """Sharding of a batch-major array: batch over data x fsdp, other axes replicated."""
-    return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), rules))

@@ -48,9 +48,10 @@ def _init(args) -> int:
 
     from tokensynth_jax import checkpoint, sharding
     from tokensynth_jax.config import ModelConfig
+    from tokensynth_jax.model import transformer
 
     cfg = ModelConfig.from_dict(config.model.to_dict())
-    model = sharding.create_sharded(cfg, sharding.make_mesh({"data": -1}), seed=args.seed)
+    model = transformer.create_sharded(cfg, sharding.make_mesh({"data": -1}), seed=args.seed)
     meta = {"weights": "random-init", "seed": args.seed, "config_file": args.config, "codec": config.codec.to_dict()}
     with outputs:
         checkpoint.save_model(temp, cfg, nnx.state(model, nnx.Param), meta)

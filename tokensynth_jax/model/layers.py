@@ -13,8 +13,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from tokensynth_jax import attention
 from tokensynth_jax.config import ModelConfig
+from tokensynth_jax.model import attention
 
 KERNEL_INIT = nnx.initializers.normal(stddev=0.02)
 
@@ -22,7 +22,7 @@ KERNEL_INIT = nnx.initializers.normal(stddev=0.02)
 def param(rngs: nnx.Rngs, init, shape, names, dtype) -> nnx.Param:
     """A parameter initialised by `init` and annotated with logical axis `names`.
 
-    Eager sharding is off: `sharding.create_sharded` places parameters through
+    Eager sharding is off: `transformer.create_sharded` places parameters through
     `jit(out_shardings=...)`, which needs no ambient mesh and works for abstract states.
     """
     return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=names, eager_sharding=False)

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from tokensynth_jax import sharding
 from tokensynth_jax.config import ModelConfig
 from tokensynth_jax.model import layers
 
@@ -258,3 +259,16 @@ def abstract_model(cfg: ModelConfig, seed: int = 0) -> TokenSynth:
     What restore targets, shardings, exports, tensor lists and parameter counts are read from.
     """
     return nnx.eval_shape(lambda: TokenSynth(cfg, rngs=nnx.Rngs(seed)))
+
+
+def create_sharded(cfg: ModelConfig, mesh, seed: int = 0, rules=sharding.DEFAULT_RULES) -> TokenSynth:
+    """A freshly initialised model whose parameters are born sharded on `mesh`."""
+    graphdef, abstract_state = nnx.split(abstract_model(cfg, seed))
+    shardings = sharding.state_shardings(abstract_state, mesh, rules)
+
+    @jax.jit
+    def init():
+        return nnx.state(TokenSynth(cfg, rngs=nnx.Rngs(seed)))
+
+    state = jax.jit(init, out_shardings=shardings)()
+    return nnx.merge(graphdef, state)

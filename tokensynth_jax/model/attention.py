@@ -26,6 +26,8 @@ import jax.extend
 import jax.numpy as jnp
 import numpy as np
 
+from tokensynth_jax import sharding
+
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "pallas_tpu")
 SPLASH_BLOCKS = (512, 256, 128)  # splash tiles: the largest that divides the padded length
 
@@ -124,7 +126,6 @@ def _per_shard(fn, q_blhd, k_blhd, v_blhd, pad_b):
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
         return fn(q_blhd, k_blhd, v_blhd, pad_b)
-    from tokensynth_jax import sharding  # here: sharding imports the model, which imports us
 
     def axes(logical: str, size: int):
         names = sharding.logical_to_spec((logical,))[0]
