@@ -57,7 +57,7 @@ def _env(changes):
 def _init(tmp_path, name, *flags, env=None):
     done = subprocess.run([sys.executable, "-c", textwrap.dedent(_SCRIPT), *flags, "init", "--config", TINY,
                            str(tmp_path / name)], capture_output=True, text=True, cwd=ROOT,
-                          env=_env(env), timeout=300)
+                          env=_env(env), timeout=1200)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.strip().splitlines()[-1])
 
