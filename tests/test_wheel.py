@@ -73,7 +73,10 @@ def test_wheel_installed_outside_the_checkout(tmp_path):
     for midi in sorted(glob.glob(str(demo / "synth" / "midi" / "*.mid"))):
         pair = os.path.splitext(os.path.basename(midi))[0][:8]
         for wav in sorted(glob.glob(str(demo / "synth" / f"cloning-*{pair}*.wav"))):
-            items.append({"id": os.path.basename(wav)[:-4], "task": "cloning", "generated": wav, "midi": midi})
+            clip = os.path.basename(wav)[len("cloning-"):-len(".wav")]
+            items.append({"id": f"cloning-{clip}", "task": "cloning", "generated": wav, "midi": midi,
+                          "target": str(demo / "synth" / f"target-{clip}.wav"),
+                          "reference": str(demo / "synth" / f"reference-{clip}.wav")})
     assert items, sorted(os.listdir(demo / "synth"))
     with open(elsewhere / "items.jsonl", "w") as f:
         f.writelines(json.dumps(item) + "\n" for item in items)

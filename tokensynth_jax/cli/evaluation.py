@@ -69,4 +69,9 @@ def _eval(args) -> int:
         evaluate.write_report(results, json_temp, md_temp, settings)
     print(evaluate.markdown_table(evaluate.aggregate(results)), end="")
     print(f"wrote {' and '.join(os.path.join(out_dir, n) for n in evaluate.REPORT_FILES)}")
+    board = os.path.join(out_dir, "tensorboard")  # clips and scores beside the report, once it is written
+    if evaluate.write_tensorboard(items, results, board):
+        print(f"wrote the clips and scores to {board} (tensorboard --logdir {board})")
+    else:
+        print("tensorboardX is not installed: no TensorBoard clips (pip install 'tokensynth-jax[eval]')")
     return 0
