@@ -120,7 +120,8 @@ def test_sharded_forward_equals_one_device(sharded, mesh):
     @nnx.jit
     def forward(model, rows, timbre):
         logits = model(rows, timbre)
-        return sharding.constrain(logits, mesh, ("batch", "length", "vocab"))
+        spec = sharding.logical_to_spec(("batch", "length", "vocab"))
+        return jax.lax.with_sharding_constraint(logits, jax.sharding.NamedSharding(mesh, spec))
 
     rows_s = jax.device_put(rows, sharding.batch_sharding(mesh, rows.ndim))
     timbre_s = jax.device_put(timbre, sharding.batch_sharding(mesh, timbre.ndim))

@@ -79,3 +79,8 @@ def state_shardings(abstract_state: nnx.State, mesh: Mesh, rules=DEFAULT_RULES):
         return NamedSharding(mesh, spec)
 
     return jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_sharding(mesh: Mesh, ndim: int, rules=DEFAULT_RULES) -> NamedSharding:
+    """Sharding of a batch-major array: batch over data x fsdp, other axes replicated."""
+    return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), rules))
