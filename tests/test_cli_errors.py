@@ -166,7 +166,7 @@ CASES = [
     ("prep-verify-no-such-output", ["prep", "verify", "{tmp}/data"], "data: no such directory", []),
     ("prep-verify-no-manifest", ["prep", "verify", "{tmp}/data"], "manifest", ["dir:data"]),
     # checkpoint verify
-    ("checkpoint-verify-no-such-dir", ["checkpoint", "verify", "{tmp}/none"], "none: no such directory", []),
+    ("checkpoint-verify-no-such-dir", ["checkpoint", "verify", "{tmp}/none"], "none", []),
     ("checkpoint-verify-not-a-checkpoint", ["checkpoint", "verify", "{tmp}/empty"], "empty", ["dir:empty"]),
     ("prep-missing-midi-dir", ["prep", "--out", "{tmp}/data", "--midi-dir", "{tmp}/lmd"], "--midi-dir", []),
     ("prep-programs-not-numbers", ["prep", "--out", "{tmp}/data", "--programs", "a,b"], "argument --programs", []),

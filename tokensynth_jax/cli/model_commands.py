@@ -289,7 +289,6 @@ def _export(args) -> int:
 def _checkpoint_verify(args) -> int:
     from tokensynth_jax import checkpoint
 
-    checks.input_dir(args.dir, "DIR")
     results = checkpoint.verify(args.dir, checksums=not args.sizes_only)
     for what, problems in results:
         print(f"{args.dir} {what}: " + ("ok" if not problems else "DAMAGED: " + "; ".join(problems)))
@@ -300,7 +299,8 @@ def _checkpoint_verify(args) -> int:
 
 
 def add_checkpoint_parser(sub) -> None:
-    p = checks.subcommand(sub, "checkpoint", _checkpoint_verify, help="check checkpoints offline")
+    p = checks.subcommand(sub, "checkpoint", _checkpoint_verify, help="check checkpoints offline",
+                          prog="tokensynth checkpoint verify")
     p.add_argument("action", choices=["verify"])
     p.add_argument("dir", help="a training workdir (its checkpoints/), a checkpoints/ folder or a model checkpoint")
     p.add_argument("--sizes-only", action="store_true", help="check file sizes, not sha256 (no reading)")
