@@ -102,7 +102,7 @@ def run(args, work: str) -> dict:
     embedding = os.path.join(work, "timbre.npy")
     np.save(embedding, emb / np.linalg.norm(emb))
     synth = ["synthesize", "--checkpoint", ckpt, "--midi", *midi, "--timbre-embedding", embedding, "--sampler", "top-p",
-             "--top-p", str(TOP_P)]
+             "--top-p", str(TOP_P), "--overwrite"]  # the warm runs rewrite the cold run's files
     wavs, tokens = ["--out", os.path.join(work, "wav")], ["--tokens-out", os.path.join(work, "codes.npy")]
     log = lambda name: os.path.join(work, f"{name}.log")
 
