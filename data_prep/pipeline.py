@@ -28,7 +28,7 @@ from apache_beam.utils import shared
 from tokensynth_jax.audio import encoders
 from tokensynth_jax.tokens import records
 
-from . import instrument_spec, instruments, midi_sources, pairs, paths, plan, render, sink
+from . import codec_fit, instrument_spec, instruments, midi_sources, pairs, paths, plan, render, sink
 from .config import PrepConfig
 
 _NS = "tokensynth_prep"
@@ -157,23 +157,24 @@ class RenderPairs(beam.DoFn):
 class _Encoders:
     """The models of one worker process (weak-referenceable for `shared.Shared`)."""
 
-    def __init__(self, cfg: PrepConfig):
+    def __init__(self, cfg: PrepConfig, codec: str):
         kw = dict(batch_size=cfg.encode_batch_size, device=cfg.device, offline=cfg.offline)
-        self.codec = encoders.Codec(cfg.codec, **kw)
+        self.codec = encoders.Codec(codec, **kw)
         self.clap = encoders.ClapEmbedder(cfg.clap, input_mode=cfg.clap_input, **kw)
 
 
 class EncodePairs(beam.DoFn):
     """A batch of rendered pairs -> ((split, shard), (pair id, record bytes))."""
 
-    def __init__(self, cfg: PrepConfig):
-        self.cfg = cfg
+    def __init__(self, cfg: PrepConfig, codec: str):
+        self.cfg, self.codec = cfg, codec  # codec: what the encoders load (a fitted codec's state path)
         self._shared = shared.Shared()
 
     def setup(self):
         if self.cfg.torch_threads:
             encoders.set_torch_threads(self.cfg.torch_threads)
-        self.models = self._shared.acquire(lambda: _Encoders(self.cfg), tag=self.cfg.fingerprint())
+        self.models = self._shared.acquire(lambda: _Encoders(self.cfg, self.codec),
+                                           tag=f"{self.cfg.fingerprint()}|{self.codec}")
 
     def process(self, batch):
         codec, clap = self.models.codec, self.models.clap
@@ -256,8 +257,13 @@ class WriteManifest(beam.DoFn):
 
 
 def build(p: beam.Pipeline, cfg: PrepConfig, *, specs, counts: dict, done: dict, codec: encoders.CodecInfo,
-          clap_model: str, midi_files: list[str] | None):
-    """Adds the job to a pipeline; returns the PCollection holding the manifest."""
+          clap_model: str, midi_files: list[str] | None, codec_source: str | None = None,
+          codec_manifest: dict | None = None):
+    """Adds the job to a pipeline; returns the PCollection holding the manifest.
+
+    `codec_source` is what the encoders load (default `cfg.codec`; a fitted codec's state path),
+    `codec_manifest` what the manifest adds to the codec's entry (where a fitted state is).
+    """
     if midi_files is None:
         segments = (p | "Phrases" >> beam.Create(range(cfg.procedural_candidates))
                     | "Reshuffle phrases" >> beam.Reshuffle()
@@ -280,13 +286,15 @@ def build(p: beam.Pipeline, cfg: PrepConfig, *, specs, counts: dict, done: dict,
     encoded = (rendered.pairs
                | "Batch" >> beam.BatchElements(min_batch_size=cfg.encode_batch_size,
                                              max_batch_size=cfg.encode_batch_size)
-               | "Encode" >> beam.ParDo(EncodePairs(cfg)).with_outputs(_REJECTED_PAIRS, main="records"))
+               | "Encode" >> beam.ParDo(EncodePairs(cfg, codec_source or cfg.codec)).with_outputs(
+                   _REJECTED_PAIRS, main="records"))
     rejected_pairs = ((rendered[_REJECTED_PAIRS], encoded[_REJECTED_PAIRS]) | "Rejected pairs" >> beam.Flatten())
     todo = [((split, i), None) for split, n in sorted(counts.items()) for i in range(n) if (split, i) not in done]
     summaries = ({"records": encoded.records, "rejected": rejected_pairs, "shard": p | "Shards" >> beam.Create(todo)}
                  | "Group by shard" >> beam.CoGroupByKey()
                  | "Write shards" >> beam.ParDo(WriteShard(cfg, counts)))
-    info = {"specs": [(s.instrument_id, s.split) for s in specs], "counts": counts, "codec": codec.to_dict(), "clap_model": clap_model,
+    info = {"specs": [(s.instrument_id, s.split) for s in specs], "counts": counts, "codec": {**codec.to_dict(), **(codec_manifest or {})},
+            "clap_model": clap_model,
             "num_files": len(midi_files or []), "done_summaries": list(done.values())}
     return (summaries
             | "All summaries" >> beam.combiners.ToList()
@@ -331,15 +339,19 @@ def run(cfg: PrepConfig, beam_args: list[str] | None = None) -> JobResult:
       encoders.EncoderError, instrument_spec.InstrumentError, midi_sources.SegmentError, sink.SinkError:
         before anything runs, naming what is missing or wrong.
     """
-    codec = encoders.codec_info(cfg.codec, offline=cfg.offline)
+    if cfg.codec != codec_fit.melrvq.NAME:  # a fitted codec has no info until it is fitted, below
+        encoders.codec_info(cfg.codec, offline=cfg.offline)
     encoders.check_clap(cfg.clap, offline=cfg.offline)
     clap_model = f"{cfg.clap}|{cfg.clap_input}"
     specs = instruments.list_instruments(cfg)
     counts = plan.shard_counts(specs, cfg)
     done = sink.completed_shards(cfg.output_dir, counts, cfg.fingerprint())
+    codec_source, state = codec_fit.prepare(cfg, specs)  # a fitted codec: fitted now, or the saved fit reused
+    codec = encoders.codec_info(codec_source, offline=cfg.offline)
     midi_files = midi_sources.list_midi_files(cfg.midi_dir) if cfg.midi_dir else None
     p = beam.Pipeline(options=PipelineOptions(beam_args or []))
-    build(p, cfg, specs=specs, counts=counts, done=done, codec=codec, clap_model=clap_model, midi_files=midi_files)
+    build(p, cfg, specs=specs, counts=counts, done=done, codec=codec, clap_model=clap_model, midi_files=midi_files,
+          codec_source=codec_source, codec_manifest=codec_fit.describe(state, cfg.output_dir))
     result = p.run()
     result.wait_until_finish()
     return JobResult(sink.read_manifest(cfg.output_dir), _counters(result))

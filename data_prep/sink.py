@@ -68,6 +68,14 @@ def write_json_atomic(path: str, obj) -> None:
     _publish(tmp, path)
 
 
+def write_bytes_atomic(path: str, data: bytes) -> None:
+    """Writes bytes under a temporary name, then renames them into place."""
+    tmp = _local_tmp(path)
+    with open(tmp, "wb") as f:
+        f.write(data)
+    _publish(tmp, path)
+
+
 def rejection_summary(rejections) -> tuple[dict, dict]:
     """(counts per reason, a few sorted example items per reason) of (reason, item) pairs."""
     counts, examples = {}, {}

@@ -1,5 +1,6 @@
-"""`tokensynth demo`, the README's main job, end to end at a small size: prep -> train ->
-synthesis of held-out instruments -> evaluation, with every artifact it promises on disk."""
+"""`tokensynth demo`, the README's main job, end to end at a small size: prep -> train -> synthesis of
+held-out instruments on held-out MIDI -> evaluation, with every artifact it promises on disk and the
+offline encoders (`demo-melrvq`, `demo-spectral`) named wherever numbers are shown."""
 import glob
 import json
 import os
@@ -14,34 +15,60 @@ from tokensynth_jax.inference import synthesize
 
 def test_demo_runs_the_whole_chain(tmp_path, capsys):
     workdir = str(tmp_path / "demo")
-    args = ["demo", "--workdir", workdir, "--steps", "12", "--pairs-per-instrument", "3", "--items", "2"]
+    args = ["demo", "--workdir", workdir, "--steps", "12", "--pairs-per-instrument", "3", "--items", "2",
+            "--programs", "0,11,24,32,40,56,71,73"]
     assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert "skipping text-to-instrument: demo-spectral embeds reference audio only" in out
 
+    manifest = json.load(open(os.path.join(workdir, "data", "manifest.json")))
+    assert manifest["codec"]["name"] == "demo-melrvq" and os.path.isfile(os.path.join(workdir, "data", manifest["codec"]["state"]))
     report = json.load(open(os.path.join(workdir, "eval", "eval.json")))
-    rows = {r["task"]: r for r in report["rows"]}
-    assert set(rows) == {"cloning", "text"} and all(r["n"] == 2 for r in rows.values())
+    rows = {(r["task"], r["model"]): r for r in report["rows"]}
+    assert set(rows) == {("cloning", "tokensynth"), ("cloning", "rendered target"), ("cloning", "codec round trip")}
+    assert all(r["n"] == 2 for r in rows.values())
     for r in rows.values():
-        assert r["mss"] > 0 and -1 <= r["clap_score"] <= 1 and 0 <= r["f1"] <= 1
-    test_instruments = json.load(open(os.path.join(workdir, "data", "manifest.json")))["instruments"]["test"]["ids"]
-    assert set(rows["cloning"]["instruments"]) <= set(test_instruments)  # only instruments never trained on
-    assert "| Instrument cloning |" in open(os.path.join(workdir, "eval", "eval.md")).read()
+        assert r["mss"] >= 0 and -1 <= r["clap_score"] <= 1 and 0 <= r["f1"] <= 1
+    assert rows["cloning", "rendered target"]["f1"] > 0.5  # the ceiling: the targets play their notes
+    test_instruments = manifest["instruments"]["test"]["ids"]
+    assert set(rows["cloning", "tokensynth"]["instruments"]) <= set(test_instruments)  # never trained on
+    md = open(os.path.join(workdir, "eval", "eval.md")).read()
+    assert "Codec: `demo-melrvq`" in md and "Timbre embedder: `demo-spectral`" in md and "| Instrument cloning |" in md
+    assert "Text-to-instrument: skipped" in md
 
     synth = os.path.join(workdir, "synth")
-    for item in report["items"]:
-        audio, rate = soundfile.read(os.path.join(synth, f"{item['id']}.wav"))
-        assert rate == 32000 and np.all(np.isfinite(audio))
-        assert 0 < len(audio) <= (5 + synthesize.RELEASE_SECONDS) * rate  # a 5 s clip's notes, then the release
-        assert os.path.isfile(os.path.join(workdir, "plots", f"{item['id']}.png"))
+    clips = sorted(os.path.basename(p)[len("target-"):-4] for p in glob.glob(os.path.join(synth, "target-*.wav")))
+    assert len(clips) == 2
+    generated = []
+    for clip in clips:
+        for kind in ("target", "reference", "cloning", "codec-round-trip"):
+            audio, rate = soundfile.read(os.path.join(synth, f"{kind}-{clip}.wav"))
+            longest = 5 + (synthesize.RELEASE_SECONDS if kind == "cloning" else 0.1)  # the MIDI's length, plus the release
+            assert rate == 16000 and 0 < len(audio) <= longest * rate and np.all(np.isfinite(audio)), (kind, clip)
+        generated.append(audio)
+        assert os.path.isfile(os.path.join(workdir, "plots", f"{clip}.png"))  # target | generated
+    assert not np.array_equal(*(g[: min(map(len, generated))] for g in generated))  # clips differ
     assert os.path.isfile(os.path.join(workdir, "plots", "loss.png"))
     meta = json.load(open(os.path.join(workdir, "model", "tokensynth.json")))["metadata"]
-    assert meta["clap_model"] == "tiny-clap|codec-rate" and meta["codec"]["name"] == "tiny-encodec"
+    assert meta["clap_model"] == "demo-spectral|codec-rate"
+    # The fitted codec travels with the checkpoint: its state is copied in and named relative to it.
+    assert meta["codec"]["name"] == "codec/demo-melrvq.npz" and meta["codec"]["fit"] == manifest["codec"]["fit"]
+    assert open(os.path.join(workdir, "model", "codec", "demo-melrvq.npz"), "rb").read() == \
+        open(os.path.join(workdir, "data", "codec", "demo-melrvq.npz"), "rb").read()
 
-    # The model records which CLAP made its training timbres: another one is refused.
+    # The model records which embedder made its training timbres: another one is refused, and this
+    # one has no text side.
     midi = sorted(glob.glob(os.path.join(synth, "midi", "*.mid")))[0]
     argv = ["synthesize", "--checkpoint", os.path.join(workdir, "model"), "--midi", midi, "--text", "a violin",
-            "--clap", "random-larger_clap_music", "--out", str(tmp_path / "x.wav")]
+            "--out", str(tmp_path / "x.wav")]
+    assert cli.main(argv + ["--clap", "tiny-clap"]) == 2
+    assert "trained on timbres from CLAP 'demo-spectral'" in capsys.readouterr().err
     assert cli.main(argv) == 2
-    assert "trained on timbres from CLAP 'tiny-clap'" in capsys.readouterr().err
+    assert "text-to-instrument needs a CLAP checkpoint" in capsys.readouterr().err
+    # From a reference recording it synthesizes, decoding with the codec the checkpoint names.
+    argv = ["synthesize", "--checkpoint", os.path.join(workdir, "model"), "--midi", midi,
+            "--timbre-audio", os.path.join(synth, f"reference-{clips[0]}.wav"), "--out", str(tmp_path / "y.wav")]
+    assert cli.main(argv) == 0 and soundfile.info(str(tmp_path / "y.wav")).samplerate == 16000
 
 
 def test_instrument_text_names_the_gm_program():

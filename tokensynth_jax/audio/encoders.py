@@ -5,7 +5,11 @@ pretrained checkpoints (Hugging Face ids or local paths) load the normal way and
 not in the cache and the hub cannot be reached, fail with a clear error, never a silent switch to
 random weights; `tiny-*` presets are tiny seeded random models of the same architectures (tests,
 the offline demo) and `random-*` presets are full-size random models with the published
-architectures (benchmarks), so asking for random weights is always explicit. Models run at a fixed
+architectures (benchmarks), so asking for random weights is always explicit. The offline demo's
+own encoders, named for what they are, need no weights: `demo-spectral` (spectral statistics in
+CLAP's shape, audio only) and `demo-melrvq`, a codec that `tokensynth prep --codec demo-melrvq`
+fits on its renders and saves as OUT/codec/demo-melrvq.npz; that file's path is then the codec's
+name everywhere else (training configs, checkpoints, synthesis). Models run at a fixed
 batch size (short batches are padded): on CPU an item's result then does not depend on which
 items share its batch, which keeps shards byte-identical however the runner bundles the work.
 """
@@ -17,6 +21,7 @@ import math
 import numpy as np
 
 from tokensynth_jax.audio import io as audio_io
+from tokensynth_jax.audio import melrvq, spectral_embedder
 from tokensynth_jax.errors import UserError
 from tokensynth_jax.tokens import records
 
@@ -68,9 +73,42 @@ class CodecInfo:
     num_codebooks: int
     codebook_size: int
     padding: str = records.PADDING_NONE  # how a clip is padded before encoding (records.py's codec["padding"])
+    fit: str = ""  # a fitted codec's state fingerprint (demo-melrvq); "" for pretrained and random ones
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if not d["fit"]:  # as records of unfitted codecs always said
+            del d["fit"]
+        return d
+
+
+def is_fitted_state(name: str) -> bool:
+    """Whether a codec name is the path of a fitted demo-melrvq state (what prep writes)."""
+    return name.endswith(".npz")
+
+
+def load_fitted_codec(path: str) -> melrvq.MelRVQ:
+    """The fitted codec saved at `path` (local, or any URL etils.epath reads, as Orbax does).
+
+    Raises:
+      EncoderError: no such file, or not a demo-melrvq state.
+    """
+    from etils import epath
+
+    try:
+        data = epath.Path(path).read_bytes()
+    except OSError as e:
+        raise EncoderError(f"codec {path!r}: cannot read the fitted {melrvq.NAME} state ({e}); "
+                           "it is written by tokensynth prep --codec demo-melrvq into OUT/codec/") from e
+    try:
+        return melrvq.MelRVQ.from_bytes(data, what=f"codec {path!r}")
+    except melrvq.MelRVQError as e:
+        raise EncoderError(str(e)) from e
+
+
+def _unfitted(name: str) -> EncoderError:
+    return EncoderError(f"codec {name!r} is fitted by `tokensynth prep --codec {name}` on the job's own renders; "
+                        f"elsewhere name the fitted state it wrote, OUT/codec/{melrvq.NAME}.npz")
 
 
 def _missing(name: str, what: str, e: Exception) -> EncoderError:
@@ -78,7 +116,8 @@ def _missing(name: str, what: str, e: Exception) -> EncoderError:
     return EncoderError(
         f"{what} {name!r} is not in the Hugging Face cache and the hub is unreachable ({type(e).__name__}): "
         f"download it first (huggingface-cli download {name}) or pick a tiny preset explicitly "
-        f"(--{what} {tiny}); presets: {sorted(CODEC_PRESETS if what == 'codec' else CLAP_PRESETS)}"
+        f"(--{what} {tiny}); presets: {sorted(CODEC_PRESETS if what == 'codec' else CLAP_PRESETS)}, and the "
+        f"offline demo's {melrvq.NAME if what == 'codec' else spectral_embedder.NAME}"
     )
 
 
@@ -109,6 +148,13 @@ def codec_info(name: str, *, offline: bool = False) -> CodecInfo:
     Raises:
       EncoderError: the codec is unknown, or a pretrained one is missing offline.
     """
+    if name == melrvq.NAME:
+        raise _unfitted(name)
+    if is_fitted_state(name):
+        fitted = load_fitted_codec(name)
+        c = fitted.config
+        return CodecInfo(melrvq.NAME, c.sample_rate, c.frame_rate, c.num_codebooks, c.codebook_size,
+                         fit=fitted.fingerprint[:16])
     kind, c = _codec_config(name, offline)
     if kind == "encodec":
         hop = int(np.prod(c.upsampling_ratios))
@@ -178,9 +224,13 @@ class Codec:
 
     def __init__(self, name: str, *, batch_size: int, device: str = "cpu", offline: bool = False):
         """Loads a codec preset or checkpoint (see module doc). Raises EncoderError."""
+        self.info = codec_info(name, offline=offline)
+        if is_fitted_state(name):  # numpy only: no torch, batch size and device play no part
+            self.kind, self.batch_size, self.device = "melrvq", batch_size, device
+            self.model = load_fitted_codec(name)
+            return
         from transformers import DacModel, EncodecModel
 
-        self.info = codec_info(name, offline=offline)
         kind, config = _codec_config(name, offline)
         cls = EncodecModel if kind == "encodec" else DacModel
         if name in CODEC_PRESETS:
@@ -206,11 +256,13 @@ class Codec:
           int64 [B, T, K] codes, undelayed. DAC pads each clip to a whole hop first, as descript's
           `preprocess` does (`info.padding`): T = ceil(N / hop), 431 frames for 5 s at 44.1 kHz.
         """
+        audio_bn = np.asarray(audio_bn, np.float32)
+        if self.kind == "melrvq":
+            return self.model.encode(audio_bn)
         import torch
 
         from tokensynth_jax.interop import dac_convert
 
-        audio_bn = np.asarray(audio_bn, np.float32)
         out = []
         for i in range(0, audio_bn.shape[0], self.batch_size):
             chunk = audio_bn[i : i + self.batch_size]
@@ -238,8 +290,6 @@ class Codec:
         Raises:
           EncoderError: codes of the wrong shape or out of the codebooks' range.
         """
-        import torch
-
         codes_btk = np.asarray(codes_btk)
         k, size = self.info.num_codebooks, self.info.codebook_size
         if codes_btk.ndim != 3 or codes_btk.shape[2] != k:
@@ -247,6 +297,10 @@ class Codec:
         if codes_btk.size and (codes_btk.min() < 0 or codes_btk.max() >= size):
             raise EncoderError(f"codec {self.info.name!r} has codes 0..{size - 1}, "
                                f"got {codes_btk.min()}..{codes_btk.max()}")
+        if self.kind == "melrvq":
+            return self.model.decode(codes_btk)
+        import torch
+
         hop = round(self.info.sample_rate / self.info.frame_rate)
         out = []
         for i in range(0, codes_btk.shape[0], self.batch_size):
@@ -277,7 +331,7 @@ def check_clap(name: str, *, offline: bool = False) -> None:
     Raises:
       EncoderError: a pretrained CLAP that is missing offline, or a model that is not CLAP.
     """
-    if name in CLAP_PRESETS:
+    if name in CLAP_PRESETS or name == spectral_embedder.NAME:
         return
     config = _hub_config(name, "clap", offline)
     if config.model_type != "clap":
@@ -293,7 +347,12 @@ class ClapEmbedder:
 
         input_mode "tokensynth-0.0.4" band-limits the reference to 16 kHz before CLAP's 48 kHz, as
         the reference implementation's front end does; "codec-rate" resamples straight to 48 kHz.
+        `demo-spectral` is no CLAP (see the module doc): numpy only, audio only, any input mode.
         """
+        self.name, self.batch_size, self.input_mode = name, batch_size, input_mode
+        if name == spectral_embedder.NAME:
+            self.model, self.device, self.dim = spectral_embedder.SpectralEmbedder(), device, spectral_embedder.DIM
+            return
         from transformers import ClapConfig, ClapFeatureExtractor, ClapModel
 
         if name in CLAP_PRESETS:
@@ -306,7 +365,6 @@ class ClapEmbedder:
                 features = ClapFeatureExtractor.from_pretrained(name, local_files_only=offline)
             except OSError as e:
                 raise _missing(name, "clap", e) from e
-        self.name, self.batch_size, self.input_mode = name, batch_size, input_mode
         self._offline, self._tokenizer = offline, None  # the text tokenizer loads on first use
         self.device = _torch_device(device)
         self.model, self.features = model.eval().to(self.device), features
@@ -327,6 +385,11 @@ class ClapEmbedder:
         Returns:
           float32 [B, D] unit-norm embeddings.
         """
+        if self.name == spectral_embedder.NAME:
+            try:
+                return self.model.embed(audio_bn, sample_rate)
+            except spectral_embedder.SpectralEmbedderError as e:
+                raise EncoderError(str(e)) from e
         import torch
 
         audio_bn = np.asarray(audio_bn, np.float32)
@@ -382,6 +445,11 @@ class ClapEmbedder:
         Returns:
           float32 [B, D] unit-norm embeddings, in the same space as `embed`'s.
         """
+        if self.name == spectral_embedder.NAME:
+            try:
+                return self.model.embed_text(texts)
+            except spectral_embedder.SpectralEmbedderError as e:
+                raise EncoderError(str(e)) from e
         import torch
 
         if not texts or any(not t.strip() for t in texts):

@@ -86,6 +86,11 @@ def positive_ints(text: str) -> list[int]:
     return _list_of(positive_int, text)
 
 
+def non_negative_ints(text: str) -> list[int]:
+    """Comma-separated integers >= 0, e.g. 0,40,73."""
+    return _list_of(non_negative_int, text)
+
+
 def positive_floats(text: str) -> list[float]:
     """Comma-separated positive numbers, e.g. 1e17,3e17."""
     return _list_of(positive_float, text)

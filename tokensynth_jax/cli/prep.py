@@ -15,6 +15,7 @@ import sys
 
 from tokensynth_jax.cli import checks
 from tokensynth_jax.cli.checks import UsageError
+from tokensynth_prep import held_out  # noqa: F401  (the demo's held-out clips, through this gate)
 from tokensynth_prep.config import AUG_EFFECTS, CLAP_INPUTS, SPLITS  # light: no Beam, no encoders
 
 
@@ -126,9 +127,11 @@ def add_prep_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--effects", type=_names, default=AUG_EFFECTS, help=f"comma-separated, of {','.join(AUG_EFFECTS)}")
     g = p.add_argument_group("encoders")
     g.add_argument("--codec", default="facebook/encodec_32khz",
-                   help="HF id or path, or a preset: tiny-encodec, tiny-dac, random-encodec_32khz, random-dac_44khz")
+                   help="HF id or path, or a preset: tiny-encodec, tiny-dac, random-encodec_32khz, random-dac_44khz; "
+                        "or demo-melrvq, an offline codec fitted on this job's renders (saved as OUT/codec/)")
     g.add_argument("--clap", default="laion/larger_clap_music",
-                   help="HF id or path, or a preset: tiny-clap, random-larger_clap_music")
+                   help="HF id or path, or a preset: tiny-clap, random-larger_clap_music; or demo-spectral, "
+                        "an offline timbre embedding of spectral statistics (audio only, no text)")
     g.add_argument("--clap-input", choices=CLAP_INPUTS, default="codec-rate")
     g.add_argument("--encode-batch-size", type=checks.positive_int, default=1, help="1 is fastest on CPU; ~32 on a GPU")
     g.add_argument("--device", default="cpu", help="torch device for CLAP and the codec")

@@ -185,8 +185,9 @@ def markdown_table(rows: Sequence[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(results: Sequence[dict], json_path: str, md_path: str, settings: dict) -> None:
-    """Writes the report: JSON (settings, rows, items) to `json_path`, the markdown table to `md_path`."""
+def write_report(results: Sequence[dict], json_path: str, md_path: str, settings: dict, preamble: str = "") -> None:
+    """Writes the report: JSON (settings, rows, items) to `json_path`, and to `md_path` the
+    `preamble` (what made the numbers: codec, embedder, split) then the markdown table."""
     rows = aggregate(results)
     metric_settings = {"mss_fft_sizes": list(metrics.MSS_FFT_SIZES), "mss_hop": "fft_size / 4",
                        "mss_log_eps": metrics.MSS_LOG_EPS, "pitch_tolerance_cents": metrics.PITCH_TOLERANCE_CENTS,
@@ -194,7 +195,7 @@ def write_report(results: Sequence[dict], json_path: str, md_path: str, settings
     with open(json_path, "w") as f:
         json.dump({"settings": {**metric_settings, **settings}, "rows": rows, "items": list(results)}, f, indent=2)
     with open(md_path, "w") as f:
-        f.write(markdown_table(rows))
+        f.write(preamble + ("\n" if preamble else "") + markdown_table(rows))
 
 
 def item_files(item: EvalItem) -> list[tuple[str, str]]:

@@ -34,10 +34,30 @@ def write_inference_checkpoint(config, workdir: str, out_dir: str, step: int | N
         model, step = reader.restore_params(step, cfg)
     finally:
         reader.close()
-    meta = {"weights": "trained", "source": os.path.abspath(workdir), "step": step, "codec": config.codec.to_dict()}
+    meta = {"weights": "trained", "source": os.path.abspath(workdir), "step": step,
+            "codec": _codec_with_checkpoint(config.codec.to_dict(), out_dir)}
     run_info = os.path.join(workdir, "run.json")
     if os.path.isfile(run_info):  # written by `tokensynth train`: which CLAP made the training timbres
         with open(run_info) as f:
             meta["clap_model"] = json.load(f).get("clap_model")
     checkpoint.save_model(out_dir, cfg, nnx.state(model, nnx.Param), meta)
     return step
+
+
+def _codec_with_checkpoint(codec: dict, out_dir: str) -> dict:
+    """The codec entry of the metadata. A fitted codec's state (demo-melrvq) is copied into the
+    checkpoint as codec/<name>.npz and named relative to it, so a checkpoint that is moved or
+    published decodes without the prep output it was trained from."""
+    import shutil
+
+    from tokensynth_jax.audio import encoders
+
+    if not encoders.is_fitted_state(codec.get("name", "")):
+        return codec
+    info = encoders.codec_info(codec["name"])
+    relative = f"codec/{os.path.basename(codec['name'])}"
+    os.makedirs(os.path.join(out_dir, "codec"), exist_ok=True)
+    tmp = os.path.join(out_dir, relative + ".tmp")
+    shutil.copyfile(codec["name"], tmp)
+    os.replace(tmp, os.path.join(out_dir, relative))
+    return {**codec, "name": relative, "fit": info.fit}

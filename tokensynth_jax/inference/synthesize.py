@@ -120,7 +120,9 @@ def resolve_codec(checkpoint_dir: str, meta: dict, asked: str | None, cfg: Model
     from tokensynth_jax.audio import encoders
 
     recorded = (meta.get("metadata") or {}).get("codec", {}).get("name")
-    if asked and recorded and asked != recorded:
+    if recorded and encoders.is_fitted_state(recorded) and not os.path.isabs(recorded) and "://" not in recorded:
+        recorded = os.path.join(checkpoint_dir, recorded)  # a fitted codec's state travels with the checkpoint
+    if asked and recorded and asked != recorded and not _same_fit(asked, recorded, offline):
         raise SynthesisError(f"{checkpoint_dir}: the model writes {recorded!r} codes, but --codec asks for "
                              f"{asked!r}; leave --codec out to decode with the checkpoint's own codec")
     name = asked or recorded
@@ -136,6 +138,18 @@ def resolve_codec(checkpoint_dir: str, meta: dict, asked: str | None, cfg: Model
             f"codec {name!r} has {info.num_codebooks} of {info.codebook_size}"
         )
     return name
+
+
+def _same_fit(a: str, b: str, offline: bool) -> bool:
+    """Whether two names are copies of one fitted codec state (same fingerprint)."""
+    from tokensynth_jax.audio import encoders
+
+    if not (encoders.is_fitted_state(a) and encoders.is_fitted_state(b)):
+        return False
+    try:
+        return encoders.codec_info(a, offline=offline).fit == encoders.codec_info(b, offline=offline).fit
+    except encoders.EncoderError:
+        return False
 
 
 def join_windows(window_audio: Sequence[np.ndarray], starts: Sequence[float], sample_rate: int,
