@@ -69,6 +69,11 @@ def test_demo_runs_the_whole_chain(tmp_path, capsys):
     argv = ["synthesize", "--checkpoint", os.path.join(workdir, "model"), "--midi", midi,
             "--timbre-audio", os.path.join(synth, f"reference-{clips[0]}.wav"), "--out", str(tmp_path / "y.wav")]
     assert cli.main(argv) == 0 and soundfile.info(str(tmp_path / "y.wav")).samplerate == 16000
+    # Naming the prep output's copy of the same fit is the same codec; any other codec is refused.
+    data_state = os.path.join(workdir, "data", "codec", "demo-melrvq.npz")
+    assert cli.main(argv + ["--overwrite", "--codec", data_state]) == 0
+    assert cli.main(argv + ["--overwrite", "--codec", "tiny-encodec"]) == 2
+    assert "the model writes" in capsys.readouterr().err
 
 
 def test_instrument_text_names_the_gm_program():
