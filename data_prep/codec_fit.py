@@ -57,22 +57,24 @@ def _fit_clips(cfg: PrepConfig, specs: list, sample_rate: int) -> list[np.ndarra
     return clips
 
 
-def prepare(cfg: PrepConfig, specs: list) -> tuple[str, str | None]:
-    """The codec name the job's encoders load, and the fitted state's path relative to the output.
+def prepare(cfg: PrepConfig, specs: list) -> tuple[str, dict]:
+    """The codec name the job's encoders load, and what the manifest adds to the codec's entry.
 
     Args:
       cfg: the job config; only `cfg.codec == "demo-melrvq"` fits anything.
       specs: the job's instruments (with their splits).
 
     Returns:
-      (codec name, state path relative to `cfg.output_dir` or None for codecs that are not fitted).
+      (codec name, manifest entries): for a fitted codec its state's path and the entries saying
+      where the state is (relative to `cfg.output_dir`) and how it was fitted; other codecs pass
+      through with no entries.
 
     Raises:
       sink.SinkError: the output holds a fit of another configuration, or a broken one.
       melrvq.MelRVQError: the sample has too few frames to fit the codebooks.
     """
     if cfg.codec != melrvq.NAME:
-        return cfg.codec, None
+        return cfg.codec, {}
     state_path, sidecar_path = state_paths(cfg.output_dir)
     relative = f"{STATE_DIR}/{melrvq.NAME}.npz"
     fingerprint = cfg.fingerprint()
@@ -91,21 +93,13 @@ def prepare(cfg: PrepConfig, specs: list) -> tuple[str, str | None]:
         if fitted.fingerprint != sidecar.get("fit"):
             raise sink.SinkError(f"{cfg.output_dir}: {relative} does not match its sidecar's fit; "
                                  f"delete {STATE_DIR}/ to refit")
-        return state_path, relative
-    clips = _fit_clips(cfg, specs, melrvq.MelRVQConfig().sample_rate)
-    fitted = melrvq.fit(clips)
-    sink.write_bytes_atomic(state_path, fitted.to_bytes())
-    sink.write_json_atomic(sidecar_path, {"codec": melrvq.NAME, "config_fingerprint": fingerprint,
-                                          "fit": fitted.fingerprint, "clips": len(clips),
-                                          "seconds": float(sum(len(c) for c in clips)) / fitted.config.sample_rate})
-    return state_path, relative
-
-
-def describe(state_relative: str | None, output_dir: str) -> dict:
-    """What the manifest adds to a fitted codec's entry: where its state is and how it was fitted."""
-    if state_relative is None:
-        return {}
-    sidecar = sink.read_json(state_paths(output_dir)[1])
-    return {"state": state_relative, "fit_sha256": sidecar["fit"], "fit_clips": sidecar["clips"],
-            "fit_seconds": sidecar["seconds"]}
+    else:
+        clips = _fit_clips(cfg, specs, melrvq.MelRVQConfig().sample_rate)
+        fitted = melrvq.fit(clips)
+        sidecar = {"codec": melrvq.NAME, "config_fingerprint": fingerprint, "fit": fitted.fingerprint,
+                   "clips": len(clips), "seconds": float(sum(len(c) for c in clips)) / fitted.config.sample_rate}
+        sink.write_bytes_atomic(state_path, fitted.to_bytes())
+        sink.write_json_atomic(sidecar_path, sidecar)
+    return state_path, {"state": relative, "fit_sha256": sidecar["fit"], "fit_clips": sidecar["clips"],
+                        "fit_seconds": sidecar["seconds"]}
 

@@ -339,19 +339,19 @@ def run(cfg: PrepConfig, beam_args: list[str] | None = None) -> JobResult:
       encoders.EncoderError, instrument_spec.InstrumentError, midi_sources.SegmentError, sink.SinkError:
         before anything runs, naming what is missing or wrong.
     """
-    if cfg.codec != codec_fit.melrvq.NAME:  # a fitted codec has no info until it is fitted, below
-        encoders.codec_info(cfg.codec, offline=cfg.offline)
+    # A fitted codec has no info until it is fitted, below.
+    codec = None if cfg.codec == codec_fit.melrvq.NAME else encoders.codec_info(cfg.codec, offline=cfg.offline)
     encoders.check_clap(cfg.clap, offline=cfg.offline)
     clap_model = f"{cfg.clap}|{cfg.clap_input}"
     specs = instruments.list_instruments(cfg)
     counts = plan.shard_counts(specs, cfg)
     done = sink.completed_shards(cfg.output_dir, counts, cfg.fingerprint())
-    codec_source, state = codec_fit.prepare(cfg, specs)  # a fitted codec: fitted now, or the saved fit reused
-    codec = encoders.codec_info(codec_source, offline=cfg.offline)
+    codec_source, codec_manifest = codec_fit.prepare(cfg, specs)  # a fitted codec: fitted now, or the saved fit reused
+    codec = codec or encoders.codec_info(codec_source, offline=cfg.offline)
     midi_files = midi_sources.list_midi_files(cfg.midi_dir) if cfg.midi_dir else None
     p = beam.Pipeline(options=PipelineOptions(beam_args or []))
     build(p, cfg, specs=specs, counts=counts, done=done, codec=codec, clap_model=clap_model, midi_files=midi_files,
-          codec_source=codec_source, codec_manifest=codec_fit.describe(state, cfg.output_dir))
+          codec_source=codec_source, codec_manifest=codec_manifest)
     result = p.run()
     result.wait_until_finish()
     return JobResult(sink.read_manifest(cfg.output_dir), _counters(result))

@@ -61,11 +61,7 @@ def _local_tmp(final: str) -> str:
 
 def write_json_atomic(path: str, obj) -> None:
     """Writes JSON under a temporary name, then renames it into place."""
-    tmp = _local_tmp(path)
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.write("\n")
-    _publish(tmp, path)
+    write_bytes_atomic(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
 
 
 def write_bytes_atomic(path: str, data: bytes) -> None:

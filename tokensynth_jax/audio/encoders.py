@@ -106,6 +106,12 @@ def load_fitted_codec(path: str) -> melrvq.MelRVQ:
         raise EncoderError(str(e)) from e
 
 
+def _fitted_info(fitted: melrvq.MelRVQ) -> CodecInfo:
+    c = fitted.config
+    return CodecInfo(melrvq.NAME, c.sample_rate, c.frame_rate, c.num_codebooks, c.codebook_size,
+                     fit=fitted.fingerprint[:16])
+
+
 def _unfitted(name: str) -> EncoderError:
     return EncoderError(f"codec {name!r} is fitted by `tokensynth prep --codec {name}` on the job's own renders; "
                         f"elsewhere name the fitted state it wrote, OUT/codec/{melrvq.NAME}.npz")
@@ -151,10 +157,7 @@ def codec_info(name: str, *, offline: bool = False) -> CodecInfo:
     if name == melrvq.NAME:
         raise _unfitted(name)
     if is_fitted_state(name):
-        fitted = load_fitted_codec(name)
-        c = fitted.config
-        return CodecInfo(melrvq.NAME, c.sample_rate, c.frame_rate, c.num_codebooks, c.codebook_size,
-                         fit=fitted.fingerprint[:16])
+        return _fitted_info(load_fitted_codec(name))
     kind, c = _codec_config(name, offline)
     if kind == "encodec":
         hop = int(np.prod(c.upsampling_ratios))
@@ -224,11 +227,12 @@ class Codec:
 
     def __init__(self, name: str, *, batch_size: int, device: str = "cpu", offline: bool = False):
         """Loads a codec preset or checkpoint (see module doc). Raises EncoderError."""
-        self.info = codec_info(name, offline=offline)
         if is_fitted_state(name):  # numpy only: no torch, batch size and device play no part
             self.kind, self.batch_size, self.device = "melrvq", batch_size, device
-            self.model = load_fitted_codec(name)
+            self.model = load_fitted_codec(name)  # read once: its info comes from it
+            self.info = _fitted_info(self.model)
             return
+        self.info = codec_info(name, offline=offline)
         from transformers import DacModel, EncodecModel
 
         kind, config = _codec_config(name, offline)

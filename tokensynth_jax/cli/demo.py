@@ -152,17 +152,15 @@ def _loss_plot(metrics_path: str, out_png: str) -> None:
 
 
 def spectrogram_figure(path: str, panels: list[tuple[str, np.ndarray]], sample_rate: int, title: str) -> None:
-    """One PNG of log-magnitude spectrograms side by side (shared axes and colour scale)."""
-    from scipy.signal import spectrogram
+    """One PNG of log-magnitude spectrograms (`synthesize.log_spectrogram`) side by side, with
+    shared axes and colour scale."""
+    from tokensynth_jax.inference import synthesize
 
     plt = _plt()
-    nfft = 1 << max(8, int(np.ceil(np.log2(sample_rate * 0.046))))  # ~46 ms windows
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), sharey=True, squeeze=False)
     for ax, (name, audio) in zip(axes[0], panels):
-        audio = np.pad(np.asarray(audio, np.float64), (0, max(0, nfft - len(audio))))
-        freqs, times, power = spectrogram(audio, fs=sample_rate, nperseg=nfft, noverlap=nfft * 3 // 4)
-        mesh = ax.pcolormesh(times, freqs, 10 * np.log10(power + 1e-10), cmap="magma", shading="auto",
-                             vmin=-100, vmax=-20)
+        freqs, times, db = synthesize.log_spectrogram(audio, sample_rate)
+        mesh = ax.pcolormesh(times, freqs, db, cmap="magma", shading="auto", vmin=-100, vmax=-20)
         ax.set(xlabel="time (s)", title=name)
     axes[0][0].set_ylabel("frequency (Hz)")
     fig.colorbar(mesh, ax=axes[0].tolist(), label="power (dB)")

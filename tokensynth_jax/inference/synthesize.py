@@ -309,12 +309,9 @@ def write_wav(path: str, audio: np.ndarray, sample_rate: int) -> None:
     soundfile.write(path, np.asarray(audio, np.float32), sample_rate, subtype="FLOAT")
 
 
-def write_spectrogram(path: str, audio: np.ndarray, sample_rate: int, title: str = "") -> None:
-    """A log-magnitude spectrogram PNG (~46 ms Hann windows, -100 dB floor; matplotlib Agg)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def log_spectrogram(audio: np.ndarray, sample_rate: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(freqs [F], times [T], power dB [F, T]) of mono audio: ~46 ms Hann windows, 75% overlap,
+    a -100 dB floor; a clip shorter than a window is zero-padded to one."""
     from scipy.signal import spectrogram
 
     nfft = 1 << max(8, math.ceil(math.log2(sample_rate * 0.046)))
@@ -322,8 +319,19 @@ def write_spectrogram(path: str, audio: np.ndarray, sample_rate: int, title: str
     if len(audio) < nfft:
         audio = np.pad(audio, (0, nfft - len(audio)))
     freqs, times, power = spectrogram(audio, fs=sample_rate, nperseg=nfft, noverlap=nfft * 3 // 4)
+    return freqs, times, 10 * np.log10(power + 1e-10)
+
+
+def write_spectrogram(path: str, audio: np.ndarray, sample_rate: int, title: str = "") -> None:
+    """A log-magnitude spectrogram PNG (`log_spectrogram`; matplotlib Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(10, 4))
-    mesh = ax.pcolormesh(times, freqs, 10 * np.log10(power + 1e-10), cmap="magma", shading="auto")
+    freqs, times, db = log_spectrogram(audio, sample_rate)
+    mesh = ax.pcolormesh(times, freqs, db, cmap="magma", shading="auto")
     fig.colorbar(mesh, ax=ax, label="dB")
     ax.set(xlabel="time (s)", ylabel="frequency (Hz)", title=title)
     fig.tight_layout()
