@@ -4,6 +4,7 @@ our model's logits in a process without tokensynth_jax."""
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -128,3 +129,20 @@ def test_unreadable_inputs_are_clear_errors(exported, ckpt, tmp_path, capsys):
     assert "no config.json" in capsys.readouterr().err
     assert cli.main(["convert", "--to", "safetensors", "--num-heads", "4", ckpt, str(tmp_path / "o")]) == 2
     assert "--num-heads and --attention are for official .pt files" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"[1, 2]", "not a tokensynth-jax safetensors checkpoint (format None"),
+    (b"\xff\xfe{}", "not JSON"),
+    (b'{"format": "tokensynth-jax-safetensors", "version": "2"}', "format version '2' is not a number"),
+    (b'{"format": "tokensynth-jax-safetensors", "version": 99}', "format version 99 is newer than this code"),
+])
+def test_a_damaged_config_is_one_line_naming_it(exported, tmp_path, capsys, content, message):
+    """The same checks as a checkpoint's tokensynth.json and a sweep's plan.json (versioned_json.py)."""
+    bad = tmp_path / "bad"
+    shutil.copytree(exported, bad)
+    (bad / "config.json").write_bytes(content)
+    assert cli.main(["convert", "--from", "safetensors", str(bad), str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad / 'config.json'}: {message}" in err and "Traceback" not in err
+    assert not os.path.exists(tmp_path / "o")

@@ -6,9 +6,9 @@ heavy stack or loads a single array.
 """
 from __future__ import annotations
 
-import json
 import os
 
+from tokensynth_jax import versioned_json
 from tokensynth_jax.errors import UserError
 
 FORMAT = "tokensynth-jax-model"
@@ -26,14 +26,5 @@ def read_metadata(directory: str | os.PathLike) -> dict:
     path = os.path.join(os.fspath(directory), META_FILE)
     if not os.path.isfile(path):
         raise CheckpointError(f"{directory}: not a tokensynth-jax checkpoint (no {META_FILE})")
-    try:
-        with open(path) as f:
-            meta = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not JSON ({e})") from e
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: format {meta.get('format') if isinstance(meta, dict) else None!r}, "
-                              f"expected {FORMAT!r}")
-    if meta.get("version", 0) > FORMAT_VERSION:
-        raise CheckpointError(f"{path}: format version {meta['version']} is newer than this code ({FORMAT_VERSION})")
-    return meta
+    return versioned_json.read(path, what="tokensynth-jax checkpoint", fmt=FORMAT, version=FORMAT_VERSION,
+                               error=CheckpointError)

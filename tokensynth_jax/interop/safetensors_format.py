@@ -18,6 +18,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from tokensynth_jax import versioned_json
 from tokensynth_jax.config import ModelConfig
 from tokensynth_jax.interop.convert import ConversionError
 from tokensynth_jax.model.transformer import abstract_model
@@ -99,16 +100,8 @@ def read_config(directory: str | os.PathLike) -> dict:
     path = os.path.join(os.fspath(directory), CONFIG_FILE)
     if not os.path.isfile(path):
         raise SafetensorsFormatError(f"{directory}: not a tokensynth-jax safetensors checkpoint (no {CONFIG_FILE})")
-    try:
-        with open(path) as f:
-            config = json.load(f)
-    except json.JSONDecodeError as e:
-        raise SafetensorsFormatError(f"{path}: not JSON ({e})") from e
-    if config.get("format") != FORMAT:
-        raise SafetensorsFormatError(f"{path}: format {config.get('format')!r}, expected {FORMAT!r}")
-    if config.get("version", 0) > FORMAT_VERSION:
-        raise SafetensorsFormatError(f"{path}: format version {config['version']} is newer than this code")
-    return config
+    return versioned_json.read(path, what="tokensynth-jax safetensors checkpoint", fmt=FORMAT,
+                               version=FORMAT_VERSION, error=SafetensorsFormatError)
 
 
 def load(directory: str | os.PathLike) -> tuple[ModelConfig, dict, dict]:

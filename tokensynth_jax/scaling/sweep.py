@@ -14,9 +14,11 @@ import json
 import os
 import shlex
 
+from tokensynth_jax import versioned_json
 from tokensynth_jax.errors import UserError
 
 PLAN_FORMAT = "tokensynth-sweep-plan"
+PLAN_VERSION = 1
 FIT_FORMAT = "tokensynth-sweep-fit"
 N_DEFINITION = "non-embedding parameters: blocks, final norm and output head (tokensynth_jax/flops.py)"
 
@@ -91,7 +93,7 @@ def plan_sweep(config: str, budgets, depths, workdir: str, *, overrides: dict | 
                 "command": run_command(spec, run_dir, run_overrides, launcher),
             })
     runs.sort(key=lambda r: (r["budget"], r["params"]))
-    return {"format": PLAN_FORMAT, "version": 1, "config": config, "budgets": sorted(set(budgets)),
+    return {"format": PLAN_FORMAT, "version": PLAN_VERSION, "config": config, "budgets": sorted(set(budgets)),
             "depths": sorted(set(depths)), "workdir": workdir, "overrides": overrides, "launcher": launcher,
             "n_definition": N_DEFINITION, "runs": runs, "skipped": skipped}
 
@@ -129,14 +131,7 @@ def read_plan(path: str) -> dict:
         path = os.path.join(path, "plan.json")
     if not os.path.isfile(path):
         raise SweepError(f"{path}: no such plan (write one with `tokensynth sweep plan --out DIR`)")
-    try:
-        with open(path) as f:
-            plan = json.load(f)
-    except json.JSONDecodeError as e:
-        raise SweepError(f"{path}: not JSON ({e})") from e
-    if not isinstance(plan, dict) or plan.get("format") != PLAN_FORMAT:
-        raise SweepError(f"{path}: not a sweep plan (format is not {PLAN_FORMAT!r})")
-    return plan
+    return versioned_json.read(path, what="sweep plan", fmt=PLAN_FORMAT, version=PLAN_VERSION, error=SweepError)
 
 
 # --- run ---------------------------------------------------------------------------------------
