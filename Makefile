@@ -27,8 +27,10 @@ $(STAMP): setup.py pyproject.toml
 	$(BIN)/pip install -q --no-deps basic-pitch==0.4.0 'resampy>=0.4.3'
 	touch $(STAMP)
 
+# pytest-xdist: two workers (CI has 2 cores; TEST_WORKERS=N for more), the slow tests first (conftest.py).
+TEST_WORKERS ?= 2
 test: setup
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist load tests
 
 demo: setup
 	$(BIN)/tokensynth demo

@@ -35,7 +35,7 @@ SCALING = ["scipy>=1.10", "matplotlib>=3.6", "threadpoolctl>=3.1"]  # sweep fits
 # scipy (librosa, scipy and soundfile come with AUDIO); mir_eval scores the notes; eval clips go to TensorBoard.
 EVAL = AUDIO + ["mir_eval>=0.7", "onnxruntime>=1.16"] + TENSORBOARD
 NSYNTH_TFDS = ["tensorflow-datasets", "tensorflow"]  # only to convert a prepared TFDS nsynth; not in `all`
-TEST = ["pytest>=8", "psutil"]
+TEST = ["pytest>=8", "pytest-xdist>=3", "psutil"]
 
 setuptools.setup(
     name="tokensynth-jax",

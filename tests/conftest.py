@@ -196,3 +196,9 @@ def read_tensorboard(log_dir):
     events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "images": 0, "audio": 0})
     events.Reload()
     return events
+
+
+def pytest_collection_modifyitems(items):
+    """The long tests (marked slow) first, so that with `-n 2` (the Makefile's) they start at once
+    on both workers and the short ones fill in around them, instead of one long test at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: file order otherwise

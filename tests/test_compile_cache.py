@@ -7,6 +7,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from tokensynth_jax import compile_cache
 from tokensynth_jax.cli import main as cli
 
@@ -71,6 +73,7 @@ def test_second_process_loads_compiled_executables(tmp_path):
     assert second["code"] == 0 and second["misses"] == 0 and second["hits"] == first["misses"]
 
 
+@pytest.mark.slow
 def test_default_folder_and_off(tmp_path):
     env = {compile_cache.ENV_VAR: None, "JAX_COMPILATION_CACHE_DIR": None, "XDG_CACHE_HOME": str(tmp_path / "xdg")}
     default = _init(tmp_path, "a", env=env)

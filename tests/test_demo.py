@@ -6,6 +6,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 import soundfile
 
 from tokensynth_jax.cli import demo
@@ -13,6 +14,7 @@ from tokensynth_jax.cli import main as cli
 from tokensynth_jax.inference import synthesize
 
 
+@pytest.mark.slow
 def test_demo_runs_the_whole_chain(tmp_path, capsys):
     workdir = str(tmp_path / "demo")
     args = ["demo", "--workdir", workdir, "--steps", "12", "--pairs-per-instrument", "3", "--items", "2",

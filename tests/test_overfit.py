@@ -31,6 +31,7 @@ def prep_out(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_tiny_model_overfits_prep_pairs_and_reproduces_them(prep_out, tmp_path):
     manifest = json.load(open(os.path.join(prep_out, "manifest.json")))
     assert manifest["records"]["train"] == 4

@@ -247,6 +247,7 @@ def test_truncate_metrics_keeps_steps_up_to_the_resume_and_drops_a_half_written_
     assert train.truncate_metrics(path, 2) == 0 and train.truncate_metrics(str(tmp_path / "none.jsonl"), 0) == 0
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume_writes_every_step_once(shards, tmp_path):
     """A real `tokensynth train` killed with SIGKILL after step 7 (checkpoints every 3 steps), then
     resumed: metrics.jsonl and the TensorBoard scalars hold each step once, and the resume's

@@ -47,6 +47,7 @@ def _losses(workdir):
     return {x["step"]: x["loss"] for x in lines if x["split"] == "train"}
 
 
+@pytest.mark.slow
 def test_resume_is_bitwise_identical_to_an_uninterrupted_run(shards, tmp_path):
     straight, resumed = str(tmp_path / "a"), str(tmp_path / "b")
     train.train(_config(shards, steps=8), straight)
@@ -58,6 +59,7 @@ def test_resume_is_bitwise_identical_to_an_uninterrupted_run(shards, tmp_path):
     assert sorted(_losses(straight)) == [2, 4, 6, 8]
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_stops_then_resumes(shards, tmp_path):
     workdir = str(tmp_path / "p")
     cmd = [sys.executable, "-m", "tokensynth_jax.cli.main", "train", "--config", TINY, "--workdir", workdir,
@@ -108,6 +110,7 @@ def test_samples_go_to_tensorboard_as_audio_and_spectrograms(shards, tmp_path):
     assert image.step == 4 and image.height == 256 and image.width > 1
 
 
+@pytest.mark.slow
 def test_init_from_checkpoint_and_config_mismatch(shards, tmp_path):
     model_dir = str(tmp_path / "m")
     assert cli.main(["init", "--config", TINY, "--seed", "5", model_dir]) == 0
@@ -125,6 +128,7 @@ def test_init_from_checkpoint_and_config_mismatch(shards, tmp_path):
         train.train(_config(shards, steps=1), str(tmp_path / "ft2"), init_from=other)
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one_process_with_the_same_devices(shards, tmp_path):
     """jax.distributed over localhost: 2 processes x 4 CPU devices == 1 process x 8 devices."""
     import socket

@@ -110,6 +110,7 @@ def test_sharded_steps_match_one_device_and_state_is_sharded():
     assert data_sharding.spec[0] == ("data", "fsdp")
 
 
+@pytest.mark.slow
 def test_speed_knobs_give_the_same_steps():
     """Remat policies and unrolled layers compute the same steps; bf16 compute (weights stacked
     for the layer scan already cast) gives the unrolled bf16 step and stays near fp32."""
