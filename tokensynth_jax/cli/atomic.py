@@ -15,7 +15,7 @@ import os
 import shutil
 import uuid
 
-from tokensynth_jax.cli.checks import UsageError
+from tokensynth_jax.cli.checks import UsageError, writable_location
 
 
 class Outputs:
@@ -53,6 +53,7 @@ class Outputs:
         for _, other in self._claims:
             if other == final:
                 raise UsageError(f"{flag} {final}: the command would write it twice")
+        writable_location(final, flag)
         temp = os.path.join(os.path.dirname(final), temp_name)
         self._claims.append((temp, final))
         return temp

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import tempfile
 
 from tokensynth_jax.errors import UserError
 
@@ -124,7 +125,24 @@ def output_dir(path: str, flag: str) -> str:
     """A directory that a resumable job (prep, train, sweep) creates or continues: anything but a file."""
     if is_local(path) and os.path.exists(path) and not os.path.isdir(path):
         raise UsageError(f"{flag} {path}: is a file; give a directory")
+    if is_local(path):
+        writable_location(path, flag)
     return path
+
+
+def writable_location(path: str, flag: str) -> None:
+    """Checks, before any work, that `path` can be created: its nearest existing ancestor must be a
+    writable directory (a file there, or a read-only folder, would fail only when the result is written)."""
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent) and os.path.dirname(parent) != parent:
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UsageError(f"{flag} {path}: {parent} is a file, not a directory")
+    try:  # a real write: os.access says yes to root on read-only and virtual file systems
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        raise UsageError(f"{flag} {path}: cannot write in {parent} ({e.strerror})") from e
 
 
 def model_checkpoint(path: str, flag: str):

@@ -10,6 +10,7 @@ traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
 
@@ -106,6 +107,9 @@ def configure_logging() -> None:
     logging.getLogger("tokensynth").setLevel(logging.INFO)
 
 
+_USER_FS_ERRNOS = {errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
+
+
 def main(argv=None) -> int:
     overrides, argv = _split_config_overrides(sys.argv[1:] if argv is None else list(argv))
     if argv[:2] == ["prep", "verify"]:  # `prep` takes Beam's options after it, so verify is its own parser
@@ -126,6 +130,13 @@ def main(argv=None) -> int:
         return args.run(args)
     except UserError as e:
         print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        # The file system refused a path the user chose (read-only, full, not a folder, no
+        # permission): theirs to fix, so one line. Any other OSError is ours and keeps its traceback.
+        if e.errno not in _USER_FS_ERRNOS or not e.filename:
+            raise
+        print(f"{prog}: error: {e.filename}: {e.strerror}", file=sys.stderr)
         return 2
 
 
