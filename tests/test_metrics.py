@@ -189,3 +189,50 @@ def test_eval_cli_writes_json_and_markdown(tmp_path, piano, capsys):
     (tmp_path / "missing.jsonl").write_text(json.dumps(missing) + "\n")
     assert cli.main(["eval", str(tmp_path / "missing.jsonl"), "--clap", "none"]) == 2
     assert "none.wav: no such file" in capsys.readouterr().err
+
+
+def test_eval_scores_the_good_items_and_lists_the_ones_it_cannot(tmp_path, piano, capsys):
+    """A batch keeps its good work: an unreadable clip, a drum-only MIDI and a NaN clip are each
+    counted, named in eval.json and eval.md, and left out of the means; only when no item can be
+    scored is it an error (exit 2, nothing written)."""
+    write_midi(tmp_path / "phrase.mid", [(0, False, PHRASE)])
+    write_midi(tmp_path / "drums.mid", [(0, True, [(0.0, 0.1, 36, 100)])])
+    soundfile.write(tmp_path / "piano.wav", piano, SR)
+    soundfile.write(tmp_path / "nan.wav", np.full(SR, np.nan, np.float32), SR, subtype="FLOAT")
+    soundfile.write(tmp_path / "blip.wav", np.zeros(1, np.float32), SR)  # one sample: nothing to hear, F1 0
+    (tmp_path / "garbage.wav").write_bytes(b"RIFF not really")
+    item = {"task": "text", "midi": "phrase.mid", "text": "a piano"}
+    lines = [{"id": "good", "generated": "piano.wav", **item}, {"id": "unreadable", "generated": "garbage.wav", **item},
+             {"id": "drums", "generated": "piano.wav", **item, "midi": "drums.mid"},
+             {"id": "nan", "generated": "nan.wav", **item}, {"id": "blip", "generated": "blip.wav", **item}]
+    (tmp_path / "items.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    out = tmp_path / "report"
+    assert cli.main(["eval", str(tmp_path), "--clap", "none", "--out", str(out)]) == 0
+    assert "3 of 5 items could not be scored" in capsys.readouterr().out
+    report = json.loads((out / "eval.json").read_text())
+    assert [r["id"] for r in report["items"]] == ["good", "blip"]
+    assert report["items"][1]["f1"] == 0.0 and report["items"][1]["notes_transcribed"] == 0
+    assert report["rows"][0]["n"] == 2 and report["rows"][0]["f1"] == pytest.approx(report["items"][0]["f1"] / 2)
+    failed = {x["id"]: x["error"] for x in report["failed"]}
+    assert sorted(failed) == ["drums", "nan", "unreadable"]
+    assert "garbage.wav" in failed["unreadable"] and "drums.mid" in failed["drums"] and "nan.wav" in failed["nan"]
+    assert "- drums: " in (out / "eval.md").read_text()
+
+    (tmp_path / "bad.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines[1:3]))
+    assert cli.main(["eval", str(tmp_path / "bad.jsonl"), "--clap", "none", "--out", str(tmp_path / "none")]) == 2
+    assert "none of its 2 items could be scored" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"\xff\xfe{}\n", "not UTF-8 text"),
+    (b'{"id": 3, "task": "text", "generated": "a.wav", "midi": "a.mid", "text": "x"}\n', ":1: id: must be a string"),
+    (b'{"id": "a", "task": "text", "generated": ["a.wav"], "midi": "a.mid", "text": 5}\n',
+     ":1: generated, text: must be a string"),
+    (b'{"id": "a", "task": "text", "generated": "a.wav", "midi": "a.mid", "text": "x"}\n' * 2, "'a' is listed twice"),
+])
+def test_a_malformed_manifest_is_one_line(tmp_path, capsys, content, message):
+    (tmp_path / "items.jsonl").write_bytes(content)
+    assert cli.main(["eval", str(tmp_path / "items.jsonl"), "--clap", "none"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "items.jsonl" in err and len(err.strip().splitlines()) == 1

@@ -53,6 +53,8 @@ def _eval(args) -> int:
         for field, path in evaluate.item_files(item):
             checks.input_file(path, f"{manifest}: item {item.id!r} {field}")
     out_dir = checks.output_dir(args.out or os.path.dirname(os.path.abspath(manifest)), "--out")
+    board = os.path.join(out_dir, "tensorboard")  # clips and scores beside the report, once it is written
+    checks.output_dir(board, "--out")
     outputs = Outputs(args.overwrite)
     json_temp, md_temp = (outputs.file(os.path.join(out_dir, name), "--out") for name in evaluate.REPORT_FILES)
     if args.clap != "none":
@@ -62,15 +64,25 @@ def _eval(args) -> int:
         clap = evaluate.load_clap(args.clap, offline=args.offline)
     else:
         clap = None
-    results = evaluate.evaluate_items(items, clap=clap, onset_tolerance=args.onset_tolerance,
+    failed = []
+
+    def skip(i, item, error):
+        failed.append({"id": item.id, "error": str(error)})
+        print(f"[{i + 1}/{len(items)}] {item.id}: skipped: {error}")
+
+    results = evaluate.evaluate_items(items, clap=clap, onset_tolerance=args.onset_tolerance, on_error=skip,
                                       progress=lambda i, r: print(f"[{i + 1}/{len(items)}] {r['id']}: F1 {r['f1']:.3f}"))
+    if not results:
+        raise checks.UsageError(f"{manifest}: none of its {len(items)} items could be scored (first: {failed[0]['error']})")
     settings = {"clap": args.clap, "onset_tolerance": args.onset_tolerance, "manifest": os.path.abspath(manifest)}
     with outputs:
-        evaluate.write_report(results, json_temp, md_temp, settings)
+        evaluate.write_report(results, json_temp, md_temp, settings, failed=failed)
     print(evaluate.markdown_table(evaluate.aggregate(results)), end="")
+    if failed:
+        print(f"{len(failed)} of {len(items)} items could not be scored; eval.json and eval.md list them")
     print(f"wrote {' and '.join(os.path.join(out_dir, n) for n in evaluate.REPORT_FILES)}")
-    board = os.path.join(out_dir, "tensorboard")  # clips and scores beside the report, once it is written
-    if evaluate.write_tensorboard(items, results, board):
+    scored = {r["id"] for r in results}
+    if evaluate.write_tensorboard([x for x in items if x.id in scored], results, board):
         print(f"wrote the clips and scores to {board} (tensorboard --logdir {board})")
     else:
         print("tensorboardX is not installed: no TensorBoard clips (pip install 'tokensynth-jax[eval]')")

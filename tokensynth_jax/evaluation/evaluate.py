@@ -27,6 +27,7 @@ MANIFEST_NAME = "items.jsonl"  # what `tokensynth eval DIR` reads
 REPORT_FILES = ("eval.json", "eval.md")  # what `tokensynth eval` writes
 Audio = Union[str, os.PathLike, tuple]  # a file, or (mono samples [N], sample rate)
 
+_REQUIRED = {"id", "task", "generated", "midi"}  # fields every manifest line gives
 _COLUMNS = (("mss", "MSS ↓"), ("clap_score", "CLAP score ↑"), ("f1", "F1 ↑"))
 
 
@@ -134,18 +135,33 @@ def evaluate_item(item: EvalItem, *, clap=None, onset_tolerance: float = metrics
     out["clap_audio"], out["clap_text"] = (None, None) if clap is None else _clap_scores(clap, item, gen, sr, where)
     out["clap_score"] = out["clap_audio"] if item.task == "cloning" else out["clap_text"]
     ref_notes = _notes(item.midi, f"{where} midi {_name(item.midi)}")
-    est_notes = metrics.transcribe(gen, sr)
+    try:
+        est_notes = metrics.transcribe(gen, sr)
+    except MetricError as e:
+        raise MetricError(f"{where} generated {_name(item.generated)}: {e}") from e
     out.update(metrics.note_f1(ref_notes, est_notes, onset_tolerance=onset_tolerance))
     out.update(notes_midi=len(ref_notes), notes_transcribed=len(est_notes))
     return out
 
 
 def evaluate_items(items: Sequence[EvalItem], *, clap=None, onset_tolerance: float = metrics.ONSET_TOLERANCE,
-                   progress: Callable[[int, dict], None] | None = None) -> list[dict]:
-    """`evaluate_item` of every item (see there); `progress(i, result)` after each."""
+                   progress: Callable[[int, dict], None] | None = None,
+                   on_error: Callable[[int, EvalItem, MetricError], None] | None = None) -> list[dict]:
+    """`evaluate_item` of every item (see there); `progress(i, result)` after each.
+
+    With `on_error`, an item that cannot be scored (a MetricError: unreadable audio, a MIDI without
+    notes, ...) is reported to it and left out, and the others are still scored: a batch does not
+    lose its good items to one bad one. Without it, the error propagates.
+    """
     results = []
     for i, item in enumerate(items):
-        results.append(evaluate_item(item, clap=clap, onset_tolerance=onset_tolerance))
+        try:
+            results.append(evaluate_item(item, clap=clap, onset_tolerance=onset_tolerance))
+        except MetricError as e:
+            if on_error is None:
+                raise
+            on_error(i, item, e)
+            continue
         if progress is not None:
             progress(i, results[-1])
     return results
@@ -185,17 +201,23 @@ def markdown_table(rows: Sequence[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(results: Sequence[dict], json_path: str, md_path: str, settings: dict, preamble: str = "") -> None:
-    """Writes the report: JSON (settings, rows, items) to `json_path`, and to `md_path` the
-    `preamble` (what made the numbers: codec, embedder, split) then the markdown table."""
+def write_report(results: Sequence[dict], json_path: str, md_path: str, settings: dict, preamble: str = "",
+                 failed: Sequence[dict] = ()) -> None:
+    """Writes the report: JSON (settings, rows, items, failed) to `json_path`, and to `md_path` the
+    `preamble` (what made the numbers: codec, embedder, split), the markdown table, and the items
+    that could not be scored (`failed`: {"id", "error"} each)."""
     rows = aggregate(results)
     metric_settings = {"mss_fft_sizes": list(metrics.MSS_FFT_SIZES), "mss_hop": "fft_size / 4",
                        "mss_log_eps": metrics.MSS_LOG_EPS, "pitch_tolerance_cents": metrics.PITCH_TOLERANCE_CENTS,
                        "transcriber": "basic-pitch icassp_2022 (onnx)"}
     with open(json_path, "w") as f:
-        json.dump({"settings": {**metric_settings, **settings}, "rows": rows, "items": list(results)}, f, indent=2)
+        json.dump({"settings": {**metric_settings, **settings}, "rows": rows, "items": list(results),
+                   "failed": list(failed)}, f, indent=2)
     with open(md_path, "w") as f:
         f.write(preamble + ("\n" if preamble else "") + markdown_table(rows))
+        if failed:
+            f.write(f"\n{len(failed)} of {len(results) + len(failed)} items could not be scored and are left out:\n\n"
+                    + "".join(f"- {x['id']}: {x['error']}\n" for x in failed))
 
 
 def item_files(item: EvalItem) -> list[tuple[str, str]]:
@@ -246,8 +268,12 @@ def read_manifest(path: str) -> list[EvalItem]:
     root = os.path.dirname(os.path.abspath(path))
     fields = {f.name for f in dataclasses.fields(EvalItem)}
     items = []
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
+    with open(path, encoding="utf-8", errors="strict") as f:
+        try:
+            lines = list(f)
+        except UnicodeDecodeError as e:
+            raise MetricError(f"{path}: not UTF-8 text ({e})") from e
+        for number, line in enumerate(lines, 1):
             if not line.strip():
                 continue
             try:
@@ -256,15 +282,23 @@ def read_manifest(path: str) -> list[EvalItem]:
                 raise MetricError(f"{path}:{number}: not JSON ({e})") from e
             if not isinstance(entry, dict):
                 raise MetricError(f"{path}:{number}: expected a JSON object, got {type(entry).__name__}")
-            unknown, missing = set(entry) - fields, {"id", "task", "generated", "midi"} - set(entry)
+            unknown, missing = set(entry) - fields, _REQUIRED - set(entry)
             if unknown or missing:
                 raise MetricError(f"{path}:{number}: unknown fields {sorted(unknown)}, missing fields {sorted(missing)}")
+            wrong = sorted(k for k, v in entry.items() if not isinstance(v, str) and (v is not None or k in _REQUIRED))
+            if wrong:
+                raise MetricError(f"{path}:{number}: {', '.join(wrong)}: must be a string (a path or a name)")
             for key in ("generated", "midi", "target", "reference"):
                 if entry.get(key) is not None:
                     entry[key] = os.path.join(root, entry[key])
             items.append(EvalItem(**entry))
     if not items:
         raise MetricError(f"{path}: the manifest lists no items")
+    seen = set()
+    for item in items:
+        if item.id in seen:
+            raise MetricError(f"{path}: item id {item.id!r} is listed twice")
+        seen.add(item.id)
     for item in items:
         item.check()
     return items

@@ -147,6 +147,8 @@ def transcribe(audio: np.ndarray, sr: int, *, onset_threshold: float = 0.5, fram
     inference, note_creation, model = _transcriber()
     audio = resample(check_mono(audio, "audio to transcribe"), sr, AUDIO_SAMPLE_RATE)
     output = inference.run_inference(audio, model)
+    if output["note"].shape[0] == 0:  # shorter than one of basic-pitch's frames: nothing to hear
+        return np.zeros((0, 3), np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):  # silence: basic-pitch rescales by a max of 0
         events = note_creation.model_output_to_notes(
             output, onset_thresh=onset_threshold, frame_thresh=frame_threshold,
