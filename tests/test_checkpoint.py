@@ -1,5 +1,6 @@
 """Model checkpoints: exact round trips, restoring sharded onto a mesh, and clear errors."""
 import gc
+import glob
 import json
 import os
 import shutil
@@ -156,3 +157,25 @@ def test_missing_parameters(saved, tmp_path):
     shutil.rmtree(os.path.join(directory, checkpoint.PARAMS_DIR))
     with pytest.raises(checkpoint.CheckpointError, match="copy"):
         checkpoint.load_model(directory)
+
+
+def test_changed_bytes_and_a_mangled_file_list_are_named_before_orbax_reads(saved, tmp_path):
+    """Same sizes, other bytes: the sha256 of the file list finds it (Orbax would fail inside
+    tensorstore's threads); a file list or model config of the wrong JSON type is one line too."""
+    directory = _copy_with_meta(saved, tmp_path)
+    data = sorted(glob.glob(os.path.join(directory, "params", "ocdbt.process_0", "d", "*")))
+    assert data
+    size = os.path.getsize(data[0])
+    with open(data[0], "wb") as f:
+        f.write(np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8).tobytes())
+    with pytest.raises(checkpoint.CheckpointError, match="has changed since it was written"):
+        checkpoint.load_model(directory)
+    meta_path = os.path.join(directory, checkpoint.META_FILE)
+    meta = json.load(open(meta_path))
+    for field, value, problem in [("files", "x", "the file list is a str"),
+                                  ("files", {"params/x": {"bytes": "a"}}, "has no byte count"),
+                                  ("model", None, "no model config")]:
+        with open(meta_path, "w") as f:
+            json.dump({**meta, field: value}, f)
+        with pytest.raises(checkpoint.CheckpointError, match=problem):
+            checkpoint.load_model(directory)

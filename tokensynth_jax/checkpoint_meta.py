@@ -26,5 +26,8 @@ def read_metadata(directory: str | os.PathLike) -> dict:
     path = os.path.join(os.fspath(directory), META_FILE)
     if not os.path.isfile(path):
         raise CheckpointError(f"{directory}: not a tokensynth-jax checkpoint (no {META_FILE})")
-    return versioned_json.read(path, what="tokensynth-jax checkpoint", fmt=FORMAT, version=FORMAT_VERSION,
+    meta = versioned_json.read(path, what="tokensynth-jax checkpoint", fmt=FORMAT, version=FORMAT_VERSION,
                                error=CheckpointError)
+    if not isinstance(meta.get("model"), dict):
+        raise CheckpointError(f"{path}: no model config (\"model\" is {meta.get('model')!r}, not an object)")
+    return meta

@@ -88,8 +88,13 @@ def check_files(root: str | os.PathLike, files: dict, *, checksums: bool = True)
       files: relative path -> {"bytes"[, "sha256"]}, as `list_files` returns.
       checksums: compare sha256 where the list has one (reads every byte); else sizes only.
     """
+    if not isinstance(files, dict):
+        return [f"the file list is a {type(files).__name__}, not an object of path -> size"]
     problems = []
     for rel, want in files.items():
+        if not isinstance(want, dict) or not isinstance(want.get("bytes"), int) or isinstance(want["bytes"], bool):
+            problems.append(f"{rel}: its file-list entry {want!r} has no byte count")
+            continue
         path = epath.Path(root) / rel
         if not path.is_file():
             problems.append(f"{rel} is missing")
