@@ -154,6 +154,11 @@ CASES = [
     ("eval-tensorboard-is-a-file", ["eval", "{items_ok}", "--clap", "none", "--out", "{tmp}"], "tensorboard",
      ["file:tensorboard"]),
     ("prep-out-under-a-file", ["prep", "--out", "{tmp}/f/data"], "f is a file, not a directory", ["file:f"]),
+    ("synth-seed-too-big", [*SYN, "--seed", "99999999999999999999"], "argument --seed", []),
+    ("init-negative-seed", ["init", "--config", "tiny", "--seed", "-1", "{tmp}/model"], "argument --seed", []),
+    ("prep-negative-seed", ["prep", "--out", "{tmp}/data", "--seed", "-1"], "argument --seed", []),
+    ("prep-pitch-table-not-a-range", ["prep", "--out", "{tmp}/data", "--table-pitches", "0"],
+     "argument --table-pitches", []),
     ("synth-out-on-a-virtual-fs", [*SYN[:-2], "--out", "/proc/tokensynth-test.wav"], "cannot write in /proc", []),
     # eval
     ("eval-missing-file-of-a-later-item", ["eval", "{items}", "--clap", "none", "--out", "{tmp}/report"], "gone.wav", []),

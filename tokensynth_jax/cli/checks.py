@@ -56,6 +56,11 @@ def non_negative_int(text: str) -> int:
     return _number(int, text, lambda v: v >= 0, "an integer >= 0")
 
 
+def seed(text: str) -> int:
+    """A random seed: 0 <= seed < 2**32, what every PRNG we seed (numpy, JAX, Beam's workers) accepts."""
+    return _number(int, text, lambda v: 0 <= v < 2**32, "a seed in [0, 2**32)")
+
+
 def positive_float(text: str) -> float:
     return _number(float, text, lambda v: v > 0, "a positive number")
 

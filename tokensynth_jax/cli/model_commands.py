@@ -34,7 +34,7 @@ def add_init_parser(sub) -> None:
     p.add_argument("--config", required=True, help="a packaged config (tiny, reference, ...) or configs/X.py[:arg]; "
                    "override fields with --config.a.b=value")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, e.g. model.num_layers=2")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=checks.seed, default=0)
     _overwrite_flag(p)
     p.add_argument("out_dir", metavar="OUT")
 

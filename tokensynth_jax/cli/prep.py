@@ -30,6 +30,14 @@ def _ints(text: str) -> tuple[int, ...]:
     return values
 
 
+def _pitch_range(text: str) -> tuple[int, int, int]:
+    """"36:96:4" -> (36, 96, 4)."""
+    values = _ints(text)
+    if len(values) != 3:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected LO:HI:STEP, three integers")
+    return values
+
+
 def _names(text: str) -> tuple[str, ...]:
     return tuple(t.strip() for t in text.split(",") if t.strip())
 
@@ -116,12 +124,12 @@ def add_prep_parser(sub) -> argparse.ArgumentParser:
                    "or 'default') to the raw layout in --nsynth-dir; needs tensorflow-datasets")
     g.add_argument("--valid-fraction", type=float, default=0.05, help="SoundFont presets held out as valid")
     g.add_argument("--test-fraction", type=float, default=0.05, help="SoundFont presets held out as test")
-    g.add_argument("--table-pitches", type=_ints, default=(21, 108, 1), help="SoundFont note table LO:HI:STEP")
+    g.add_argument("--table-pitches", type=_pitch_range, default=(21, 108, 1), help="SoundFont note table LO:HI:STEP")
     g.add_argument("--table-velocities", type=_ints, default=(25, 50, 100, 127))
     g.add_argument("--max-pitch-shift", type=checks.non_negative_int, default=6, help="semitones to fill a missing pitch")
     g = p.add_argument_group("pairs")
     g.add_argument("--pairs-per-instrument", type=checks.positive_int, default=16, help="(the paper: 10000)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=checks.seed, default=0)
     g.add_argument("--dry-fraction", type=float, default=0.2, help="share of pairs without effects")
     g.add_argument("--max-effects", type=checks.positive_int, default=3)
     g.add_argument("--effects", type=_names, default=AUG_EFFECTS, help=f"comma-separated, of {','.join(AUG_EFFECTS)}")

@@ -108,7 +108,7 @@ def add_sweep_parser(sub) -> None:
                    help="final loss: held-out (eval), last training log (train), eval where present (auto)")
     q.add_argument("--bootstrap", type=checks.non_negative_int, default=200, help="resamples for the intervals (0: none)")
     q.add_argument("--level", type=checks.open_fraction, default=0.9, help="interval coverage, in (0, 1)")
-    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--seed", type=checks.seed, default=0)
 
 
 def check_family(spec: str, depths, overrides: dict) -> None:
