@@ -154,6 +154,7 @@ CASES = [
     ("eval-tensorboard-is-a-file", ["eval", "{items_ok}", "--clap", "none", "--out", "{tmp}"], "tensorboard",
      ["file:tensorboard"]),
     ("prep-out-under-a-file", ["prep", "--out", "{tmp}/f/data"], "f is a file, not a directory", ["file:f"]),
+    ("synth-guidance-scale-nan", [*SYN, "--guidance-scale", "nan"], "argument --guidance-scale", []),
     ("synth-seed-too-big", [*SYN, "--seed", "99999999999999999999"], "argument --seed", []),
     ("init-negative-seed", ["init", "--config", "tiny", "--seed", "-1", "{tmp}/model"], "argument --seed", []),
     ("prep-negative-seed", ["prep", "--out", "{tmp}/data", "--seed", "-1"], "argument --seed", []),

@@ -61,6 +61,10 @@ def seed(text: str) -> int:
     return _number(int, text, lambda v: 0 <= v < 2**32, "a seed in [0, 2**32)")
 
 
+def finite_float(text: str) -> float:
+    return _number(float, text, lambda v: True, "a finite number")
+
+
 def positive_float(text: str) -> float:
     return _number(float, text, lambda v: v > 0, "a positive number")
 

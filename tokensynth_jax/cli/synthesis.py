@@ -47,7 +47,7 @@ def add_synthesize_parser(sub) -> None:
     p.add_argument("--offline", action="store_true", help="pretrained CLAP and codec from the local cache only")
     checks.add_sampler_flags(p)
     p.add_argument("--seed", type=checks.seed, default=0)
-    p.add_argument("--guidance-scale", type=float)
+    p.add_argument("--guidance-scale", type=checks.finite_float)
     p.add_argument("--unconditional-checkpoint", help="unconditional model for first-note guidance")
     p.add_argument("--max-rows", type=checks.positive_int, metavar="R",
                    help="audio rows per window at most (default: a window's notes plus 0.25 s of release, at "
