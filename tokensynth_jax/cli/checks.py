@@ -132,9 +132,9 @@ def input_dir(path: str, flag: str) -> str:
 
 def output_dir(path: str, flag: str) -> str:
     """A directory that a resumable job (prep, train, sweep) creates or continues: anything but a file."""
-    if is_local(path) and os.path.exists(path) and not os.path.isdir(path):
-        raise UsageError(f"{flag} {path}: is a file; give a directory")
     if is_local(path):
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise UsageError(f"{flag} {path}: is a file; give a directory")
         writable_location(path, flag)
     return path
 
