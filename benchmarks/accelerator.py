@@ -1,19 +1,24 @@
 """Ours against the reference in PyTorch on one accelerator, in one command of under 10 minutes.
 
-Four sections, each in its own subprocess with its share of a global time budget; each writes its
+Six sections, each in its own subprocess with its share of a global time budget; each writes its
 measurements as it makes them (OUT/<section>.jsonl), and the driver rewrites OUT/results.json and
 OUT/results.md after every section, so an out-of-memory error, a missing package or a timeout in
 one section costs that section (or the rest of it) and nothing else:
-  ours-train   `train_step.train_step` under jit with the state donated: configs/reference.py
-               (12 x 1024, 175M parameters), bf16 compute, fp32 master weights, AdamW; random rows,
-               every position a target; batch 16, 32 and 64 x 1024. `--ours-set model.KEY=VALUE`
-               passes config overrides (attention implementation, remat policy, ...).
-  torch-train  the reference package's own TokenSynth module (as benchmarks/train.py trains it:
-               batch-sized cache buffers, causal mask), eager, autocast bf16, fused AdamW.
-  ours-decode  `sampling.generate`, a 5 s window (449 rows), top-p 0.9, random weights (never end
-               early), bf16 parameters on a GPU: batch 1, 16, 64 and 256.
-  ref-decode   the reference's `TokenSynth.synthesize(clap, midi, top_p=0.9)` under no_grad
-               (batch 1, a Python loop), same MIDI file.
+  ours-train      `train_step.train_step` under jit with the state donated: configs/reference.py
+                  (12 x 1024, 175M parameters), bf16 compute, fp32 master weights, AdamW; random
+                  rows, every position a target; batch 16, 32 and 64 x 1024. `--ours-set
+                  model.KEY=VALUE` passes config overrides (attention implementation, remat, ...).
+  torch-train     the reference package's own TokenSynth module (as benchmarks/train.py trains it:
+                  batch-sized cache buffers, causal mask), eager, autocast bf16, fused AdamW.
+  ours-decode     `sampling.generate`, a 5 s window (449 rows), top-p 0.9, random weights (never
+                  end early), bf16 parameters on a GPU: batch 1, 16, 64 and 256; then, while time
+                  is left, decode steps per loop iteration, the top-p filter method and fp32
+                  parameters against their defaults.
+  ref-decode      the reference's `TokenSynth.synthesize(clap, midi, top_p=0.9)` under no_grad
+                  (batch 1, a Python loop), same MIDI file.
+  train-variants  ours at batch 32 with one knob changed at a time (TRAIN_VARIANTS): what the
+                  defaults are chosen from.
+  decode-graphs   ours at batch 1 with XLA's CUDA-graph flags (GRAPH_XLA_FLAGS).
 MFU: training FLOPs per token 6 N + 12 L T D (flops.py) against the bf16 dense peak of the card
 (989 TFLOP/s for H100/H200 SXM). Memory: ours, the compiled step's arguments + temporaries +
 outputs - aliased (`memory_analysis()`) and the device's peak so far; PyTorch,
@@ -45,12 +50,19 @@ import _common  # noqa: E402
 REPO = _common.REPO
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12}  # dense bf16 FLOP/s (SXM datasheets), by device name
 SIZES = {  # full, and --quick (a CPU smoke test)
-    False: {"train_batches": (16, 32, 64), "seq_len": 1024, "train_steps": 5, "layers": None,
+    False: {"train_batches": (16, 32, 64), "seq_len": 1024, "train_steps": 5, "layers": None, "variant_batch": 32,
             "decode_batches": (1, 16, 64, 256), "rows": 449, "ref_runs": 2},
-    True: {"train_batches": (1, 2, 4), "seq_len": 64, "train_steps": 1, "layers": 2,
+    True: {"train_batches": (1, 2, 4), "seq_len": 64, "train_steps": 1, "layers": 2, "variant_batch": 2,
            "decode_batches": (1, 2, 4, 8), "rows": 16, "ref_runs": 1},
 }
-SECTIONS = {"ours-train": 0.35, "torch-train": 0.2, "ours-decode": 0.3, "ref-decode": 0.15}  # budget shares
+# Budget shares, in the order they run: the goal's rows first, then the variants that choose the
+# defaults (their time is what the others left).
+SECTIONS = {"ours-train": 0.2, "torch-train": 0.13, "ours-decode": 0.22, "ref-decode": 0.1, "train-variants": 0.2,
+            "decode-graphs": 0.15}
+# decode-graphs: ours at batch 1 again, in a process where XLA turns the decode loop and its
+# kernels into CUDA graphs (command buffers, conditional nodes for the while loop).
+GRAPH_XLA_FLAGS = ("--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL "
+                   "--xla_gpu_graph_min_graph_size=1")
 MIN_SECTION_S = 20.0  # a section with less time than this is not started
 GOALS = {"train_ratio": 1.5, "decode1_ms": 150.0, "decode256_clips_s": 300.0}
 TOP_P = 0.9
@@ -84,13 +96,14 @@ class Section:
             self.emit({"item": item, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"})
 
 
-def _ours_config(section: Section, dtype: str):
+def _ours_config(section: Section, dtype: str, extra: dict | None = None):
     from tokensynth_jax.config import ModelConfig, load_config_file
 
     overrides = {"model.dtype": dtype, "data.seq_len": section.size["seq_len"]}
     if section.size["layers"]:
         overrides["model.num_layers"] = section.size["layers"]
     overrides.update(dict(kv.split("=", 1) for kv in section.args.ours_set))
+    overrides.update(extra or {})
     config = load_config_file(os.path.join(REPO, "configs", "reference.py"), overrides)
     return config, ModelConfig.from_dict(config.model.to_dict())
 
@@ -112,22 +125,20 @@ def _device_peak_gb(device):
     return stats["peak_bytes_in_use"] / 1e9 if stats and "peak_bytes_in_use" in stats else None
 
 
-def part_ours_train(section: Section) -> None:
+def _train_measurer(section: Section, extra: dict | None = None):
+    """(config, measure(batch) -> record) for ours with `--ours-set` and `extra` overrides."""
     import jax
     from flax import nnx
     from train import _batch  # benchmarks/train.py: the same random rows as the CPU benchmark
 
-    from tokensynth_jax.model.transformer import TokenSynth, count_params
-    from tokensynth_jax.scaling import flops
+    from tokensynth_jax.model.transformer import TokenSynth
     from tokensynth_jax.training import optim
     from tokensynth_jax.training import train_step as ts
 
-    device = _jax_setup(section)
-    config, cfg = _ours_config(section, "bfloat16")
+    device = jax.devices()[0]
+    config, cfg = _ours_config(section, "bfloat16", extra)
     oc = optim.OptimConfig.from_dict(config.optim.to_dict())
     seq = section.size["seq_len"]
-    section.emit({"item": "model", "params": count_params(cfg), "flops_per_token": flops.model_flops_per_token(cfg, seq),
-                  "config": cfg.to_dict()})
 
     def fresh():  # a failed call may have consumed the donated state
         model = TokenSynth(cfg, rngs=nnx.Rngs(0))
@@ -160,8 +171,46 @@ def part_ours_train(section: Section) -> None:
                 "loss": loss, "memory_gb": footprint, "temp_gb": m.temp_size_in_bytes / 1e9 if m else None,
                 "device_peak_gb": _device_peak_gb(device)}
 
+    def release():
+        holder.clear()
+
+    return cfg, measure, release
+
+
+def part_ours_train(section: Section) -> None:
+    from tokensynth_jax.scaling import flops
+
+    _jax_setup(section)
+    cfg, measure, _ = _train_measurer(section)
+    seq = section.size["seq_len"]
+    section.emit({"item": "model", "params": flops.param_counts(cfg).total,
+                  "flops_per_token": flops.model_flops_per_token(cfg, seq), "config": cfg.to_dict()})
     for b in section.size["train_batches"]:
         section.attempt(f"train {b}", lambda: measure(b), min_left_s=30.0)
+
+
+# Each knob of the step against the defaults, at one batch (what `auto` and the defaults are
+# chosen from): name -> model overrides.
+TRAIN_VARIANTS = {"whole-sequence loss": {"model.loss_chunk": 0}, "loss chunk 1024": {"model.loss_chunk": 1024},
+                  "remat dots": {"model.remat": "dots"}, "xla attention": {"model.attention_impl": "xla"},
+                  "unrolled layers": {"model.scan_layers": False}}
+
+
+def part_train_variants(section: Section) -> None:
+    import gc
+
+    _jax_setup(section)
+    b = section.size["variant_batch"]
+    for name, extra in TRAIN_VARIANTS.items():
+        def run():
+            _, measure, release = _train_measurer(section, extra)
+            try:
+                return {"overrides": extra, **measure(b)}
+            finally:
+                release()
+                gc.collect()
+
+        section.attempt(f"train {b}, {name}", run, min_left_s=40.0)
 
 
 def part_torch_train(section: Section) -> None:
@@ -241,7 +290,8 @@ def _bench_midi(section: Section) -> str:
     return path
 
 
-def part_ours_decode(section: Section) -> None:
+def _decode_measurer(section: Section):
+    """(model setup record, measure(batch, sampler, runs, rows_per_iteration) -> record) for ours."""
     import jax
     from flax import nnx
 
@@ -250,42 +300,74 @@ def part_ours_decode(section: Section) -> None:
     from tokensynth_jax.model.transformer import TokenSynth
     from tokensynth_jax.tokens.midi_tokens import tokenize_midi
 
-    device = _jax_setup(section)
+    device = jax.devices()[0]
     cfg = REFERENCE.replace(num_layers=section.size["layers"] or REFERENCE.num_layers)
     dtype = section.args.decode_dtype
     dtype = ("bfloat16" if jax.default_backend() != "cpu" else "float32") if dtype == "auto" else dtype
-    model = TokenSynth(cfg, rngs=nnx.Rngs(0)).for_decoding(dtype)
+    models = {dtype: TokenSynth(cfg, rngs=nnx.Rngs(0)).for_decoding(dtype)}
     tokens = tokenize_midi(_bench_midi(section)).tokens
     timbre = np.random.default_rng(0).standard_normal(cfg.timbre_dim).astype(np.float32)
     rows = section.size["rows"]
-    section.emit({"item": "setup", "dtype": dtype, "rows": rows, "layers": cfg.num_layers})
+    setup = {"dtype": dtype, "rows": rows, "layers": cfg.num_layers,
+             "rows_per_iteration_auto": sampling.resolve_rows_per_iteration("auto"),
+             "filter_auto": sampling.filter_method("auto")}
 
-    def measure(batch, sampler=sampling.TopP(TOP_P), runs=2):
+    def measure(batch, sampler=sampling.TopP(TOP_P), runs=2, rows_per_iteration="auto", param_dtype=dtype):
+        if param_dtype not in models:
+            models[param_dtype] = TokenSynth(cfg, rngs=nnx.Rngs(0)).for_decoding(param_dtype)
+        model = models[param_dtype]
+
         def call(seed):
             t0 = time.perf_counter()
             g = sampling.generate(model, [tokens] * batch, np.tile(timbre, (batch, 1)), sampler=sampler, seed=seed,
-                                  max_rows=rows)
+                                  max_rows=rows, rows_per_iteration=rows_per_iteration)
             assert (g.num_rows == rows).all(), g.num_rows  # random weights run the whole window
             return time.perf_counter() - t0
 
         first = call(0)
         times = [call(1 + i) for i in range(runs)]
         s = min(times)
-        return {"batch": batch, "sampler": repr(sampler), "first_call_s": first, "times_s": times, "s_per_call": s,
-                "ms_per_clip": 1e3 * s / batch, "clips_per_s": batch / s, "ms_per_step": 1e3 * s / rows,
-                "device_peak_gb": _device_peak_gb(device)}
+        return {"batch": batch, "sampler": repr(sampler), "dtype": param_dtype,
+                "rows_per_iteration": sampling.resolve_rows_per_iteration(rows_per_iteration),
+                "first_call_s": first, "times_s": times, "s_per_call": s, "ms_per_clip": 1e3 * s / batch,
+                "clips_per_s": batch / s, "ms_per_step": 1e3 * s / rows, "device_peak_gb": _device_peak_gb(device)}
 
+    return setup, measure
+
+
+def part_ours_decode(section: Section) -> None:
+    from tokensynth_jax.inference import sampling
+
+    _jax_setup(section)
+    setup, measure = _decode_measurer(section)
+    section.emit({"item": "setup", **setup})
     for b in section.size["decode_batches"]:
         section.attempt(f"decode {b}", lambda: measure(b, runs=3 if b == 1 else 2 if b < 256 else 1), min_left_s=20.0)
-    # Extras when time is left: the other top-p filter method (sampling.FILTER_METHODS) at batch 1
-    # and the largest batch, and fp32 parameters at batch 1.
-    other = "sort" if sampling.filter_method("auto") == "bisect" else "bisect"
-    for b in (1, section.size["decode_batches"][-1]):
-        section.attempt(f"decode {b}, top-p by {other}", lambda: measure(b, sampling.TopP(TOP_P, method=other), 1),
-                        min_left_s=30.0)
-    if dtype != "float32":
-        model = TokenSynth(cfg, rngs=nnx.Rngs(0)).for_decoding()
-        section.attempt("decode 1, fp32 parameters", lambda: measure(1, runs=1), min_left_s=30.0)
+    # Extras, most telling first, while time is left: the loop's steps per iteration and the top-p
+    # filter method against their `auto` choices, and fp32 parameters.
+    largest = section.size["decode_batches"][-1]
+    other = "sort" if setup["filter_auto"] == "bisect" else "bisect"
+    auto_rows = setup["rows_per_iteration_auto"]
+    extras = [(f"decode 1, {n} rows per iteration", 1, {"rows_per_iteration": n})
+              for n in sorted({1, 4, 8} - {auto_rows})]
+    extras.insert(1, (f"decode {largest}, 1 rows per iteration", largest, {"rows_per_iteration": 1}))
+    extras += [(f"decode {b}, top-p by {other}", b, {"sampler": sampling.TopP(TOP_P, method=other)}) for b in (1, largest)]
+    if setup["dtype"] != "float32":
+        extras.append(("decode 1, fp32 parameters", 1, {"param_dtype": "float32"}))
+    for item, b, kw in extras:
+        if auto_rows == 1 and "rows per iteration" in item and item.startswith(f"decode {largest}"):
+            continue  # that is the main row already
+        section.attempt(item, lambda: measure(b, runs=1, **kw), min_left_s=30.0)
+
+
+def part_decode_graphs(section: Section) -> None:
+    """Batch 1 with XLA's command buffers on (GRAPH_XLA_FLAGS, set by the driver for this section)."""
+    _jax_setup(section)
+    setup, measure = _decode_measurer(section)
+    section.emit({"item": "setup", **setup, "xla_flags": os.environ.get("XLA_FLAGS")})
+    section.attempt("decode 1, CUDA graphs", lambda: measure(1, runs=2), min_left_s=20.0)
+    section.attempt("decode 1, CUDA graphs, 1 rows per iteration", lambda: measure(1, runs=2, rows_per_iteration=1),
+                    min_left_s=20.0)
 
 
 def part_ref_decode(section: Section) -> None:
@@ -323,7 +405,7 @@ def part_ref_decode(section: Section) -> None:
 
 
 PARTS = {"ours-train": part_ours_train, "torch-train": part_torch_train, "ours-decode": part_ours_decode,
-         "ref-decode": part_ref_decode}
+         "ref-decode": part_ref_decode, "train-variants": part_train_variants, "decode-graphs": part_decode_graphs}
 
 
 # --- the driver --------------------------------------------------------------------------------------
@@ -335,6 +417,8 @@ def run_section(name: str, args, timeout: float) -> str:
     cmd += ["--quick"] * args.quick + [f"--ours-set={kv}" for kv in args.ours_set]
     env = dict(os.environ, TQDM_DISABLE="1", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("XLA_FLAGS", None)  # one real device, not fake CPU devices
+    if name == "decode-graphs" and not args.quick:
+        env["XLA_FLAGS"] = GRAPH_XLA_FLAGS
     print(f"[{time.strftime('%H:%M:%S')}] {name}: up to {timeout:.0f} s, log {log}", flush=True)
     t0 = time.perf_counter()
     with open(log, "w") as f:
@@ -417,11 +501,21 @@ def build_table(results: dict, quick: bool) -> tuple[str, list[str]]:
             ratio = f"{o['clips_per_s'] / ref['clips_per_s']:.0f}x" if ok and ref_ok else "-"
         peak = o.get("device_peak_gb") if ok else None
         rows.append([what, mine, "-", "-" if peak is None else f"{peak:.1f} GB (device peak)", theirs, "-", "-", ratio])
-    for item in sorted(results.get("ours-decode", {}).get("records", {})):
-        if "," in item:  # the extras
-            o = get("ours-decode", item)
-            rows.append([f"ours, {item}", _cell(o, lambda r: f"{r['ms_per_clip']:.0f} ms per clip, "
-                                                      f"{r['clips_per_s']:.1f} clips/s"), "-", "-", "-", "-", "-", "-"])
+    for item in results.get("train-variants", {}).get("records", {}):
+        if "," in item:
+            o = get("train-variants", item)
+            ok = "tokens_per_s" in (o or {})
+            rows.append([f"ours, {item}: tokens/s", _cell(o, lambda r: k(r["tokens_per_s"])),
+                         mfu(o, "train-variants") if ok else "-", g(o["memory_gb"]) if ok else "-",
+                         "-", "-", "-", "-"])
+    for section in ("ours-decode", "decode-graphs"):
+        for item in results.get(section, {}).get("records", {}):
+            if "," in item:  # the extras
+                o = get(section, item)
+                peak = (o or {}).get("device_peak_gb")
+                rows.append([f"ours, {item}", _cell(o, lambda r: f"{r['ms_per_clip']:.0f} ms per clip, "
+                                                          f"{r['clips_per_s']:.1f} clips/s"), "-",
+                             "-" if peak is None else f"{peak:.1f} GB (device peak)", "-", "-", "-", "-"])
     table = _common.md_table(["", "ours", "ours MFU", "ours memory", "reference (PyTorch)", "reference MFU",
                               "reference memory", "ours / reference"], rows)
     o1, o256 = get("ours-decode", "decode 1"), get("ours-decode", f"decode {sizes['decode_batches'][-1]}")
