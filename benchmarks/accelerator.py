@@ -18,7 +18,9 @@ one section costs that section (or the rest of it) and nothing else:
                   (batch 1, a Python loop), same MIDI file.
   train-variants  ours at batch 32 with one knob changed at a time (TRAIN_VARIANTS): what the
                   defaults are chosen from.
-  decode-graphs   ours at batch 1 with XLA's CUDA-graph flags (GRAPH_XLA_FLAGS).
+  profile         where the device's time goes in a train step (batch 32) and a decode call
+                  (batch 1): the busiest kernels of each GPU line of a JAX profiler trace
+                  (OUT/profile.jsonl), and the Perfetto traces (OUT/profile-*.json.gz).
 MFU: training FLOPs per token 6 N + 12 L T D (flops.py) against the bf16 dense peak of the card
 (989 TFLOP/s for H100/H200 SXM). Memory: ours, the compiled step's arguments + temporaries +
 outputs - aliased (`memory_analysis()`) and the device's peak so far; PyTorch,
@@ -56,13 +58,9 @@ SIZES = {  # full, and --quick (a CPU smoke test)
            "decode_batches": (1, 2, 4, 8), "rows": 16, "ref_runs": 1},
 }
 # Budget shares, in the order they run: the goal's rows first, then the variants that choose the
-# defaults (their time is what the others left).
-SECTIONS = {"ours-train": 0.2, "torch-train": 0.13, "ours-decode": 0.22, "ref-decode": 0.1, "train-variants": 0.2,
-            "decode-graphs": 0.15}
-# decode-graphs: ours at batch 1 again, in a process where XLA turns the decode loop and its
-# kernels into CUDA graphs (command buffers, conditional nodes for the while loop).
-GRAPH_XLA_FLAGS = ("--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL "
-                   "--xla_gpu_graph_min_graph_size=1")
+# defaults and a profile (their time is what the others left).
+SECTIONS = {"ours-train": 0.25, "torch-train": 0.07, "ours-decode": 0.2, "ref-decode": 0.07, "train-variants": 0.23,
+            "profile": 0.18}
 MIN_SECTION_S = 20.0  # a section with less time than this is not started
 GOALS = {"train_ratio": 1.5, "decode1_ms": 150.0, "decode256_clips_s": 300.0}
 TOP_P = 0.9
@@ -149,6 +147,11 @@ def _train_measurer(section: Section, extra: dict | None = None):
     step = jax.jit(functools.partial(ts.train_step, graphdef), donate_argnums=0)
     holder = {"state": state}
 
+    def run(compiled, batch, steps):
+        for i in range(steps):
+            holder["state"], metrics = compiled(holder["state"], batch, jax.random.PRNGKey(2 + i))
+        return float(metrics["loss"])
+
     def measure(batch_size):
         if any(x.is_deleted() for x in jax.tree.leaves(holder["state"])):
             holder["state"] = fresh()[1]
@@ -159,21 +162,23 @@ def _train_measurer(section: Section, extra: dict | None = None):
         m = compiled.memory_analysis()
         footprint = (m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes
                      - m.alias_size_in_bytes) / 1e9 if m is not None else None
-        holder["state"], metrics = compiled(holder["state"], batch, jax.random.PRNGKey(1))  # warm-up
-        jax.block_until_ready(metrics)
+        holder["run"] = lambda steps: run(compiled, batch, steps)
+        run(compiled, batch, 1)  # warm-up
         steps = section.size["train_steps"]
         t0 = time.perf_counter()
-        for i in range(steps):
-            holder["state"], metrics = compiled(holder["state"], batch, jax.random.PRNGKey(2 + i))
-        loss = float(metrics["loss"])
+        loss = run(compiled, batch, steps)
         dt = (time.perf_counter() - t0) / steps
         return {"batch": batch_size, "s_per_step": dt, "tokens_per_s": batch_size * seq / dt, "compile_s": compile_s,
                 "loss": loss, "memory_gb": footprint, "temp_gb": m.temp_size_in_bytes / 1e9 if m else None,
                 "device_peak_gb": _device_peak_gb(device)}
 
+    def again(steps):  # more steps of the last measured batch (no compile)
+        return holder["run"](steps)
+
     def release():
         holder.clear()
 
+    measure.again = again
     return cfg, measure, release
 
 
@@ -191,9 +196,8 @@ def part_ours_train(section: Section) -> None:
 
 # Each knob of the step against the defaults, at one batch (what `auto` and the defaults are
 # chosen from): name -> model overrides.
-TRAIN_VARIANTS = {"whole-sequence loss": {"model.loss_chunk": 0}, "loss chunk 1024": {"model.loss_chunk": 1024},
-                  "remat dots": {"model.remat": "dots"}, "xla attention": {"model.attention_impl": "xla"},
-                  "unrolled layers": {"model.scan_layers": False}}
+TRAIN_VARIANTS = {"scanned layers": {"model.scan_layers": True}, "remat dots": {"model.remat": "dots"},
+                  "whole-sequence loss": {"model.loss_chunk": 0}, "no dropout": {"model.dropout": 0.0}}
 
 
 def part_train_variants(section: Section) -> None:
@@ -291,7 +295,7 @@ def _bench_midi(section: Section) -> str:
 
 
 def _decode_measurer(section: Section):
-    """(model setup record, measure(batch, sampler, runs, rows_per_iteration) -> record) for ours."""
+    """(model setup record, measure(batch, sampler, runs, param_dtype) -> record) for ours."""
     import jax
     from flax import nnx
 
@@ -308,11 +312,9 @@ def _decode_measurer(section: Section):
     tokens = tokenize_midi(_bench_midi(section)).tokens
     timbre = np.random.default_rng(0).standard_normal(cfg.timbre_dim).astype(np.float32)
     rows = section.size["rows"]
-    setup = {"dtype": dtype, "rows": rows, "layers": cfg.num_layers,
-             "rows_per_iteration_auto": sampling.resolve_rows_per_iteration("auto"),
-             "filter_auto": sampling.filter_method("auto")}
+    setup = {"dtype": dtype, "rows": rows, "layers": cfg.num_layers, "filter_auto": sampling.filter_method("auto")}
 
-    def measure(batch, sampler=sampling.TopP(TOP_P), runs=2, rows_per_iteration="auto", param_dtype=dtype):
+    def measure(batch, sampler=sampling.TopP(TOP_P), runs=2, param_dtype=dtype):
         if param_dtype not in models:
             models[param_dtype] = TokenSynth(cfg, rngs=nnx.Rngs(0)).for_decoding(param_dtype)
         model = models[param_dtype]
@@ -320,16 +322,14 @@ def _decode_measurer(section: Section):
         def call(seed):
             t0 = time.perf_counter()
             g = sampling.generate(model, [tokens] * batch, np.tile(timbre, (batch, 1)), sampler=sampler, seed=seed,
-                                  max_rows=rows, rows_per_iteration=rows_per_iteration)
+                                  max_rows=rows)
             assert (g.num_rows == rows).all(), g.num_rows  # random weights run the whole window
             return time.perf_counter() - t0
 
         first = call(0)
         times = [call(1 + i) for i in range(runs)]
-        s = min(times)
-        return {"batch": batch, "sampler": repr(sampler), "dtype": param_dtype,
-                "rows_per_iteration": sampling.resolve_rows_per_iteration(rows_per_iteration),
-                "first_call_s": first, "times_s": times, "s_per_call": s, "ms_per_clip": 1e3 * s / batch,
+        s = min(times or [first])
+        return {"batch": batch, "sampler": repr(sampler), "dtype": param_dtype, "first_call_s": first, "times_s": times, "s_per_call": s, "ms_per_clip": 1e3 * s / batch,
                 "clips_per_s": batch / s, "ms_per_step": 1e3 * s / rows, "device_peak_gb": _device_peak_gb(device)}
 
     return setup, measure
@@ -343,31 +343,72 @@ def part_ours_decode(section: Section) -> None:
     section.emit({"item": "setup", **setup})
     for b in section.size["decode_batches"]:
         section.attempt(f"decode {b}", lambda: measure(b, runs=3 if b == 1 else 2 if b < 256 else 1), min_left_s=20.0)
-    # Extras, most telling first, while time is left: the loop's steps per iteration and the top-p
-    # filter method against their `auto` choices, and fp32 parameters.
+    # Extras while time is left: the top-p filter method against its `auto` choice, greedy (what
+    # sampling costs), fp32 parameters.
     largest = section.size["decode_batches"][-1]
     other = "sort" if setup["filter_auto"] == "bisect" else "bisect"
-    auto_rows = setup["rows_per_iteration_auto"]
-    extras = [(f"decode 1, {n} rows per iteration", 1, {"rows_per_iteration": n})
-              for n in sorted({1, 4, 8} - {auto_rows})]
-    extras.insert(1, (f"decode {largest}, 1 rows per iteration", largest, {"rows_per_iteration": 1}))
-    extras += [(f"decode {b}, top-p by {other}", b, {"sampler": sampling.TopP(TOP_P, method=other)}) for b in (1, largest)]
+    extras = [(f"decode {b}, top-p by {other}", b, {"sampler": sampling.TopP(TOP_P, method=other)}) for b in (1, largest)]
+    extras.append(("decode 1, greedy", 1, {"sampler": sampling.Greedy()}))
     if setup["dtype"] != "float32":
         extras.append(("decode 1, fp32 parameters", 1, {"param_dtype": "float32"}))
     for item, b, kw in extras:
-        if auto_rows == 1 and "rows per iteration" in item and item.startswith(f"decode {largest}"):
-            continue  # that is the main row already
         section.attempt(item, lambda: measure(b, runs=1, **kw), min_left_s=30.0)
 
 
-def part_decode_graphs(section: Section) -> None:
-    """Batch 1 with XLA's command buffers on (GRAPH_XLA_FLAGS, set by the driver for this section)."""
+def _trace(section: Section, name: str, fn) -> dict:
+    """Runs fn() under the JAX profiler; keeps the Perfetto trace as OUT/profile-<name>.json.gz and
+    returns where the device's time went: per GPU line, the busiest kernels (total ms, calls)."""
+    import glob
+    import gzip
+    import shutil
+    import tempfile
+    from collections import Counter
+
+    import jax
+
+    folder = tempfile.mkdtemp()
+    with jax.profiler.trace(folder, create_perfetto_trace=True):
+        fn()
+    path = glob.glob(os.path.join(folder, "**", "perfetto_trace.json.gz"), recursive=True)[0]
+    shutil.copy(path, os.path.join(section.args.out, f"profile-{name}.json.gz"))
+    with gzip.open(path) as f:
+        events = json.load(f)["traceEvents"]
+    processes = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e["name"] == "process_name"}
+    threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in events if e.get("ph") == "M" and e["name"] == "thread_name"}
+    lines = {}
+    for e in events:
+        if e.get("ph") != "X" or "device" not in processes.get(e["pid"], "").lower():
+            continue
+        line = f"{processes[e['pid']]} / {threads.get((e['pid'], e.get('tid')), e.get('tid'))}"
+        total, calls, span = lines.setdefault(line, (Counter(), Counter(), [float("inf"), 0.0]))
+        total[e["name"]] += e["dur"] / 1e3
+        calls[e["name"]] += 1
+        span[0], span[1] = min(span[0], e["ts"]), max(span[1], e["ts"] + e["dur"])
+    return {line: {"busy_ms": sum(total.values()), "span_ms": (span[1] - span[0]) / 1e3, "events": sum(calls.values()),
+                   "top": [[n, round(t, 3), calls[n]] for n, t in total.most_common(40)]}
+            for line, (total, calls, span) in lines.items()}
+
+
+def part_profile(section: Section) -> None:
+    """Where a train step (batch 32) and a decode call (batch 1) spend the device's time."""
     _jax_setup(section)
-    setup, measure = _decode_measurer(section)
-    section.emit({"item": "setup", **setup, "xla_flags": os.environ.get("XLA_FLAGS")})
-    section.attempt("decode 1, CUDA graphs", lambda: measure(1, runs=2), min_left_s=20.0)
-    section.attempt("decode 1, CUDA graphs, 1 rows per iteration", lambda: measure(1, runs=2, rows_per_iteration=1),
-                    min_left_s=20.0)
+    _, measure_train, release = _train_measurer(section)
+    b = section.size["variant_batch"]
+
+    def train():
+        measured = measure_train(b)  # compiles, warms up and times, as the other sections do
+        return {"s_per_step": measured["s_per_step"], "steps": 2,
+                "lines": _trace(section, "train", lambda: measure_train.again(2))}
+
+    section.attempt(f"profile train {b}", train, min_left_s=60.0)
+    release()
+    _, measure = _decode_measurer(section)
+
+    def decode():
+        measured = measure(1, runs=1)
+        return {"s_per_call": measured["s_per_call"], "lines": _trace(section, "decode", lambda: measure(1, runs=0))}
+
+    section.attempt("profile decode 1", decode, min_left_s=30.0)
 
 
 def part_ref_decode(section: Section) -> None:
@@ -405,7 +446,7 @@ def part_ref_decode(section: Section) -> None:
 
 
 PARTS = {"ours-train": part_ours_train, "torch-train": part_torch_train, "ours-decode": part_ours_decode,
-         "ref-decode": part_ref_decode, "train-variants": part_train_variants, "decode-graphs": part_decode_graphs}
+         "ref-decode": part_ref_decode, "train-variants": part_train_variants, "profile": part_profile}
 
 
 # --- the driver --------------------------------------------------------------------------------------
@@ -417,8 +458,6 @@ def run_section(name: str, args, timeout: float) -> str:
     cmd += ["--quick"] * args.quick + [f"--ours-set={kv}" for kv in args.ours_set]
     env = dict(os.environ, TQDM_DISABLE="1", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("XLA_FLAGS", None)  # one real device, not fake CPU devices
-    if name == "decode-graphs" and not args.quick:
-        env["XLA_FLAGS"] = GRAPH_XLA_FLAGS
     print(f"[{time.strftime('%H:%M:%S')}] {name}: up to {timeout:.0f} s, log {log}", flush=True)
     t0 = time.perf_counter()
     with open(log, "w") as f:
@@ -508,7 +547,7 @@ def build_table(results: dict, quick: bool) -> tuple[str, list[str]]:
             rows.append([f"ours, {item}: tokens/s", _cell(o, lambda r: k(r["tokens_per_s"])),
                          mfu(o, "train-variants") if ok else "-", g(o["memory_gb"]) if ok else "-",
                          "-", "-", "-", "-"])
-    for section in ("ours-decode", "decode-graphs"):
+    for section in ("ours-decode",):
         for item in results.get(section, {}).get("records", {}):
             if "," in item:  # the extras
                 o = get(section, item)

@@ -399,34 +399,6 @@ def test_generate_with_bfloat16_parameters(tiny):
     assert (low.rows == high.rows).mean() > 0.5
 
 
-@pytest.mark.parametrize("rows_per_iteration", [2, 3, 7])
-def test_rows_per_iteration_changes_no_result(tiny, rows_per_iteration):
-    """Several decode steps per loop iteration (GPU's default) give what one step does: with end
-    rows mid-iteration, row caps and minimum frames that end items at different steps, a window
-    that no iteration count divides, top-p sampling, and both guidance schemes."""
-    run = lambda model, n, **kw: sampling.generate(model, prompts, timbre, rows_per_iteration=n, **kw)
-    prompts, timbre = _prompts([8, 24, 1]), _timbre(3)
-    ending = _ending_model(40)
-    for kw in ({"max_rows": 60}, {"max_rows": 59, "row_caps": [20, 59, 9], "min_frames": [30, 0, 2]},
-               {"max_rows": 31, "sampler": TopP(0.9), "seed": 5}):
-        one = run(ending, 1, **kw)
-        assert_same_generation(run(ending, rows_per_iteration, **kw), one)
-    assert one.num_rows.tolist() == [31, 15, 31] and one.ended.tolist() == [False, True, False]
-    model, uncond = tiny(null_timbre=True), tiny(seed=2, conditioning="unconditional")
-    for kw in ({"guidance": CFG(2.0), "max_rows": 29, "sampler": TopK(4)},
-               {"guidance": FirstNoteGuidance(3.0, steps=4), "unconditional_model": uncond, "max_rows": 29}):
-        assert_same_generation(run(model, rows_per_iteration, **kw), run(model, 1, **kw))
-
-
-def test_rows_per_iteration_auto_is_one_on_cpu():
-    assert sampling.resolve_rows_per_iteration("auto") == (1 if jax.default_backend() == "cpu" else
-                                                           sampling.ROWS_PER_ITERATION_GPU)
-    assert sampling.resolve_rows_per_iteration(5) == 5
-    with pytest.raises(ValueError, match="rows_per_iteration must be >= 1"):
-        sampling.generate(TokenSynth(TINY, rngs=nnx.Rngs(0)), _prompts([4]), _timbre(1), max_rows=8,
-                          rows_per_iteration=0)
-
-
 # --- guidance -----------------------------------------------------------------------------------
 def test_cfg_needs_a_null_timbre_model(tiny):
     with pytest.raises(ValueError, match="null timbre"):

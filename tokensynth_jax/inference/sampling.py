@@ -61,20 +61,6 @@ def filter_method(method: str) -> str:
     return "sort" if jax.default_backend() in ("gpu", "cuda", "rocm") else "bisect"
 
 
-# Decode steps per iteration of the `while_loop` ("auto": by backend). Between iterations XLA:GPU
-# copies the stop flag to the host and waits for it, so the GPU idles while the host launches the
-# next step's kernels; several steps an iteration let those launches run ahead. XLA:CPU runs
-# the loop on the host anyway: one step an iteration, no steps past the stop.
-ROWS_PER_ITERATION_GPU = 4
-
-
-def resolve_rows_per_iteration(value: int | str = "auto") -> int:
-    """The decode steps per loop iteration that `value` stands for on the default backend."""
-    if value != "auto":
-        return int(value)
-    return ROWS_PER_ITERATION_GPU if jax.default_backend() in ("gpu", "cuda", "rocm") else 1
-
-
 def _ordered_bits(x):
     """uint32 keys in the order of the float32 values x; -0.0 and +0.0 get one key, as they compare equal."""
     x = jnp.where(x == 0, 0.0, x.astype(jnp.float32))
@@ -272,8 +258,7 @@ class DecodeState:
 
 def decode_loop(model: TokenSynth, rows_bpc, pad_b, cap_b, timbre_bt, key, *, sampler: Sampler,
                 max_rows: int, guidance: CFG | FirstNoteGuidance | None = None,
-                unconditional_model: TokenSynth | None = None, min_frames_b=None,
-                rows_per_iteration: int = 1) -> DecodeState:
+                unconditional_model: TokenSynth | None = None, min_frames_b=None) -> DecodeState:
     """Prefill and the decode `while_loop`, as a traceable function (`generate` jits it; `export`
     traces it into a `jax.export` artifact). Stops on device when every item is done.
 
@@ -288,20 +273,13 @@ def decode_loop(model: TokenSynth, rows_bpc, pad_b, cap_b, timbre_bt, key, *, sa
       guidance, unconditional_model: as in `generate`.
       min_frames_b: int32 [B] frames each item writes before its end row may come
         (`forbid_early_end`), or None.
-      rows_per_iteration: decode steps in one iteration of the loop (`resolve_rows_per_iteration`).
-        The stop test runs between iterations; steps after the stop change nothing that is
-        returned (their rows are zeros, written where rows are zeros already or into spare rows
-        past `max_rows`; their cache slots are spare ones), so every value gives the same results.
     Returns:
-      The final DecodeState: `rows[:, :max_rows]`, `num_rows` and `ended` are the results.
+      The final DecodeState: `rows`, `num_rows` and `ended` are the results.
     """
     model = model.for_decoding()
     cfg = model.cfg
     batch, num_prompt = rows_bpc.shape[:2]
-    if rows_per_iteration < 1:
-        raise ValueError(f"rows_per_iteration must be >= 1, got {rows_per_iteration}")
-    spare = rows_per_iteration - 1  # rows and cache slots the last iteration may step past max_rows
-    slots = num_prompt + 1 + max_rows + spare
+    slots = num_prompt + 1 + max_rows
     cfg_guided = isinstance(guidance, CFG)
     first_note = isinstance(guidance, FirstNoteGuidance)
 
@@ -315,8 +293,7 @@ def decode_loop(model: TokenSynth, rows_bpc, pad_b, cap_b, timbre_bt, key, *, sa
     zero_pad = jnp.zeros(batch, jnp.int32)
     if first_note:
         uncond = unconditional_model.for_decoding()
-        u_logits, u_cache = uncond.prefill(rows_bpc[:, :0], zero_pad, None,
-                                           cache=uncond.init_cache(batch, 1 + max_rows + spare),
+        u_logits, u_cache = uncond.prefill(rows_bpc[:, :0], zero_pad, None, cache=uncond.init_cache(batch, 1 + max_rows),
                                            use_null_b=jnp.zeros(batch, bool))
     else:
         u_logits, u_cache = jnp.zeros((batch, 0)), ()
@@ -346,7 +323,7 @@ def decode_loop(model: TokenSynth, rows_bpc, pad_b, cap_b, timbre_bt, key, *, sa
     def cond(s: DecodeState):
         return (s.step < max_rows) & ~jnp.all(s.done)
 
-    def one_row(s: DecodeState) -> DecodeState:
+    def body(s: DecodeState) -> DecodeState:
         mixed, count = guided(s)
         if min_frames_b is not None:
             mixed = forbid_early_end(mixed, s.step, min_frames_b, cfg)
@@ -373,13 +350,8 @@ def decode_loop(model: TokenSynth, rows_bpc, pad_b, cap_b, timbre_bt, key, *, sa
             logits=logits, cache=cache, uncond_logits=u_logits, uncond_cache=u_cache, guided=count,
         )
 
-    def body(s: DecodeState) -> DecodeState:
-        for _ in range(rows_per_iteration):
-            s = one_row(s)
-        return s
-
     start = DecodeState(
-        step=jnp.int32(0), done=cap_b <= 0, rows=jnp.zeros((batch, max_rows + spare, cfg.num_channels), jnp.int32),
+        step=jnp.int32(0), done=cap_b <= 0, rows=jnp.zeros((batch, max_rows, cfg.num_channels), jnp.int32),
         num_rows=jnp.zeros(batch, jnp.int32), ended=jnp.zeros(batch, bool), logits=logits, cache=cache,
         uncond_logits=u_logits, uncond_cache=u_cache, guided=jnp.zeros(batch, jnp.int32),
     )
@@ -387,19 +359,17 @@ def decode_loop(model: TokenSynth, rows_bpc, pad_b, cap_b, timbre_bt, key, *, sa
 
 
 def _decode_split(graphdef, state, uncond_graphdef, uncond_state, rows_bpc, pad_b, cap_b, timbre_bt, key,
-                  min_frames_b=None, *, sampler, guidance, max_rows, rows_per_iteration):
+                  min_frames_b=None, *, sampler, guidance, max_rows):
     """`decode_loop` over split modules (graph definitions are static jit arguments); returns the
     results only, so the cache is not an output."""
     uncond = nnx.merge(uncond_graphdef, uncond_state) if uncond_graphdef is not None else None
     final = decode_loop(nnx.merge(graphdef, state), rows_bpc, pad_b, cap_b, timbre_bt, key, sampler=sampler,
-                        max_rows=max_rows, guidance=guidance, unconditional_model=uncond, min_frames_b=min_frames_b,
-                        rows_per_iteration=rows_per_iteration)
-    return final.rows[:, :max_rows], final.num_rows, final.ended
+                        max_rows=max_rows, guidance=guidance, unconditional_model=uncond, min_frames_b=min_frames_b)
+    return final.rows, final.num_rows, final.ended
 
 
 _decode_jit = jax.jit(
-    _decode_split,
-    static_argnames=("graphdef", "uncond_graphdef", "sampler", "guidance", "max_rows", "rows_per_iteration"),
+    _decode_split, static_argnames=("graphdef", "uncond_graphdef", "sampler", "guidance", "max_rows")
 )
 
 
@@ -429,7 +399,7 @@ def prepare_prompts(midi_tokens: Sequence[np.ndarray], cfg: ModelConfig, max_row
 
 
 def _decode_args(model, midi_tokens, timbre, *, sampler, seed, max_rows, guidance, unconditional_model, dtype,
-                 row_caps=None, min_frames=None, rows_per_iteration="auto"):
+                 row_caps=None, min_frames=None):
     """(positional, keyword) arguments of `_decode_jit` for `generate`'s arguments."""
     cfg = model.cfg
     if isinstance(guidance, CFG) and not cfg.null_timbre:
@@ -448,8 +418,7 @@ def _decode_args(model, midi_tokens, timbre, *, sampler, seed, max_rows, guidanc
         u_graphdef, u_state = None, None
     args = (graphdef, state, u_graphdef, u_state, jnp.asarray(rows), jnp.asarray(pads), jnp.asarray(caps), timbre,
             jax.random.PRNGKey(seed), min_frames)
-    return args, {"sampler": sampler, "guidance": guidance, "max_rows": int(max_rows),
-                  "rows_per_iteration": resolve_rows_per_iteration(rows_per_iteration)}
+    return args, {"sampler": sampler, "guidance": guidance, "max_rows": int(max_rows)}
 
 
 def generate(
@@ -465,7 +434,6 @@ def generate(
     row_caps: Sequence[int] | None = None,
     min_frames: Sequence[int] | None = None,
     dtype: str | None = None,
-    rows_per_iteration: int | str = "auto",
 ) -> Generation:
     """Generates codec tokens for a batch of MIDI prompts.
 
@@ -482,14 +450,12 @@ def generate(
       min_frames: per item, frames to write before the end row may come (`forbid_early_end`),
         at most what its row cap leaves; default 0 (the model ends when it samples the end row).
       dtype: parameters and compute in this dtype (e.g. "bfloat16" on GPU/TPU); None keeps the model's.
-      rows_per_iteration: decode steps per loop iteration; "auto" by backend
-        (`resolve_rows_per_iteration`). Results do not depend on it.
     Returns:
       A Generation with codes [B, F, K] (padded with -1) and per-item frame counts.
     """
     args, kwargs = _decode_args(model, midi_tokens, timbre, sampler=sampler, seed=seed, max_rows=max_rows,
                                 guidance=guidance, unconditional_model=unconditional_model, dtype=dtype,
-                                row_caps=row_caps, min_frames=min_frames, rows_per_iteration=rows_per_iteration)
+                                row_caps=row_caps, min_frames=min_frames)
     out, num_rows, ended = jax.device_get(_decode_jit(*args, **kwargs))
     codes, frames = rows_to_codes(out, num_rows, model.cfg.num_codebooks)
     return Generation(codes=codes, num_frames=frames, rows=out, num_rows=num_rows, ended=ended)

@@ -99,7 +99,7 @@ class TokenSynth(nnx.Module):
             dropout_rng, *keys = jax.random.split(dropout_rng, len(self.blocks) + 1)
             x_bld = layers.dropout(x_bld, self.cfg.dropout, dropout_rng)
         call = self._block_call()
-        if caches is None and self.cfg.scan_layers and len(self.blocks) > 1:
+        if caches is None and self.cfg.scans_layers and len(self.blocks) > 1:
             return self.final_ln(self._scan_blocks(call, x_bld, valid_bqk, keys, pad_b)), None
         new_caches = []
         for i, block in enumerate(self.blocks):
@@ -121,7 +121,7 @@ class TokenSynth(nnx.Module):
             )
         # Inside a scan XLA cannot merge the recomputation with the forward (CSE), so the guard
         # against it is only needed unrolled.
-        return nnx.remat(call, policy=policy, prevent_cse=not self.cfg.scan_layers)
+        return nnx.remat(call, policy=policy, prevent_cse=not self.cfg.scans_layers)
 
     def _scan_blocks(self, call, x_bld, valid_bqk, keys, pad_b):
         """The blocks as one `lax.scan` over their stacked parameters (full forwards: training,
