@@ -59,8 +59,8 @@ SIZES = {  # full, and --quick (a CPU smoke test)
 }
 # Budget shares, in the order they run: the goal's rows first, then the variants that choose the
 # defaults and a profile (their time is what the others left).
-SECTIONS = {"ours-train": 0.25, "torch-train": 0.07, "ours-decode": 0.2, "ref-decode": 0.07, "train-variants": 0.23,
-            "profile": 0.18}
+SECTIONS = {"ours-train": 0.25, "torch-train": 0.12, "ours-decode": 0.2, "ref-decode": 0.08, "train-variants": 0.2,
+            "profile": 0.15}
 MIN_SECTION_S = 20.0  # a section with less time than this is not started
 GOALS = {"train_ratio": 1.5, "decode1_ms": 150.0, "decode256_clips_s": 300.0}
 TOP_P = 0.9
@@ -564,8 +564,8 @@ def build_table(results: dict, quick: bool) -> tuple[str, list[str]]:
         goals.append(f"train, best batch: {best['ours'] / best['torch']:.2f}x the reference (goal >= "
                      f"{GOALS['train_ratio']}x): {verdict(best['ours'] >= GOALS['train_ratio'] * best['torch'])}")
     remat = ours_model.get("config", {}).get("remat")
-    goals.append(f"train batch {sizes['train_batches'][-1]} x {sizes['seq_len']} fits (remat={remat}): "
-                 f"{verdict(b64 is not None and 'tokens_per_s' in b64)}")
+    fits = "not measured" if b64 is None or "skipped" in b64 else verdict("tokens_per_s" in b64)
+    goals.append(f"train batch {sizes['train_batches'][-1]} x {sizes['seq_len']} fits (remat={remat}): {fits}")
     if o1 and "ms_per_clip" in o1:
         goals.append(f"decode batch 1: {o1['ms_per_clip']:.0f} ms per clip (goal <= {GOALS['decode1_ms']:.0f}): "
                      f"{verdict(o1['ms_per_clip'] <= GOALS['decode1_ms'])}")

@@ -58,3 +58,22 @@ def test_every_model_config_field_can_be_set_from_the_command_line():
 def test_bad_configs_are_user_errors_naming_the_flag_or_file(spec, overrides, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_config_file(spec, overrides)
+
+
+def test_scan_layers_is_true_false_or_auto_from_a_file_or_the_command_line(tmp_path):
+    import jax
+
+    read = lambda spec, overrides=None: ModelConfig.from_dict(load_config_file(spec, overrides).model.to_dict())
+    assert read("tiny").scan_layers == "auto"
+    assert read("tiny").scans_layers == (jax.default_backend() not in ("gpu", "cuda", "rocm"))  # scanned on CPU
+    for value, expected in (("False", False), ("true", True)):
+        cfg = read("tiny", {"model.scan_layers": value})
+        assert cfg.scan_layers is expected and cfg.scans_layers is expected
+    assert read("tiny", {"model.scan_layers": "auto"}).scan_layers == "auto"
+    own = tmp_path / "mine.py"  # a config file may set a bool into the field whose default is "auto"
+    own.write_text("from tokensynth_jax.configs import tiny\n\n"
+                   "def get_config(arg=None):\n    c = tiny.get_config(arg)\n    c.model.scan_layers = False\n    return c\n")
+    assert read(str(own)).scan_layers is False
+    assert ModelConfig.from_dict({"scan_layers": True}).scans_layers is True  # a checkpoint's JSON
+    with pytest.raises(ConfigError, match="model.scan_layers='maybe': one of True, False, 'auto'"):
+        read("tiny", {"model.scan_layers": "maybe"})
