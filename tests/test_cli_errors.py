@@ -47,7 +47,8 @@ def inputs(tmp_path_factory):
     (root / "ok.jsonl").write_text('{"id": "first", "task": "text", "generated": "one.wav", "midi": "a.mid", "text": "a"}\n')
     plan = str(root / "plan")
     assert cli.main(["sweep", "plan", "--config", "configs/family.py:base=tiny", "--depths", "1,2",
-                     "--budgets", "1e11", "--workdir", str(root / "runs"), "--out", plan, "--min-steps", "1"]) == 0
+                     "--budgets", "1e11", "--workdir", str(root / "runs"), "--out", plan, "--min-steps", "1",
+                     f"--config.data.paths={root / 'folder'}"]) == 0
     return {"ckpt": ckpt, "midi": str(root / "a.mid"), "text_midi": str(root / "text.mid"), "emb": str(root / "e.npy"),
             "bad_emb": str(root / "bad_e.npy"), "folder": str(root / "folder"), "file": str(root / "file.txt"),
             "clap_pt": str(root / "clap.pt"), "workdir": str(root / "workdir"), "items": str(root / "items.jsonl"),

@@ -154,6 +154,50 @@ def test_a_file_that_is_not_a_plan_is_a_clear_error(tmp_path, capsys):
     assert "no such plan" in capsys.readouterr().err
 
 
+def test_hand_edited_plans_and_metrics_are_one_line_errors(tmp_path, capsys):
+    """`sweep run` and `sweep fit` check what they read of plan.json and metrics.jsonl up front."""
+    data, plan_dir = tmp_path / "data", str(tmp_path / "plan")
+    base = ["sweep", "plan", "--config", f"{FAMILY}:base=tiny", "--depths", "1,2", "--budgets", "1e11",
+            "--workdir", str(tmp_path / "runs"), "--min-steps", "1"]
+    assert cli.main([*base, "--out", str(tmp_path / "nodata")]) == 2  # a plan that would train on nothing
+    assert "--config.data.paths: no training data" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "nodata")
+    os.makedirs(data)
+    assert cli.main([*base, "--out", plan_dir, f"--config.data.paths={data}"]) == 0
+    capsys.readouterr()
+    good = json.load(open(os.path.join(plan_dir, "plan.json")))
+    first = good["runs"][0]["name"]
+
+    def fails(argv, message):
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+    path = os.path.join(plan_dir, "plan.json")
+    for edit, message in [(lambda p: p.update(runs="x"), "runs: expected a list, got 'x'"),
+                          (lambda p: p["runs"].__setitem__(0, 7), "runs[0]: expected an object, got 7"),
+                          (lambda p: p["runs"][0].pop("workdir"), "runs[0].workdir: expected a string, missing"),
+                          (lambda p: p["runs"][1].update(params="many"), "runs[1].params: expected a positive number"),
+                          (lambda p: p["runs"][1].update(steps=True), "runs[1].steps: expected a positive integer"),
+                          (lambda p: p["runs"][1].update(name=first), f"runs[1].name: '{first}' is planned twice")]:
+        edited = json.loads(json.dumps(good))
+        edit(edited)
+        json.dump(edited, open(path, "w"))
+        for step in ("run", "fit"):
+            fails(["sweep", step, plan_dir], f"{path}: {message}")
+    json.dump(good, open(path, "w"))
+    os.rmdir(data)  # the shards are gone by the time the sweep runs
+    fails(["sweep", "run", plan_dir], f"{plan_dir}: run {first}: --config.data.paths: {data}: no such file")
+    metrics = tmp_path / "runs" / first / "metrics.jsonl"
+    os.makedirs(metrics.parent)
+    for content, message in [(b"[1, 2]\n", ":1: not a JSON object: [1, 2]"), (b"\xff\xfe\n", ":1: not a JSON line"),
+                             (b'{"step": 1}\n{"step": 2, "split": "train", "ce": "low"}\n', ":2: ce: expected a number"),
+                             (b'{"step": "last"}\n', ":1: step: expected an integer")]:
+        metrics.write_bytes(content)
+        fails(["sweep", "fit", plan_dir, "--out", str(tmp_path / "fit")], f"{metrics}{message}")
+    assert not os.path.exists(tmp_path / "fit")
+
+
 # --- a micro sweep end to end -------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def prep_data(tmp_path_factory):

@@ -11,6 +11,7 @@ import os
 
 from tokensynth_jax.cli import checks
 from tokensynth_jax.cli.checks import UsageError
+from tokensynth_jax.errors import UserError
 
 # Config fields that must be at least this (their meaning: configs/reference.py).
 _MINIMUM = {"data.global_batch": 1, "data.seq_len": 2, "train.steps": 1, "train.grad_accum": 1,
@@ -136,6 +137,10 @@ def _plan(args) -> int:
 
     checks.output_dir(args.out, "--out")
     check_family(args.config, args.depths, args.config_overrides)
+    from tokensynth_jax.config import load_config_file
+
+    # Every run of the plan gets these overrides: a plan without training data trains nothing.
+    check_run_config(load_config_file(sweep.member_spec(args.config, min(args.depths)), args.config_overrides))
     plan = sweep.plan_sweep(args.config, args.budgets, args.depths, args.workdir, overrides=args.config_overrides,
                             launcher=args.launcher, min_steps=args.min_steps)
     paths = sweep.write_plan(plan, args.out)
@@ -151,6 +156,14 @@ def _run(args) -> int:
     unknown = sorted(set(args.only or ()) - {r["name"] for r in plan["runs"]})
     if unknown:
         raise UsageError(f"--only: no runs named {unknown} in {args.plan}")
+    from tokensynth_jax.config import load_config_file
+
+    for run in plan["runs"]:  # before the first run trains, as `tokensynth train` checks its own
+        if not args.only or run["name"] in args.only:
+            try:
+                check_run_config(load_config_file(run["config"], run["overrides"]))
+            except UserError as e:
+                raise UsageError(f"{args.plan}: run {run['name']}: {e}") from e
     _logging()
     done = sweep.run_sweep(plan, args.only)
     print(f"[sweep] trained {len(done)} runs: {' '.join(done) or '(all were finished)'}")

@@ -11,6 +11,7 @@ fits -> fit.json and PNG plots (scaling_plots.py).
 from __future__ import annotations
 
 import json
+import math
 import os
 import shlex
 
@@ -131,7 +132,37 @@ def read_plan(path: str) -> dict:
         path = os.path.join(path, "plan.json")
     if not os.path.isfile(path):
         raise SweepError(f"{path}: no such plan (write one with `tokensynth sweep plan --out DIR`)")
-    return versioned_json.read(path, what="sweep plan", fmt=PLAN_FORMAT, version=PLAN_VERSION, error=SweepError)
+    plan = versioned_json.read(path, what="sweep plan", fmt=PLAN_FORMAT, version=PLAN_VERSION, error=SweepError)
+    check_plan(plan, path)
+    return plan
+
+
+# What `run` and `fit` read of each planned run: a hand-edited plan is checked against it up front.
+_RUN_FIELDS = {"name": str, "workdir": str, "config": str, "command": str, "overrides": dict, "steps": int,
+               "depth": int, "global_batch": int, "seq_len": int, "budget": float, "params": float, "tokens": float,
+               "flops": float, "flops_per_token": float}
+
+
+def check_plan(plan: dict, path: str) -> None:
+    """Raises SweepError naming the first field of `plan` that `run` or `fit` could not use."""
+    for key, kind in (("runs", list), ("skipped", list), ("workdir", str)):
+        if not isinstance(plan.get(key), kind):
+            raise SweepError(f"{path}: {key}: expected a {kind.__name__}, got {plan.get(key)!r:.60}")
+    names = set()
+    for i, run in enumerate(plan["runs"]):
+        if not isinstance(run, dict):
+            raise SweepError(f"{path}: runs[{i}]: expected an object, got {run!r:.60}")
+        for key, kind in _RUN_FIELDS.items():
+            value = run.get(key)
+            number = kind is float and isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+            whole = kind is int and isinstance(value, int) and value > 0
+            if isinstance(value, bool) or not (number or whole or kind in (str, dict) and isinstance(value, kind)):
+                what = {float: "a positive number", int: "a positive integer", str: "a string", dict: "an object"}[kind]
+                got = f"got {value!r:.60}" if key in run else "missing"
+                raise SweepError(f"{path}: runs[{i}].{key}: expected {what}, {got}")
+        if run["name"] in names:
+            raise SweepError(f"{path}: runs[{i}].name: {run['name']!r} is planned twice")
+        names.add(run["name"])
 
 
 # --- run ---------------------------------------------------------------------------------------
@@ -141,14 +172,28 @@ def read_metrics(workdir: str) -> list[dict]:
     if not os.path.isfile(path):
         return []
     out = []
-    with open(path) as f:
-        for i, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise SweepError(f"{path}:{i}: not a JSON line ({e})") from e
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+                m = json.loads(line) if line.strip() else None
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise SweepError(f"{path}:{i}: not a JSON line ({e})") from e
+            if m is None:
+                continue
+            if not isinstance(m, dict):
+                raise SweepError(f"{path}:{i}: not a JSON object: {line.strip():.60}")
+            for key, ok, what in _METRIC_FIELDS:
+                if key in m and not ok(m[key]):
+                    raise SweepError(f"{path}:{i}: {key}: expected {what}, got {m[key]!r:.60}")
+            out.append(m)
     return out
+
+
+# Fields of metrics.jsonl that `fit` computes with (other fields are free).
+_METRIC_FIELDS = (("step", lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+                  ("split", lambda v: isinstance(v, str), "a string"),
+                  ("ce", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"))
 
 
 def finished(run: dict) -> bool:
