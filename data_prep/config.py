@@ -88,8 +88,11 @@ class PrepConfig:
         need(self.instruments in INSTRUMENT_LIBRARIES, "instruments", f"one of {INSTRUMENT_LIBRARIES}")
         need(self.instruments != "nsynth" or bool(self.nsynth_dir), "nsynth_dir", "needed for nsynth")
         need(set(self.nsynth_splits) <= set(SPLITS), "nsynth_splits", f"subset of {SPLITS}")
-        need(self.valid_fraction >= 0 and self.test_fraction >= 0
-             and self.valid_fraction + self.test_fraction < 1, "test_fraction", "need valid + test < 1")
+        need(self.valid_fraction >= 0, "valid_fraction", "must be >= 0")
+        need(self.test_fraction >= 0, "test_fraction", "must be >= 0")
+        if self.valid_fraction + self.test_fraction >= 1:
+            raise ConfigError(f"valid_fraction: valid_fraction + test_fraction must be < 1, or no preset is left to train on "
+                              f"(got {self.valid_fraction!r} + {self.test_fraction!r})")
         lo, hi, step = self.table_pitches
         need(0 <= lo <= hi <= 127 and step >= 1, "table_pitches", "need 0 <= lo <= hi <= 127, step >= 1")
         need(all(1 <= v <= 127 for v in self.table_velocities) and self.table_velocities,

@@ -192,6 +192,11 @@ CASES = [
     ("prep-programs-not-numbers", ["prep", "--out", "{tmp}/data", "--programs", "a,b"], "argument --programs", []),
     ("prep-zero-workers", ["prep", "--out", "{tmp}/data", "--workers", "0"], "argument --workers", []),
     ("prep-missing-soundfont", ["prep", "--out", "{tmp}/data", "--soundfont", "{tmp}/gm.sf2"], "gm.sf2", []),
+    ("prep-fractions-hold-out-every-preset", ["prep", "--out", "{tmp}/data", "--valid-fraction", "0.6",
+                                              "--test-fraction", "0.4"], "--valid-fraction", []),
+    # found inside the Beam job: printed once, without Beam's traceback, and the new --out removed
+    ("prep-every-midi-file-rejected", ["prep", "--out", "{tmp}/data", "--midi-dir", "{tmp}/lmd", "--codec",
+                                       "tiny-encodec", "--clap", "tiny-clap"], "segment pool", ["file:lmd/x.mid"]),
     # demo and the top level
     ("demo-zero-steps", ["demo", "--workdir", "{tmp}/demo", "--steps", "0"], "argument --steps", []),
     ("demo-workdir-is-a-file", ["demo", "--workdir", "{tmp}/demo"], "--workdir", ["file:demo"]),

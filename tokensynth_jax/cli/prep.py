@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
+import shutil
 import sys
 
 from tokensynth_jax.cli import checks
 from tokensynth_jax.cli.checks import UsageError
+from tokensynth_jax.errors import UserError
 from tokensynth_prep import held_out  # noqa: F401  (the demo's held-out clips, through this gate)
 from tokensynth_prep.config import AUG_EFFECTS, CLAP_INPUTS, SPLITS  # light: no Beam, no encoders
 
@@ -42,8 +46,26 @@ def _names(text: str) -> tuple[str, ...]:
     return tuple(t.strip() for t in text.split(",") if t.strip())
 
 
+# PrepConfig fields whose flag is not `--` + the field with dashes.
+_FLAGS = {"output_dir": "--out", "min_tempo_bpm": "--min-tempo", "max_tempo_bpm": "--max-tempo",
+          "soundfonts": "--soundfont"}
+
+
 def config_from_args(args):
-    """The job's PrepConfig of parsed `prep` arguments (it checks every field)."""
+    """The job's PrepConfig of parsed `prep` arguments (it checks every field; its errors name the
+    flag here, not the field)."""
+    from tokensynth_prep.config import ConfigError
+
+    try:
+        return _config(args)
+    except ConfigError as e:
+        field, sep, rest = str(e).partition(": ")
+        if sep and field.isidentifier():
+            raise UsageError(f"{_FLAGS.get(field, '--' + field.replace('_', '-'))}: {rest}") from e
+        raise
+
+
+def _config(args):
     from tokensynth_prep.config import PrepConfig
 
     return PrepConfig(
@@ -83,16 +105,43 @@ def _check_paths(args) -> None:
         raise UsageError("--nsynth-tfds needs --instruments nsynth --nsynth-dir DIR (where it exports to)")
 
 
+def _import_pipeline():
+    """`tokensynth_prep.pipeline`, quietly: importing Beam warns through the root logger that
+    BigQuery's client library is missing, which this job never uses."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        from tokensynth_prep import pipeline
+    finally:
+        root.setLevel(level)
+    return pipeline
+
+
 def _prep(args) -> int:
     _check_paths(args)
     cfg = config_from_args(args)
-    from tokensynth_prep import pipeline
+    pipeline = _import_pipeline()
 
     if args.nsynth_tfds:
         from tokensynth_prep import nsynth
 
         nsynth.export_tfds(None if args.nsynth_tfds == "default" else args.nsynth_tfds, cfg.nsynth_dir, cfg.nsynth_splits)
-    result = pipeline.run(cfg, beam_options(args))
+    # A new local --out that the job fails in is removed again; one that existed is a resume, kept.
+    fresh = checks.is_local(args.out) and not os.path.exists(args.out)
+    # A user error inside a step (every MIDI file rejected, say) reaches us and is printed in one
+    # line; Beam would log it with its traceback first. A bug still ends in a traceback: ours.
+    beam_log = logging.getLogger("apache_beam.runners.common")
+    level = beam_log.level
+    beam_log.setLevel(logging.CRITICAL)
+    try:
+        result = pipeline.run(cfg, beam_options(args))
+    except UserError:
+        if fresh:
+            shutil.rmtree(args.out, ignore_errors=True)
+        raise
+    finally:
+        beam_log.setLevel(level)
     manifest = result.manifest
     print(json.dumps({"output": cfg.output_dir, "records": manifest["records"], "rejected": manifest["rejected"],
                       "shards": len(manifest["shards"]), "beam_counters": result.counters}, indent=1))
