@@ -342,6 +342,7 @@ def run(cfg: PrepConfig, beam_args: list[str] | None = None) -> JobResult:
     # A fitted codec has no info until it is fitted, below.
     codec = None if cfg.codec == codec_fit.melrvq.NAME else encoders.codec_info(cfg.codec, offline=cfg.offline)
     encoders.check_clap(cfg.clap, offline=cfg.offline)
+    encoders.check_device(cfg.device)
     clap_model = f"{cfg.clap}|{cfg.clap_input}"
     specs = instruments.list_instruments(cfg)
     counts = plan.shard_counts(specs, cfg)

@@ -192,6 +192,7 @@ CASES = [
     ("prep-programs-not-numbers", ["prep", "--out", "{tmp}/data", "--programs", "a,b"], "argument --programs", []),
     ("prep-zero-workers", ["prep", "--out", "{tmp}/data", "--workers", "0"], "argument --workers", []),
     ("prep-missing-soundfont", ["prep", "--out", "{tmp}/data", "--soundfont", "{tmp}/gm.sf2"], "gm.sf2", []),
+    ("prep-device-not-a-torch-device", ["prep", "--out", "{tmp}/data", "--device", "bogus"], "--device", []),
     ("prep-fractions-hold-out-every-preset", ["prep", "--out", "{tmp}/data", "--valid-fraction", "0.6",
                                               "--test-fraction", "0.4"], "--valid-fraction", []),
     # found inside the Beam job: printed once, without Beam's traceback, and the new --out removed

@@ -206,6 +206,24 @@ def _init_encodec_codebooks(model) -> None:
             residual = residual - book.embed[book.quantize(residual)]
 
 
+def check_device(device: str) -> None:
+    """Raises EncoderError unless `device` names a torch device that is here (checked before a
+    job starts, so a typo is not found by the first worker that encodes)."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise EncoderError(f"device {device!r}: not a torch device (cpu, cuda, cuda:N, mps, ...)") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise EncoderError(f"device {device!r} asked for, but torch sees no CUDA device")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise EncoderError(f"device {device!r}: torch sees {torch.cuda.device_count()} CUDA device(s)")
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise EncoderError(f"device {device!r} asked for, but torch sees no MPS device")
+
+
 def _torch_device(device: str):
     """The torch device; on CUDA, deterministic kernels (byte-identical shards need them: several
     cuDNN convolutions and cuBLAS reductions are not run-to-run reproducible by default)."""
@@ -213,9 +231,8 @@ def _torch_device(device: str):
 
     import torch
 
+    check_device(device)
     if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise EncoderError(f"device {device!r} asked for, but torch sees no CUDA device")
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts
         torch.backends.cudnn.benchmark = False
         torch.use_deterministic_algorithms(True)

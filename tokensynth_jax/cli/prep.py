@@ -103,6 +103,12 @@ def _check_paths(args) -> None:
         checks.input_dir(args.nsynth_dir, "--nsynth-dir")  # with --nsynth-tfds it is written first
     if args.nsynth_tfds and (not args.nsynth_dir or args.instruments != "nsynth"):
         raise UsageError("--nsynth-tfds needs --instruments nsynth --nsynth-dir DIR (where it exports to)")
+    from tokensynth_jax.audio import encoders
+
+    try:
+        encoders.check_device(args.device)
+    except encoders.EncoderError as e:
+        raise UsageError(f"--device: {e}") from e
 
 
 def _import_pipeline():
