@@ -80,6 +80,8 @@ CASES = [
      "--config.model.no_such", []),
     ("init-seed-not-an-int", ["init", "--config", "tiny", "--seed", "x", "{tmp}/m"], "argument --seed", []),
     # train
+    ("train-damaged-shard-leaves-no-workdir", [*TRAIN, "--config.data.paths={tmp}/data/train"],
+     "not a readable ArrayRecord shard", ["file:data/train/shard-00000-of-00001.array_record"]),
     ("train-steps-not-a-number", [*TRAIN, DATA, "--config.train.steps=abc"], "--config.train.steps=abc", []),
     ("train-without-data", TRAIN, "--config.data.paths", []),
     ("train-data-path-missing", [*TRAIN, "--config.data.paths={tmp}/nothing"], "nothing", []),

@@ -166,10 +166,8 @@ def train(config, workdir: str, init_from: str | None = None) -> dict:
     Returns the last logged metrics.
     """
     initialize_distributed()
-    os.makedirs(workdir, exist_ok=True)
     cfg = ModelConfig.from_dict(config.model.to_dict())
     tc, oc = config.train, optim.OptimConfig.from_dict(config.optim.to_dict())
-    log.info("devices: %d (%d processes), model %s", jax.device_count(), jax.process_count(), cfg)
 
     # Mesh and data.
     mesh = sharding.make_mesh(config.mesh.to_dict())
@@ -183,6 +181,9 @@ def train(config, workdir: str, init_from: str | None = None) -> dict:
         input_pipeline.verify_shards(input_pipeline.expand_paths(config.data.eval_paths),
                                      sha256=pc.verify_sha256)
     data_iter = iter(input_pipeline.make_dataset(pc, cfg, jax.process_index(), jax.process_count()))
+    # Only now, with the data checked: a damaged shard stops the run before it makes or logs anything.
+    os.makedirs(workdir, exist_ok=True)
+    log.info("devices: %d (%d processes), model %s", jax.device_count(), jax.process_count(), cfg)
     if jax.process_index() == 0:  # what the run is, for inference checkpoints and sweeps
         # make_dataset has checked that every shard names the same CLAP (unless mixing is
         # allowed, when there is no one CLAP to record), so the first shard speaks for all.
