@@ -116,6 +116,20 @@ def test_synthesize_says_clearly_what_is_missing(tiny_ckpt, embedding, tmp_path,
     assert message in capsys.readouterr().err
 
 
+def test_synthesize_reads_an_npz_of_one_embedding_and_refuses_one_of_several(tiny_ckpt, embedding, tmp_path, capsys):
+    midi = _midi(tmp_path / "a.mid", [(60, 0.1, 0.9)])
+    run = lambda emb, out: cli.main(["synthesize", "--checkpoint", tiny_ckpt, "--midi", midi, "--timbre-embedding",
+                                     emb, "--tokens-out", str(tmp_path / out)])
+    np.savez(tmp_path / "one.npz", timbre=np.load(embedding))
+    assert run(str(tmp_path / "one.npz"), "npz.npy") == 0 and run(embedding, "npy.npy") == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "npz.npy"), np.load(tmp_path / "npy.npy"))
+    np.savez(tmp_path / "two.npz", a=np.load(embedding), b=np.zeros(3))
+    capsys.readouterr()
+    assert run(str(tmp_path / "two.npz"), "two.npy") == 2
+    assert "two.npz: an .npz archive of 2 arrays (a, b)" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "two.npy")
+
+
 def test_synthesize_names_the_bad_file(tiny_ckpt, embedding, tmp_path, capsys):
     bad = tmp_path / "notes.mid"
     bad.write_text("not midi")

@@ -313,6 +313,20 @@ def test_missing_pretrained_weights_are_an_error_not_random_weights():
         encoders.codec_info("facebook/encodec_32khz", offline=True)
     with pytest.raises(encoders.EncoderError, match="--clap tiny-clap"):
         encoders.check_clap("laion/larger_clap_music", offline=True)
+    for local in ("./my_clap", "/models/clap", "~/clap", "runs/a/clap"):  # a path is no hub id to download
+        with pytest.raises(encoders.EncoderError, match=f"clap '{local}': no such directory") as e:
+            encoders.check_clap(local, offline=True)
+        assert "huggingface-cli" not in str(e.value)
+
+
+def test_device_is_checked_before_the_job():
+    encoders.check_device("cpu")
+    for device, message in (("bogus", "not a torch device"), ("cpu:x", "not a torch device"),
+                            ("cuda:0", "torch sees no CUDA device")):
+        if device.startswith("cuda") and __import__("torch").cuda.is_available():
+            continue
+        with pytest.raises(encoders.EncoderError, match=f"device '{device}'.*{message}"):
+            encoders.check_device(device)
 
 
 # --- NSynth raw layout -----------------------------------------------------------------------------

@@ -38,6 +38,12 @@ def load_embedding(path: str, batch: int, timbre_dim: int) -> np.ndarray:
         emb = np.load(path, allow_pickle=False)
     except Exception as e:  # numpy raises ValueError / OSError / UnpicklingError
         raise TimbreError(f"{path}: not a .npy array ({e})") from e
+    if isinstance(emb, np.lib.npyio.NpzFile):  # an .npz archive: its one array, if it holds just one
+        with emb:
+            if len(emb.files) != 1:
+                raise TimbreError(f"{path}: an .npz archive of {len(emb.files)} arrays ({', '.join(emb.files[:5])}); "
+                                  "give one array, as np.save writes it (.npy)")
+            emb = emb[emb.files[0]]
     emb = np.asarray(emb)
     if not np.issubdtype(emb.dtype, np.floating):
         raise TimbreError(f"{path}: timbre embedding has dtype {emb.dtype}, expected floats")
