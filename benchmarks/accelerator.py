@@ -200,12 +200,19 @@ TRAIN_VARIANTS = {"scanned layers": {"model.scan_layers": True}, "remat dots": {
                   "whole-sequence loss": {"model.loss_chunk": 0}, "no dropout": {"model.dropout": 0.0}}
 
 
+def _parse_variant(text: str) -> tuple[str, dict]:
+    """"NAME:model.a=1,model.b=x" -> (NAME, {"model.a": "1", "model.b": "x"})."""
+    name, _, spec = text.partition(":")
+    return name, dict(kv.split("=", 1) for kv in spec.split(",") if kv)
+
+
 def part_train_variants(section: Section) -> None:
     import gc
 
     _jax_setup(section)
     b = section.size["variant_batch"]
-    for name, extra in TRAIN_VARIANTS.items():
+    variants = dict(_parse_variant(v) for v in section.args.train_variant) or TRAIN_VARIANTS
+    for name, extra in variants.items():
         def run():
             _, measure, release = _train_measurer(section, extra)
             try:
@@ -456,8 +463,11 @@ def run_section(name: str, args, timeout: float) -> str:
     cmd = [sys.executable, os.path.abspath(__file__), "--part", name, "--out", args.out,
            "--deadline", str(time.time() + timeout - 5), "--decode-dtype", args.decode_dtype]
     cmd += ["--quick"] * args.quick + [f"--ours-set={kv}" for kv in args.ours_set]
+    cmd += [f"--train-variant={v}" for v in args.train_variant]
     env = dict(os.environ, TQDM_DISABLE="1", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("XLA_FLAGS", None)  # one real device, not fake CPU devices
+    if args.xla_flags:
+        env["XLA_FLAGS"] = args.xla_flags
     print(f"[{time.strftime('%H:%M:%S')}] {name}: up to {timeout:.0f} s, log {log}", flush=True)
     t0 = time.perf_counter()
     with open(log, "w") as f:
@@ -618,6 +628,10 @@ def main(argv=None) -> int:
     parser.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated subset, in this order")
     parser.add_argument("--ours-set", action="append", default=[], metavar="KEY=VALUE",
                         help="config override for ours, e.g. model.remat=True (repeatable)")
+    parser.add_argument("--train-variant", action="append", default=[], metavar="NAME:KEY=VALUE,...",
+                        help="train-variants measures these instead of TRAIN_VARIANTS (repeatable), "
+                             "e.g. dots-whole:model.remat=dots,model.loss_chunk=0")
+    parser.add_argument("--xla-flags", default="", help="XLA_FLAGS for every section of ours (an XLA option to try)")
     parser.add_argument("--decode-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                         help="parameters of ours when decoding (auto: bfloat16 on an accelerator, float32 on CPU)")
     parser.add_argument("--part", choices=sorted(PARTS), help=argparse.SUPPRESS)
