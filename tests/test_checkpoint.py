@@ -129,6 +129,13 @@ def test_not_a_checkpoint(tmp_path):
 @pytest.mark.parametrize("changes,problem", [
     ({"format": "something-else"}, "format 'something-else'"),
     ({"version": checkpoint.FORMAT_VERSION + 1}, "newer than this code"),
+    ({"metadata": [1]}, "metadata is \\[1\\], not an object"),
+    ({"metadata": {"codec": "dac"}}, "metadata.codec is 'dac', not an object"),
+    ({"metadata": {"codec": {"name": "nope", "frame_rate": -1, "sample_rate": 16000}}},
+     "metadata.codec.frame_rate is -1, not a positive number"),
+    ({"metadata": {"codec": {"name": "nope", "frame_rate": 50, "sample_rate": 0}}},
+     "metadata.codec.sample_rate is 0, not a positive number"),
+    ({"metadata": {"codec": {"name": 7}}}, "metadata.codec.name is 7, not a codec name"),
 ])
 def test_foreign_metadata(saved, tmp_path, changes, problem):
     with pytest.raises(checkpoint.CheckpointError, match=problem):

@@ -6,6 +6,7 @@ heavy stack or loads a single array.
 """
 from __future__ import annotations
 
+import math
 import os
 
 from tokensynth_jax import versioned_json
@@ -30,4 +31,27 @@ def read_metadata(directory: str | os.PathLike) -> dict:
                                error=CheckpointError)
     if not isinstance(meta.get("model"), dict):
         raise CheckpointError(f"{path}: no model config (\"model\" is {meta.get('model')!r}, not an object)")
+    _check_codec(meta, path)
     return meta
+
+
+def _check_codec(meta: dict, path: str) -> None:
+    """`metadata.codec`, which synthesis plans windows and decodes with: absent, or a name and
+    positive rates."""
+    metadata = meta.get("metadata")
+    if metadata is None:
+        return
+    if not isinstance(metadata, dict):
+        raise CheckpointError(f"{path}: metadata is {metadata!r:.60}, not an object")
+    codec = metadata.get("codec")
+    if codec is None:
+        return
+    if not isinstance(codec, dict):
+        raise CheckpointError(f"{path}: metadata.codec is {codec!r:.60}, not an object")
+    if codec.get("name") is not None and not (isinstance(codec["name"], str) and codec["name"]):
+        raise CheckpointError(f"{path}: metadata.codec.name is {codec['name']!r:.60}, not a codec name")
+    for key in ("sample_rate", "frame_rate"):
+        value = codec.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not math.isfinite(value) or value <= 0):
+            raise CheckpointError(f"{path}: metadata.codec.{key} is {value!r:.60}, not a positive number")
