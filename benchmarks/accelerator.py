@@ -197,7 +197,8 @@ def part_ours_train(section: Section) -> None:
 # Each knob of the step against the defaults, at one batch (what `auto` and the defaults are
 # chosen from): name -> model overrides.
 TRAIN_VARIANTS = {"scanned layers": {"model.scan_layers": True}, "remat dots": {"model.remat": "dots"},
-                  "whole-sequence loss": {"model.loss_chunk": 0}, "no dropout": {"model.dropout": 0.0}}
+                  "whole-sequence loss": {"model.loss_chunk": 0}, "no dropout": {"model.dropout": 0.0},
+                  "rbg dropout": {"model.dropout_rng": "rbg"}}
 
 
 def _parse_variant(text: str) -> tuple[str, dict]:

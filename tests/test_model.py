@@ -8,8 +8,9 @@ import torch
 from conftest import model_from_params, randomize
 from flax import nnx
 
-from tokensynth_jax.config import REFERENCE, ModelConfig
+from tokensynth_jax.config import REFERENCE, ConfigError, ModelConfig
 from tokensynth_jax.interop import convert
+from tokensynth_jax.model import layers
 from tokensynth_jax.model.transformer import TokenSynth
 from tokensynth_jax.scaling.flops import param_counts
 
@@ -260,6 +261,20 @@ def test_dropout_only_with_a_key(tiny_model):
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     no_dropout = model_from_params(model.cfg.replace(dropout=0.0), params)
     np.testing.assert_allclose(np.asarray(no_dropout(rows, timbre, dropout_rng=k1)), plain, rtol=1e-6, atol=1e-6)
+
+
+def test_rbg_dropout_draws_its_own_repeatable_masks_at_the_rate():
+    x = jnp.ones((256, 512), jnp.bfloat16)
+    key = jax.random.PRNGKey(5)
+    rbg = layers.dropout(x, 0.25, key, "rbg")
+    np.testing.assert_array_equal(np.asarray(jax.jit(lambda x, k: layers.dropout(x, 0.25, k, "rbg"))(x, key)), rbg)
+    assert abs(float((rbg == 0).mean()) - 0.25) < 0.01
+    assert set(np.unique(np.asarray(rbg, np.float32)).tolist()) == {0.0, float(jnp.bfloat16(1 / 0.75))}
+    assert not np.array_equal(rbg, layers.dropout(x, 0.25, key))  # not threefry's mask
+    assert not np.array_equal(rbg, layers.dropout(x, 0.25, jax.random.PRNGKey(6), "rbg"))
+    np.testing.assert_array_equal(layers.dropout(x, 0.25, None, "rbg"), x)
+    with pytest.raises(ConfigError, match="model.dropout_rng='philox'"):
+        ModelConfig(dropout_rng="philox")
 
 
 # --- bf16 compute -------------------------------------------------------------------------------

@@ -131,6 +131,22 @@ def test_speed_knobs_give_the_same_steps():
     assert CFG.replace(remat=True).remat == "full" and CFG.replace(remat="False").remat == "none"
 
 
+def test_rbg_dropout_trains_and_repeats_exactly():
+    """A train step with dropout masks from XLA's RngBitGenerator: the same step twice is the
+    same bit for bit (what a resume needs), and its masks are not threefry's."""
+    batch = _batch()
+    results = {}
+    for rng in ("threefry", "rbg", "rbg"):
+        graphdef, state = _state(CFG.replace(dropout=0.2, dropout_rng=rng))
+        for i in range(2):
+            state, m = STEP(graphdef, state, batch, jax.random.PRNGKey(i))
+        results.setdefault(rng, []).append(jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(state))))
+    jax.tree.map(np.testing.assert_array_equal, *results["rbg"])
+    first = jax.tree.leaves(results["rbg"][0])
+    assert any(not np.array_equal(a, b) for a, b in zip(first, jax.tree.leaves(results["threefry"][0])))
+    assert all(np.isfinite(a).all() for a in first if np.issubdtype(a.dtype, np.floating))
+
+
 def test_chunked_head_loss_equals_the_whole_sequence_loss_and_gradient():
     """Chunks that do not divide the length (38 positions in chunks of 5, 16 and 38+)."""
     model = TokenSynth(CFG.replace(loss_chunk=0), rngs=nnx.Rngs(0))

@@ -43,7 +43,7 @@ Remat = Literal["none", "full", "dots"]
 REMAT_POLICIES = ("none", "full", "dots")
 # Config fields that change how the model computes, not its parameters: a checkpoint trained
 # with one value loads under another.
-RUNTIME_FIELDS = ("dropout", "dtype", "remat", "attention_impl", "scan_layers", "loss_chunk")
+RUNTIME_FIELDS = ("dropout", "dtype", "remat", "attention_impl", "scan_layers", "loss_chunk", "dropout_rng")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +71,7 @@ class ModelConfig:
     attention_impl: AttentionImpl = "auto"  # "auto" | "xla" | "cudnn" | "pallas_tpu" (see AttentionImpl)
     scan_layers: bool | str = "auto"  # blocks as one lax.scan: True, False, or "auto" (see `scans_layers`)
     loss_chunk: int = 256  # positions per output-head chunk of the training loss (0: all at once)
+    dropout_rng: str = "threefry"  # how dropout masks are drawn: "threefry" or "rbg" (see layers.dropout)
 
     def __post_init__(self):
         for name in _SIZES:
@@ -91,6 +92,8 @@ class ModelConfig:
             raise ConfigError(f"model.attention_impl={self.attention_impl!r}: unknown; one of auto, xla, cudnn, pallas_tpu")
         if self.attention_impl == "cudnn" and self.dtype not in ("bfloat16", "float16"):
             raise ConfigError(f"model.attention_impl='cudnn' needs dtype bfloat16 or float16 (model.dtype={self.dtype!r})")
+        if self.dropout_rng not in ("threefry", "rbg"):
+            raise ConfigError(f"model.dropout_rng={self.dropout_rng!r}: one of 'threefry', 'rbg'")
         if self.loss_chunk < 0:
             raise ConfigError(f"model.loss_chunk={self.loss_chunk}: must be >= 0")
         if self.d_model % self.num_heads:

@@ -67,10 +67,18 @@ class LayerNorm(nnx.Module):
         return (y * self.scale[...] + self.bias[...]).astype(self.dtype)
 
 
-def dropout(x, rate: float, key):
-    """Inverted dropout; the identity when `key` is None (inference)."""
+def dropout(x, rate: float, key, rng: str = "threefry"):
+    """Inverted dropout; the identity when `key` is None (inference).
+
+    `rng` ("threefry" or "rbg", `ModelConfig.dropout_rng`) draws the mask with JAX's threefry, or
+    with XLA's RngBitGenerator keyed from `key`: on a GPU the threefry rounds are fused into the
+    mask and made dropout 8.6% of a train step (docs/benchmarks.md); RngBitGenerator is one kernel
+    that writes the bits. Both are fixed by `key`, so runs and resumes repeat exactly on one mesh.
+    """
     if key is None or rate == 0.0:
         return x
+    if rng == "rbg":
+        key = jax.random.wrap_key_data(jax.random.bits(key, (4,), jnp.uint32), impl="rbg")
     keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
     return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
@@ -175,12 +183,12 @@ class Block(nnx.Module):
         self.attn = Attention(cfg, rngs=rngs)
         self.ln2 = LayerNorm(cfg, rngs=rngs)
         self.mlp = Mlp(cfg, rngs=rngs)
-        self.rate = cfg.dropout
+        self.rate, self.dropout_rng = cfg.dropout, cfg.dropout_rng
 
     def __call__(self, x, valid_bqk=None, cache=None, slot=None, dropout_key=None, pad_b=None):
         """One block; `valid_bqk`, `cache`, `slot` and `pad_b` as `Attention.__call__`."""
         keys = (None, None) if dropout_key is None else tuple(jax.random.split(dropout_key))
         y, cache = self.attn(self.ln1(x), valid_bqk, cache, slot, pad_b)
-        x = x + dropout(y, self.rate, keys[0])
-        x = x + dropout(self.mlp(self.ln2(x)), self.rate, keys[1])
+        x = x + dropout(y, self.rate, keys[0], self.dropout_rng)
+        x = x + dropout(self.mlp(self.ln2(x)), self.rate, keys[1], self.dropout_rng)
         return x, cache
