@@ -2,6 +2,7 @@
 the renderer, effect chains, pair plans, shards, tiny encoders and the NSynth raw layout."""
 import dataclasses
 import json
+import logging
 import os
 
 import numpy as np
@@ -317,6 +318,18 @@ def test_missing_pretrained_weights_are_an_error_not_random_weights():
         with pytest.raises(encoders.EncoderError, match=f"clap '{local}': no such directory") as e:
             encoders.check_clap(local, offline=True)
         assert "huggingface-cli" not in str(e.value)
+
+
+def test_an_unreachable_hub_is_answered_from_the_cache_at_once(caplog):
+    """No network: a hub id missing from the cache fails without huggingface_hub's five retries."""
+    if not encoders.hub_unreachable():
+        pytest.skip("the Hugging Face hub is reachable from here")
+    with caplog.at_level(logging.WARNING):
+        with pytest.raises(encoders.EncoderError, match="not in the Hugging Face cache"):
+            encoders.check_clap("laion/larger_clap_music", offline=False)
+        with pytest.raises(encoders.EncoderError, match="not in the Hugging Face cache"):
+            encoders.codec_info("facebook/encodec_32khz", offline=False)
+    assert not [r.getMessage() for r in caplog.records if "Retrying" in r.getMessage()]
 
 
 def test_device_is_checked_before_the_job():

@@ -16,7 +16,9 @@ items share its batch, which keeps shards byte-identical however the runner bund
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import os
 
 import numpy as np
 
@@ -130,11 +132,38 @@ def _missing(name: str, what: str, e: Exception) -> EncoderError:
     )
 
 
+@functools.lru_cache(maxsize=1)
+def hub_unreachable() -> bool:
+    """Whether a 3 s connection to the Hugging Face hub fails (asked once a process).
+
+    Without this, huggingface_hub retries every request five times with backoff, about 30 s of
+    warnings, before it falls back to the cache or fails. Behind a proxy (HTTPS_PROXY or
+    ALL_PROXY set) only the requests themselves can tell, so the hub counts as reachable.
+    """
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return False
+    import socket
+    import urllib.parse
+
+    url = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=3).close()
+        return False
+    except OSError:
+        return True
+
+
+def _local_only(name: str, offline: bool) -> bool:
+    """`local_files_only` for `from_pretrained(name)`: offline asked for, or a hub id while the hub
+    is unreachable (then the cache answers at once)."""
+    return offline or (not os.path.isdir(name) and hub_unreachable())
+
+
 def _hub_config(name: str, what: str, offline: bool):
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(name, local_files_only=offline)
+        return AutoConfig.from_pretrained(name, local_files_only=_local_only(name, offline))
     except (OSError, ValueError) as e:
         raise _missing(name, what, e) from e
 
@@ -263,7 +292,7 @@ class Codec:
                 _init_encodec_codebooks(model)
         else:
             try:
-                model = cls.from_pretrained(name, local_files_only=offline)
+                model = cls.from_pretrained(name, local_files_only=_local_only(name, offline))
             except OSError as e:
                 raise _missing(name, "codec", e) from e
         self.kind, self.batch_size, self.device = kind, batch_size, _torch_device(device)
@@ -385,8 +414,8 @@ class ClapEmbedder:
             features = ClapFeatureExtractor(truncation="rand_trunc", padding="repeatpad")
         else:
             try:
-                model = ClapModel.from_pretrained(name, local_files_only=offline)
-                features = ClapFeatureExtractor.from_pretrained(name, local_files_only=offline)
+                model = ClapModel.from_pretrained(name, local_files_only=_local_only(name, offline))
+                features = ClapFeatureExtractor.from_pretrained(name, local_files_only=_local_only(name, offline))
             except OSError as e:
                 raise _missing(name, "clap", e) from e
         self._offline, self._tokenizer = offline, None  # the text tokenizer loads on first use
@@ -442,7 +471,8 @@ class ClapEmbedder:
                 from transformers import AutoTokenizer
 
                 try:
-                    self._tokenizer = AutoTokenizer.from_pretrained(self.name, local_files_only=self._offline)
+                    self._tokenizer = AutoTokenizer.from_pretrained(
+                        self.name, local_files_only=_local_only(self.name, self._offline))
                 except OSError as e:
                     raise _missing(self.name, "clap", e) from e
             return dict(self._tokenizer(texts, padding=True, truncation=True, return_tensors="pt"))
