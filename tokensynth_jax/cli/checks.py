@@ -216,6 +216,14 @@ def check_sampler_flags(args) -> None:
         raise UsageError("--sampler top-k needs --top-k K")
 
 
+def check_top_k(args, cfg) -> None:
+    """Refuses a --top-k that every channel's vocabulary is within (it would filter nothing)."""
+    largest = max(cfg.midi_vocab_size, cfg.codebook_vocab_size)
+    if args.sampler == "top-k" and args.top_k is not None and args.top_k >= largest:
+        raise UsageError(f"--top-k {args.top_k}: keeps every id (the model's channels have at most {largest}); "
+                         "use --sampler top-p 1 or a smaller K")
+
+
 def make_sampler(args):
     """The sampling.Greedy / TopK / TopP that the checked sampler flags name."""
     from tokensynth_jax.inference import sampling

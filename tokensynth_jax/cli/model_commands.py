@@ -252,6 +252,7 @@ def _export(args) -> int:
     if cfg.conditioning != "timbre":
         raise UsageError(f"--checkpoint {args.checkpoint}: only timbre-conditioned models are exported "
                          "(this one is unconditional)")
+    checks.check_top_k(args, cfg)
     if args.max_rows < cfg.num_codebooks:
         raise UsageError(f"--max-rows {args.max_rows} is fewer than the {cfg.num_codebooks} rows one frame needs")
 

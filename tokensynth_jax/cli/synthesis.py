@@ -144,6 +144,7 @@ def _synthesize(args) -> int:
     meta, cfg = checks.model_checkpoint(args.checkpoint, "--checkpoint")
     if cfg.conditioning != "timbre":
         raise UsageError(f"--checkpoint {args.checkpoint}: an unconditional model cannot synthesize from a timbre")
+    checks.check_top_k(args, cfg)
     if args.max_rows is not None and args.max_rows < cfg.num_codebooks:
         raise UsageError(f"--max-rows {args.max_rows} is fewer than the {cfg.num_codebooks} rows one frame needs")
     if args.guidance_scale is not None:
