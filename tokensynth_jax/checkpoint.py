@@ -49,6 +49,18 @@ DAMAGED_SUFFIX = ".damaged"  # a damaged step moved aside: not a step name, so O
 log = logging.getLogger("tokensynth.checkpoint")
 
 
+class _MissingMetadataNoise(logging.Filter):
+    """Drops Orbax's "Metadata file does not exist" warning (through absl), which it logs when it
+    lists the steps of a directory holding a damaged one: the file checks here name that step and
+    what is missing in the error or warning that follows, so the line only doubled the message."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Metadata file does not exist" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_MissingMetadataNoise())
+
+
 def _sharded_target(abstract_state: nnx.State, shardings: nnx.State) -> dict:
     """The restore target: a pure dict of shapes and dtypes carrying where each array lands."""
     return jax.tree.map(
