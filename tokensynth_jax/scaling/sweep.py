@@ -137,10 +137,21 @@ def read_plan(path: str) -> dict:
     return plan
 
 
+# Checks of JSON values: (holds, what it should be).
+_POSITIVE_INT = (lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0, "a positive integer")
+_POSITIVE_NUMBER = (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0,
+                    "a positive number")
+_STRING = (lambda v: isinstance(v, str), "a string")
 # What `run` and `fit` read of each planned run: a hand-edited plan is checked against it up front.
-_RUN_FIELDS = {"name": str, "workdir": str, "config": str, "command": str, "overrides": dict, "steps": int,
-               "depth": int, "global_batch": int, "seq_len": int, "budget": float, "params": float, "tokens": float,
-               "flops": float, "flops_per_token": float}
+_RUN_FIELDS = {"name": _STRING, "workdir": _STRING, "config": _STRING, "command": _STRING,
+               "overrides": (lambda v: isinstance(v, dict), "an object"), "steps": _POSITIVE_INT,
+               "depth": _POSITIVE_INT, "global_batch": _POSITIVE_INT, "seq_len": _POSITIVE_INT,
+               "budget": _POSITIVE_NUMBER, "params": _POSITIVE_NUMBER, "tokens": _POSITIVE_NUMBER,
+               "flops": _POSITIVE_NUMBER, "flops_per_token": _POSITIVE_NUMBER}
+# Fields of metrics.jsonl that `fit` computes with, where a line has them (other fields are free).
+_METRIC_FIELDS = {"step": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+                  "split": _STRING,
+                  "ce": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number")}
 
 
 def check_plan(plan: dict, path: str) -> None:
@@ -152,13 +163,9 @@ def check_plan(plan: dict, path: str) -> None:
     for i, run in enumerate(plan["runs"]):
         if not isinstance(run, dict):
             raise SweepError(f"{path}: runs[{i}]: expected an object, got {run!r:.60}")
-        for key, kind in _RUN_FIELDS.items():
-            value = run.get(key)
-            number = kind is float and isinstance(value, (int, float)) and math.isfinite(value) and value > 0
-            whole = kind is int and isinstance(value, int) and value > 0
-            if isinstance(value, bool) or not (number or whole or kind in (str, dict) and isinstance(value, kind)):
-                what = {float: "a positive number", int: "a positive integer", str: "a string", dict: "an object"}[kind]
-                got = f"got {value!r:.60}" if key in run else "missing"
+        for key, (holds, what) in _RUN_FIELDS.items():
+            if not holds(run.get(key)):
+                got = f"got {run[key]!r:.60}" if key in run else "missing"
                 raise SweepError(f"{path}: runs[{i}].{key}: expected {what}, {got}")
         if run["name"] in names:
             raise SweepError(f"{path}: runs[{i}].name: {run['name']!r} is planned twice")
@@ -176,24 +183,18 @@ def read_metrics(workdir: str) -> list[dict]:
         for i, raw in enumerate(f, 1):
             try:
                 line = raw.decode("utf-8")
-                m = json.loads(line) if line.strip() else None
+                if not line.strip():
+                    continue
+                m = json.loads(line)
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
                 raise SweepError(f"{path}:{i}: not a JSON line ({e})") from e
-            if m is None:
-                continue
             if not isinstance(m, dict):
                 raise SweepError(f"{path}:{i}: not a JSON object: {line.strip():.60}")
-            for key, ok, what in _METRIC_FIELDS:
-                if key in m and not ok(m[key]):
+            for key, (holds, what) in _METRIC_FIELDS.items():
+                if key in m and not holds(m[key]):
                     raise SweepError(f"{path}:{i}: {key}: expected {what}, got {m[key]!r:.60}")
             out.append(m)
     return out
-
-
-# Fields of metrics.jsonl that `fit` computes with (other fields are free).
-_METRIC_FIELDS = (("step", lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
-                  ("split", lambda v: isinstance(v, str), "a string"),
-                  ("ce", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"))
 
 
 def finished(run: dict) -> bool:
