@@ -10,6 +10,7 @@ is not atomic: finished shards are kept and a rerun does the rest.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -111,23 +112,25 @@ def _check_paths(args) -> None:
         raise UsageError(f"--device: {e}") from e
 
 
-def _import_pipeline():
-    """`tokensynth_prep.pipeline`, quietly: importing Beam warns through the root logger that
-    BigQuery's client library is missing, which this job never uses."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
+@contextlib.contextmanager
+def _log_level(logger: str | None, level: int):
+    """The named logger (None: the root) at `level` for the duration."""
+    log = logging.getLogger(logger)
+    before = log.level
+    log.setLevel(level)
     try:
-        from tokensynth_prep import pipeline
+        yield
     finally:
-        root.setLevel(level)
-    return pipeline
+        log.setLevel(before)
 
 
 def _prep(args) -> int:
     _check_paths(args)
     cfg = config_from_args(args)
-    pipeline = _import_pipeline()
+    # Importing Beam warns through the root logger that BigQuery's client library is missing,
+    # which this job never uses.
+    with _log_level(None, logging.ERROR):
+        from tokensynth_prep import pipeline
 
     if args.nsynth_tfds:
         from tokensynth_prep import nsynth
@@ -137,17 +140,13 @@ def _prep(args) -> int:
     fresh = checks.is_local(args.out) and not os.path.exists(args.out)
     # A user error inside a step (every MIDI file rejected, say) reaches us and is printed in one
     # line; Beam would log it with its traceback first. A bug still ends in a traceback: ours.
-    beam_log = logging.getLogger("apache_beam.runners.common")
-    level = beam_log.level
-    beam_log.setLevel(logging.CRITICAL)
     try:
-        result = pipeline.run(cfg, beam_options(args))
+        with _log_level("apache_beam.runners.common", logging.CRITICAL):
+            result = pipeline.run(cfg, beam_options(args))
     except UserError:
         if fresh:
             shutil.rmtree(args.out, ignore_errors=True)
         raise
-    finally:
-        beam_log.setLevel(level)
     manifest = result.manifest
     print(json.dumps({"output": cfg.output_dir, "records": manifest["records"], "rejected": manifest["rejected"],
                       "shards": len(manifest["shards"]), "beam_counters": result.counters}, indent=1))
