@@ -12,8 +12,7 @@ one section costs that section (or the rest of it) and nothing else:
                   batch-sized cache buffers, causal mask), eager, autocast bf16, fused AdamW.
   ours-decode     `sampling.generate`, a 5 s window (449 rows), top-p 0.9, random weights (never
                   end early), bf16 parameters on a GPU: batch 1, 16, 64 and 256; then, while time
-                  is left, decode steps per loop iteration, the top-p filter method and fp32
-                  parameters against their defaults.
+                  is left, the other top-p filter method, greedy and fp32 parameters.
   ref-decode      the reference's `TokenSynth.synthesize(clap, midi, top_p=0.9)` under no_grad
                   (batch 1, a Python loop), same MIDI file.
   train-variants  ours at batch 32 with one knob changed at a time (TRAIN_VARIANTS): what the
@@ -162,7 +161,7 @@ def _train_measurer(section: Section, extra: dict | None = None):
         m = compiled.memory_analysis()
         footprint = (m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes
                      - m.alias_size_in_bytes) / 1e9 if m is not None else None
-        holder["run"] = lambda steps: run(compiled, batch, steps)
+        holder["compiled"], holder["batch"] = compiled, batch
         run(compiled, batch, 1)  # warm-up
         steps = section.size["train_steps"]
         t0 = time.perf_counter()
@@ -173,7 +172,7 @@ def _train_measurer(section: Section, extra: dict | None = None):
                 "device_peak_gb": _device_peak_gb(device)}
 
     def again(steps):  # more steps of the last measured batch (no compile)
-        return holder["run"](steps)
+        return run(holder["compiled"], holder["batch"], steps)
 
     def release():
         holder.clear()
@@ -337,8 +336,9 @@ def _decode_measurer(section: Section):
         first = call(0)
         times = [call(1 + i) for i in range(runs)]
         s = min(times or [first])
-        return {"batch": batch, "sampler": repr(sampler), "dtype": param_dtype, "first_call_s": first, "times_s": times, "s_per_call": s, "ms_per_clip": 1e3 * s / batch,
-                "clips_per_s": batch / s, "ms_per_step": 1e3 * s / rows, "device_peak_gb": _device_peak_gb(device)}
+        return {"batch": batch, "sampler": repr(sampler), "dtype": param_dtype, "first_call_s": first,
+                "times_s": times, "s_per_call": s, "ms_per_clip": 1e3 * s / batch, "clips_per_s": batch / s,
+                "ms_per_step": 1e3 * s / rows, "device_peak_gb": _device_peak_gb(device)}
 
     return setup, measure
 
@@ -558,14 +558,13 @@ def build_table(results: dict, quick: bool) -> tuple[str, list[str]]:
             rows.append([f"ours, {item}: tokens/s", _cell(o, lambda r: k(r["tokens_per_s"])),
                          mfu(o, "train-variants") if ok else "-", g(o["memory_gb"]) if ok else "-",
                          "-", "-", "-", "-"])
-    for section in ("ours-decode",):
-        for item in results.get(section, {}).get("records", {}):
-            if "," in item:  # the extras
-                o = get(section, item)
-                peak = (o or {}).get("device_peak_gb")
-                rows.append([f"ours, {item}", _cell(o, lambda r: f"{r['ms_per_clip']:.0f} ms per clip, "
-                                                          f"{r['clips_per_s']:.1f} clips/s"), "-",
-                             "-" if peak is None else f"{peak:.1f} GB (device peak)", "-", "-", "-", "-"])
+    for item in results.get("ours-decode", {}).get("records", {}):
+        if "," in item:  # the extras
+            o = get("ours-decode", item)
+            peak = (o or {}).get("device_peak_gb")
+            rows.append([f"ours, {item}", _cell(o, lambda r: f"{r['ms_per_clip']:.0f} ms per clip, "
+                                                      f"{r['clips_per_s']:.1f} clips/s"), "-",
+                         "-" if peak is None else f"{peak:.1f} GB (device peak)", "-", "-", "-", "-"])
     table = _common.md_table(["", "ours", "ours MFU", "ours memory", "reference (PyTorch)", "reference MFU",
                               "reference memory", "ours / reference"], rows)
     o1, o256 = get("ours-decode", "decode 1"), get("ours-decode", f"decode {sizes['decode_batches'][-1]}")
