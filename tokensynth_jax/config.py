@@ -115,11 +115,7 @@ class ModelConfig:
         scanned elsewhere: unrolled, XLA:CPU's backward grows quadratically with depth (a 12-layer
         step took 3x as long), and on a TPU the scan keeps compile time flat at depth (not measured).
         """
-        if self.scan_layers != "auto":
-            return self.scan_layers
-        import jax
-
-        return jax.default_backend() not in ("gpu", "cuda", "rocm")
+        return self.scan_layers if self.scan_layers != "auto" else not on_gpu()
 
     @property
     def head_dim(self) -> int:
@@ -177,6 +173,13 @@ class ModelConfig:
         if unknown:
             raise ConfigError(f"unknown model config keys: {unknown}")
         return cls(**dict(values))
+
+
+def on_gpu() -> bool:
+    """Whether JAX's default backend is a GPU (what the "auto" choices of speed knobs ask)."""
+    import jax
+
+    return jax.default_backend() in ("gpu", "cuda", "rocm")
 
 
 REFERENCE = ModelConfig()  # the paper's / official package's model: ~175M parameters

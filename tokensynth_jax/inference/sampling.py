@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tokensynth_jax.config import ModelConfig
+from tokensynth_jax.config import ModelConfig, on_gpu
 from tokensynth_jax.model.transformer import TokenSynth
 from tokensynth_jax.tokens import token_layout
 
@@ -58,7 +58,7 @@ def filter_method(method: str) -> str:
     """The method "auto" stands for on the default backend (a method other than "auto" as it is)."""
     if method != "auto":
         return method
-    return "sort" if jax.default_backend() in ("gpu", "cuda", "rocm") else "bisect"
+    return "sort" if on_gpu() else "bisect"
 
 
 def _ordered_bits(x):
