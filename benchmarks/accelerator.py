@@ -213,7 +213,7 @@ def part_train_variants(section: Section) -> None:
     b = section.size["variant_batch"]
     variants = dict(_parse_variant(v) for v in section.args.train_variant) or TRAIN_VARIANTS
     for name, extra in variants.items():
-        def run():
+        def run(extra=extra):
             _, measure, release = _train_measurer(section, extra)
             try:
                 return {"overrides": extra, **measure(b)}
@@ -360,7 +360,7 @@ def part_ours_decode(section: Section) -> None:
     if setup["dtype"] != "float32":
         extras.append(("decode 1, fp32 parameters", 1, {"param_dtype": "float32"}))
     for item, b, kw in extras:
-        section.attempt(item, lambda: measure(b, runs=1, **kw), min_left_s=30.0)
+        section.attempt(item, lambda b=b, kw=kw: measure(b, runs=1, **kw), min_left_s=30.0)
 
 
 def _trace(section: Section, name: str, fn) -> dict:

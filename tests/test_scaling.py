@@ -165,7 +165,9 @@ def test_hand_edited_plans_and_metrics_are_one_line_errors(tmp_path, capsys):
     os.makedirs(data)
     assert cli.main([*base, "--out", plan_dir, f"--config.data.paths={data}"]) == 0
     capsys.readouterr()
-    good = json.load(open(os.path.join(plan_dir, "plan.json")))
+    path = os.path.join(plan_dir, "plan.json")
+    with open(path) as f:
+        good = json.load(f)
     first = good["runs"][0]["name"]
 
     def fails(argv, message):
@@ -173,7 +175,6 @@ def test_hand_edited_plans_and_metrics_are_one_line_errors(tmp_path, capsys):
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
 
-    path = os.path.join(plan_dir, "plan.json")
     for edit, message in [(lambda p: p.update(runs="x"), "runs: expected a list, got 'x'"),
                           (lambda p: p["runs"].__setitem__(0, 7), "runs[0]: expected an object, got 7"),
                           (lambda p: p["runs"][0].pop("workdir"), "runs[0].workdir: expected a string, missing"),
@@ -182,10 +183,12 @@ def test_hand_edited_plans_and_metrics_are_one_line_errors(tmp_path, capsys):
                           (lambda p: p["runs"][1].update(name=first), f"runs[1].name: '{first}' is planned twice")]:
         edited = json.loads(json.dumps(good))
         edit(edited)
-        json.dump(edited, open(path, "w"))
+        with open(path, "w") as f:
+            json.dump(edited, f)
         for step in ("run", "fit"):
             fails(["sweep", step, plan_dir], f"{path}: {message}")
-    json.dump(good, open(path, "w"))
+    with open(path, "w") as f:
+        json.dump(good, f)
     os.rmdir(data)  # the shards are gone by the time the sweep runs
     fails(["sweep", "run", plan_dir], f"{plan_dir}: run {first}: --config.data.paths: {data}: no such file")
     metrics = tmp_path / "runs" / first / "metrics.jsonl"

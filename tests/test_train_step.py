@@ -139,7 +139,7 @@ def test_rbg_dropout_trains_and_repeats_exactly():
     for rng in ("threefry", "rbg", "rbg"):
         graphdef, state = _state(CFG.replace(dropout=0.2, dropout_rng=rng))
         for i in range(2):
-            state, m = STEP(graphdef, state, batch, jax.random.PRNGKey(i))
+            state, _ = STEP(graphdef, state, batch, jax.random.PRNGKey(i))
         results.setdefault(rng, []).append(jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(state))))
     jax.tree.map(np.testing.assert_array_equal, *results["rbg"])
     first = jax.tree.leaves(results["rbg"][0])
