@@ -175,3 +175,46 @@ def test_the_reference_compatible_pattern_stays_on_the_xla_path():
     jaxpr = str(jax.make_jaxpr(lambda r: splash(r, timbre))(rows))
     assert "pallas_call" not in jaxpr
     np.testing.assert_array_equal(np.asarray(splash(rows, timbre)), np.asarray(xla(rows, timbre)))
+
+
+# --- decoding over a KV cache: the Pallas GPU decode kernel --------------------------------------
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_pallas_decode_kernel_in_interpret_mode_equals_xla(dtype):
+    """One query row per item over a cache with left padding, at several slots: the first block,
+    a block boundary, the last slot. Slots after `slot` hold garbage the kernel must not read."""
+    from tokensynth_jax.model.transformer import attention_valid
+
+    slots = attention.cache_slots(150, "pallas_gpu")
+    assert slots == 192 and attention.cache_slots(150, "xla") == 150
+    rng = np.random.default_rng(4)
+    q = jnp.asarray(rng.normal(size=(B, 1, H, HD)), dtype)
+    k, v = (jnp.asarray(rng.normal(size=(B, H, slots, HD)) * 3, dtype) for _ in range(2))
+    pad = jnp.asarray([0, 5, 70], jnp.int32)
+    kernel = jax.jit(lambda q, k, v, p, s: attention.pallas_decode_attention(q, k, v, p, s, interpret=True))
+    for slot in (70, 127, 128, slots - 1):
+        valid = attention_valid(jnp.reshape(slot, (1,)), jnp.arange(slots), pad, slot, "causal")
+        want = attention.attend(q, k, v, valid)
+        got = kernel(q, k, v, pad, jnp.int32(slot))
+        assert got.dtype == want.dtype == dtype and got.shape == want.shape == (B, 1, H, HD)
+        tol = dict(TOL[dtype], rtol=max(TOL[dtype]["rtol"], 1 / 128))  # bf16 outputs up to ~5: one ulp is 1/128
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), **tol,
+                                   err_msg=f"slot {slot}")
+
+
+def test_pallas_decode_kernel_lowers_for_cuda():
+    """From this CPU: the kernel lowers to one Triton call (the vmapped items and heads become its
+    grid), so a shape the kernel cannot tile fails here, not on the GPU."""
+    q = jax.ShapeDtypeStruct((2, 1, 16, 64), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((2, 16, attention.cache_slots(562, "pallas_gpu"), 64), jnp.bfloat16)
+    pad, slot = jax.ShapeDtypeStruct((2,), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32)
+    fn = lambda q, k, v, p, s: attention.pallas_decode_attention(q, k, v, p, s, interpret=False)
+    exported = jax.export.export(jax.jit(fn), platforms=("cuda",),
+                                 disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])
+    assert exported(q, k, k, pad, slot).mlir_module().count("@__gpu$xla.gpu.triton") == 1
+
+
+def test_config_checks_the_decode_attention():
+    with pytest.raises(ValueError, match="model.decode_attention='flash'"):
+        ModelConfig(decode_attention="flash")
+    with pytest.raises(ValueError, match="needs model.attention='causal'"):
+        ModelConfig(decode_attention="pallas_gpu", attention="tokensynth-0.0.4")

@@ -399,6 +399,38 @@ def test_generate_with_bfloat16_parameters(tiny):
     assert (low.rows == high.rows).mean() > 0.5
 
 
+def test_pallas_decode_attention_generates_what_xla_does(tiny):
+    """`decode_attention="pallas_gpu"` (Pallas interpret mode here): its cache rounds up to whole
+    kernel blocks, and left-padded batched greedy decoding writes the XLA path's rows."""
+    xla = tiny()
+    pallas = nnx.merge(nnx.graphdef(TokenSynth(TINY.replace(decode_attention="pallas_gpu"), rngs=nnx.Rngs(0))),
+                       nnx.state(xla))
+    assert pallas.init_cache(1, 70)[0].k.shape[2] == 128
+    prompts, timbre = _prompts([3, 40, 17]), _timbre(3)
+    jaxpr = str(jax.make_jaxpr(lambda s: sampling.decode_loop(
+        nnx.merge(nnx.graphdef(pallas), s), *map(jnp.asarray, sampling.prepare_prompts(prompts, TINY, 30)),
+        jnp.asarray(timbre), jax.random.PRNGKey(0), sampler=Greedy(), max_rows=30))(nnx.state(pallas)))
+    assert "pallas_call" in jaxpr
+    assert_same_generation(sampling.generate(pallas, prompts, timbre, max_rows=30),
+                           sampling.generate(xla, prompts, timbre, max_rows=30))
+
+
+def test_matvec_as_gemm_is_a_two_row_product_with_the_same_results(tiny):
+    """`matvec_as_gemm`: a one-row Dense call multiplies two rows (the second zero), and batch-1
+    decoding writes the same rows as without it; calls of more rows are untouched."""
+    plain = tiny()
+    gemm = nnx.merge(nnx.graphdef(TokenSynth(TINY.replace(matvec_as_gemm=True), rngs=nnx.Rngs(0))), nnx.state(plain))
+    fc = gemm.blocks[0].mlp.fc1
+    shapes = lambda x: [e.invars[0].aval.shape for e in jax.make_jaxpr(fc)(x).eqns if e.primitive.name == "dot_general"]
+    one, three = jnp.ones((1, 1, TINY.d_model)), jnp.ones((3, 1, TINY.d_model))
+    assert shapes(one) == [(2, TINY.d_model)] and shapes(three) == [(3, 1, TINY.d_model)]
+    np.testing.assert_allclose(np.asarray(fc(one)), np.asarray(plain.blocks[0].mlp.fc1(one)), rtol=1e-6, atol=1e-6)
+    prompt, timbre = _prompts([11]), _timbre(1)
+    for sampler in (Greedy(), TopP(0.9)):
+        assert_same_generation(sampling.generate(gemm, prompt, timbre, sampler=sampler, max_rows=30),
+                               sampling.generate(plain, prompt, timbre, sampler=sampler, max_rows=30))
+
+
 # --- guidance -----------------------------------------------------------------------------------
 def test_cfg_needs_a_null_timbre_model(tiny):
     with pytest.raises(ValueError, match="null timbre"):

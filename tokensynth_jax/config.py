@@ -43,7 +43,13 @@ Remat = Literal["none", "full", "dots"]
 REMAT_POLICIES = ("none", "full", "dots")
 # Config fields that change how the model computes, not its parameters: a checkpoint trained
 # with one value loads under another.
-RUNTIME_FIELDS = ("dropout", "dtype", "remat", "attention_impl", "scan_layers", "loss_chunk", "dropout_rng")
+RUNTIME_FIELDS = ("dropout", "dtype", "remat", "attention_impl", "scan_layers", "loss_chunk", "dropout_rng",
+                  "decode_attention", "matvec_as_gemm")
+# How a decoding step attends over the KV cache (see attention.decode_attention): "xla", the dense
+# masked path over every slot; "pallas_gpu", the Pallas (Triton) decode-attention kernel of JAX's
+# ops library, which reads only the slots written so far (causal attention only; off a GPU it runs
+# in Pallas interpret mode, which is how the CPU tests check its numbers).
+DECODE_ATTENTION = ("xla", "pallas_gpu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +78,8 @@ class ModelConfig:
     scan_layers: bool | str = "auto"  # blocks as one lax.scan: True, False, or "auto" (see `scans_layers`)
     loss_chunk: int = 256  # positions per output-head chunk of the training loss (0: all at once)
     dropout_rng: str = "threefry"  # how dropout masks are drawn: "threefry" or "rbg" (see layers.dropout)
+    decode_attention: str = "xla"  # attention over the KV cache when decoding: "xla" | "pallas_gpu" (DECODE_ATTENTION)
+    matvec_as_gemm: bool = False  # a one-row product runs as a two-row GEMM (see layers.Dense)
 
     def __post_init__(self):
         for name in _SIZES:
@@ -94,6 +102,13 @@ class ModelConfig:
             raise ConfigError(f"model.attention_impl='cudnn' needs dtype bfloat16 or float16 (model.dtype={self.dtype!r})")
         if self.dropout_rng not in ("threefry", "rbg"):
             raise ConfigError(f"model.dropout_rng={self.dropout_rng!r}: one of 'threefry', 'rbg'")
+        if self.decode_attention not in DECODE_ATTENTION:
+            raise ConfigError(f"model.decode_attention={self.decode_attention!r}: one of {', '.join(DECODE_ATTENTION)}")
+        if self.decode_attention == "pallas_gpu" and self.attention != "causal":
+            raise ConfigError("model.decode_attention='pallas_gpu' needs model.attention='causal' "
+                              f"(model.attention={self.attention!r})")
+        if not isinstance(self.matvec_as_gemm, bool):
+            raise ConfigError(f"model.matvec_as_gemm={self.matvec_as_gemm!r}: True or False")
         if self.loss_chunk < 0:
             raise ConfigError(f"model.loss_chunk={self.loss_chunk}: must be >= 0")
         if self.d_model % self.num_heads:

@@ -2,7 +2,12 @@
 
 Two kinds of call, as the model makes them:
 - `attend(q, k, v, valid)`: any pattern given as a dense [B, Lq, Lk] mask (cached decoding, the
-  reference's inverted pattern). Always XLA: one query row per step needs no fused kernel.
+  reference's inverted pattern), over every key it is given.
+- `pallas_decode_attention(q, k, v, pad_b, slot)`: one query row per item over a KV cache, through
+  the Pallas (Triton) decode-attention kernel of JAX's ops library (`ModelConfig.decode_attention`
+  "pallas_gpu"): one kernel instead of XLA's products, mask and softmax, and it reads only the
+  slots written so far, where `attend` reads the whole cache every step (at batch 256 the cache is
+  7 GB, most of a step's bytes).
 - `causal_self_attention(q, k, v, pad_b, impl=...)`: a sequence attending to itself causally,
   item b's first `pad_b[b]` positions being left padding (batched prefill; None in training,
   whose right padding causal attention never sees). This is where the [B, H, L, L] scores are
@@ -81,6 +86,47 @@ def attend_causal(q_bqhd, k_bhkd, v_bhkd, valid_bqk, chunk: int = 256):
         end = start + chunk
         outs.append(attend(q_bqhd[:, start:end], k_bhkd[:, :, :end], v_bhkd[:, :, :end], valid_bqk[:, start:end, :end]))
     return jnp.concatenate(outs, axis=1)
+
+
+DECODE_BLOCK = 64  # KV slots per block (and per split) of the Pallas decode kernel
+
+
+def cache_slots(num_slots: int, decode_impl: str) -> int:
+    """Slots a KV cache needs for `num_slots` positions: the Pallas decode kernel reads whole
+    blocks, so its caches round up to a multiple of DECODE_BLOCK (the extra slots are never valid)."""
+    if decode_impl == "pallas_gpu":
+        return -(-num_slots // DECODE_BLOCK) * DECODE_BLOCK
+    return num_slots
+
+
+def pallas_decode_attention(q_bqhd, k_bhsd, v_bhsd, pad_b, slot, *, interpret: bool | None = None):
+    """Causal attention of one query row per item over a KV cache: item b attends to the slots
+    pad_b[b] .. slot (its left padding excluded), as `attend` with `attention_valid`'s mask.
+
+    JAX's Pallas GPU `decode_attention.gqa` with one query head per KV head: each split of the
+    cache is one DECODE_BLOCK, so even batch 1 has heads x splits programs in flight, and splits
+    past `slot` are skipped. Queries are scaled in the compute dtype before the product, as in
+    `attend`; scores and softmax statistics are fp32. Off a GPU it runs in Pallas interpret mode.
+
+    Args:
+      q_bqhd: [B, 1, H, h] queries of this step (not yet scaled).
+      k_bhsd, v_bhsd: the cache, [B, H, S, h] with S a multiple of DECODE_BLOCK (`cache_slots`).
+      pad_b: int [B] left padding; slot: int [] the slot this step wrote.
+    Returns:
+      [B, 1, H, h] in the dtype of q.
+    """
+    from jax.experimental.pallas.ops.gpu import decode_attention as pallas_decode
+
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+    num_slots = k_bhsd.shape[2]
+    q = _scaled(q_bqhd)[:, 0]
+    y = pallas_decode.gqa(
+        q, jnp.swapaxes(k_bhsd, 1, 2).astype(q.dtype), jnp.swapaxes(v_bhsd, 1, 2).astype(q.dtype),
+        start_idx=pad_b.astype(jnp.int32), kv_seq_len=jnp.broadcast_to(slot + 1, pad_b.shape).astype(jnp.int32),
+        sm_scale=1.0, block_k=DECODE_BLOCK, k_splits=num_slots // DECODE_BLOCK, interpret=interpret,
+    )
+    return y[:, None].astype(q_bqhd.dtype)
 
 
 def causal_valid(length: int, pad_b=None):

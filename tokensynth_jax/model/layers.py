@@ -6,6 +6,7 @@ compute keeps fp32 master weights. Shapes use the legend of `model.py`.
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
@@ -29,7 +30,15 @@ def param(rngs: nnx.Rngs, init, shape, names, dtype) -> nnx.Param:
 
 
 class Dense(nnx.Module):
-    """y = x . W + b over the last axis of x, with W of shape [*in_shape, *out_shape]."""
+    """y = x . W + b over the last axis of x, with W of shape [*in_shape, *out_shape].
+
+    `ModelConfig.matvec_as_gemm`: a product of a single row (decoding at batch 1) gets a second,
+    zero row and runs as a two-row GEMM. Why: XLA:GPU rewrites a vector-matrix product of fewer
+    than 10M elements into a multiply-and-reduce fusion (`GpuAlgebraicSimplifier`, which has no
+    switch since the strength-reduction flag was retired); in the H200 profile those fusions read
+    a layer's weights at a fraction of the bandwidth (docs/benchmarks.md). A two-row product is a
+    matrix product and goes to cuBLAS or a Triton GEMM, which read the weights once as well.
+    """
 
     def __init__(self, in_shape, out_shape, names, cfg: ModelConfig, *, rngs: nnx.Rngs):
         in_shape, out_shape = tuple(in_shape), tuple(out_shape)
@@ -38,14 +47,22 @@ class Dense(nnx.Module):
         self.bias = param(rngs, nnx.initializers.zeros, out_shape, names[len(in_shape):], pd)
         self.num_in = len(in_shape)
         self.dtype = jnp.dtype(cfg.dtype)
+        self.matvec_as_gemm = cfg.matvec_as_gemm
 
     def __call__(self, x, out_dtype=None):
         """`out_dtype` (e.g. fp32 for logits) is what the product accumulates into and returns;
         default the compute dtype."""
         out_dtype = out_dtype or self.dtype
         kernel = self.kernel[...].astype(self.dtype)
+        x = x.astype(self.dtype)
+        lead = x.shape[: x.ndim - self.num_in]
+        one_row = self.matvec_as_gemm and math.prod(lead) == 1
+        if one_row:  # [1, *in] and a zero row: a GEMM, not a strength-reduced vector product
+            x = jnp.concatenate([x.reshape((1,) + x.shape[len(lead):]), jnp.zeros((1,) + x.shape[len(lead):], x.dtype)])
         axes = (tuple(range(x.ndim - self.num_in, x.ndim)), tuple(range(self.num_in)))
-        y = jax.lax.dot_general(x.astype(self.dtype), kernel, (axes, ((), ())), preferred_element_type=out_dtype)
+        y = jax.lax.dot_general(x, kernel, (axes, ((), ())), preferred_element_type=out_dtype)
+        if one_row:
+            y = y[:1].reshape(lead + y.shape[1:])
         return y.astype(out_dtype) + self.bias[...].astype(out_dtype)
 
 
@@ -99,7 +116,7 @@ class Attention(nnx.Module):
         self.key = Dense((d,), (h, hd), ("embed", "heads", "kv"), cfg, rngs=rngs)
         self.value = Dense((d,), (h, hd), ("embed", "heads", "kv"), cfg, rngs=rngs)
         self.out = Dense((h, hd), (d,), ("heads", "kv", "embed"), cfg, rngs=rngs)
-        self.impl = cfg.attention_impl
+        self.impl, self.decode_impl = cfg.attention_impl, cfg.decode_attention
 
     def __call__(self, x_bld, valid_bqk=None, cache: KVCache | None = None, slot=None, pad_b=None):
         """Self-attention of this call's rows, writing their keys and values into `cache` at `slot`.
@@ -112,7 +129,8 @@ class Attention(nnx.Module):
             fused kernel of `ModelConfig.attention_impl`.
           cache: one layer's KVCache, or None.
           slot: where this call's keys go in the cache.
-          pad_b: int [B] left padding of each item (causal path only; None: none).
+          pad_b: int [B] left padding of each item (the causal path, and one decoded row per item
+            under `decode_attention="pallas_gpu"`; None: none).
         Returns:
           ([B, L, D] output, the updated cache or None).
         """
@@ -127,6 +145,10 @@ class Attention(nnx.Module):
                 k, v = k.astype(cache.k.dtype).astype(q.dtype), v.astype(cache.v.dtype).astype(q.dtype)
             impl = attention.resolve(self.impl, q.dtype)
             y = attention.causal_self_attention(q, k, v, pad_b, impl=impl)
+        elif cache is not None and self.decode_impl == "pallas_gpu" and x_bld.shape[1] == 1 and pad_b is not None:
+            # The causal mask `valid_bqk` holds, as slots pad_b .. slot (ModelConfig allows the
+            # kernel with causal attention only).
+            y = attention.pallas_decode_attention(q, cache.k, cache.v, pad_b, slot)
         else:
             if cache is not None:
                 k_bhsd, v_bhsd = cache.k, cache.v
@@ -157,7 +179,7 @@ class FusedQKVAttention(Attention):
         self.qkv.kernel.set_value(jnp.stack([p.kernel[...] for p in parts], axis=1))
         self.qkv.bias.set_value(jnp.stack([p.bias[...] for p in parts], axis=0))
         self.out = attn.out
-        self.impl = attn.impl
+        self.impl, self.decode_impl = attn.impl, attn.decode_impl
 
     def project_qkv(self, x_bld):
         qkv = self.qkv(x_bld)  # [B, L, 3, H, h]

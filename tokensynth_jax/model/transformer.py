@@ -23,7 +23,7 @@ from flax import nnx
 
 from tokensynth_jax import sharding
 from tokensynth_jax.config import ModelConfig
-from tokensynth_jax.model import layers
+from tokensynth_jax.model import attention, layers
 
 
 def attention_valid(q_slots, k_slots, pad_b, last_slot, kind: str):
@@ -212,7 +212,8 @@ class TokenSynth(nnx.Module):
         return model
 
     def init_cache(self, batch: int, num_slots: int, dtype=None):
-        """An empty KV cache of `num_slots` slots per layer."""
+        """An empty KV cache of at least `num_slots` slots per layer (`attention.cache_slots`)."""
+        num_slots = attention.cache_slots(num_slots, self.cfg.decode_attention)
         shape = (batch, self.cfg.num_heads, num_slots, self.cfg.head_dim)
         dtype = jnp.dtype(dtype or self.cfg.dtype)
         return tuple(
@@ -249,7 +250,7 @@ class TokenSynth(nnx.Module):
         valid = attention_valid(
             jnp.reshape(slot, (1,)), jnp.arange(cache[0].k.shape[2]), pad_b, slot, self.cfg.attention
         )
-        features, cache = self._trunk(x, valid, cache, slot)
+        features, cache = self._trunk(x, valid, cache, slot, pad_b=pad_b)
         return self.logits(features[:, 0]), cache
 
 
