@@ -12,14 +12,16 @@ one section costs that section (or the rest of it) and nothing else:
                   batch-sized cache buffers, causal mask), eager, autocast bf16, fused AdamW.
   ours-decode     `sampling.generate`, a 5 s window (449 rows), top-p 0.9, random weights (never
                   end early), bf16 parameters on a GPU: batch 1, 16, 64 and 256; then, while time
-                  is left, the other top-p filter method, greedy and fp32 parameters.
+                  is left, the decoding knobs at batch 1 and 256 (DECODE_VARIANTS, or
+                  `--decode-variant`), the other top-p filter method, greedy and fp32 parameters.
   ref-decode      the reference's `TokenSynth.synthesize(clap, midi, top_p=0.9)` under no_grad
                   (batch 1, a Python loop), same MIDI file.
   train-variants  ours at batch 32 with one knob changed at a time (TRAIN_VARIANTS): what the
                   defaults are chosen from.
   profile         where the device's time goes in a train step (batch 32) and a decode call
                   (batch 1): the busiest kernels of each GPU line of a JAX profiler trace
-                  (OUT/profile.jsonl), and the Perfetto traces (OUT/profile-*.json.gz).
+                  (OUT/profile.jsonl), the Perfetto traces (OUT/profile-*.json.gz), and the
+                  optimized HLO of both (OUT/hlo/), where the kernels' fusion names are defined.
 MFU: training FLOPs per token 6 N + 12 L T D (flops.py) against the bf16 dense peak of the card
 (989 TFLOP/s for H100/H200 SXM). Memory: ours, the compiled step's arguments + temporaries +
 outputs - aliased (`memory_analysis()`) and the device's peak so far; PyTorch,
@@ -58,8 +60,8 @@ SIZES = {  # full, and --quick (a CPU smoke test)
 }
 # Budget shares, in the order they run: the goal's rows first, then the variants that choose the
 # defaults and a profile (their time is what the others left).
-SECTIONS = {"ours-train": 0.25, "torch-train": 0.12, "ours-decode": 0.2, "ref-decode": 0.08, "train-variants": 0.2,
-            "profile": 0.15}
+SECTIONS = {"ours-train": 0.25, "torch-train": 0.12, "ours-decode": 0.25, "ref-decode": 0.08, "train-variants": 0.17,
+            "profile": 0.13}
 MIN_SECTION_S = 20.0  # a section with less time than this is not started
 GOALS = {"train_ratio": 1.5, "decode1_ms": 150.0, "decode256_clips_s": 300.0}
 TOP_P = 0.9
@@ -292,6 +294,16 @@ def part_torch_train(section: Section) -> None:
         section.attempt(f"train {b}", lambda: measure(b), min_left_s=15.0)
 
 
+# The decoding knobs against the defaults, each at batch 1 and the largest batch: name -> model
+# overrides. Neither is a default yet: both wait for these rows (docs/benchmarks.md says why each
+# should pay: the weights' multiply-and-reduce fusions at batch 1, the whole-cache reads at 256).
+DECODE_VARIANTS = {
+    "pallas decode attention + matvec as GEMM": {"model.decode_attention": "pallas_gpu", "model.matvec_as_gemm": "True"},
+    "pallas decode attention": {"model.decode_attention": "pallas_gpu"},
+    "matvec as GEMM": {"model.matvec_as_gemm": "True"},
+}
+
+
 def _bench_midi(section: Section) -> str:
     from generation import write_midi
 
@@ -306,25 +318,33 @@ def _decode_measurer(section: Section):
     import jax
     from flax import nnx
 
-    from tokensynth_jax.config import REFERENCE
     from tokensynth_jax.inference import sampling
     from tokensynth_jax.model.transformer import TokenSynth
     from tokensynth_jax.tokens.midi_tokens import tokenize_midi
 
     device = jax.devices()[0]
-    cfg = REFERENCE.replace(num_layers=section.size["layers"] or REFERENCE.num_layers)
     dtype = section.args.decode_dtype
     dtype = ("bfloat16" if jax.default_backend() != "cpu" else "float32") if dtype == "auto" else dtype
-    models = {dtype: TokenSynth(cfg, rngs=nnx.Rngs(0)).for_decoding(dtype)}
+    models = {}
+
+    def model_for(param_dtype, overrides):
+        """The reference-size model (`--ours-set` and `overrides` applied; the same seeded
+        weights whatever they change), prepared for decoding in `param_dtype`."""
+        key = (param_dtype, tuple(sorted(overrides.items())))
+        if key not in models:
+            cfg = _ours_config(section, "float32", overrides)[1]
+            models[key] = TokenSynth(cfg, rngs=nnx.Rngs(0)).for_decoding(param_dtype)
+        return models[key]
+
+    cfg = model_for(dtype, {}).cfg
     tokens = tokenize_midi(_bench_midi(section)).tokens
     timbre = np.random.default_rng(0).standard_normal(cfg.timbre_dim).astype(np.float32)
     rows = section.size["rows"]
-    setup = {"dtype": dtype, "rows": rows, "layers": cfg.num_layers, "filter_auto": sampling.filter_method("auto")}
+    setup = {"dtype": dtype, "rows": rows, "layers": cfg.num_layers, "filter_auto": sampling.filter_method("auto"),
+             "decode_attention": cfg.decode_attention, "matvec_as_gemm": cfg.matvec_as_gemm}
 
-    def measure(batch, sampler=sampling.TopP(TOP_P), runs=2, param_dtype=dtype):
-        if param_dtype not in models:
-            models[param_dtype] = TokenSynth(cfg, rngs=nnx.Rngs(0)).for_decoding(param_dtype)
-        model = models[param_dtype]
+    def measure(batch, sampler=sampling.TopP(TOP_P), runs=2, param_dtype=dtype, overrides=None):
+        model = model_for(param_dtype, overrides or {})
 
         def call(seed):
             t0 = time.perf_counter()
@@ -336,7 +356,8 @@ def _decode_measurer(section: Section):
         first = call(0)
         times = [call(1 + i) for i in range(runs)]
         s = min(times or [first])
-        return {"batch": batch, "sampler": repr(sampler), "dtype": param_dtype, "first_call_s": first,
+        return {"batch": batch, "sampler": repr(sampler), "dtype": param_dtype, "overrides": overrides or {},
+                "first_call_s": first,
                 "times_s": times, "s_per_call": s, "ms_per_clip": 1e3 * s / batch, "clips_per_s": batch / s,
                 "ms_per_step": 1e3 * s / rows, "device_peak_gb": _device_peak_gb(device)}
 
@@ -351,11 +372,15 @@ def part_ours_decode(section: Section) -> None:
     section.emit({"item": "setup", **setup})
     for b in section.size["decode_batches"]:
         section.attempt(f"decode {b}", lambda: measure(b, runs=3 if b == 1 else 2 if b < 256 else 1), min_left_s=20.0)
-    # Extras while time is left: the top-p filter method against its `auto` choice, greedy (what
-    # sampling costs), fp32 parameters.
+    # Then, while time is left: the decode knobs (DECODE_VARIANTS, or --decode-variant) at batch 1
+    # and the largest batch, the goals' rows; the top-p filter method against its `auto` choice,
+    # greedy (what sampling costs), fp32 parameters.
     largest = section.size["decode_batches"][-1]
+    variants = dict(_parse_variant(v) for v in section.args.decode_variant) or DECODE_VARIANTS
+    extras = [(f"decode {b}, {name}", b, {"overrides": extra}) for name, extra in variants.items()
+              for b in (1, largest)]
     other = "sort" if setup["filter_auto"] == "bisect" else "bisect"
-    extras = [(f"decode {b}, top-p by {other}", b, {"sampler": sampling.TopP(TOP_P, method=other)}) for b in (1, largest)]
+    extras += [(f"decode {b}, top-p by {other}", b, {"sampler": sampling.TopP(TOP_P, method=other)}) for b in (1, largest)]
     extras.append(("decode 1, greedy", 1, {"sampler": sampling.Greedy()}))
     if setup["dtype"] != "float32":
         extras.append(("decode 1, fp32 parameters", 1, {"param_dtype": "float32"}))
@@ -464,11 +489,14 @@ def run_section(name: str, args, timeout: float) -> str:
     cmd = [sys.executable, os.path.abspath(__file__), "--part", name, "--out", args.out,
            "--deadline", str(time.time() + timeout - 5), "--decode-dtype", args.decode_dtype]
     cmd += ["--quick"] * args.quick + [f"--ours-set={kv}" for kv in args.ours_set]
-    cmd += [f"--train-variant={v}" for v in args.train_variant]
+    cmd += [f"--train-variant={v}" for v in args.train_variant] + [f"--decode-variant={v}" for v in args.decode_variant]
     env = dict(os.environ, TQDM_DISABLE="1", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("XLA_FLAGS", None)  # one real device, not fake CPU devices
-    if args.xla_flags:
-        env["XLA_FLAGS"] = args.xla_flags
+    flags = args.xla_flags
+    if name == "profile":  # the optimized HLO, to name the profile's kernels: OUT/hlo/*after_optimizations*
+        flags += f" --xla_dump_to={os.path.join(args.out, 'hlo')} --xla_dump_hlo_as_text"
+    if flags.strip():
+        env["XLA_FLAGS"] = flags.strip()
     print(f"[{time.strftime('%H:%M:%S')}] {name}: up to {timeout:.0f} s, log {log}", flush=True)
     t0 = time.perf_counter()
     with open(log, "w") as f:
@@ -480,11 +508,28 @@ def run_section(name: str, args, timeout: float) -> str:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             status = f"stopped at its time limit ({timeout:.0f} s)"
+    if name == "profile":
+        _keep_optimized_hlo(os.path.join(args.out, "hlo"))
     print(f"[{time.strftime('%H:%M:%S')}] {name}: {status} after {time.perf_counter() - t0:.0f} s", flush=True)
     if status != "ok":
         with open(log) as f:
             print("".join(f.readlines()[-15:]), flush=True)
     return status
+
+
+def _keep_optimized_hlo(folder: str) -> None:
+    """Of XLA's dump (every module, LLVM IR, PTX, buffer assignments: thousands of files), keeps
+    the optimized HLO text of the decode loop and the train step."""
+    import re
+    import shutil
+
+    keep = re.compile(r"(decode|train_step).*_after_optimizations\.txt$")
+    for entry in os.listdir(folder) if os.path.isdir(folder) else ():
+        path = os.path.join(folder, entry)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif not keep.search(entry):
+            os.remove(path)
 
 
 def read_records(out: str, name: str) -> dict:
@@ -631,6 +676,9 @@ def main(argv=None) -> int:
     parser.add_argument("--train-variant", action="append", default=[], metavar="NAME:KEY=VALUE,...",
                         help="train-variants measures these instead of TRAIN_VARIANTS (repeatable), "
                              "e.g. dots-whole:model.remat=dots,model.loss_chunk=0")
+    parser.add_argument("--decode-variant", action="append", default=[], metavar="NAME:KEY=VALUE,...",
+                        help="ours-decode measures these at batch 1 and 256 instead of DECODE_VARIANTS (repeatable), "
+                             "e.g. pallas:model.decode_attention=pallas_gpu")
     parser.add_argument("--xla-flags", default="", help="XLA_FLAGS for every section of ours (an XLA option to try)")
     parser.add_argument("--decode-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                         help="parameters of ours when decoding (auto: bfloat16 on an accelerator, float32 on CPU)")
