@@ -133,6 +133,7 @@ CASES = [
     ("export-example-midi-is-a-folder", [*EXPORT, "--example-midi", "{folder}"], "is a directory", []),
     ("export-unknown-platform", [*EXPORT, "--platforms", "cpu,gpu"], "--platforms", []),
     ("export-too-few-rows", [*EXPORT, "--max-rows", "3"], "--max-rows 3", []),
+    ("export-rows-past-max-len", [*EXPORT, "--max-rows", "100000"], "--max-rows 100000 is more than", []),
     ("export-timbre-without-midi", [*EXPORT, "--example-timbre", "{emb}"], "--example-timbre", []),
     # synthesize
     ("synth-top-p-above-one", [*SYN, "--top-p", "1.5"], "argument --top-p", []),

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import re
+import sys
 from typing import Any
 
 import jax
@@ -139,7 +140,9 @@ def load_model(
         raise CheckpointError(f"{directory}: no parameters ({PARAMS_DIR}/ is missing)")
     # Sizes and sha256 (~0.5 s for the reference model's 700 MB): a missing, cut or changed file is
     # named here, not deep in Orbax, whose errors for changed bytes come from tensorstore's threads.
-    problems = integrity.check_files(directory, meta.get("files") or {}, checksums=True)
+    # No "files" at all: written before file lists, loaded as it is; any other value is checked
+    # (an explicit null is a damaged list, not an old checkpoint).
+    problems = integrity.check_files(directory, meta["files"], checksums=True) if "files" in meta else []
     if problems:
         raise CheckpointError(f"{directory}: damaged checkpoint: {problems[0]}"
                               + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
@@ -184,12 +187,30 @@ def _unreadable_as_checkpoint_error(where):
                               f"`tokensynth checkpoint verify {where}` checks every file") from e
 
 
+def _ignore_late_callbacks_to_a_closed_loop() -> None:
+    """After a failed Orbax read, tensorstore completes the reads still in flight and hands their
+    results to Orbax's event loop, which is closed by then: each raises "Event loop is closed" in
+    a tensorstore thread, and Python printed those as tracebacks after our one-line error. The
+    failure itself is reported by the read; these add nothing, so the hook drops exactly them."""
+    previous = sys.unraisablehook
+    if getattr(previous, "ignores_closed_loop", False):
+        return
+
+    def hook(unraisable):
+        if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook.ignores_closed_loop = True
+    sys.unraisablehook = hook
+
+
 def _read_every_array(root: epath.Path, rel: str) -> list[str]:
     """Reads every array of the Orbax PyTree at `root/rel` to host numpy: a truncated or missing
     array file fails the read. The check of checkpoints that carry no file list."""
     path = root / rel
     if not (path / "_METADATA").is_file():
         return [f"{rel}/_METADATA is missing"]
+    _ignore_late_callbacks_to_a_closed_loop()
     checkpointer = ocp.PyTreeCheckpointer()
     try:
         tree = checkpointer.metadata(path).item_metadata.tree
@@ -251,10 +272,10 @@ def verify_model(directory: str | os.PathLike, *, checksums: bool = True) -> lis
       CheckpointError: `directory` is not a model checkpoint (no readable tokensynth.json).
     """
     directory = os.fspath(directory)
-    files = read_metadata(directory).get("files")
-    if files is None:  # written before file lists: read every array
+    meta = read_metadata(directory)
+    if "files" not in meta:  # written before file lists: read every array
         return _read_every_array(epath.Path(directory), PARAMS_DIR)
-    return integrity.check_files(directory, files, checksums=checksums)
+    return integrity.check_files(directory, meta["files"], checksums=checksums)
 
 
 def train_steps(checkpoint_dir: str | os.PathLike) -> list[int]:

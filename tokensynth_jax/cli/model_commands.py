@@ -255,6 +255,9 @@ def _export(args) -> int:
     checks.check_top_k(args, cfg)
     if args.max_rows < cfg.num_codebooks:
         raise UsageError(f"--max-rows {args.max_rows} is fewer than the {cfg.num_codebooks} rows one frame needs")
+    if args.max_rows > cfg.max_len - 3:
+        raise UsageError(f"--max-rows {args.max_rows} is more than the {cfg.max_len - 3} audio rows the model's "
+                         f"{cfg.max_len} positions hold after the start, one MIDI token and the separator")
 
     from tokensynth_jax.inference import timbre  # light: read the examples before JAX is imported
     from tokensynth_jax.tokens import midi_tokens

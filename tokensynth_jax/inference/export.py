@@ -100,6 +100,9 @@ def export_generate(cfg: ModelConfig, sampler, max_rows: int, platforms: Sequenc
     """`jax.export.Exported` of `make_generate_fn` with symbolic batch `b` and MIDI length `m`."""
     if max_rows < cfg.num_codebooks:
         raise ExportError(f"--max-rows {max_rows} is fewer than the {cfg.num_codebooks} rows one frame needs")
+    if max_rows > cfg.max_len - 3:  # rows no prompt could reach: the caps stop every item before them
+        raise ExportError(f"--max-rows {max_rows} is more than the {cfg.max_len - 3} audio rows the model's "
+                          f"{cfg.max_len} positions hold after the start, one MIDI token and the separator")
     _, _, specs = safetensors_format.param_structure(cfg)
     b, m = jax.export.symbolic_shape("b, m", constraints=("m >= 1",))
     args = (
