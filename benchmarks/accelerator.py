@@ -199,7 +199,8 @@ def part_ours_train(section: Section) -> None:
 # chosen from): name -> model overrides.
 TRAIN_VARIANTS = {"scanned layers": {"model.scan_layers": True}, "remat dots": {"model.remat": "dots"},
                   "whole-sequence loss": {"model.loss_chunk": 0}, "no dropout": {"model.dropout": 0.0},
-                  "rbg dropout": {"model.dropout_rng": "rbg"}}
+                  "rbg dropout": {"model.dropout_rng": "rbg"}, "bf16 logits gradient": {"model.logits_grad_dtype": "compute"},
+                  "bf16 logits gradient + rbg dropout": {"model.logits_grad_dtype": "compute", "model.dropout_rng": "rbg"}}
 
 
 def _parse_variant(text: str) -> tuple[str, dict]:

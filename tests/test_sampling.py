@@ -426,9 +426,8 @@ def test_matvec_as_gemm_is_a_two_row_product_with_the_same_results(tiny):
     assert shapes(one) == [(2, TINY.d_model)] and shapes(three) == [(3, 1, TINY.d_model)]
     np.testing.assert_allclose(np.asarray(fc(one)), np.asarray(plain.blocks[0].mlp.fc1(one)), rtol=1e-6, atol=1e-6)
     prompt, timbre = _prompts([11]), _timbre(1)
-    for sampler in (Greedy(), TopP(0.9)):
-        assert_same_generation(sampling.generate(gemm, prompt, timbre, sampler=sampler, max_rows=30),
-                               sampling.generate(plain, prompt, timbre, sampler=sampler, max_rows=30))
+    assert_same_generation(sampling.generate(gemm, prompt, timbre, max_rows=30),
+                           sampling.generate(plain, prompt, timbre, max_rows=30))
 
 
 # --- guidance -----------------------------------------------------------------------------------

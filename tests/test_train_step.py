@@ -147,6 +147,53 @@ def test_rbg_dropout_trains_and_repeats_exactly():
     assert all(np.isfinite(a).all() for a in first if np.issubdtype(a.dtype, np.floating))
 
 
+def test_logits_gradient_in_the_compute_dtype():
+    """`logits_grad_dtype="compute"`: with fp32 compute the same gradients as the default; with
+    bf16 compute the head's backward products take bf16 operands only (the default widens them to
+    fp32), and the gradients stay as near fp32's as the default's (chunked loss, as in training)."""
+    batch = _batch()
+
+    def grads(**changes):
+        model = TokenSynth(CFG.replace(loss_chunk=16, **changes), rngs=nnx.Rngs(0))
+        params = nnx.state(model, nnx.Param)
+
+        def loss(p):
+            m = nnx.merge(nnx.graphdef(model), p)
+            ce, _, count = T.head_losses(m, m.features(batch["rows"], batch["timbre"]), batch["targets"], batch["mask"])
+            return ce.sum() / count
+
+        return jax.jit(jax.grad(loss)), params
+
+    fn, params = grads()
+    exact = jax.tree.leaves(fn(params))
+    for a, b in zip(jax.tree.leaves(grads(logits_grad_dtype="compute")[0](params)), exact):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-8)
+    errors = {}
+    for changes in ({}, {"logits_grad_dtype": "compute"}):
+        fn_b, params_b = grads(dtype="bfloat16", **changes)
+        widened = [e for e in _all_eqns(jax.make_jaxpr(fn_b)(params_b).jaxpr) if e.primitive.name == "dot_general"
+                   and any(v.aval.shape[-1] == CFG.output_size for v in e.invars)
+                   and any(v.aval.dtype == jnp.float32 for v in e.invars)]
+        assert bool(widened) == (not changes), changes
+        flat = np.concatenate([np.ravel(a) for a in jax.tree.leaves(fn_b(params_b))])
+        want = np.concatenate([np.ravel(b) for b in exact])
+        errors[bool(changes)] = float(np.linalg.norm(flat - want) / np.linalg.norm(want))
+    assert errors[True] < 0.05 and errors[True] < 1.5 * errors[False] + 2e-3, errors
+    with pytest.raises(ValueError, match="model.logits_grad_dtype='bf16'"):
+        CFG.replace(logits_grad_dtype="bf16")
+
+
+def _all_eqns(jaxpr):
+    """Every equation of a jaxpr and of the jaxprs inside it (scan, checkpoint, custom_vjp)."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for value in eqn.params.values():
+            for inner in (value if isinstance(value, (tuple, list)) else [value]):
+                inner = getattr(inner, "jaxpr", inner)
+                if hasattr(inner, "eqns"):
+                    yield from _all_eqns(inner)
+
+
 def test_chunked_head_loss_equals_the_whole_sequence_loss_and_gradient():
     """Chunks that do not divide the length (38 positions in chunks of 5, 16 and 38+)."""
     model = TokenSynth(CFG.replace(loss_chunk=0), rngs=nnx.Rngs(0))

@@ -44,7 +44,7 @@ REMAT_POLICIES = ("none", "full", "dots")
 # Config fields that change how the model computes, not its parameters: a checkpoint trained
 # with one value loads under another.
 RUNTIME_FIELDS = ("dropout", "dtype", "remat", "attention_impl", "scan_layers", "loss_chunk", "dropout_rng",
-                  "decode_attention", "matvec_as_gemm")
+                  "decode_attention", "matvec_as_gemm", "logits_grad_dtype")
 # How a decoding step attends over the KV cache (see attention.decode_attention): "xla", the dense
 # masked path over every slot; "pallas_gpu", the Pallas (Triton) decode-attention kernel of JAX's
 # ops library, which reads only the slots written so far (causal attention only; off a GPU it runs
@@ -80,6 +80,7 @@ class ModelConfig:
     dropout_rng: str = "threefry"  # how dropout masks are drawn: "threefry" or "rbg" (see layers.dropout)
     decode_attention: str = "xla"  # attention over the KV cache when decoding: "xla" | "pallas_gpu" (DECODE_ATTENTION)
     matvec_as_gemm: bool = False  # a one-row product runs as a two-row GEMM (see layers.Dense)
+    logits_grad_dtype: str = "float32"  # the output head's backward products: "float32" | "compute" (layers.widened_dot)
 
     def __post_init__(self):
         for name in _SIZES:
@@ -107,6 +108,8 @@ class ModelConfig:
         if self.decode_attention == "pallas_gpu" and self.attention != "causal":
             raise ConfigError("model.decode_attention='pallas_gpu' needs model.attention='causal' "
                               f"(model.attention={self.attention!r})")
+        if self.logits_grad_dtype not in ("float32", "compute"):
+            raise ConfigError(f"model.logits_grad_dtype={self.logits_grad_dtype!r}: one of 'float32', 'compute'")
         if not isinstance(self.matvec_as_gemm, bool):
             raise ConfigError(f"model.matvec_as_gemm={self.matvec_as_gemm!r}: True or False")
         if self.loss_chunk < 0:

@@ -6,6 +6,7 @@ compute keeps fp32 master weights. Shapes use the legend of `model.py`.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -29,6 +30,34 @@ def param(rngs: nnx.Rngs, init, shape, names, dtype) -> nnx.Param:
     return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=names, eager_sharding=False)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def widened_dot(x, kernel, dims, out_dtype):
+    """`lax.dot_general` accumulated into and returned in `out_dtype` (fp32 logits of bf16
+    features), whose backward products run in the operands' dtype: the gradient of the output is
+    rounded to it first, as torch autocast's bf16 head does.
+
+    Why: differentiated as it is, a product with an fp32 output takes an fp32 gradient into both
+    backward products, so the bf16 operands are widened and the two largest GEMMs of the loss
+    (the 10,358-wide head's input and weight gradients) run in fp32 (TF32 on a GPU) on twice the
+    bytes. `ModelConfig.logits_grad_dtype="compute"` selects this; with fp32 operands it is the
+    plain product.
+    """
+    return jax.lax.dot_general(x, kernel, dims, preferred_element_type=out_dtype)
+
+
+def _widened_dot_fwd(x, kernel, dims, out_dtype):
+    return widened_dot(x, kernel, dims, out_dtype), (x, kernel)
+
+
+def _widened_dot_bwd(dims, out_dtype, residuals, g):
+    x, kernel = residuals
+    _, vjp = jax.vjp(lambda a, b: jax.lax.dot_general(a, b, dims, preferred_element_type=x.dtype), x, kernel)
+    return vjp(g.astype(x.dtype))
+
+
+widened_dot.defvjp(_widened_dot_fwd, _widened_dot_bwd)
+
+
 class Dense(nnx.Module):
     """y = x . W + b over the last axis of x, with W of shape [*in_shape, *out_shape].
 
@@ -48,6 +77,7 @@ class Dense(nnx.Module):
         self.num_in = len(in_shape)
         self.dtype = jnp.dtype(cfg.dtype)
         self.matvec_as_gemm = cfg.matvec_as_gemm
+        self.grad_in_compute_dtype = cfg.logits_grad_dtype == "compute"
 
     def __call__(self, x, out_dtype=None):
         """`out_dtype` (e.g. fp32 for logits) is what the product accumulates into and returns;
@@ -59,8 +89,11 @@ class Dense(nnx.Module):
         one_row = self.matvec_as_gemm and math.prod(lead) == 1
         if one_row:  # [1, *in] and a zero row: a GEMM, not a strength-reduced vector product
             x = jnp.concatenate([x.reshape((1,) + x.shape[len(lead):]), jnp.zeros((1,) + x.shape[len(lead):], x.dtype)])
-        axes = (tuple(range(x.ndim - self.num_in, x.ndim)), tuple(range(self.num_in)))
-        y = jax.lax.dot_general(x, kernel, (axes, ((), ())), preferred_element_type=out_dtype)
+        dims = ((tuple(range(x.ndim - self.num_in, x.ndim)), tuple(range(self.num_in))), ((), ()))
+        if self.grad_in_compute_dtype and jnp.dtype(out_dtype) != self.dtype:
+            y = widened_dot(x, kernel, dims, jnp.dtype(out_dtype))
+        else:
+            y = jax.lax.dot_general(x, kernel, dims, preferred_element_type=out_dtype)
         if one_row:
             y = y[:1].reshape(lead + y.shape[1:])
         return y.astype(out_dtype) + self.bias[...].astype(out_dtype)
