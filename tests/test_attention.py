@@ -1,6 +1,9 @@
 """Every attention implementation gives the XLA path's numbers, forward and gradient, with left
-padding: the Pallas TPU splash kernel in interpret mode, the cuDNN wrapper through its XLA twin.
-The fused kernels lower for their platforms (jax.export from this CPU)."""
+padding: the Pallas TPU splash kernel and the Pallas GPU decode kernel in interpret mode, the
+cuDNN wrapper through its XLA twin. The fused kernels lower for their platforms (jax.export from
+this CPU)."""
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -178,11 +181,15 @@ def test_the_reference_compatible_pattern_stays_on_the_xla_path():
 
 
 # --- decoding over a KV cache: the Pallas GPU decode kernel --------------------------------------
+@pytest.mark.parametrize("split", [True, False], ids=["split", "unsplit"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_pallas_decode_kernel_in_interpret_mode_equals_xla(dtype):
+def test_pallas_decode_kernel_in_interpret_mode_equals_xla(dtype, split, monkeypatch):
     """One query row per item over a cache with left padding, at several slots: the first block,
-    a block boundary, the last slot. Slots after `slot` hold garbage the kernel must not read."""
+    a block boundary, the last slot. Slots after `slot` hold garbage the kernel must not read.
+    Both ways of running it: the cache in one-block splits (small batches), and unsplit."""
     from tokensynth_jax.model.transformer import attention_valid
+
+    monkeypatch.setattr(attention, "PARALLEL_ITEMS", 10**9 if split else 1)
 
     slots = attention.cache_slots(150, "pallas_gpu")
     assert slots == 192 and attention.cache_slots(150, "xla") == 150
@@ -201,16 +208,21 @@ def test_pallas_decode_kernel_in_interpret_mode_equals_xla(dtype):
                                    err_msg=f"slot {slot}")
 
 
-def test_pallas_decode_kernel_lowers_for_cuda():
-    """From this CPU: the kernel lowers to one Triton call (the vmapped items and heads become its
-    grid), so a shape the kernel cannot tile fails here, not on the GPU."""
-    q = jax.ShapeDtypeStruct((2, 1, 16, 64), jnp.bfloat16)
-    k = jax.ShapeDtypeStruct((2, 16, attention.cache_slots(562, "pallas_gpu"), 64), jnp.bfloat16)
-    pad, slot = jax.ShapeDtypeStruct((2,), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32)
+@pytest.mark.parametrize("batch", [1, 256])
+def test_pallas_decode_kernel_lowers_for_cuda(batch):
+    """From this CPU, at the reference's sizes (split at batch 1, unsplit at 256): the kernel
+    lowers to one Triton call (the vmapped items and heads become its grid), so a shape the kernel
+    cannot tile fails here, not on the GPU."""
+    q = jax.ShapeDtypeStruct((batch, 1, 16, 64), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((batch, 16, attention.cache_slots(562, "pallas_gpu"), 64), jnp.bfloat16)
+    pad, slot = jax.ShapeDtypeStruct((batch,), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32)
     fn = lambda q, k, v, p, s: attention.pallas_decode_attention(q, k, v, p, s, interpret=False)
     exported = jax.export.export(jax.jit(fn), platforms=("cuda",),
                                  disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])
-    assert exported(q, k, k, pad, slot).mlir_module().count("@__gpu$xla.gpu.triton") == 1
+    module = exported(q, k, k, pad, slot).mlir_module()
+    assert module.count("@__gpu$xla.gpu.triton") == 1
+    programs = np.prod([int(n) for n in re.findall(r"grid_[xyz] = (\d+)", module)])
+    assert programs == batch * 16 * (1 if batch * 16 >= attention.PARALLEL_ITEMS else 9)  # 576 slots: 9 splits
 
 
 def test_config_checks_the_decode_attention():

@@ -89,6 +89,7 @@ def attend_causal(q_bqhd, k_bhkd, v_bhkd, valid_bqk, chunk: int = 256):
 
 
 DECODE_BLOCK = 64  # KV slots per block (and per split) of the Pallas decode kernel
+PARALLEL_ITEMS = 1024  # items x heads from which the decode kernel runs unsplit (8 programs per SM of an H100)
 
 
 def cache_slots(num_slots: int, decode_impl: str) -> int:
@@ -103,10 +104,13 @@ def pallas_decode_attention(q_bqhd, k_bhsd, v_bhsd, pad_b, slot, *, interpret: b
     """Causal attention of one query row per item over a KV cache: item b attends to the slots
     pad_b[b] .. slot (its left padding excluded), as `attend` with `attention_valid`'s mask.
 
-    JAX's Pallas GPU `decode_attention.gqa` with one query head per KV head: each split of the
-    cache is one DECODE_BLOCK, so even batch 1 has heads x splits programs in flight, and splits
-    past `slot` are skipped. Queries are scaled in the compute dtype before the product, as in
-    `attend`; scores and softmax statistics are fp32. Off a GPU it runs in Pallas interpret mode.
+    JAX's Pallas GPU `decode_attention.gqa` with one query head per KV head. Small batches split
+    the cache into DECODE_BLOCK-slot splits, so even batch 1 has heads x splits programs in flight
+    (splits past `slot` are skipped, and XLA combines the splits' softmax statistics); from
+    PARALLEL_ITEMS items x heads on there are enough programs without splits, and each loops over
+    its written blocks with nothing to combine. Queries are scaled in the compute dtype before the
+    product, as in `attend`; scores and softmax statistics are fp32. Off a GPU it runs in Pallas
+    interpret mode.
 
     Args:
       q_bqhd: [B, 1, H, h] queries of this step (not yet scaled).
@@ -120,11 +124,12 @@ def pallas_decode_attention(q_bqhd, k_bhsd, v_bhsd, pad_b, slot, *, interpret: b
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
     num_slots = k_bhsd.shape[2]
+    splits = 1 if q_bqhd.shape[0] * q_bqhd.shape[2] >= PARALLEL_ITEMS else num_slots // DECODE_BLOCK
     q = _scaled(q_bqhd)[:, 0]
     y = pallas_decode.gqa(
         q, jnp.swapaxes(k_bhsd, 1, 2).astype(q.dtype), jnp.swapaxes(v_bhsd, 1, 2).astype(q.dtype),
         start_idx=pad_b.astype(jnp.int32), kv_seq_len=jnp.broadcast_to(slot + 1, pad_b.shape).astype(jnp.int32),
-        sm_scale=1.0, block_k=DECODE_BLOCK, k_splits=num_slots // DECODE_BLOCK, interpret=interpret,
+        sm_scale=1.0, block_k=DECODE_BLOCK, k_splits=splits, interpret=interpret,
     )
     return y[:, None].astype(q_bqhd.dtype)
 
