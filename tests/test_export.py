@@ -138,3 +138,19 @@ def test_bad_export_requests_are_clear_errors(exported, tmp_path, capsys):
     assert "unknown platforms ['gpu']" in capsys.readouterr().err
     assert cli.main(["export", "--checkpoint", str(tmp_path / "none"), str(tmp_path / "x")]) == 2
     assert "not a tokensynth-jax checkpoint" in capsys.readouterr().err
+
+
+def test_the_exported_loop_uses_the_portable_attention_whatever_the_config_says():
+    """A model configured for the fused kernels (cuDNN, Pallas decode) exports XLA's attention:
+    the artifact must lower for every platform and serialize without per-platform custom calls."""
+    from tokensynth_jax.config import ModelConfig
+
+    cfg = ModelConfig(num_layers=1, d_model=32, num_heads=2, num_codebooks=4, codebook_size=17, max_len=64,
+                      timbre_dim=8, timbre_hidden=16, dtype="bfloat16", attention_impl="cudnn",
+                      decode_attention="pallas_gpu")
+    _, _, specs = export.safetensors_format.param_structure(cfg)
+    args = ({n: jax.ShapeDtypeStruct(shape, dtype) for n, (shape, dtype) in specs.items()},
+            jax.ShapeDtypeStruct((2, 7), np.int32), jax.ShapeDtypeStruct((2,), np.int32),
+            jax.ShapeDtypeStruct((2, 8), np.float32), jax.ShapeDtypeStruct((2,), np.uint32))
+    jaxpr = str(jax.make_jaxpr(export.make_generate_fn(cfg, sampling.TopP(0.9), 8))(*args))
+    assert "pallas_call" not in jaxpr and "cudnn" not in jaxpr and "dot_product_attention" not in jaxpr

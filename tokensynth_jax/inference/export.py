@@ -69,7 +69,7 @@ def make_generate_fn(cfg: ModelConfig, sampler, max_rows: int):
     """
     # The XLA attention lowers for every platform; the fused kernels are per platform, and a
     # custom call without a compatibility guarantee cannot be serialized.
-    cfg = cfg.replace(attention_impl="xla")
+    cfg = cfg.replace(attention_impl="xla", decode_attention="xla")
     names, treedef, _ = safetensors_format.param_structure(cfg)
     abstract = abstract_model(cfg)
     graphdef, abstract_state = nnx.split(abstract)
