@@ -304,7 +304,8 @@ def part_torch_train(section: Section) -> None:
 # overrides. Neither is a default yet: both wait for these rows (docs/benchmarks.md says why each
 # should pay: the weights' multiply-and-reduce fusions at batch 1, the whole-cache reads at 256).
 DECODE_VARIANTS = {
-    "pallas decode attention + matvec as GEMM": {"model.decode_attention": "pallas_gpu", "model.matvec_as_gemm": "True"},
+    "pallas decode attention + matvec as GEMM": {"model.decode_attention": "pallas_gpu",
+                                                 "model.matvec_as_gemm": "True"},
     "pallas decode attention": {"model.decode_attention": "pallas_gpu"},
     "matvec as GEMM": {"model.matvec_as_gemm": "True"},
 }
@@ -386,7 +387,8 @@ def part_ours_decode(section: Section) -> None:
     extras = [(f"decode {b}, {name}", b, {"overrides": extra}) for name, extra in variants.items()
               for b in (1, largest)]
     other = "sort" if setup["filter_auto"] == "bisect" else "bisect"
-    extras += [(f"decode {b}, top-p by {other}", b, {"sampler": sampling.TopP(TOP_P, method=other)}) for b in (1, largest)]
+    extras += [(f"decode {b}, top-p by {other}", b, {"sampler": sampling.TopP(TOP_P, method=other)})
+               for b in (1, largest)]
     extras.append(("decode 1, greedy", 1, {"sampler": sampling.Greedy()}))
     if setup["dtype"] != "float32":
         extras.append(("decode 1, fp32 parameters", 1, {"param_dtype": "float32"}))

@@ -45,7 +45,7 @@ REMAT_POLICIES = ("none", "full", "dots")
 # with one value loads under another.
 RUNTIME_FIELDS = ("dropout", "dtype", "remat", "attention_impl", "scan_layers", "loss_chunk", "dropout_rng",
                   "decode_attention", "matvec_as_gemm", "logits_grad_dtype")
-# How a decoding step attends over the KV cache (see attention.decode_attention): "xla", the dense
+# How a decoding step attends over the KV cache (see attention.pallas_decode_attention): "xla", the dense
 # masked path over every slot; "pallas_gpu", the Pallas (Triton) decode-attention kernel of JAX's
 # ops library, which reads only the slots written so far (causal attention only; off a GPU it runs
 # in Pallas interpret mode, which is how the CPU tests check its numbers).
@@ -80,7 +80,7 @@ class ModelConfig:
     dropout_rng: str = "threefry"  # how dropout masks are drawn: "threefry" or "rbg" (see layers.dropout)
     decode_attention: str = "xla"  # attention over the KV cache when decoding: "xla" | "pallas_gpu" (DECODE_ATTENTION)
     matvec_as_gemm: bool = False  # a one-row product runs as a two-row GEMM (see layers.Dense)
-    logits_grad_dtype: str = "float32"  # the output head's backward products: "float32" | "compute" (layers.widened_dot)
+    logits_grad_dtype: str = "float32"  # the head's backward products: "float32" | "compute" (layers.widened_dot)
 
     def __post_init__(self):
         for name in _SIZES:

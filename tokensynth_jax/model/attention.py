@@ -1,6 +1,6 @@
 """Softmax attention: the XLA path, and the fused kernels that `ModelConfig.attention_impl` picks.
 
-Two kinds of call, as the model makes them:
+Three kinds of call, as the model makes them:
 - `attend(q, k, v, valid)`: any pattern given as a dense [B, Lq, Lk] mask (cached decoding, the
   reference's inverted pattern), over every key it is given.
 - `pallas_decode_attention(q, k, v, pad_b, slot)`: one query row per item over a KV cache, through
