@@ -364,9 +364,8 @@ def _decode_measurer(section: Section):
         times = [call(1 + i) for i in range(runs)]
         s = min(times or [first])
         return {"batch": batch, "sampler": repr(sampler), "dtype": param_dtype, "overrides": overrides or {},
-                "first_call_s": first,
-                "times_s": times, "s_per_call": s, "ms_per_clip": 1e3 * s / batch, "clips_per_s": batch / s,
-                "ms_per_step": 1e3 * s / rows, "device_peak_gb": _device_peak_gb(device)}
+                "first_call_s": first, "times_s": times, "s_per_call": s, "ms_per_clip": 1e3 * s / batch,
+                "clips_per_s": batch / s, "ms_per_step": 1e3 * s / rows, "device_peak_gb": _device_peak_gb(device)}
 
     return setup, measure
 

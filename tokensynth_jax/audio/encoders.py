@@ -413,9 +413,10 @@ class ClapEmbedder:
             # LAION's unfused checkpoints: one 10 s window, short clips repeated then padded.
             features = ClapFeatureExtractor(truncation="rand_trunc", padding="repeatpad")
         else:
+            local = _local_only(name, offline)
             try:
-                model = ClapModel.from_pretrained(name, local_files_only=_local_only(name, offline))
-                features = ClapFeatureExtractor.from_pretrained(name, local_files_only=_local_only(name, offline))
+                model = ClapModel.from_pretrained(name, local_files_only=local)
+                features = ClapFeatureExtractor.from_pretrained(name, local_files_only=local)
             except OSError as e:
                 raise _missing(name, "clap", e) from e
         self._offline, self._tokenizer = offline, None  # the text tokenizer loads on first use
