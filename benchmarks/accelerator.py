@@ -124,8 +124,23 @@ def _device_peak_gb(device):
     return stats["peak_bytes_in_use"] / 1e9 if stats and "peak_bytes_in_use" in stats else None
 
 
+def _compiler_options(extra: dict) -> tuple[dict, dict]:
+    """Splits overrides into config overrides and XLA compile options ("xla.NAME=VALUE": a debug
+    option for this one compile, e.g. xla.xla_gpu_enable_triton_gemm=False; XLA wants bools and
+    ints as such, not strings)."""
+    def value(v):
+        text = str(v)
+        if text.lower() in ("true", "false"):
+            return text.lower() == "true"
+        return int(text) if text.lstrip("-").isdigit() else text
+
+    options = {k[len("xla."):]: value(v) for k, v in extra.items() if k.startswith("xla.")}
+    return {k: v for k, v in extra.items() if not k.startswith("xla.")}, options
+
+
 def _train_measurer(section: Section, extra: dict | None = None):
-    """(config, measure(batch) -> record) for ours with `--ours-set` and `extra` overrides."""
+    """(config, measure(batch) -> record) for ours with `--ours-set` and `extra` overrides (an
+    "xla." key is an XLA compile option of the step)."""
     import jax
     from flax import nnx
     from train import _batch  # benchmarks/train.py: the same random rows as the CPU benchmark
@@ -135,6 +150,7 @@ def _train_measurer(section: Section, extra: dict | None = None):
     from tokensynth_jax.training import train_step as ts
 
     device = jax.devices()[0]
+    extra, options = _compiler_options(extra or {})
     config, cfg = _ours_config(section, "bfloat16", extra)
     oc = optim.OptimConfig.from_dict(config.optim.to_dict())
     seq = section.size["seq_len"]
@@ -158,7 +174,7 @@ def _train_measurer(section: Section, extra: dict | None = None):
             holder["state"] = fresh()[1]
         batch = jax.device_put(_batch(cfg, batch_size, seq))
         t0 = time.perf_counter()
-        compiled = step.lower(holder["state"], batch, jax.random.PRNGKey(0)).compile()
+        compiled = step.lower(holder["state"], batch, jax.random.PRNGKey(0)).compile(compiler_options=options or None)
         compile_s = time.perf_counter() - t0
         m = compiled.memory_analysis()
         footprint = (m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes
@@ -196,13 +212,18 @@ def part_ours_train(section: Section) -> None:
 
 
 # Each knob of the step against the defaults, at one batch (what `auto` and the defaults are
-# chosen from): name -> model overrides. The ones no GPU has timed yet come first.
+# chosen from): name -> model overrides ("xla." keys: XLA compile options; "batch": another batch
+# than the section's). The defaults first, so every run has its own baseline; then the ones no GPU
+# has timed yet.
 TRAIN_VARIANTS = {
+    "defaults": {},
     "bf16 logits gradient + rbg dropout": {"model.logits_grad_dtype": "compute", "model.dropout_rng": "rbg"},
     "bf16 logits gradient": {"model.logits_grad_dtype": "compute"},
     "rbg dropout": {"model.dropout_rng": "rbg"},
+    "cuBLAS for every GEMM": {"xla.xla_gpu_enable_triton_gemm": "False"},
     "no dropout": {"model.dropout": 0.0},
     "whole-sequence loss": {"model.loss_chunk": 0},
+    "defaults at batch 64": {"batch": 64},  # the goal "batch 64 x 1024 fits without remat", unrolled
     "remat dots": {"model.remat": "dots"},
     "scanned layers": {"model.scan_layers": True},
 }
@@ -217,19 +238,27 @@ def _parse_variant(text: str) -> tuple[str, dict]:
 def part_train_variants(section: Section) -> None:
     import gc
 
+    from tokensynth_jax.scaling import flops
+
     _jax_setup(section)
     b = section.size["variant_batch"]
+    cfg = _ours_config(section, "bfloat16")[1]
+    section.emit({"item": "model", "params": flops.param_counts(cfg).total,
+                  "flops_per_token": flops.model_flops_per_token(cfg, section.size["seq_len"]), "config": cfg.to_dict()})
     variants = dict(_parse_variant(v) for v in section.args.train_variant) or TRAIN_VARIANTS
     for name, extra in variants.items():
-        def run(extra=extra):
+        extra = dict(extra)
+        batch = int(extra.pop("batch", b))
+
+        def run(extra=extra, batch=batch):
             _, measure, release = _train_measurer(section, extra)
             try:
-                return {"overrides": extra, **measure(b)}
+                return {"overrides": extra, **measure(batch)}
             finally:
                 release()
                 gc.collect()
 
-        section.attempt(f"train {b}, {name}", run, min_left_s=40.0)
+        section.attempt(f"train {batch}, {name}", run, min_left_s=40.0)
 
 
 def part_torch_train(section: Section) -> None:
@@ -309,6 +338,10 @@ DECODE_VARIANTS = {
     "pallas decode attention": {"model.decode_attention": "pallas_gpu"},
     "matvec as GEMM": {"model.matvec_as_gemm": "True"},
 }
+
+
+PROFILE_TRAIN = TRAIN_VARIANTS["bf16 logits gradient + rbg dropout"]
+PROFILE_DECODE = DECODE_VARIANTS["pallas decode attention + matvec as GEMM"]
 
 
 def _bench_midi(section: Section) -> str:
@@ -430,14 +463,16 @@ def _trace(section: Section, name: str, fn) -> dict:
 
 
 def part_profile(section: Section) -> None:
-    """Where a train step (batch 32) and a decode call (batch 1) spend the device's time."""
+    """Where a train step (batch 32) and a decode call (batch 1) spend the device's time, both
+    with the knobs not yet profiled on a GPU (PROFILE_TRAIN, PROFILE_DECODE): the defaults'
+    profile is in docs/benchmarks.md."""
     _jax_setup(section)
-    _, measure_train, release = _train_measurer(section)
+    _, measure_train, release = _train_measurer(section, PROFILE_TRAIN)
     b = section.size["variant_batch"]
 
     def train():
         measured = measure_train(b)  # compiles, warms up and times, as the other sections do
-        return {"s_per_step": measured["s_per_step"], "steps": 2,
+        return {"overrides": PROFILE_TRAIN, "s_per_step": measured["s_per_step"], "steps": 2,
                 "lines": _trace(section, "train", lambda: measure_train.again(2))}
 
     section.attempt(f"profile train {b}", train, min_left_s=60.0)
@@ -445,8 +480,9 @@ def part_profile(section: Section) -> None:
     _, measure = _decode_measurer(section)
 
     def decode():
-        measured = measure(1, runs=1)
-        return {"s_per_call": measured["s_per_call"], "lines": _trace(section, "decode", lambda: measure(1, runs=0))}
+        measured = measure(1, runs=1, overrides=PROFILE_DECODE)
+        return {"overrides": PROFILE_DECODE, "s_per_call": measured["s_per_call"],
+                "lines": _trace(section, "decode", lambda: measure(1, runs=0, overrides=PROFILE_DECODE))}
 
     section.attempt("profile decode 1", decode, min_left_s=30.0)
 
@@ -565,7 +601,7 @@ def build_table(results: dict, quick: bool) -> tuple[str, list[str]]:
     """The one markdown table, and the goal lines."""
     get = lambda section, item: results.get(section, {}).get("records", {}).get(item)
     ours_model = get("ours-train", "model") or {}
-    flops_tok = ours_model.get("flops_per_token")
+    flops_tok = (ours_model or get("train-variants", "model") or {}).get("flops_per_token")
     sizes = SIZES[quick]
     g = lambda x: "-" if x is None else f"{x:.1f} GB"
     k = lambda x: f"{x / 1e3:.1f}k" if x >= 1e3 else f"{x:.0f}"
@@ -607,9 +643,11 @@ def build_table(results: dict, quick: bool) -> tuple[str, list[str]]:
         if "," in item:
             o = get("train-variants", item)
             ok = "tokens_per_s" in (o or {})
+            t = get("torch-train", f"train {o['batch']}") if ok else None  # the reference at the same batch
+            ratio = f"{o['tokens_per_s'] / t['tokens_per_s']:.2f}x" if t and "tokens_per_s" in t else "-"
             rows.append([f"ours, {item}: tokens/s", _cell(o, lambda r: k(r["tokens_per_s"])),
                          mfu(o, "train-variants") if ok else "-", g(o["memory_gb"]) if ok else "-",
-                         "-", "-", "-", "-"])
+                         "-", "-", "-", ratio])
     for item in results.get("ours-decode", {}).get("records", {}):
         if "," in item:  # the extras
             o = get("ours-decode", item)
@@ -620,12 +658,15 @@ def build_table(results: dict, quick: bool) -> tuple[str, list[str]]:
     table = _common.md_table(["", "ours", "ours MFU", "ours memory", "reference (PyTorch)", "reference MFU",
                               "reference memory", "ours / reference"], rows)
     o1, o256 = get("ours-decode", "decode 1"), get("ours-decode", f"decode {sizes['decode_batches'][-1]}")
-    b64 = get("ours-train", f"train {sizes['train_batches'][-1]}")
+    largest = sizes["train_batches"][-1]
+    b64 = get("ours-train", f"train {largest}") or next(  # else a defaults row of train-variants at that batch
+        (r for r in results.get("train-variants", {}).get("records", {}).values()
+         if r.get("batch") == largest and r.get("overrides") == {}), None)
     verdict = lambda ok: "PASS" if ok else "FAIL"
     if best["ours"] and best["torch"]:
         goals.append(f"train, best batch: {best['ours'] / best['torch']:.2f}x the reference (goal >= "
                      f"{GOALS['train_ratio']}x): {verdict(best['ours'] >= GOALS['train_ratio'] * best['torch'])}")
-    remat = ours_model.get("config", {}).get("remat")
+    remat = (ours_model or get("train-variants", "model") or {}).get("config", {}).get("remat")
     fits = "not measured" if b64 is None or "skipped" in b64 else verdict("tokens_per_s" in b64)
     goals.append(f"train batch {sizes['train_batches'][-1]} x {sizes['seq_len']} fits (remat={remat}): {fits}")
     if o1 and "ms_per_clip" in o1:
@@ -678,6 +719,8 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test that runs on a CPU")
     parser.add_argument("--budget", type=float, default=540.0, help="seconds for all sections together")
     parser.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated subset, in this order")
+    parser.add_argument("--share", action="append", default=[], metavar="SECTION=WEIGHT",
+                        help=f"a section's share of the budget instead of its default (SECTIONS: {SECTIONS})")
     parser.add_argument("--ours-set", action="append", default=[], metavar="KEY=VALUE",
                         help="config override for ours, e.g. model.remat=True (repeatable)")
     parser.add_argument("--train-variant", action="append", default=[], metavar="NAME:KEY=VALUE,...",
@@ -707,10 +750,19 @@ def main(argv=None) -> int:
     unknown = sorted(set(names) - set(SECTIONS))
     if unknown:
         parser.error(f"--sections: unknown {unknown}; choose from {list(SECTIONS)}")
+    shares = dict(SECTIONS)
+    for text in args.share:
+        name, _, weight = text.partition("=")
+        try:
+            shares[name] = float(weight)
+        except ValueError:
+            parser.error(f"--share {text!r}: expected SECTION=WEIGHT, e.g. train-variants=0.4")
+        if name not in SECTIONS or shares[name] <= 0:
+            parser.error(f"--share {text!r}: a section of {list(SECTIONS)} and a positive weight")
     t_start, results = time.perf_counter(), {}
     for i, name in enumerate(names):
         left = args.budget - (time.perf_counter() - t_start)
-        timeout = left * SECTIONS[name] / sum(SECTIONS[n] for n in names[i:])  # unused time flows on
+        timeout = left * shares[name] / sum(shares[n] for n in names[i:])  # unused time flows on
         t0 = time.perf_counter()
         status = run_section(name, args, timeout) if timeout >= MIN_SECTION_S else "not run (time budget spent)"
         results[name] = {"status": status, "timeout_s": timeout, "wall_s": time.perf_counter() - t0,
