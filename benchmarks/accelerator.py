@@ -112,7 +112,8 @@ def _jax_setup(section: Section):
 
     from tokensynth_jax import compile_cache
 
-    compile_cache.enable(os.path.join(section.args.out, "xla_cache"), "--out")  # a rerun skips compiles
+    if section.args.part != "profile":  # the profile compiles afresh: XLA dumps the HLO of what it compiles
+        compile_cache.enable(os.path.join(section.args.out, "xla_cache"), "--out")  # a rerun skips compiles
     device = jax.devices()[0]
     section.emit({"item": "device", "device": device.device_kind, "platform": jax.default_backend(),
                   "jax": jax.__version__})
@@ -217,12 +218,11 @@ def part_ours_train(section: Section) -> None:
 # has timed yet.
 TRAIN_VARIANTS = {
     "defaults": {},
-    "bf16 logits gradient + rbg dropout": {"model.logits_grad_dtype": "compute", "model.dropout_rng": "rbg"},
-    "bf16 logits gradient": {"model.logits_grad_dtype": "compute"},
-    "rbg dropout": {"model.dropout_rng": "rbg"},
-    "cuBLAS for every GEMM": {"xla.xla_gpu_enable_triton_gemm": "False"},
-    "no dropout": {"model.dropout": 0.0},
+    "before 2026-11-27 (threefry dropout, fp32 logits gradient)": {"model.dropout_rng": "threefry",
+                                                                   "model.logits_grad_dtype": "float32"},
     "whole-sequence loss": {"model.loss_chunk": 0},
+    "no dropout": {"model.dropout": 0.0},
+    "cuBLAS for every GEMM": {"xla.xla_gpu_enable_triton_gemm": "False"},
     "defaults at batch 64": {"batch": 64},  # the goal "batch 64 x 1024 fits without remat", unrolled
     "remat dots": {"model.remat": "dots"},
     "scanned layers": {"model.scan_layers": True},
@@ -329,19 +329,17 @@ def part_torch_train(section: Section) -> None:
         section.attempt(f"train {b}", lambda: measure(b), min_left_s=15.0)
 
 
-# The decoding knobs against the defaults, each at batch 1 and the largest batch: name -> model
-# overrides. Neither is a default yet: both wait for these rows (docs/benchmarks.md says why each
-# should pay: the weights' multiply-and-reduce fusions at batch 1, the whole-cache reads at 256).
+# The decoding knobs against their "auto" choices (the defaults), each at batch 1 and the largest
+# batch unless it names one ("batch"): name -> model overrides. On a GPU "auto" is the Pallas
+# decode attention and, at batch 1, a batch of two (ModelConfig.decode_attention_impl, decodes_as_gemm).
 DECODE_VARIANTS = {
-    "pallas decode attention + matvec as GEMM": {"model.decode_attention": "pallas_gpu",
-                                                 "model.matvec_as_gemm": "True"},
-    "pallas decode attention": {"model.decode_attention": "pallas_gpu"},
-    "matvec as GEMM": {"model.matvec_as_gemm": "True"},
+    "xla decode attention": {"model.decode_attention": "xla"},
+    "batch 1 alone (no copy)": {"model.matvec_as_gemm": "False", "batch": 1},
 }
 
 
-PROFILE_TRAIN = TRAIN_VARIANTS["bf16 logits gradient + rbg dropout"]
-PROFILE_DECODE = DECODE_VARIANTS["pallas decode attention + matvec as GEMM"]
+PROFILE_TRAIN: dict = {}  # the defaults
+PROFILE_DECODE: dict = {}
 
 
 def _bench_midi(section: Section) -> str:
@@ -381,7 +379,7 @@ def _decode_measurer(section: Section):
     timbre = np.random.default_rng(0).standard_normal(cfg.timbre_dim).astype(np.float32)
     rows = section.size["rows"]
     setup = {"dtype": dtype, "rows": rows, "layers": cfg.num_layers, "filter_auto": sampling.filter_method("auto"),
-             "decode_attention": cfg.decode_attention, "matvec_as_gemm": cfg.matvec_as_gemm}
+             "decode_attention": cfg.decode_attention_impl, "batch_1_as_2": cfg.decodes_as_gemm}
 
     def measure(batch, sampler=sampling.TopP(TOP_P), runs=2, param_dtype=dtype, overrides=None):
         model = model_for(param_dtype, overrides or {})
@@ -416,8 +414,8 @@ def part_ours_decode(section: Section) -> None:
     # greedy (what sampling costs), fp32 parameters.
     largest = section.size["decode_batches"][-1]
     variants = dict(_parse_variant(v) for v in section.args.decode_variant) or DECODE_VARIANTS
-    extras = [(f"decode {b}, {name}", b, {"overrides": extra}) for name, extra in variants.items()
-              for b in (1, largest)]
+    extras = [(f"decode {b}, {name}", b, {"overrides": {k: v for k, v in extra.items() if k != "batch"}})
+              for name, extra in variants.items() for b in ((int(extra["batch"]),) if "batch" in extra else (1, largest))]
     other = "sort" if setup["filter_auto"] == "bisect" else "bisect"
     extras += [(f"decode {b}, top-p by {other}", b, {"sampler": sampling.TopP(TOP_P, method=other)})
                for b in (1, largest)]
@@ -463,9 +461,8 @@ def _trace(section: Section, name: str, fn) -> dict:
 
 
 def part_profile(section: Section) -> None:
-    """Where a train step (batch 32) and a decode call (batch 1) spend the device's time, both
-    with the knobs not yet profiled on a GPU (PROFILE_TRAIN, PROFILE_DECODE): the defaults'
-    profile is in docs/benchmarks.md."""
+    """Where a train step (batch 32) and a decode call (batch 1) spend the device's time, with
+    the overrides PROFILE_TRAIN and PROFILE_DECODE (none: the defaults)."""
     _jax_setup(section)
     _, measure_train, release = _train_measurer(section, PROFILE_TRAIN)
     b = section.size["variant_batch"]

@@ -77,3 +77,26 @@ def test_scan_layers_is_true_false_or_auto_from_a_file_or_the_command_line(tmp_p
     assert ModelConfig.from_dict({"scan_layers": True}).scans_layers is True  # a checkpoint's JSON
     with pytest.raises(ConfigError, match="model.scan_layers='maybe': one of True, False, 'auto'"):
         read("tiny", {"model.scan_layers": "maybe"})
+
+
+@pytest.mark.parametrize("gpu", [False, True])
+def test_speed_knobs_resolve_auto_per_platform_and_keep_explicit_values(monkeypatch, gpu):
+    """The "auto" knobs are the measured GPU choices on a GPU and the plain paths elsewhere; a
+    value set in a file, a command line or a checkpoint wins on every platform."""
+    from tokensynth_jax import config as config_module
+
+    monkeypatch.setattr(config_module, "on_gpu", lambda: gpu)
+    read = lambda overrides=None: ModelConfig.from_dict(load_config_file("tiny", overrides).model.to_dict())
+    auto = read()
+    assert (auto.dropout_rng, auto.logits_grad_dtype, auto.decode_attention, auto.matvec_as_gemm) == ("auto",) * 4
+    resolved = lambda c: (c.dropout_rng_impl, c.logits_grad_impl, c.decode_attention_impl, c.decodes_as_gemm)
+    assert resolved(auto) == (("rbg", "compute", "pallas_gpu", True) if gpu else ("threefry", "float32", "xla", False))
+    assert resolved(auto.replace(attention="tokensynth-0.0.4"))[2] == "xla"  # the kernel is causal only
+    plain = read({"model.dropout_rng": "threefry", "model.logits_grad_dtype": "float32",
+                  "model.decode_attention": "xla", "model.matvec_as_gemm": "False"})
+    assert resolved(plain) == ("threefry", "float32", "xla", False)
+    fast = ModelConfig.from_dict({"dropout_rng": "rbg", "logits_grad_dtype": "compute", "decode_attention": "pallas_gpu",
+                                  "matvec_as_gemm": True})  # a checkpoint's JSON
+    assert resolved(fast) == ("rbg", "compute", "pallas_gpu", True)
+    with pytest.raises(ConfigError, match="model.matvec_as_gemm='often': one of True, False, 'auto'"):
+        read({"model.matvec_as_gemm": "often"})

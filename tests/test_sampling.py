@@ -415,19 +415,21 @@ def test_pallas_decode_attention_generates_what_xla_does(tiny):
                            sampling.generate(xla, prompts, timbre, max_rows=30))
 
 
-def test_matvec_as_gemm_is_a_two_row_product_with_the_same_results(tiny):
-    """`matvec_as_gemm`: a one-row Dense call multiplies two rows (the second zero), and batch-1
-    decoding writes the same rows as without it; calls of more rows are untouched."""
-    plain = tiny()
-    gemm = nnx.merge(nnx.graphdef(TokenSynth(TINY.replace(matvec_as_gemm=True), rngs=nnx.Rngs(0))), nnx.state(plain))
-    fc = gemm.blocks[0].mlp.fc1
-    shapes = lambda x: [e.invars[0].aval.shape for e in jax.make_jaxpr(fc)(x).eqns if e.primitive.name == "dot_general"]
-    one, three = jnp.ones((1, 1, TINY.d_model)), jnp.ones((3, 1, TINY.d_model))
-    assert shapes(one) == [(2, TINY.d_model)] and shapes(three) == [(3, 1, TINY.d_model)]
-    np.testing.assert_allclose(np.asarray(fc(one)), np.asarray(plain.blocks[0].mlp.fc1(one)), rtol=1e-6, atol=1e-6)
+def test_matvec_as_gemm_decodes_one_item_as_two_with_the_same_results(tiny):
+    """`matvec_as_gemm`: batch-1 decoding runs a batch of two (a copy done from the start, so
+    every product is a two-row GEMM) and returns one item with the rows it writes without the
+    copy: top-p keys, forbidden early ends and guidance included; larger batches are untouched."""
+    plain = tiny(null_timbre=True)
+    gemm = nnx.merge(nnx.graphdef(TokenSynth(TINY.replace(null_timbre=True, matvec_as_gemm=True), rngs=nnx.Rngs(0))),
+                     nnx.state(plain))
+    assert plain.cfg.replace(matvec_as_gemm=False).decodes_as_gemm is False
     prompt, timbre = _prompts([11]), _timbre(1)
-    assert_same_generation(sampling.generate(gemm, prompt, timbre, max_rows=30),
-                           sampling.generate(plain, prompt, timbre, max_rows=30))
+    batch = lambda m, n: sampling.lower_generate(m, _prompts([11] * n), _timbre(n), max_rows=30).in_avals[0][4].shape[0]
+    assert (batch(gemm, 1), batch(plain, 1), batch(gemm, 3)) == (2, 1, 3)
+    for kw in ({}, {"sampler": TopP(0.9), "seed": 3, "min_frames": [12]}, {"guidance": CFG(2.0), "sampler": TopP(0.8)}):
+        got = sampling.generate(gemm, prompt, timbre, max_rows=30, **kw)
+        assert got.rows.shape[0] == 1 and got.codes.shape[0] == 1
+        assert_same_generation(got, sampling.generate(plain, prompt, timbre, max_rows=30, **kw))
 
 
 # --- guidance -----------------------------------------------------------------------------------

@@ -49,7 +49,7 @@ RUNTIME_FIELDS = ("dropout", "dtype", "remat", "attention_impl", "scan_layers", 
 # masked path over every slot; "pallas_gpu", the Pallas (Triton) decode-attention kernel of JAX's
 # ops library, which reads only the slots written so far (causal attention only; off a GPU it runs
 # in Pallas interpret mode, which is how the CPU tests check its numbers).
-DECODE_ATTENTION = ("xla", "pallas_gpu")
+DECODE_ATTENTION = ("auto", "xla", "pallas_gpu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,10 +77,10 @@ class ModelConfig:
     attention_impl: AttentionImpl = "auto"  # "auto" | "xla" | "cudnn" | "pallas_tpu" (see AttentionImpl)
     scan_layers: bool | str = "auto"  # blocks as one lax.scan: True, False, or "auto" (see `scans_layers`)
     loss_chunk: int = 256  # positions per output-head chunk of the training loss (0: all at once)
-    dropout_rng: str = "threefry"  # how dropout masks are drawn: "threefry" or "rbg" (see layers.dropout)
-    decode_attention: str = "xla"  # attention over the KV cache when decoding: "xla" | "pallas_gpu" (DECODE_ATTENTION)
-    matvec_as_gemm: bool = False  # a one-row product runs as a two-row GEMM (see layers.Dense)
-    logits_grad_dtype: str = "float32"  # the head's backward products: "float32" | "compute" (layers.widened_dot)
+    dropout_rng: str = "auto"  # how dropout masks are drawn: "auto" | "threefry" | "rbg" (see `dropout_rng_impl`)
+    decode_attention: str = "auto"  # attention over the KV cache when decoding (DECODE_ATTENTION, `decode_attention_impl`)
+    matvec_as_gemm: bool | str = "auto"  # batch-1 decoding runs as batch 2: True, False, "auto" (`decodes_as_gemm`)
+    logits_grad_dtype: str = "auto"  # the head's backward products: "auto" | "float32" | "compute" (`logits_grad_impl`)
 
     def __post_init__(self):
         for name in _SIZES:
@@ -101,17 +101,19 @@ class ModelConfig:
             raise ConfigError(f"model.attention_impl={self.attention_impl!r}: unknown; one of auto, xla, cudnn, pallas_tpu")
         if self.attention_impl == "cudnn" and self.dtype not in ("bfloat16", "float16"):
             raise ConfigError(f"model.attention_impl='cudnn' needs dtype bfloat16 or float16 (model.dtype={self.dtype!r})")
-        if self.dropout_rng not in ("threefry", "rbg"):
-            raise ConfigError(f"model.dropout_rng={self.dropout_rng!r}: one of 'threefry', 'rbg'")
+        if self.dropout_rng not in ("auto", "threefry", "rbg"):
+            raise ConfigError(f"model.dropout_rng={self.dropout_rng!r}: one of 'auto', 'threefry', 'rbg'")
         if self.decode_attention not in DECODE_ATTENTION:
             raise ConfigError(f"model.decode_attention={self.decode_attention!r}: one of {', '.join(DECODE_ATTENTION)}")
         if self.decode_attention == "pallas_gpu" and self.attention != "causal":
             raise ConfigError("model.decode_attention='pallas_gpu' needs model.attention='causal' "
                               f"(model.attention={self.attention!r})")
-        if self.logits_grad_dtype not in ("float32", "compute"):
-            raise ConfigError(f"model.logits_grad_dtype={self.logits_grad_dtype!r}: one of 'float32', 'compute'")
-        if not isinstance(self.matvec_as_gemm, bool):
-            raise ConfigError(f"model.matvec_as_gemm={self.matvec_as_gemm!r}: True or False")
+        if self.logits_grad_dtype not in ("auto", "float32", "compute"):
+            raise ConfigError(f"model.logits_grad_dtype={self.logits_grad_dtype!r}: one of 'auto', 'float32', 'compute'")
+        gemm = {"true": True, "false": False, "auto": "auto"}.get(str(self.matvec_as_gemm).lower())
+        if gemm is None:
+            raise ConfigError(f"model.matvec_as_gemm={self.matvec_as_gemm!r}: one of True, False, 'auto'")
+        object.__setattr__(self, "matvec_as_gemm", gemm)
         if self.loss_chunk < 0:
             raise ConfigError(f"model.loss_chunk={self.loss_chunk}: must be >= 0")
         if self.d_model % self.num_heads:
@@ -134,6 +136,35 @@ class ModelConfig:
         step took 3x as long), and on a TPU the scan keeps compile time flat at depth (not measured).
         """
         return self.scan_layers if self.scan_layers != "auto" else not on_gpu()
+
+    # The "auto" choices below are the fastest measured on an H200 (benchmarks/accelerator.py,
+    # 2026-11-27, docs/benchmarks.md); off a GPU each is the plain path, which nothing measured
+    # there beats (and a TPU has not been measured).
+    @property
+    def dropout_rng_impl(self) -> str:
+        """"auto": "rbg" on a GPU (batch 32 x 1024: 303.8k vs 294.8k tokens/s), else "threefry"."""
+        return self.dropout_rng if self.dropout_rng != "auto" else ("rbg" if on_gpu() else "threefry")
+
+    @property
+    def logits_grad_impl(self) -> str:
+        """"auto": "compute" on a GPU (307.5k vs 294.8k tokens/s; with rbg dropout 324.2k), else
+        "float32" (on a CPU the compute dtype is fp32 anyway)."""
+        return self.logits_grad_dtype if self.logits_grad_dtype != "auto" else ("compute" if on_gpu() else "float32")
+
+    @property
+    def decode_attention_impl(self) -> str:
+        """"auto": "pallas_gpu" on a GPU with causal attention (batch 256: 263.7 vs 201.3 clips/s;
+        batch 1 within 2%), else "xla"."""
+        if self.decode_attention != "auto":
+            return self.decode_attention
+        return "pallas_gpu" if on_gpu() and self.attention == "causal" else "xla"
+
+    @property
+    def decodes_as_gemm(self) -> bool:
+        """Whether `sampling.generate` decodes a batch of one as a batch of two (see
+        `sampling._decode_args`). "auto": on a GPU (batch 1: 266 vs 338 ms a clip, measured with
+        a zero second row in every product), not elsewhere."""
+        return self.matvec_as_gemm if self.matvec_as_gemm != "auto" else on_gpu()
 
     @property
     def head_dim(self) -> int:

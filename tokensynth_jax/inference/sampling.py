@@ -408,9 +408,21 @@ def _decode_args(model, midi_tokens, timbre, *, sampler, seed, max_rows, guidanc
         raise ValueError("first-note guidance needs the unconditional model")
     rows, pads, caps = prepare_prompts(midi_tokens, cfg, max_rows, row_caps)
     if min_frames is not None:
-        min_frames = jnp.asarray(np.minimum(np.asarray(min_frames, np.int32), caps - (cfg.num_codebooks - 1)))
+        min_frames = np.minimum(np.asarray(min_frames, np.int32), caps - (cfg.num_codebooks - 1))
     if cfg.conditioning == "timbre":
-        timbre = jnp.asarray(timbre, jnp.float32).reshape(len(rows), cfg.timbre_dim)
+        timbre = np.asarray(timbre, np.float32).reshape(len(rows), cfg.timbre_dim)
+    if len(rows) == 1 and cfg.decodes_as_gemm:
+        # A second item, a copy that is done from the start (cap 0) and whose rows are dropped:
+        # every product of the loop then has two rows. Why: XLA:GPU rewrites a one-row product
+        # (under 10M weights: all of a layer's) into a multiply-and-reduce fusion that read the
+        # weights at a fraction of the bandwidth in the H200 profile (docs/benchmarks.md); two
+        # rows are a GEMM. Item 0 samples with the same keys (fold_in(key, 0)) either way.
+        rows, pads, caps = (np.concatenate([a, a]) for a in (rows, pads, caps))
+        caps[1] = 0
+        timbre = np.concatenate([timbre, timbre]) if cfg.conditioning == "timbre" else timbre
+        min_frames = None if min_frames is None else np.concatenate([min_frames, min_frames])
+    min_frames = None if min_frames is None else jnp.asarray(min_frames)
+    timbre = jnp.asarray(timbre) if cfg.conditioning == "timbre" else timbre
     graphdef, state = nnx.split(model.for_decoding(dtype))
     if isinstance(guidance, FirstNoteGuidance):
         u_graphdef, u_state = nnx.split(unconditional_model.for_decoding(dtype))
@@ -457,6 +469,7 @@ def generate(
                                 guidance=guidance, unconditional_model=unconditional_model, dtype=dtype,
                                 row_caps=row_caps, min_frames=min_frames)
     out, num_rows, ended = jax.device_get(_decode_jit(*args, **kwargs))
+    out, num_rows, ended = (a[: len(midi_tokens)] for a in (out, num_rows, ended))  # without a batch-1 copy
     codes, frames = rows_to_codes(out, num_rows, model.cfg.num_codebooks)
     return Generation(codes=codes, num_frames=frames, rows=out, num_rows=num_rows, ended=ended)
 

@@ -7,7 +7,6 @@ compute keeps fp32 master weights. Shapes use the legend of `model.py`.
 from __future__ import annotations
 
 import functools
-import math
 from typing import NamedTuple
 
 import jax
@@ -59,15 +58,7 @@ widened_dot.defvjp(_widened_dot_fwd, _widened_dot_bwd)
 
 
 class Dense(nnx.Module):
-    """y = x . W + b over the last axis of x, with W of shape [*in_shape, *out_shape].
-
-    `ModelConfig.matvec_as_gemm`: a product of a single row (decoding at batch 1) gets a second,
-    zero row and runs as a two-row GEMM. Why: XLA:GPU rewrites a vector-matrix product of fewer
-    than 10M elements into a multiply-and-reduce fusion (`GpuAlgebraicSimplifier`, which has no
-    switch since the strength-reduction flag was retired); in the H200 profile those fusions read
-    a layer's weights at a fraction of the bandwidth (docs/benchmarks.md). A two-row product is a
-    matrix product and goes to cuBLAS or a Triton GEMM, which read the weights once as well.
-    """
+    """y = x . W + b over the last axis of x, with W of shape [*in_shape, *out_shape]."""
 
     def __init__(self, in_shape, out_shape, names, cfg: ModelConfig, *, rngs: nnx.Rngs):
         in_shape, out_shape = tuple(in_shape), tuple(out_shape)
@@ -76,8 +67,7 @@ class Dense(nnx.Module):
         self.bias = param(rngs, nnx.initializers.zeros, out_shape, names[len(in_shape):], pd)
         self.num_in = len(in_shape)
         self.dtype = jnp.dtype(cfg.dtype)
-        self.matvec_as_gemm = cfg.matvec_as_gemm
-        self.grad_in_compute_dtype = cfg.logits_grad_dtype == "compute"
+        self.grad_in_compute_dtype = cfg.logits_grad_impl == "compute"
 
     def __call__(self, x, out_dtype=None):
         """`out_dtype` (e.g. fp32 for logits) is what the product accumulates into and returns;
@@ -85,17 +75,11 @@ class Dense(nnx.Module):
         out_dtype = out_dtype or self.dtype
         kernel = self.kernel[...].astype(self.dtype)
         x = x.astype(self.dtype)
-        lead = x.shape[: x.ndim - self.num_in]
-        one_row = self.matvec_as_gemm and math.prod(lead) == 1
-        if one_row:  # [1, *in] and a zero row: a GEMM, not a strength-reduced vector product
-            x = jnp.concatenate([x.reshape((1,) + x.shape[len(lead):]), jnp.zeros((1,) + x.shape[len(lead):], x.dtype)])
         dims = ((tuple(range(x.ndim - self.num_in, x.ndim)), tuple(range(self.num_in))), ((), ()))
         if self.grad_in_compute_dtype and jnp.dtype(out_dtype) != self.dtype:
             y = widened_dot(x, kernel, dims, jnp.dtype(out_dtype))
         else:
             y = jax.lax.dot_general(x, kernel, dims, preferred_element_type=out_dtype)
-        if one_row:
-            y = y[:1].reshape(lead + y.shape[1:])
         return y.astype(out_dtype) + self.bias[...].astype(out_dtype)
 
 
@@ -120,7 +104,7 @@ class LayerNorm(nnx.Module):
 def dropout(x, rate: float, key, rng: str = "threefry"):
     """Inverted dropout; the identity when `key` is None (inference).
 
-    `rng` ("threefry" or "rbg", `ModelConfig.dropout_rng`) draws the mask with JAX's threefry, or
+    `rng` ("threefry" or "rbg", `ModelConfig.dropout_rng_impl`) draws the mask with JAX's threefry, or
     with XLA's RngBitGenerator keyed from `key`: on a GPU the threefry rounds are fused into the
     mask and made dropout 8.6% of a train step (docs/benchmarks.md); RngBitGenerator is one kernel
     that writes the bits. Both are fixed by `key`, so runs and resumes repeat exactly on one mesh.
@@ -149,7 +133,7 @@ class Attention(nnx.Module):
         self.key = Dense((d,), (h, hd), ("embed", "heads", "kv"), cfg, rngs=rngs)
         self.value = Dense((d,), (h, hd), ("embed", "heads", "kv"), cfg, rngs=rngs)
         self.out = Dense((h, hd), (d,), ("heads", "kv", "embed"), cfg, rngs=rngs)
-        self.impl, self.decode_impl = cfg.attention_impl, cfg.decode_attention
+        self.impl, self.decode_impl = cfg.attention_impl, cfg.decode_attention_impl
 
     def __call__(self, x_bld, valid_bqk=None, cache: KVCache | None = None, slot=None, pad_b=None):
         """Self-attention of this call's rows, writing their keys and values into `cache` at `slot`.
@@ -238,7 +222,7 @@ class Block(nnx.Module):
         self.attn = Attention(cfg, rngs=rngs)
         self.ln2 = LayerNorm(cfg, rngs=rngs)
         self.mlp = Mlp(cfg, rngs=rngs)
-        self.rate, self.dropout_rng = cfg.dropout, cfg.dropout_rng
+        self.rate, self.dropout_rng = cfg.dropout, cfg.dropout_rng_impl
 
     def __call__(self, x, valid_bqk=None, cache=None, slot=None, dropout_key=None, pad_b=None):
         """One block; `valid_bqk`, `cache`, `slot` and `pad_b` as `Attention.__call__`."""

@@ -97,7 +97,7 @@ class TokenSynth(nnx.Module):
         keys = [None] * len(self.blocks)
         if dropout_rng is not None:
             dropout_rng, *keys = jax.random.split(dropout_rng, len(self.blocks) + 1)
-            x_bld = layers.dropout(x_bld, self.cfg.dropout, dropout_rng, self.cfg.dropout_rng)
+            x_bld = layers.dropout(x_bld, self.cfg.dropout, dropout_rng, self.cfg.dropout_rng_impl)
         call = self._block_call()
         if caches is None and self.cfg.scans_layers and len(self.blocks) > 1:
             return self.final_ln(self._scan_blocks(call, x_bld, valid_bqk, keys, pad_b)), None
@@ -213,7 +213,7 @@ class TokenSynth(nnx.Module):
 
     def init_cache(self, batch: int, num_slots: int, dtype=None):
         """An empty KV cache of at least `num_slots` slots per layer (`attention.cache_slots`)."""
-        num_slots = attention.cache_slots(num_slots, self.cfg.decode_attention)
+        num_slots = attention.cache_slots(num_slots, self.cfg.decode_attention_impl)
         shape = (batch, self.cfg.num_heads, num_slots, self.cfg.head_dim)
         dtype = jnp.dtype(dtype or self.cfg.dtype)
         return tuple(
