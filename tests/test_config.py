@@ -80,7 +80,7 @@ def test_scan_layers_is_true_false_or_auto_from_a_file_or_the_command_line(tmp_p
 
 
 @pytest.mark.parametrize("gpu", [False, True])
-def test_speed_knobs_resolve_auto_per_platform_and_keep_explicit_values(monkeypatch, gpu):
+def test_speed_knobs_resolve_auto_per_platform_and_keep_explicit_values(monkeypatch, tmp_path, gpu):
     """The "auto" knobs are the measured GPU choices on a GPU and the plain paths elsewhere; a
     value set in a file, a command line or a checkpoint wins on every platform."""
     from tokensynth_jax import config as config_module
@@ -88,15 +88,26 @@ def test_speed_knobs_resolve_auto_per_platform_and_keep_explicit_values(monkeypa
     monkeypatch.setattr(config_module, "on_gpu", lambda: gpu)
     read = lambda overrides=None: ModelConfig.from_dict(load_config_file("tiny", overrides).model.to_dict())
     auto = read()
-    assert (auto.dropout_rng, auto.logits_grad_dtype, auto.decode_attention, auto.matvec_as_gemm) == ("auto",) * 4
-    resolved = lambda c: (c.dropout_rng_impl, c.logits_grad_impl, c.decode_attention_impl, c.decodes_as_gemm)
-    assert resolved(auto) == (("rbg", "compute", "pallas_gpu", True) if gpu else ("threefry", "float32", "xla", False))
+    knobs = ("dropout_rng", "logits_grad_dtype", "decode_attention", "matvec_as_gemm", "loss_chunk")
+    assert tuple(getattr(auto, k) for k in knobs) == ("auto",) * 5
+    resolved = lambda c: (c.dropout_rng_impl, c.logits_grad_impl, c.decode_attention_impl, c.decodes_as_gemm,
+                          c.loss_chunk_size)
+    assert resolved(auto) == (("rbg", "compute", "pallas_gpu", True, 0) if gpu else ("threefry", "float32", "xla", False, 256))
     assert resolved(auto.replace(attention="tokensynth-0.0.4"))[2] == "xla"  # the kernel is causal only
     plain = read({"model.dropout_rng": "threefry", "model.logits_grad_dtype": "float32",
-                  "model.decode_attention": "xla", "model.matvec_as_gemm": "False"})
-    assert resolved(plain) == ("threefry", "float32", "xla", False)
+                  "model.decode_attention": "xla", "model.matvec_as_gemm": "False", "model.loss_chunk": "128"})
+    assert resolved(plain) == ("threefry", "float32", "xla", False, 128)
     fast = ModelConfig.from_dict({"dropout_rng": "rbg", "logits_grad_dtype": "compute", "decode_attention": "pallas_gpu",
-                                  "matvec_as_gemm": True})  # a checkpoint's JSON
-    assert resolved(fast) == ("rbg", "compute", "pallas_gpu", True)
+                                  "matvec_as_gemm": True, "loss_chunk": 0})  # a checkpoint's JSON
+    assert resolved(fast) == ("rbg", "compute", "pallas_gpu", True, 0)
+    assert ModelConfig.from_dict({"loss_chunk": 256}).loss_chunk_size == 256  # written before "auto"
+    own = tmp_path / "mine.py"  # a config file may set a number or a bool into a field whose default is "auto"
+    own.write_text("from tokensynth_jax.configs import tiny\n\n"
+                   "def get_config(arg=None):\n    c = tiny.get_config(arg)\n    c.model.loss_chunk = 64\n"
+                   "    c.model.matvec_as_gemm = True\n    return c\n")
+    mine = ModelConfig.from_dict(load_config_file(str(own)).model.to_dict())
+    assert (mine.loss_chunk_size, mine.decodes_as_gemm) == (64, True)
     with pytest.raises(ConfigError, match="model.matvec_as_gemm='often': one of True, False, 'auto'"):
         read({"model.matvec_as_gemm": "often"})
+    with pytest.raises(ConfigError, match="model.loss_chunk='-3': 'auto' or a whole number >= 0"):
+        read({"model.loss_chunk": "-3"})

@@ -37,7 +37,7 @@ def channel_losses(logits_blv, targets_blc, mask_bl, cfg: ModelConfig):
 
 
 def head_losses(model: TokenSynth, features_bld, targets_blc, mask_bl):
-    """`channel_losses` of the output head over `features`, `cfg.loss_chunk` positions at a time.
+    """`channel_losses` of the output head over `features`, `cfg.loss_chunk_size` positions at a time.
 
     The head is 10,358 logits wide at the reference size: fp32 logits of a whole batch (and their
     gradient, and softmax temporaries) would be the step's largest tensors. Here a `lax.scan`
@@ -47,7 +47,7 @@ def head_losses(model: TokenSynth, features_bld, targets_blc, mask_bl):
     """
     cfg = model.cfg
     batch, length = targets_blc.shape[:2]
-    chunk = cfg.loss_chunk
+    chunk = cfg.loss_chunk_size
     if chunk == 0 or chunk >= length:
         return channel_losses(model.logits(features_bld), targets_blc, mask_bl, cfg)
     num = -(-length // chunk)
