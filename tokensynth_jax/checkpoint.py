@@ -441,12 +441,11 @@ class TrainCheckpointer:
         return ocp.CheckpointManager(self.manager.directory, item_handlers={"state": ocp.PyTreeCheckpointHandler()})
 
     def _saved_state_tree(self, step: int) -> dict:
-        """The saved train state's tree of array metadata (names and shapes, no values)."""
-        reader = self._reader()
-        try:
-            return reader.item_metadata(step)["state"].tree
-        finally:
-            reader.close()
+        """The saved train state's tree of array metadata (names and shapes, no values).
+
+        Read by the "state" item's own handler: a manager's `item_metadata` visits every item and
+        logs a warning for the data iterator's, which a metadata read has no handler for."""
+        return ocp.PyTreeCheckpointHandler().metadata(self._step_dir(step) / "state").tree
 
     def restore_params(self, step: int | None, cfg: ModelConfig, mesh: Mesh | None = None) -> tuple[TokenSynth, int]:
         """The model of a saved train state, sharded on `mesh`, without reading the optimizer state.
