@@ -177,8 +177,7 @@ class ModelConfig:
     @property
     def decodes_as_gemm(self) -> bool:
         """Whether `sampling.generate` decodes a batch of one as a batch of two (see
-        `sampling._decode_args`). "auto": on a GPU (batch 1: 266 vs 338 ms a clip, measured with
-        a zero second row in every product), not elsewhere."""
+        `sampling._decode_args`). "auto": on a GPU (batch 1: 239 vs 340 ms a clip), not elsewhere."""
         return self.matvec_as_gemm if self.matvec_as_gemm != "auto" else on_gpu()
 
     @property
