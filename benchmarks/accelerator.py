@@ -333,6 +333,7 @@ def part_torch_train(section: Section) -> None:
 # batch unless it names one ("batch"): name -> model overrides. On a GPU "auto" is the Pallas
 # decode attention and, at batch 1, a batch of two (ModelConfig.decode_attention_impl, decodes_as_gemm).
 DECODE_VARIANTS = {
+    "cuBLAS GEMMs": {"model.decode_gemm": "cublas"},  # not yet timed on a GPU
     "xla decode attention": {"model.decode_attention": "xla"},
     "batch 1 alone (no copy)": {"model.matvec_as_gemm": "False", "batch": 1},
 }

@@ -432,6 +432,26 @@ def test_matvec_as_gemm_decodes_one_item_as_two_with_the_same_results(tiny):
         assert_same_generation(got, sampling.generate(plain, prompt, timbre, max_rows=30, **kw))
 
 
+def test_decode_gemm_cublas_compiles_the_loop_without_xla_triton_gemms(tiny, monkeypatch):
+    """`decode_gemm="cublas"` on a GPU compiles the decode loop with CUBLAS_GEMM_OPTIONS (shown by
+    swapping in an option XLA does not know, which the compile then refuses) and writes what the
+    default writes (XLA:CPU ignores the GPU option); the default compiles without it."""
+    monkeypatch.setattr(sampling, "on_gpu", lambda: True)
+    monkeypatch.setattr(sampling, "_decode_jits", {})
+    plain = tiny()
+    cublas = nnx.merge(nnx.graphdef(TokenSynth(TINY.replace(decode_gemm="cublas"), rngs=nnx.Rngs(0))), nnx.state(plain))
+    prompt, timbre = _prompts([7, 11]), _timbre(2)
+    assert_same_generation(sampling.generate(cublas, prompt, timbre, max_rows=20),
+                           sampling.generate(plain, prompt, timbre, max_rows=20))
+    monkeypatch.setattr(sampling, "CUBLAS_GEMM_OPTIONS", {"xla_gpu_no_such_option": False})
+    monkeypatch.setattr(sampling, "_decode_jits", {})
+    with pytest.raises(Exception, match="No such compile option: 'xla_gpu_no_such_option'"):
+        sampling.generate(cublas, prompt, timbre, max_rows=20)
+    sampling.generate(plain, prompt, timbre, max_rows=20)
+    with pytest.raises(ValueError, match="model.decode_gemm='cutlass': one of 'xla', 'cublas'"):
+        TINY.replace(decode_gemm="cutlass")
+
+
 # --- guidance -----------------------------------------------------------------------------------
 def test_cfg_needs_a_null_timbre_model(tiny):
     with pytest.raises(ValueError, match="null timbre"):

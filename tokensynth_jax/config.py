@@ -44,7 +44,7 @@ REMAT_POLICIES = ("none", "full", "dots")
 # Config fields that change how the model computes, not its parameters: a checkpoint trained
 # with one value loads under another.
 RUNTIME_FIELDS = ("dropout", "dtype", "remat", "attention_impl", "scan_layers", "loss_chunk", "dropout_rng",
-                  "decode_attention", "matvec_as_gemm", "logits_grad_dtype")
+                  "decode_attention", "matvec_as_gemm", "logits_grad_dtype", "decode_gemm")
 # How a decoding step attends over the KV cache (see attention.pallas_decode_attention): "xla", the dense
 # masked path over every slot; "pallas_gpu", the Pallas (Triton) decode-attention kernel of JAX's
 # ops library, which reads only the slots written so far (causal attention only; off a GPU it runs
@@ -81,6 +81,7 @@ class ModelConfig:
     decode_attention: str = "auto"  # attention over the KV cache when decoding (DECODE_ATTENTION, `decode_attention_impl`)
     matvec_as_gemm: bool | str = "auto"  # batch-1 decoding runs as batch 2: True, False, "auto" (`decodes_as_gemm`)
     logits_grad_dtype: str = "auto"  # the head's backward products: "auto" | "float32" | "compute" (`logits_grad_impl`)
+    decode_gemm: str = "xla"  # the decode loop's products on a GPU: "xla" | "cublas" (sampling.CUBLAS_GEMM_OPTIONS)
 
     def __post_init__(self):
         for name in _SIZES:
@@ -110,6 +111,8 @@ class ModelConfig:
                               f"(model.attention={self.attention!r})")
         if self.logits_grad_dtype not in ("auto", "float32", "compute"):
             raise ConfigError(f"model.logits_grad_dtype={self.logits_grad_dtype!r}: one of 'auto', 'float32', 'compute'")
+        if self.decode_gemm not in ("xla", "cublas"):
+            raise ConfigError(f"model.decode_gemm={self.decode_gemm!r}: one of 'xla', 'cublas'")
         gemm = {"true": True, "false": False, "auto": "auto"}.get(str(self.matvec_as_gemm).lower())
         if gemm is None:
             raise ConfigError(f"model.matvec_as_gemm={self.matvec_as_gemm!r}: one of True, False, 'auto'")

@@ -368,9 +368,23 @@ def _decode_split(graphdef, state, uncond_graphdef, uncond_state, rows_bpc, pad_
     return final.rows, final.num_rows, final.ended
 
 
-_decode_jit = jax.jit(
-    _decode_split, static_argnames=("graphdef", "uncond_graphdef", "sampler", "guidance", "max_rows")
-)
+# XLA options of the decode loop under `ModelConfig.decode_gemm="cublas"` on a GPU: XLA's Triton
+# GEMM fusions off, so every product goes to cuBLAS. Why: in the H200 profile the two-row products
+# of batch-1 decoding ran as Triton GEMM fusions (8 x 64 output tiles) that read the weights at
+# about 1.1 TB/s of the card's 4.8 (docs/benchmarks.md); cuBLAS has kernels for skinny products.
+CUBLAS_GEMM_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
+_decode_jits: dict = {}
+
+
+def _decode_jit_for(cfg: ModelConfig):
+    """The jitted decode loop for `cfg.decode_gemm` (off a GPU the option means nothing: plain jit)."""
+    gemm = cfg.decode_gemm if on_gpu() else "xla"
+    if gemm not in _decode_jits:
+        _decode_jits[gemm] = jax.jit(
+            _decode_split, static_argnames=("graphdef", "uncond_graphdef", "sampler", "guidance", "max_rows"),
+            compiler_options=dict(CUBLAS_GEMM_OPTIONS) if gemm == "cublas" else None,
+        )
+    return _decode_jits[gemm]
 
 
 def prepare_prompts(midi_tokens: Sequence[np.ndarray], cfg: ModelConfig, max_rows: int,
@@ -400,7 +414,7 @@ def prepare_prompts(midi_tokens: Sequence[np.ndarray], cfg: ModelConfig, max_row
 
 def _decode_args(model, midi_tokens, timbre, *, sampler, seed, max_rows, guidance, unconditional_model, dtype,
                  row_caps=None, min_frames=None):
-    """(positional, keyword) arguments of `_decode_jit` for `generate`'s arguments."""
+    """(positional, keyword) arguments of the jitted decode loop for `generate`'s arguments."""
     cfg = model.cfg
     if isinstance(guidance, CFG) and not cfg.null_timbre:
         raise ValueError("classifier-free guidance needs a model trained with a null timbre")
@@ -468,7 +482,7 @@ def generate(
     args, kwargs = _decode_args(model, midi_tokens, timbre, sampler=sampler, seed=seed, max_rows=max_rows,
                                 guidance=guidance, unconditional_model=unconditional_model, dtype=dtype,
                                 row_caps=row_caps, min_frames=min_frames)
-    out, num_rows, ended = jax.device_get(_decode_jit(*args, **kwargs))
+    out, num_rows, ended = jax.device_get(_decode_jit_for(model.cfg)(*args, **kwargs))
     out, num_rows, ended = (a[: len(midi_tokens)] for a in (out, num_rows, ended))  # without a batch-1 copy
     codes, frames = rows_to_codes(out, num_rows, model.cfg.num_codebooks)
     return Generation(codes=codes, num_frames=frames, rows=out, num_rows=num_rows, ended=ended)
@@ -480,4 +494,4 @@ def lower_generate(model: TokenSynth, midi_tokens: Sequence[np.ndarray], timbre=
     defaults = {"sampler": Greedy(), "seed": 0, "max_rows": 450, "guidance": None, "unconditional_model": None,
                 "dtype": None}
     args, static = _decode_args(model, midi_tokens, timbre, **{**defaults, **kwargs})
-    return _decode_jit.lower(*args, **static)
+    return _decode_jit_for(model.cfg).lower(*args, **static)
