@@ -436,8 +436,8 @@ class TrainCheckpointer:
         return state
 
     def _reader(self) -> ocp.CheckpointManager:
-        """A second manager on the same directory whose "state" handler takes metadata reads and
-        partial restores (the writer's handler is fixed to full StandardRestores on first use)."""
+        """A second manager on the same directory whose "state" handler takes partial restores
+        (the writer's handler is fixed to full StandardRestores on first use)."""
         return ocp.CheckpointManager(self.manager.directory, item_handlers={"state": ocp.PyTreeCheckpointHandler()})
 
     def _saved_state_tree(self, step: int) -> dict:

@@ -94,10 +94,11 @@ class ModelConfig:
             object.__setattr__(self, "remat", legacy[self.remat])
         if self.remat not in REMAT_POLICIES:
             raise ConfigError(f"model.remat={self.remat!r}: unknown; one of {', '.join(REMAT_POLICIES)}")
-        scan = {"true": True, "false": False, "auto": "auto"}.get(str(self.scan_layers).lower())
-        if scan is None:
-            raise ConfigError(f"model.scan_layers={self.scan_layers!r}: one of True, False, 'auto'")
-        object.__setattr__(self, "scan_layers", scan)
+        for name in ("scan_layers", "matvec_as_gemm"):  # True, False or "auto", from a file or a command line
+            value = {"true": True, "false": False, "auto": "auto"}.get(str(getattr(self, name)).lower())
+            if value is None:
+                raise ConfigError(f"model.{name}={getattr(self, name)!r}: one of True, False, 'auto'")
+            object.__setattr__(self, name, value)
         if self.attention_impl not in ("auto", "xla", "cudnn", "pallas_tpu"):
             raise ConfigError(f"model.attention_impl={self.attention_impl!r}: unknown; one of auto, xla, cudnn, pallas_tpu")
         if self.attention_impl == "cudnn" and self.dtype not in ("bfloat16", "float16"):
@@ -113,10 +114,6 @@ class ModelConfig:
             raise ConfigError(f"model.logits_grad_dtype={self.logits_grad_dtype!r}: one of 'auto', 'float32', 'compute'")
         if self.decode_gemm not in ("xla", "cublas"):
             raise ConfigError(f"model.decode_gemm={self.decode_gemm!r}: one of 'xla', 'cublas'")
-        gemm = {"true": True, "false": False, "auto": "auto"}.get(str(self.matvec_as_gemm).lower())
-        if gemm is None:
-            raise ConfigError(f"model.matvec_as_gemm={self.matvec_as_gemm!r}: one of True, False, 'auto'")
-        object.__setattr__(self, "matvec_as_gemm", gemm)
         chunk = self.loss_chunk
         if isinstance(chunk, str) and chunk.strip().lstrip("-").isdigit():  # from a command line
             chunk = int(chunk)
