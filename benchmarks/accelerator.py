@@ -18,8 +18,8 @@ one section costs that section (or the rest of it) and nothing else:
                   (batch 1, a Python loop), same MIDI file.
   train-variants  ours at batch 32 with one knob changed at a time (TRAIN_VARIANTS): what the
                   defaults are chosen from.
-  profile         where the device's time goes in a train step (batch 32) and a decode call
-                  (batch 1): the busiest kernels of each GPU line of a JAX profiler trace
+  profile         where the device's time goes in a train step (batch 32) and decode calls
+                  (PROFILE_DECODE: batch and overrides of each): the busiest kernels of each GPU line of a JAX profiler trace
                   (OUT/profile.jsonl), the Perfetto traces (OUT/profile-*.json.gz), and the
                   optimized HLO of both (OUT/hlo/), where the kernels' fusion names are defined.
 MFU: training FLOPs per token 6 N + 12 L T D (flops.py) against the bf16 dense peak of the card
@@ -36,6 +36,7 @@ Here, a CPU smoke test at tiny sizes (2 layers, 64 positions, 16 rows; numbers n
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -218,6 +219,9 @@ def part_ours_train(section: Section) -> None:
 # has timed yet.
 TRAIN_VARIANTS = {
     "defaults": {},
+    "GELU gradient recomputed": {"model.gelu_grad": "recompute"},
+    "LayerNorm gradient recomputed": {"model.layer_norm_grad": "recompute"},
+    "GELU + LayerNorm gradients recomputed": {"model.gelu_grad": "recompute", "model.layer_norm_grad": "recompute"},
     "before 2026-11-27 (threefry dropout, fp32 logits gradient)": {"model.dropout_rng": "threefry",
                                                                    "model.logits_grad_dtype": "float32"},
     "whole-sequence loss": {"model.loss_chunk": 0},
@@ -332,15 +336,25 @@ def part_torch_train(section: Section) -> None:
 # The decoding knobs against their "auto" choices (the defaults), each at batch 1 and the largest
 # batch unless it names one ("batch"): name -> model overrides. On a GPU "auto" is the Pallas
 # decode attention and, at batch 1, a batch of two (ModelConfig.decode_attention_impl, decodes_as_gemm).
+# "gemv.NAME" and "attention.NAME" keys set a tiling constant of tokensynth_jax/model/gemv.py or
+# attention.py (the Pallas kernels) for that row.
 DECODE_VARIANTS = {
-    "cuBLAS GEMMs": {"model.decode_gemm": "cublas"},  # not yet timed on a GPU
-    "xla decode attention": {"model.decode_attention": "xla"},
-    "batch 1 alone (no copy)": {"model.matvec_as_gemm": "False", "batch": 1},
+    "XLA GEMMs (the default before 2026-11-27 run 2)": {"model.decode_gemm": "xla"},
+    "Pallas GEMV, rolled K loop": {"gemv.UNROLL_K": 0, "batch": 1},
+    "Pallas GEMV, 2 rows a program": {"gemv.BLOCK_N": 2, "batch": 1},
+    "Pallas GEMV, 8 rows a program": {"gemv.BLOCK_N": 8, "batch": 1},
+    "Pallas GEMV, K steps of 512": {"gemv.BLOCK_K": 512, "batch": 1},
+    "Pallas GEMV, 2 warps": {"gemv.NUM_WARPS": 2, "batch": 1},
+    "decode attention, 128-slot blocks": {"attention.DECODE_BLOCK": 128, "batch": 256},
+    "decode attention, 8 warps": {"attention.DECODE_WARPS": 8, "batch": 256},
+    "decode attention, 3 stages": {"attention.DECODE_STAGES": 3, "batch": 256},
+    "cuBLAS GEMMs": {"model.decode_gemm": "cublas", "batch": 256},
 }
+CONSTANT_MODULES = ("gemv", "attention")  # tokensynth_jax.model.<name>
 
 
 PROFILE_TRAIN: dict = {}  # the defaults
-PROFILE_DECODE: dict = {}
+PROFILE_DECODE = ((1, {}), (256, {}))  # (batch, overrides) of each decode trace
 
 
 def _bench_midi(section: Section) -> str:
@@ -383,7 +397,13 @@ def _decode_measurer(section: Section):
              "decode_attention": cfg.decode_attention_impl, "batch_1_as_2": cfg.decodes_as_gemm}
 
     def measure(batch, sampler=sampling.TopP(TOP_P), runs=2, param_dtype=dtype, overrides=None):
-        model = model_for(param_dtype, overrides or {})
+        overrides = dict(overrides or {})
+        constants = {k: int(overrides.pop(k)) for k in list(overrides) if k.split(".")[0] in CONSTANT_MODULES}
+        with _kernel_constants(constants):
+            return _measure(batch, sampler, runs, param_dtype, overrides, constants)
+
+    def _measure(batch, sampler, runs, param_dtype, overrides, constants):
+        model = model_for(param_dtype, overrides)
 
         def call(seed):
             t0 = time.perf_counter()
@@ -395,11 +415,45 @@ def _decode_measurer(section: Section):
         first = call(0)
         times = [call(1 + i) for i in range(runs)]
         s = min(times or [first])
-        return {"batch": batch, "sampler": repr(sampler), "dtype": param_dtype, "overrides": overrides or {},
+        overrides = {**overrides, **constants}
+        return {"batch": batch, "sampler": repr(sampler), "dtype": param_dtype, "overrides": overrides,
                 "first_call_s": first, "times_s": times, "s_per_call": s, "ms_per_clip": 1e3 * s / batch,
                 "clips_per_s": batch / s, "ms_per_step": 1e3 * s / rows, "device_peak_gb": _device_peak_gb(device)}
 
     return setup, measure
+
+
+@contextlib.contextmanager
+def _kernel_constants(constants: dict):
+    """Module constants of the Pallas kernels ("gemv.BLOCK_N": 2, ...) set inside, with JAX's and the
+    decode loop's compile caches cleared on the way in and out (no cache key holds them)."""
+    if not constants:
+        yield
+        return
+    import importlib
+
+    import jax
+
+    from tokensynth_jax.inference import sampling
+
+    targets = {}
+    for key in constants:
+        module, _, name = key.partition(".")
+        targets[key] = (importlib.import_module(f"tokensynth_jax.model.{module}"), name)
+        if not hasattr(*targets[key]):
+            raise ValueError(f"tokensynth_jax.model.{module} has no constant {name}")
+    saved = {key: getattr(*targets[key]) for key in constants}
+    try:
+        for key, value in constants.items():
+            setattr(*targets[key], value)
+        jax.clear_caches()
+        sampling._decode_jits.clear()
+        yield
+    finally:
+        for key, value in saved.items():
+            setattr(*targets[key], value)
+        jax.clear_caches()
+        sampling._decode_jits.clear()
 
 
 def part_ours_decode(section: Section) -> None:
@@ -462,8 +516,8 @@ def _trace(section: Section, name: str, fn) -> dict:
 
 
 def part_profile(section: Section) -> None:
-    """Where a train step (batch 32) and a decode call (batch 1) spend the device's time, with
-    the overrides PROFILE_TRAIN and PROFILE_DECODE (none: the defaults)."""
+    """Where a train step (batch 32, the overrides PROFILE_TRAIN) and decode calls (PROFILE_DECODE's
+    batches and overrides) spend the device's time."""
     _jax_setup(section)
     _, measure_train, release = _train_measurer(section, PROFILE_TRAIN)
     b = section.size["variant_batch"]
@@ -477,12 +531,13 @@ def part_profile(section: Section) -> None:
     release()
     _, measure = _decode_measurer(section)
 
-    def decode():
-        measured = measure(1, runs=1, overrides=PROFILE_DECODE)
-        return {"overrides": PROFILE_DECODE, "s_per_call": measured["s_per_call"],
-                "lines": _trace(section, "decode", lambda: measure(1, runs=0, overrides=PROFILE_DECODE))}
+    for batch, overrides in PROFILE_DECODE:
+        def decode(batch=batch, overrides=overrides):
+            measured = measure(batch, runs=1, overrides=overrides)
+            return {"overrides": overrides, "s_per_call": measured["s_per_call"],
+                    "lines": _trace(section, f"decode{batch}", lambda: measure(batch, runs=0, overrides=overrides))}
 
-    section.attempt("profile decode 1", decode, min_left_s=30.0)
+        section.attempt(f"profile decode {batch}", decode, min_left_s=30.0)
 
 
 def part_ref_decode(section: Section) -> None:

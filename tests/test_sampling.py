@@ -448,7 +448,7 @@ def test_decode_gemm_cublas_compiles_the_loop_without_xla_triton_gemms(tiny, mon
     with pytest.raises(Exception, match="No such compile option: 'xla_gpu_no_such_option'"):
         sampling.generate(cublas, prompt, timbre, max_rows=20)
     sampling.generate(plain, prompt, timbre, max_rows=20)
-    with pytest.raises(ValueError, match="model.decode_gemm='cutlass': one of 'xla', 'cublas'"):
+    with pytest.raises(ValueError, match="model.decode_gemm='cutlass': one of auto, xla, cublas, pallas"):
         TINY.replace(decode_gemm="cutlass")
 
 

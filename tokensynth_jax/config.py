@@ -44,12 +44,18 @@ REMAT_POLICIES = ("none", "full", "dots")
 # Config fields that change how the model computes, not its parameters: a checkpoint trained
 # with one value loads under another.
 RUNTIME_FIELDS = ("dropout", "dtype", "remat", "attention_impl", "scan_layers", "loss_chunk", "dropout_rng",
-                  "decode_attention", "matvec_as_gemm", "logits_grad_dtype", "decode_gemm")
+                  "decode_attention", "matvec_as_gemm", "logits_grad_dtype", "decode_gemm", "gelu_grad",
+                  "layer_norm_grad")
 # How a decoding step attends over the KV cache (see attention.pallas_decode_attention): "xla", the dense
 # masked path over every slot; "pallas_gpu", the Pallas (Triton) decode-attention kernel of JAX's
 # ops library, which reads only the slots written so far (causal attention only; off a GPU it runs
 # in Pallas interpret mode, which is how the CPU tests check its numbers).
 DECODE_ATTENTION = ("auto", "xla", "pallas_gpu")
+# The products of a decoding step: "xla", XLA's GEMMs; "cublas", the same with XLA's Triton GEMMs
+# off (a GPU compile option, sampling.CUBLAS_GEMM_OPTIONS; elsewhere it means "xla"); "pallas", each
+# weight stage of a block one Pallas (Triton) kernel with its LayerNorm, bias, GELU and residual
+# (layers.GemvBlock, model/gemv.py) when a step has at most 8 rows (off a GPU in interpret mode).
+DECODE_GEMM = ("auto", "xla", "cublas", "pallas")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +87,9 @@ class ModelConfig:
     decode_attention: str = "auto"  # attention over the KV cache when decoding (DECODE_ATTENTION, `decode_attention_impl`)
     matvec_as_gemm: bool | str = "auto"  # batch-1 decoding runs as batch 2: True, False, "auto" (`decodes_as_gemm`)
     logits_grad_dtype: str = "auto"  # the head's backward products: "auto" | "float32" | "compute" (`logits_grad_impl`)
-    decode_gemm: str = "xla"  # the decode loop's products on a GPU: "xla" | "cublas" (sampling.CUBLAS_GEMM_OPTIONS)
+    decode_gemm: str = "auto"  # the decode loop's products: "auto" | "xla" | "cublas" | "pallas" (`decode_gemm_impl`)
+    gelu_grad: str = "auto"  # the MLP GELU's backward: "auto" | "xla" | "recompute" (`gelu_grad_impl`)
+    layer_norm_grad: str = "auto"  # LayerNorm's backward: "auto" | "xla" | "recompute" (`layer_norm_grad_impl`)
 
     def __post_init__(self):
         for name in _SIZES:
@@ -112,8 +120,11 @@ class ModelConfig:
                               f"(model.attention={self.attention!r})")
         if self.logits_grad_dtype not in ("auto", "float32", "compute"):
             raise ConfigError(f"model.logits_grad_dtype={self.logits_grad_dtype!r}: one of 'auto', 'float32', 'compute'")
-        if self.decode_gemm not in ("xla", "cublas"):
-            raise ConfigError(f"model.decode_gemm={self.decode_gemm!r}: one of 'xla', 'cublas'")
+        if self.decode_gemm not in DECODE_GEMM:
+            raise ConfigError(f"model.decode_gemm={self.decode_gemm!r}: one of {', '.join(DECODE_GEMM)}")
+        for name in ("gelu_grad", "layer_norm_grad"):
+            if getattr(self, name) not in ("auto", "xla", "recompute"):
+                raise ConfigError(f"model.{name}={getattr(self, name)!r}: one of 'auto', 'xla', 'recompute'")
         chunk = self.loss_chunk
         if isinstance(chunk, str) and chunk.strip().lstrip("-").isdigit():  # from a command line
             chunk = int(chunk)
@@ -156,6 +167,18 @@ class ModelConfig:
         return self.logits_grad_dtype if self.logits_grad_dtype != "auto" else ("compute" if on_gpu() else "float32")
 
     @property
+    def gelu_grad_impl(self) -> str:
+        """"auto": "xla" (JAX's autodiff) everywhere for now: "recompute" (`layers.gelu_exact`) is not
+        yet measured on a GPU; benchmarks/accelerator.py times it."""
+        return self.gelu_grad if self.gelu_grad != "auto" else "xla"
+
+    @property
+    def layer_norm_grad_impl(self) -> str:
+        """"auto": "xla" (JAX's autodiff) everywhere for now: "recompute" (`layers.layer_norm`) is not
+        yet measured on a GPU; benchmarks/accelerator.py times it."""
+        return self.layer_norm_grad if self.layer_norm_grad != "auto" else "xla"
+
+    @property
     def loss_chunk_size(self) -> int:
         """"auto": 0 (the whole sequence at once) on a GPU, 256 elsewhere. On an H200 the whole-
         sequence loss was faster in every run (+2.5% and +2.6% on 2026-11-26, +3.4% with the other
@@ -173,6 +196,16 @@ class ModelConfig:
         if self.decode_attention != "auto":
             return self.decode_attention
         return "pallas_gpu" if on_gpu() and self.attention == "causal" else "xla"
+
+    @property
+    def decode_gemm_impl(self) -> str:
+        """"auto": "pallas" on a GPU, "xla" elsewhere (in Pallas interpret mode the kernels are slow).
+        On an H200 (2026-11-27) the Pallas stages decoded batch 1 in 228 ms a clip against XLA's 240
+        with a rolled K loop; batches above 8 rows run XLA's GEMMs either way (262.0 vs 263.4 clips/s
+        at batch 256)."""
+        if self.decode_gemm != "auto":
+            return self.decode_gemm
+        return "pallas" if on_gpu() else "xla"
 
     @property
     def decodes_as_gemm(self) -> bool:

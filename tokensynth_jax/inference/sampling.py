@@ -377,8 +377,9 @@ _decode_jits: dict = {}
 
 
 def _decode_jit_for(cfg: ModelConfig):
-    """The jitted decode loop for `cfg.decode_gemm` (off a GPU the option means nothing: plain jit)."""
-    gemm = cfg.decode_gemm if on_gpu() else "xla"
+    """The jitted decode loop for `cfg.decode_gemm_impl`: with CUBLAS_GEMM_OPTIONS for "cublas" on a
+    GPU, else a plain jit."""
+    gemm = cfg.decode_gemm_impl if on_gpu() else "xla"
     if gemm not in _decode_jits:
         _decode_jits[gemm] = jax.jit(
             _decode_split, static_argnames=("graphdef", "uncond_graphdef", "sampler", "guidance", "max_rows"),

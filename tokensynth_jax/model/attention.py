@@ -90,6 +90,8 @@ def attend_causal(q_bqhd, k_bhkd, v_bhkd, valid_bqk, chunk: int = 256):
 
 DECODE_BLOCK = 64  # KV slots per block (and per split) of the Pallas decode kernel
 PARALLEL_ITEMS = 1024  # items x heads from which the decode kernel runs unsplit (8 programs per SM of an H100)
+DECODE_WARPS = 4  # warps per program of the decode kernel (the ops library's default)
+DECODE_STAGES = 2  # software-pipelining depth of its loop over KV blocks (the library's default)
 
 
 def cache_slots(num_slots: int, decode_impl: str) -> int:
@@ -129,7 +131,8 @@ def pallas_decode_attention(q_bqhd, k_bhsd, v_bhsd, pad_b, slot, *, interpret: b
     y = pallas_decode.gqa(
         q, jnp.swapaxes(k_bhsd, 1, 2).astype(q.dtype), jnp.swapaxes(v_bhsd, 1, 2).astype(q.dtype),
         start_idx=pad_b.astype(jnp.int32), kv_seq_len=jnp.broadcast_to(slot + 1, pad_b.shape).astype(jnp.int32),
-        sm_scale=1.0, block_k=DECODE_BLOCK, k_splits=splits, interpret=interpret,
+        sm_scale=1.0, block_k=DECODE_BLOCK, k_splits=splits, num_warps=DECODE_WARPS, num_stages=DECODE_STAGES,
+        interpret=interpret,
     )
     return y[:, None].astype(q_bqhd.dtype)
 

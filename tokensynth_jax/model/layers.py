@@ -7,15 +7,17 @@ compute keeps fp32 master weights. Shapes use the legend of `model.py`.
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from tokensynth_jax.config import ModelConfig
-from tokensynth_jax.model import attention
+from tokensynth_jax.model import attention, gemv
 
 KERNEL_INIT = nnx.initializers.normal(stddev=0.02)
 
@@ -83,6 +85,42 @@ class Dense(nnx.Module):
         return y.astype(out_dtype) + self.bias[...].astype(out_dtype)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def layer_norm(x, scale, bias, eps, dtype):
+    """LayerNorm over the last axis in fp32, returned in `dtype`, whose backward is written out: it
+    keeps x (in its own dtype) and the fp32 mean and 1/std of each row, and computes the gradients
+    in fp32 with the closed form.
+
+    Why: differentiated as it is, XLA's fp32 backward wrote three f32 [1024, 1024, 32] tensors in a
+    batch-minor layout, 0.27 ms a layer of an H200 train step at batch 32 (docs/benchmarks.md, "Where
+    the time goes now"). `ModelConfig.layer_norm_grad="recompute"` selects this; the forward is
+    today's ops, so its numbers are the same.
+    """
+    return _layer_norm_fwd(x, scale, bias, eps, dtype)[0]
+
+
+def _layer_norm_fwd(x, scale, bias, eps, dtype):
+    xf = x.astype(jnp.float32)
+    mean = xf.mean(-1, keepdims=True)
+    var = jnp.square(xf - mean).mean(-1, keepdims=True)
+    rstd = jax.lax.rsqrt(var + eps)
+    y = (xf - mean) * rstd
+    return (y * scale + bias).astype(dtype), (x, scale, mean, rstd)
+
+
+def _layer_norm_bwd(eps, dtype, residuals, g):
+    x, scale, mean, rstd = residuals
+    xhat = (x.astype(jnp.float32) - mean) * rstd
+    g = g.astype(jnp.float32)
+    gs = g * scale.astype(jnp.float32)
+    dx = rstd * (gs - gs.mean(-1, keepdims=True) - xhat * (gs * xhat).mean(-1, keepdims=True))
+    leading = tuple(range(x.ndim - 1))
+    return dx.astype(x.dtype), (g * xhat).sum(leading).astype(scale.dtype), g.sum(leading).astype(scale.dtype)
+
+
+layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
 class LayerNorm(nnx.Module):
     """LayerNorm computed in fp32 (as torch does under autocast), returned in the compute dtype."""
 
@@ -92,8 +130,11 @@ class LayerNorm(nnx.Module):
         self.bias = param(rngs, nnx.initializers.zeros, (cfg.d_model,), ("embed",), pd)
         self.eps = cfg.layer_norm_eps
         self.dtype = jnp.dtype(cfg.dtype)
+        self.grad_recomputed = cfg.layer_norm_grad_impl == "recompute"
 
     def __call__(self, x):
+        if self.grad_recomputed:
+            return layer_norm(x, self.scale[...], self.bias[...], self.eps, self.dtype)
         x = x.astype(jnp.float32)
         mean = x.mean(-1, keepdims=True)
         var = jnp.square(x - mean).mean(-1, keepdims=True)
@@ -124,6 +165,35 @@ class KVCache(NamedTuple):
     v: jax.Array
 
 
+def attend_with_cache(q, k, v, valid_bqk, cache: KVCache | None, slot, pad_b, impl: str, decode_impl: str):
+    """Attention of this call's queries, keys and values ([B, L, H, h]), writing the keys and values into
+    `cache` at `slot`; the arguments as `Attention.__call__`, `impl` and `decode_impl` as ModelConfig's
+    `attention_impl` and `decode_attention_impl`. Returns ([B, L, H, h], the updated cache or None)."""
+    if cache is not None:
+        cache = KVCache(
+            jax.lax.dynamic_update_slice_in_dim(cache.k, jnp.swapaxes(k, 1, 2).astype(cache.k.dtype), slot, axis=2),
+            jax.lax.dynamic_update_slice_in_dim(cache.v, jnp.swapaxes(v, 1, 2).astype(cache.v.dtype), slot, axis=2),
+        )
+    if valid_bqk is None:
+        if cache is not None:  # attend to exactly what later steps will read back
+            k, v = k.astype(cache.k.dtype).astype(q.dtype), v.astype(cache.v.dtype).astype(q.dtype)
+        impl = attention.resolve(impl, q.dtype)
+        y = attention.causal_self_attention(q, k, v, pad_b, impl=impl)
+    elif cache is not None and decode_impl == "pallas_gpu" and q.shape[1] == 1 and pad_b is not None:
+        # The causal mask `valid_bqk` holds, as slots pad_b .. slot (ModelConfig allows the
+        # kernel with causal attention only).
+        y = attention.pallas_decode_attention(q, cache.k, cache.v, pad_b, slot)
+    else:
+        if cache is not None:
+            k_bhsd, v_bhsd = cache.k, cache.v
+        else:
+            k_bhsd, v_bhsd = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
+        y = attention.attend(q, k_bhsd.astype(q.dtype), v_bhsd.astype(q.dtype), valid_bqk)
+    # Named so the "dots" remat policy keeps it: a fused kernel's output is no matmul.
+    y = checkpoint_name(y, "attention")
+    return y, cache
+
+
 class Attention(nnx.Module):
     """Multi-head self-attention with biases (as the reference), optionally over a KV cache."""
 
@@ -152,28 +222,7 @@ class Attention(nnx.Module):
           ([B, L, D] output, the updated cache or None).
         """
         q, k, v = self.project_qkv(x_bld)  # [B, L, H, h]
-        if cache is not None:
-            cache = KVCache(
-                jax.lax.dynamic_update_slice_in_dim(cache.k, jnp.swapaxes(k, 1, 2).astype(cache.k.dtype), slot, axis=2),
-                jax.lax.dynamic_update_slice_in_dim(cache.v, jnp.swapaxes(v, 1, 2).astype(cache.v.dtype), slot, axis=2),
-            )
-        if valid_bqk is None:
-            if cache is not None:  # attend to exactly what later steps will read back
-                k, v = k.astype(cache.k.dtype).astype(q.dtype), v.astype(cache.v.dtype).astype(q.dtype)
-            impl = attention.resolve(self.impl, q.dtype)
-            y = attention.causal_self_attention(q, k, v, pad_b, impl=impl)
-        elif cache is not None and self.decode_impl == "pallas_gpu" and x_bld.shape[1] == 1 and pad_b is not None:
-            # The causal mask `valid_bqk` holds, as slots pad_b .. slot (ModelConfig allows the
-            # kernel with causal attention only).
-            y = attention.pallas_decode_attention(q, cache.k, cache.v, pad_b, slot)
-        else:
-            if cache is not None:
-                k_bhsd, v_bhsd = cache.k, cache.v
-            else:
-                k_bhsd, v_bhsd = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
-            y = attention.attend(q, k_bhsd.astype(q.dtype), v_bhsd.astype(q.dtype), valid_bqk)
-        # Named so the "dots" remat policy keeps it: a fused kernel's output is no matmul.
-        y = checkpoint_name(y, "attention")
+        y, cache = attend_with_cache(q, k, v, valid_bqk, cache, slot, pad_b, self.impl, self.decode_impl)
         return self.out(y), cache
 
     def project_qkv(self, x_bld):
@@ -203,15 +252,44 @@ class FusedQKVAttention(Attention):
         return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
 
 
+@jax.custom_vjp
+def gelu_exact(x):
+    """`jax.nn.gelu(x, approximate=False)`, whose backward keeps only x and computes
+    g * (Phi(x) + x phi(x)) in fp32 (Phi, phi: the standard normal's CDF and density).
+
+    Why: differentiated as it is, the exact GELU's forward wrote three [32, 1024, 4096] bf16 tensors
+    for its backward, 0.44 ms a layer of an H200 train step at batch 32 (docs/benchmarks.md, "Where
+    the time goes now"); x is the one tensor the derivative needs. `ModelConfig.gelu_grad="recompute"`
+    selects this.
+    """
+    return jax.nn.gelu(x, approximate=False)
+
+
+def _gelu_exact_fwd(x):
+    return jax.nn.gelu(x, approximate=False), x
+
+
+def _gelu_exact_bwd(x, g):
+    xf = x.astype(jnp.float32)
+    cdf = 0.5 * jax.lax.erfc(-xf * np.sqrt(0.5).astype(np.float32))  # = 0.5 (1 + erf(x / sqrt 2)), exact in the tail
+    pdf = jnp.exp(-0.5 * xf * xf) * np.float32(1 / np.sqrt(2 * np.pi))
+    return ((g.astype(jnp.float32) * (cdf + xf * pdf)).astype(x.dtype),)
+
+
+gelu_exact.defvjp(_gelu_exact_fwd, _gelu_exact_bwd)
+
+
 class Mlp(nnx.Module):
     """Position-wise MLP: d_model -> mlp_dim -> GELU (exact erf, as torch) -> d_model."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.fc1 = Dense((cfg.d_model,), (cfg.mlp_dim,), ("embed", "mlp"), cfg, rngs=rngs)
         self.fc2 = Dense((cfg.mlp_dim,), (cfg.d_model,), ("mlp", "embed"), cfg, rngs=rngs)
+        self.grad_recomputed = cfg.gelu_grad_impl == "recompute"
 
     def __call__(self, x):
-        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
+        h = self.fc1(x)
+        return self.fc2(gelu_exact(h) if self.grad_recomputed else jax.nn.gelu(h, approximate=False))
 
 
 class Block(nnx.Module):
@@ -231,3 +309,66 @@ class Block(nnx.Module):
         x = x + dropout(y, self.rate, keys[0], self.dropout_rng)
         x = x + dropout(self.mlp(self.ln2(x)), self.rate, keys[1], self.dropout_rng)
         return x, cache
+
+
+class GemvDense(nnx.Module):
+    """A `Dense` for decoding whose kernel is stored transposed, [N, K] (`gemv`'s layout), with the
+    stage around the product (LayerNorm before; GELU and a residual after) fused into one kernel
+    when there are few rows (`gemv.supported`); otherwise the same computation in XLA."""
+
+    def __init__(self, kernel, bias, num_in: int, dtype, pad_to: int = 1):
+        """`kernel` [*in_shape, *out_shape] and `bias` [*out_shape] as a `Dense` holds them; `pad_to`:
+        zero output rows are added up to a multiple of it (the kernel tiles N; the 10,358-wide
+        head), and dropped from the result."""
+        self.out_shape = tuple(kernel.shape[num_in:])
+        k, n = math.prod(kernel.shape[:num_in]), math.prod(self.out_shape)
+        extra = -n % pad_to
+        self.kernel_t = nnx.Param(jnp.pad(kernel.reshape(k, n).T, ((0, extra), (0, 0))))
+        self.bias = nnx.Param(jnp.pad(bias.reshape(n), (0, extra)))
+        self.num_in, self.n = num_in, n
+        self.dtype = jnp.dtype(dtype)
+
+    @classmethod
+    def of(cls, dense: Dense, pad_to: int = 1) -> "GemvDense":
+        return cls(dense.kernel[...], dense.bias[...], dense.num_in, dense.dtype, pad_to)
+
+    def __call__(self, x, ln: LayerNorm | None = None, gelu: bool = False, residual=None, out_dtype=None):
+        """y = [residual +] [gelu](ln(x) . W + b) over the last `num_in` axes of x, in `out_dtype`
+        (default the compute dtype; the product accumulates in fp32 either way)."""
+        lead = x.shape[: x.ndim - self.num_in]
+        rows = math.prod(lead)
+        w = self.kernel_t[...].astype(self.dtype)
+        n, k = w.shape
+        ln_args = None if ln is None else (ln.scale[...], ln.bias[...], ln.eps)
+        res = None if residual is None else residual.reshape(rows, n)
+        product = gemv.gemv if gemv.supported(rows, n, k) else gemv.gemv_reference
+        y = product(x.reshape(rows, k), w, self.bias[...].astype(self.dtype), ln=ln_args, gelu=gelu, residual_mn=res,
+                    out_dtype=out_dtype)
+        return y[:, : self.n].reshape(lead + self.out_shape)
+
+
+class GemvBlock(nnx.Module):
+    """A `Block` prepared for decoding with `ModelConfig.decode_gemm="pallas"`: each weight stage one
+    `gemv` kernel (LayerNorm + fused QKV; attention-output product + residual; LayerNorm + MLP
+    input + GELU; MLP output + residual), about 9 kernels a layer and step where XLA made 16.
+    Built from a trained `Block` (`TokenSynth.for_decoding`); checkpoints keep the `Block` layout."""
+
+    def __init__(self, block: Block, cfg: ModelConfig):
+        attn = block.attn
+        parts = (attn.query, attn.key, attn.value)
+        self.ln1, self.ln2 = block.ln1, block.ln2
+        self.qkv = GemvDense(jnp.stack([p.kernel[...] for p in parts], axis=1),
+                             jnp.stack([p.bias[...] for p in parts], axis=0), 1, cfg.dtype)  # [D] -> [3, H, h]
+        self.out = GemvDense.of(attn.out)
+        self.fc1, self.fc2 = GemvDense.of(block.mlp.fc1), GemvDense.of(block.mlp.fc2)
+        self.impl, self.decode_impl = attn.impl, attn.decode_impl
+
+    def __call__(self, x, valid_bqk=None, cache=None, slot=None, dropout_key=None, pad_b=None):
+        """`Block.__call__` for inference (no dropout)."""
+        if dropout_key is not None:
+            raise ValueError("a block prepared for decoding has no dropout")
+        qkv = self.qkv(x, ln=self.ln1)  # [B, L, 3, H, h]
+        y, cache = attend_with_cache(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], valid_bqk, cache, slot, pad_b,
+                                     self.impl, self.decode_impl)
+        x = self.out(y, residual=x)
+        return self.fc2(self.fc1(x, ln=self.ln2, gelu=True), residual=x), cache

@@ -41,6 +41,9 @@ def attention_valid(q_slots, k_slots, pad_b, last_slot, kind: str):
     return valid[None] & (k_slots[None, None, :] >= pad_b[:, None, None])
 
 
+GEMV_HEAD_PAD = 128  # the head's rows under decode_gemm="pallas": a multiple of every gemv.BLOCK_N tried
+
+
 class TokenSynth(nnx.Module):
     """Decoder-only transformer over rows of MIDI and codec tokens."""
 
@@ -187,7 +190,8 @@ class TokenSynth(nnx.Module):
 
     def for_decoding(self, dtype: str | None = None) -> "TokenSynth":
         """This model prepared for `prefill` and `decode`: each layer's query, key and value
-        projections fused into one matmul, and parameters and compute in `dtype` if given.
+        projections fused into one matmul (under `decode_gemm="pallas"` each block a `GemvBlock`
+        of fused Pallas kernels), and parameters and compute in `dtype` if given.
 
         bfloat16 halves the weight bytes read per decoding step, which pays on GPU and TPU; on
         XLA:CPU bf16 matmuls are slower than fp32 (benchmarks/generation.py). Unchanged arrays are
@@ -197,7 +201,7 @@ class TokenSynth(nnx.Module):
         cfg = self.cfg
         casts = dtype is not None and jnp.dtype(dtype) != jnp.dtype(cfg.dtype) or (
             dtype is not None and jnp.dtype(dtype) != jnp.dtype(cfg.param_dtype))
-        if isinstance(self.blocks[0].attn, layers.FusedQKVAttention):
+        if isinstance(self.blocks[0], layers.GemvBlock) or isinstance(self.blocks[0].attn, layers.FusedQKVAttention):
             if casts:
                 raise ValueError(f"this model was prepared for decoding in {cfg.dtype}; prepare the original for {dtype}")
             return self
@@ -207,6 +211,10 @@ class TokenSynth(nnx.Module):
             nnx.update(model, jax.tree.map(lambda x: x.astype(dtype), nnx.state(self, nnx.Param)))
         else:
             model = nnx.merge(*nnx.split(self))  # new modules over the same arrays
+        if cfg.decode_gemm_impl == "pallas":
+            model.blocks = nnx.List([layers.GemvBlock(block, cfg) for block in model.blocks])
+            model.head = layers.GemvDense.of(model.head, pad_to=GEMV_HEAD_PAD)
+            return model
         for block in model.blocks:
             block.attn = layers.FusedQKVAttention(block.attn, cfg)
         return model

@@ -1,0 +1,120 @@
+"""The Pallas few-row product kernel of decoding (model/gemv.py, Pallas interpret mode here) and
+`decode_gemm="pallas"`: the kernel against its XLA form, and decoding with it against the default."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import randomize
+from flax import nnx
+
+from tokensynth_jax.config import ModelConfig
+from tokensynth_jax.inference import sampling
+from tokensynth_jax.model import gemv, layers
+from tokensynth_jax.model.transformer import TokenSynth
+from tokensynth_jax.tokens import token_layout
+
+# Power-of-two widths, so every product of a decoding step takes the kernel.
+SMALL = ModelConfig(num_layers=2, d_model=64, num_heads=4, num_codebooks=4, codebook_size=37, max_len=97,
+                    timbre_dim=29, timbre_hidden=53)
+
+
+def _operands(rows, n, k, dtype, seed=0):
+    r = np.random.default_rng(seed)
+    f = lambda *shape, scale=1.0: jnp.asarray(scale * r.standard_normal(shape), dtype)
+    ln = (jnp.asarray(1 + 0.1 * r.standard_normal(k), jnp.float32), jnp.asarray(0.1 * r.standard_normal(k), jnp.float32),
+          1e-5)
+    return f(rows, k), f(n, k, scale=0.05), f(n, scale=0.1), ln, f(rows, n)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("rows,n,k", [(1, 32, 512), (2, 64, 1024), (8, 16, 2048)])
+@pytest.mark.parametrize("stage", ["product", "layer norm", "gelu", "residual", "all"])
+def test_gemv_equals_its_xla_form(rows, n, k, dtype, stage, monkeypatch):
+    monkeypatch.setattr(gemv, "BLOCK_K", 256)  # several steps of the K loop
+    x, w, b, ln, res = _operands(rows, n, k, dtype)
+    kw = {"product": {}, "layer norm": {"ln": ln}, "gelu": {"gelu": True}, "residual": {"residual_mn": res},
+          "all": {"ln": ln, "gelu": True, "residual_mn": res}}[stage]
+    got, want = gemv.gemv(x, w, b, **kw), gemv.gemv_reference(x, w, b, **kw)
+    assert got.dtype == want.dtype == dtype and got.shape == (rows, n)
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    if dtype == jnp.float32:
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    else:  # one bf16 rounding of the same fp32 value, or its neighbour
+        np.testing.assert_allclose(got, want, rtol=2 ** -7, atol=1e-2)
+
+
+def test_gemv_refuses_sizes_it_cannot_tile():
+    assert gemv.supported(2, 64, 1024) and not gemv.supported(3, 64, 1024) and not gemv.supported(16, 64, 1024)
+    assert not gemv.supported(2, 62, 1024) and not gemv.supported(2, 64, 48)
+    x, w, b, _, _ = _operands(3, 64, 1024, jnp.float32)
+    with pytest.raises(ValueError, match="unsupported sizes M=3"):
+        gemv.gemv(x, w, b)
+
+
+def test_gelu_exact_is_within_fp32_rounding_of_erf():
+    x = jnp.linspace(-10.0, 10.0, 200_001)
+    err = jnp.abs(gemv.gelu_exact(x) - jax.nn.gelu(x, approximate=False))
+    assert float(err.max()) < 1e-6
+    assert float((err / jnp.maximum(jnp.abs(x), 1.0)).max()) < 3e-7  # A&S: 1.5e-7 in erf, halved, + rounding
+
+
+@pytest.fixture(scope="module")
+def small():
+    return randomize(TokenSynth(SMALL, rngs=nnx.Rngs(0)), seed=3, std=0.2)
+
+
+def _pallas_twin(model, dtype=None):
+    twin = nnx.merge(nnx.graphdef(TokenSynth(SMALL.replace(decode_gemm="pallas"), rngs=nnx.Rngs(0))), nnx.state(model))
+    return twin.for_decoding(dtype)
+
+
+def test_for_decoding_builds_gemv_blocks_over_transposed_weights(small):
+    prepared = _pallas_twin(small)
+    block, original = prepared.blocks[0], small.blocks[0]
+    assert isinstance(block, layers.GemvBlock) and prepared.for_decoding() is prepared
+    np.testing.assert_array_equal(block.qkv.kernel_t[...][64:128], original.attn.key.kernel[...].reshape(64, 64).T)
+    np.testing.assert_array_equal(block.fc2.kernel_t[...], original.mlp.fc2.kernel[...].T)
+    head = prepared.head.kernel_t[...]  # zero rows up to a multiple of the kernel's tiles
+    assert head.shape[0] % 128 == 0 and head.shape[0] - SMALL.output_size < 128 and not head[SMALL.output_size:].any()
+    with pytest.raises(ValueError, match="prepared for decoding"):
+        prepared.for_decoding("bfloat16")
+
+
+@pytest.mark.parametrize("batch", [1, 2, 4])
+def test_decode_step_logits_equal_the_default_path(small, batch):
+    """One prefill and three decoding steps: the same logits and cache as the fused-QKV XLA path
+    (fp32 here: only the summation order differs)."""
+    plain, pallas = small.for_decoding(), _pallas_twin(small)
+    rng = np.random.default_rng(batch)
+    prompt = jnp.asarray(rng.integers(0, 37, (batch, 5, SMALL.num_channels)), jnp.int32)
+    pad = jnp.asarray(rng.integers(0, 3, batch), jnp.int32)
+    timbre = jnp.asarray(rng.standard_normal((batch, SMALL.timbre_dim)), jnp.float32)
+    outs = []
+    for model in (plain, pallas):
+        logits, cache = model.prefill(prompt, pad, timbre, cache=model.init_cache(batch, 9))
+        steps = [logits]
+        for s in range(3):
+            logits, cache = model.decode(prompt[:, s], pad, 6 + s, cache=cache)
+            steps.append(logits)
+        outs.append((np.stack(steps), cache))
+    np.testing.assert_allclose(outs[1][0], outs[0][0], rtol=1e-4, atol=1e-4)
+    for a, b in zip(jax.tree.leaves(outs[1][1]), jax.tree.leaves(outs[0][1])):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    step = jax.make_jaxpr(lambda c: pallas.decode(prompt[:, 0], pad, 6, cache=c))(outs[1][1])
+    # a layer: LN + QKV, out + residual, LN + fc1 + GELU, fc2 + residual; then the head
+    assert str(step).count("pallas_call") == 4 * SMALL.num_layers + 1
+
+
+def test_generation_with_the_pallas_products_writes_the_default_rows(small):
+    """Greedy, left-padded batched generation, and top-p with a seed: the rows of the default path."""
+    prompts = [np.random.default_rng(i).integers(1, token_layout.MIDI_VOCAB_SIZE, n).astype(np.int32)
+               for i, n in enumerate([5, 21, 13, 8])]
+    timbre = np.random.default_rng(0).normal(size=(4, SMALL.timbre_dim)).astype(np.float32)
+    pallas = _pallas_twin(small)
+    for kw in ({}, {"sampler": sampling.TopP(0.9), "seed": 4}):
+        for n in (1, 4):
+            a = sampling.generate(pallas, prompts[:n], timbre[:n], max_rows=16, **kw)
+            b = sampling.generate(small, prompts[:n], timbre[:n], max_rows=16, **kw)
+            np.testing.assert_array_equal(a.rows, b.rows)
+            np.testing.assert_array_equal(a.num_rows, b.num_rows)
