@@ -1,5 +1,5 @@
-"""The written-out backward passes of the exact GELU and LayerNorm (`gelu_grad` / `layer_norm_grad` =
-"recompute"): the same values and gradients as JAX's autodiff, fewer tensors kept for the backward."""
+"""The written-out backward pass of the exact GELU (`gelu_grad="recompute"`): the same values and
+gradients as JAX's autodiff, fewer tensors kept for the backward."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,19 +13,12 @@ from tokensynth_jax.model.transformer import TokenSynth
 
 TINY = ModelConfig(num_layers=2, d_model=48, num_heads=3, num_codebooks=3, codebook_size=17, max_len=40,
                    timbre_dim=29, timbre_hidden=53)
-EPS = 1e-5
 
 
 def _kept(fn, *args):
     """The arrays `jax.vjp` keeps for the backward pass of `fn`: (count, bytes), from shapes alone."""
     leaves = jax.tree.leaves(jax.eval_shape(lambda *a: jax.vjp(fn, *a)[1], *args))
     return len(leaves), sum(x.size * x.dtype.itemsize for x in leaves)
-
-
-def _plain_layer_norm(x, scale, bias):
-    x = x.astype(jnp.float32)
-    mean = x.mean(-1, keepdims=True)
-    return (x - mean) / jnp.sqrt(jnp.square(x - mean).mean(-1, keepdims=True) + EPS) * scale + bias
 
 
 # --- GELU ---------------------------------------------------------------------------------------
@@ -60,63 +53,9 @@ def test_gelu_exact_keeps_only_its_input():
     assert _kept(lambda v: jax.nn.gelu(v, approximate=False), x)[1] >= 3 * x.nbytes  # what the profile saw
 
 
-# --- LayerNorm ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_layer_norm_forward_is_the_layer_norm_module(dtype):
-    """Bitwise the module's default path, eager and jitted, on inputs with an offset and a spread."""
-    cfg = TINY.replace(dtype=dtype)
-    plain = randomize(layers.LayerNorm(cfg, rngs=nnx.Rngs(0)), seed=2)
-    ours = layers.LayerNorm(cfg.replace(layer_norm_grad="recompute"), rngs=nnx.Rngs(0))
-    nnx.update(ours, nnx.state(plain))
-    assert not plain.grad_recomputed and ours.grad_recomputed
-    x = (3.0 + 5.0 * jax.random.normal(jax.random.PRNGKey(3), (2, 7, cfg.d_model))).astype(dtype)
-    want = np.asarray(plain(x).astype(jnp.float32))
-    assert ours(x).dtype == jnp.dtype(dtype)
-    np.testing.assert_array_equal(np.asarray(ours(x).astype(jnp.float32)), want)
-    run = jax.jit(lambda m, v: m(v).astype(jnp.float32))
-    np.testing.assert_array_equal(np.asarray(run(ours, x)), np.asarray(run(plain, x)))
-
-
-def test_layer_norm_gradients_equal_autodiff_of_the_formula():
-    keys = jax.random.split(jax.random.PRNGKey(4), 4)
-    d = 48
-    x = 3.0 + 5.0 * jax.random.normal(keys[0], (3, 5, d))  # sums over both leading axes
-    scale, bias = 1.0 + jax.random.normal(keys[1], (d,)), jax.random.normal(keys[2], (d,))
-    g = jax.random.normal(keys[3], x.shape)
-    ours = lambda *a: layers.layer_norm(*a, EPS, jnp.dtype(jnp.float32))
-    y, vjp = jax.vjp(ours, x, scale, bias)
-    want_y, want_vjp = jax.vjp(_plain_layer_norm, x, scale, bias)
-    np.testing.assert_allclose(np.asarray(y), np.asarray(want_y), rtol=1e-5, atol=1e-5)
-    for got, want, name in zip(vjp(g), want_vjp(g), ("x", "scale", "bias")):
-        assert got.shape == want.shape and got.dtype == jnp.float32, name
-        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5, err_msg=name)
-    # bf16 input and output (the compute dtype), fp32 scale and bias (master weights)
-    xb, gb = x.astype(jnp.bfloat16), g.astype(jnp.bfloat16)
-    ours_b = lambda *a: layers.layer_norm(*a, EPS, jnp.dtype(jnp.bfloat16))
-    got = jax.vjp(ours_b, xb, scale, bias)[1](gb)
-    want = jax.vjp(_plain_layer_norm, xb.astype(jnp.float32), scale, bias)[1](gb.astype(jnp.float32))
-    assert [v.dtype for v in got] == [jnp.bfloat16, jnp.float32, jnp.float32]
-    dx = np.asarray(got[0], np.float32)
-    np.testing.assert_allclose(dx, np.asarray(want[0]), rtol=2**-8, atol=1e-3 * np.abs(dx).max())
-    for a, b, name in zip(got[1:], want[1:], ("scale", "bias")):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-4, err_msg=name)
-
-
-def test_layer_norm_keeps_its_input_and_the_row_statistics():
-    x = jax.random.normal(jax.random.PRNGKey(5), (4, 8, TINY.d_model), jnp.bfloat16)
-    scale, bias = jnp.ones(TINY.d_model), jnp.zeros(TINY.d_model)
-    rows = 4 * 8
-    kept = _kept(lambda *a: layers.layer_norm(*a, EPS, jnp.dtype(jnp.bfloat16)), x, scale, bias)
-    assert kept == (4, x.nbytes + scale.nbytes + 2 * rows * 4)  # x, scale, fp32 mean and 1/std
-    plain = layers.LayerNorm(TINY.replace(dtype="bfloat16"), rngs=nnx.Rngs(0))
-    params = nnx.state(plain, nnx.Param)
-    graphdef = nnx.graphdef(plain)
-    assert _kept(lambda p, v: nnx.merge(graphdef, p)(v), params, x)[1] >= 3 * 2 * x.nbytes  # fp32 copies
-
-
 # --- the model ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("scan_layers,remat", [(False, "none"), (True, "dots")])
-def test_model_gradients_with_recomputed_gelu_and_layer_norm(scan_layers, remat):
+def test_model_gradients_with_recomputed_gelu(scan_layers, remat):
     """The same loss gradients as JAX's autodiff (fp32, dropout on), and without remat less kept for
     the backward."""
     cfg = TINY.replace(scan_layers=scan_layers, remat=remat, dropout=0.1)
@@ -138,18 +77,14 @@ def test_model_gradients_with_recomputed_gelu_and_layer_norm(scan_layers, remat)
 
         return jax.jit(jax.value_and_grad(loss))(params), _kept(loss, params)[1]
 
-    (want_loss, want), want_kept = grads(gelu_grad="xla", layer_norm_grad="xla")
+    (want_loss, want), want_kept = grads(gelu_grad="xla")
     scale = max(float(np.abs(b).max()) for b in jax.tree.leaves(want))
-    kept = {}
-    for changes in ({"gelu_grad": "recompute"}, {"layer_norm_grad": "recompute"},
-                    {"gelu_grad": "recompute", "layer_norm_grad": "recompute"}):
-        (loss, got), kept[tuple(changes)] = grads(**changes)
-        np.testing.assert_allclose(float(loss), float(want_loss), rtol=1e-6)
-        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):  # the keys' biases: zero up to rounding
-            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=2e-7 * scale)
-        assert kept[tuple(changes)] < want_kept if remat == "none" else kept[tuple(changes)] <= want_kept, changes
-    if remat == "none":  # under "dots" the block keeps only its products anyway
-        assert kept["gelu_grad", "layer_norm_grad"] < min(kept["gelu_grad",], kept["layer_norm_grad",])
+    (loss, got), kept = grads(gelu_grad="recompute")
+    np.testing.assert_allclose(float(loss), float(want_loss), rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):  # the keys' biases: zero up to rounding
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=2e-7 * scale)
+    # under "dots" the block keeps only its products anyway
+    assert kept < want_kept if remat == "none" else kept <= want_kept
 
 
 # --- config -------------------------------------------------------------------------------------
@@ -159,16 +94,11 @@ def test_gradient_knobs_config(monkeypatch, gpu):
 
     monkeypatch.setattr(config_module, "on_gpu", lambda: gpu)
     auto = ModelConfig.from_dict(load_config_file("tiny").model.to_dict())
-    assert (auto.gelu_grad, auto.layer_norm_grad) == ("auto", "auto")
-    assert (auto.gelu_grad_impl, auto.layer_norm_grad_impl) == ("xla", "xla")  # not yet measured on a GPU
+    assert (auto.gelu_grad, auto.gelu_grad_impl) == ("auto", "xla")  # slower on an H200: a memory knob
     assert not layers.Mlp(auto, rngs=nnx.Rngs(0)).grad_recomputed
-    assert not layers.LayerNorm(auto, rngs=nnx.Rngs(0)).grad_recomputed
-    overrides = {"model.gelu_grad": "recompute", "model.layer_norm_grad": "recompute"}  # a command line
-    set_ = ModelConfig.from_dict(load_config_file("tiny", overrides).model.to_dict())
-    assert (set_.gelu_grad_impl, set_.layer_norm_grad_impl) == ("recompute", "recompute")
-    assert layers.Mlp(set_, rngs=nnx.Rngs(0)).grad_recomputed
+    set_ = ModelConfig.from_dict(load_config_file("tiny", {"model.gelu_grad": "recompute"}).model.to_dict())
+    assert set_.gelu_grad_impl == "recompute" and layers.Mlp(set_, rngs=nnx.Rngs(0)).grad_recomputed
     assert auto.replace(gelu_grad="xla").gelu_grad_impl == "xla"
-    assert {"gelu_grad", "layer_norm_grad"} <= set(RUNTIME_FIELDS)  # a checkpoint loads under either
-    for name in ("gelu_grad", "layer_norm_grad"):
-        with pytest.raises(ConfigError, match=f"model.{name}='fused': one of 'auto', 'xla', 'recompute'"):
-            ModelConfig(**{name: "fused"})
+    assert "gelu_grad" in RUNTIME_FIELDS  # a checkpoint loads under either
+    with pytest.raises(ConfigError, match="model.gelu_grad='fused': one of 'auto', 'xla', 'recompute'"):
+        ModelConfig(gelu_grad="fused")

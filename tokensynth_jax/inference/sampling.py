@@ -141,7 +141,9 @@ class TopP:
         logits = logits if self.reference_quirks else logits / self.temperature
         strict = self.reference_quirks and not is_midi  # the reference's > for codebooks
         if filter_method(self.method) == "sort":
-            sorted_desc = -jnp.sort(-logits, axis=-1)
+            # Unstable: only the values are sorted, so ties cannot change them, and a stable sort is
+            # an iota operand more for XLA:GPU's sort kernel (the H200 profile of 2026-11-27).
+            sorted_desc = -jnp.sort(-logits, axis=-1, stable=False)
             cum = jnp.cumsum(jax.nn.softmax(sorted_desc, axis=-1), axis=-1)
             reached = cum > self.p if strict else cum >= self.p
             # Index of the first id that reaches p (the last one kept); all kept if none reaches it.

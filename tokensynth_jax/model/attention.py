@@ -102,7 +102,8 @@ def cache_slots(num_slots: int, decode_impl: str) -> int:
     return num_slots
 
 
-def pallas_decode_attention(q_bqhd, k_bhsd, v_bhsd, pad_b, slot, *, interpret: bool | None = None):
+def pallas_decode_attention(q_bqhd, k_bhsd, v_bhsd, pad_b, slot, *, q_scaled: bool = False,
+                            interpret: bool | None = None):
     """Causal attention of one query row per item over a KV cache: item b attends to the slots
     pad_b[b] .. slot (its left padding excluded), as `attend` with `attention_valid`'s mask.
 
@@ -115,9 +116,10 @@ def pallas_decode_attention(q_bqhd, k_bhsd, v_bhsd, pad_b, slot, *, interpret: b
     interpret mode.
 
     Args:
-      q_bqhd: [B, 1, H, h] queries of this step (not yet scaled).
+      q_bqhd: [B, 1, H, h] queries of this step (not yet scaled, unless `q_scaled`).
       k_bhsd, v_bhsd: the cache, [B, H, S, h] with S a multiple of DECODE_BLOCK (`cache_slots`).
       pad_b: int [B] left padding; slot: int [] the slot this step wrote.
+      q_scaled: the queries come already multiplied by h^-0.5 (`layers.GemvBlock`).
     Returns:
       [B, 1, H, h] in the dtype of q.
     """
@@ -127,7 +129,7 @@ def pallas_decode_attention(q_bqhd, k_bhsd, v_bhsd, pad_b, slot, *, interpret: b
         interpret = jax.default_backend() != "gpu"
     num_slots = k_bhsd.shape[2]
     splits = 1 if q_bqhd.shape[0] * q_bqhd.shape[2] >= PARALLEL_ITEMS else num_slots // DECODE_BLOCK
-    q = _scaled(q_bqhd)[:, 0]
+    q = (q_bqhd if q_scaled else _scaled(q_bqhd))[:, 0]
     y = pallas_decode.gqa(
         q, jnp.swapaxes(k_bhsd, 1, 2).astype(q.dtype), jnp.swapaxes(v_bhsd, 1, 2).astype(q.dtype),
         start_idx=pad_b.astype(jnp.int32), kv_seq_len=jnp.broadcast_to(slot + 1, pad_b.shape).astype(jnp.int32),

@@ -7,7 +7,9 @@ weights: 25 MB a layer in bf16, about 5 us at an H200's 4.8 TB/s. In the H200 pr
 about 1.1 TB/s, 21.7 us a layer, and each LayerNorm, bias, GELU and residual add around them was
 a kernel of its own (about 16 kernels a layer, 199 a step; docs/benchmarks.md). XLA cannot fuse
 into a GEMM's prologue, so here one kernel does a whole stage: optional LayerNorm of the rows,
-the product, the bias, optional exact GELU, optional residual add.
+the product, the bias, optional exact GELU, optional residual add. Measured on an H200: batch 1
+228 ms a 5 s clip against 240-250 with XLA's GEMMs; the kernels still read at about 1 TB/s, so
+there is more to take (docs/benchmarks.md, runs 3 and 4 of 2026-11-27).
 
 Layout: the weight is stored transposed, w [N, K] (`layers.GemvDense`), so every program of the
 grid reads `block_n` whole rows of K contiguous values, and the grid is N / block_n programs
@@ -26,16 +28,15 @@ import jax
 import jax.numpy as jnp
 
 # Tiling of the kernel (benchmarks/accelerator.py's "gemv.NAME=VALUE" variants override these to
-# tune on a GPU): weight rows per program, K values per step, warps per program, the software-
-# pipelining depth of a rolled K loop, and whether the K steps are unrolled.
-# Why unrolled: a program's loads are then independent and all in flight at once. On an H200
-# (2026-11-27, batch-1 decoding) a rolled loop had about one step's tile in flight per program and
-# read the weights at 0.6-0.7 TB/s (8 rows x 512: 289 ms a clip; 4 x 1024: 228; XLA's GEMMs: 240).
+# tune on a GPU): weight rows per program, K values per loop step, warps per program, and the
+# software-pipelining depth of the K loop. Measured on an H200 (2026-11-27, batch-1 decoding, ms a
+# 5 s clip): the K step is what counts (256: 402, 512: 276-289, 1024: 228; each step ends in a
+# cross-thread sum); 2 or 4 rows a program 227-228, 8 rows 242, 16 rows 355; 2 or 4 warps 228-229,
+# 8 warps 336; 3 stages 285 against 289; unrolling the K loop 228 against 230. XLA's GEMMs: 240-250.
 BLOCK_N = 4
 BLOCK_K = 1024
 NUM_WARPS = 4
 NUM_STAGES = 2
-UNROLL_K = True
 MAX_ROWS = 8  # more rows than this go to XLA's GEMM, where tensor cores pay
 
 
@@ -46,7 +47,7 @@ def supported(rows: int, n: int, k: int) -> bool:
         block_k & (block_k - 1) == 0)
 
 
-def gelu_exact(x):
+def gelu_in_kernel(x):
     """0.5 x (1 + erf(x / sqrt 2)) in fp32, with erf by Abramowitz & Stegun 7.1.26 (absolute
     error below 1.5e-7). Why: Pallas's Triton lowering has no erf (only erf_inv)."""
     z = jnp.abs(x) * (1.0 / math.sqrt(2.0))
@@ -56,16 +57,7 @@ def gelu_exact(x):
     return 0.5 * x * (1.0 + jnp.where(x < 0, -erf_abs, erf_abs))
 
 
-def _loop(steps: int, body, init, unroll: bool):
-    """fori_loop(0, steps, body, init), unrolled in Python when `unroll`."""
-    if not unroll:
-        return jax.lax.fori_loop(0, steps, body, init)
-    for i in range(steps):
-        init = body(i, init)
-    return init
-
-
-def _kernel(*refs, has_ln: bool, gelu: bool, has_residual: bool, eps: float, block_k: int, unroll: bool):
+def _kernel(*refs, has_ln: bool, gelu: bool, has_residual: bool, eps: float, block_k: int):
     from jax.experimental import pallas as pl
 
     refs = list(refs)
@@ -81,9 +73,9 @@ def _kernel(*refs, has_ln: bool, gelu: bool, has_residual: bool, eps: float, blo
         return x_ref[:, pl.ds(i * block_k, block_k)].astype(f32)
 
     if has_ln:  # two passes over the rows (a few KB, from cache): mean, then variance of x - mean
-        mean = _loop(steps, lambda i, acc: acc + x_chunk(i).sum(-1), jnp.zeros((rows,), f32), unroll) / k
-        var = _loop(steps, lambda i, acc: acc + jnp.square(x_chunk(i) - mean[:, None]).sum(-1),
-                    jnp.zeros((rows,), f32), unroll) / k
+        mean = jax.lax.fori_loop(0, steps, lambda i, acc: acc + x_chunk(i).sum(-1), jnp.zeros((rows,), f32)) / k
+        var = jax.lax.fori_loop(0, steps, lambda i, acc: acc + jnp.square(x_chunk(i) - mean[:, None]).sum(-1),
+                                jnp.zeros((rows,), f32)) / k
         rstd = jax.lax.rsqrt(var + eps)
 
     def body(i, acc):
@@ -95,10 +87,10 @@ def _kernel(*refs, has_ln: bool, gelu: bool, has_residual: bool, eps: float, blo
         wk = w_ref[:, ks].astype(f32)  # [block_n, block_k]
         return acc + (xk[:, None, :] * wk[None, :, :]).sum(-1)
 
-    acc = _loop(steps, body, jnp.zeros((rows, o_ref.shape[1]), f32), unroll)
+    acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((rows, o_ref.shape[1]), f32))
     y = acc + b_ref[...].astype(f32)[None, :]
     if gelu:
-        y = gelu_exact(y)
+        y = gelu_in_kernel(y)
     if has_residual:
         y = y + residual_ref[...].astype(f32)
     o_ref[...] = y.astype(o_ref.dtype)
@@ -138,7 +130,7 @@ def gemv(x_mk, w_nk, b_n, *, ln=None, gelu: bool = False, residual_mn=None, out_
         args.append(residual_mn)
         specs.append(pl.BlockSpec((rows, block_n), lambda i: (0, i)))
     kernel = functools.partial(_kernel, has_ln=ln is not None, gelu=gelu, has_residual=residual_mn is not None,
-                               eps=float(ln[2]) if ln is not None else 0.0, block_k=block_k, unroll=bool(UNROLL_K))
+                               eps=float(ln[2]) if ln is not None else 0.0, block_k=block_k)
     return pl.pallas_call(
         kernel, grid=(n // block_n,), in_specs=specs, out_specs=pl.BlockSpec((rows, block_n), lambda i: (0, i)),
         out_shape=jax.ShapeDtypeStruct((rows, n), out_dtype or w_nk.dtype), interpret=interpret, name="gemv",

@@ -85,42 +85,6 @@ class Dense(nnx.Module):
         return y.astype(out_dtype) + self.bias[...].astype(out_dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def layer_norm(x, scale, bias, eps, dtype):
-    """LayerNorm over the last axis in fp32, returned in `dtype`, whose backward is written out: it
-    keeps x (in its own dtype) and the fp32 mean and 1/std of each row, and computes the gradients
-    in fp32 with the closed form.
-
-    Why: differentiated as it is, XLA's fp32 backward wrote three f32 [1024, 1024, 32] tensors in a
-    batch-minor layout, 0.27 ms a layer of an H200 train step at batch 32 (docs/benchmarks.md, "Where
-    the time goes now"). `ModelConfig.layer_norm_grad="recompute"` selects this; the forward is
-    today's ops, so its numbers are the same.
-    """
-    return _layer_norm_fwd(x, scale, bias, eps, dtype)[0]
-
-
-def _layer_norm_fwd(x, scale, bias, eps, dtype):
-    xf = x.astype(jnp.float32)
-    mean = xf.mean(-1, keepdims=True)
-    var = jnp.square(xf - mean).mean(-1, keepdims=True)
-    rstd = jax.lax.rsqrt(var + eps)
-    y = (xf - mean) * rstd
-    return (y * scale + bias).astype(dtype), (x, scale, mean, rstd)
-
-
-def _layer_norm_bwd(eps, dtype, residuals, g):
-    x, scale, mean, rstd = residuals
-    xhat = (x.astype(jnp.float32) - mean) * rstd
-    g = g.astype(jnp.float32)
-    gs = g * scale.astype(jnp.float32)
-    dx = rstd * (gs - gs.mean(-1, keepdims=True) - xhat * (gs * xhat).mean(-1, keepdims=True))
-    leading = tuple(range(x.ndim - 1))
-    return dx.astype(x.dtype), (g * xhat).sum(leading).astype(scale.dtype), g.sum(leading).astype(scale.dtype)
-
-
-layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
-
-
 class LayerNorm(nnx.Module):
     """LayerNorm computed in fp32 (as torch does under autocast), returned in the compute dtype."""
 
@@ -130,11 +94,8 @@ class LayerNorm(nnx.Module):
         self.bias = param(rngs, nnx.initializers.zeros, (cfg.d_model,), ("embed",), pd)
         self.eps = cfg.layer_norm_eps
         self.dtype = jnp.dtype(cfg.dtype)
-        self.grad_recomputed = cfg.layer_norm_grad_impl == "recompute"
 
     def __call__(self, x):
-        if self.grad_recomputed:
-            return layer_norm(x, self.scale[...], self.bias[...], self.eps, self.dtype)
         x = x.astype(jnp.float32)
         mean = x.mean(-1, keepdims=True)
         var = jnp.square(x - mean).mean(-1, keepdims=True)
@@ -165,10 +126,17 @@ class KVCache(NamedTuple):
     v: jax.Array
 
 
-def attend_with_cache(q, k, v, valid_bqk, cache: KVCache | None, slot, pad_b, impl: str, decode_impl: str):
+def attend_with_cache(q, k, v, valid_bqk, cache: KVCache | None, slot, pad_b, impl: str, decode_impl: str,
+                      q_scaled: bool = False):
     """Attention of this call's queries, keys and values ([B, L, H, h]), writing the keys and values into
     `cache` at `slot`; the arguments as `Attention.__call__`, `impl` and `decode_impl` as ModelConfig's
-    `attention_impl` and `decode_attention_impl`. Returns ([B, L, H, h], the updated cache or None)."""
+    `attention_impl` and `decode_attention_impl`. `q_scaled`: q comes already multiplied by h^-0.5, a
+    power of two (`GemvBlock`), which the Pallas decode kernel takes as it is and the other paths undo
+    exactly. Returns ([B, L, H, h], the updated cache or None)."""
+    pallas_step = cache is not None and valid_bqk is not None and decode_impl == "pallas_gpu" and q.shape[1] == 1 \
+        and pad_b is not None
+    if q_scaled and not pallas_step:
+        q = q * jnp.asarray(q.shape[-1] ** 0.5, q.dtype)
     if cache is not None:
         cache = KVCache(
             jax.lax.dynamic_update_slice_in_dim(cache.k, jnp.swapaxes(k, 1, 2).astype(cache.k.dtype), slot, axis=2),
@@ -179,10 +147,10 @@ def attend_with_cache(q, k, v, valid_bqk, cache: KVCache | None, slot, pad_b, im
             k, v = k.astype(cache.k.dtype).astype(q.dtype), v.astype(cache.v.dtype).astype(q.dtype)
         impl = attention.resolve(impl, q.dtype)
         y = attention.causal_self_attention(q, k, v, pad_b, impl=impl)
-    elif cache is not None and decode_impl == "pallas_gpu" and q.shape[1] == 1 and pad_b is not None:
+    elif pallas_step:
         # The causal mask `valid_bqk` holds, as slots pad_b .. slot (ModelConfig allows the
         # kernel with causal attention only).
-        y = attention.pallas_decode_attention(q, cache.k, cache.v, pad_b, slot)
+        y = attention.pallas_decode_attention(q, cache.k, cache.v, pad_b, slot, q_scaled=q_scaled)
     else:
         if cache is not None:
             k_bhsd, v_bhsd = cache.k, cache.v
@@ -260,7 +228,8 @@ def gelu_exact(x):
     Why: differentiated as it is, the exact GELU's forward wrote three [32, 1024, 4096] bf16 tensors
     for its backward, 0.44 ms a layer of an H200 train step at batch 32 (docs/benchmarks.md, "Where
     the time goes now"); x is the one tensor the derivative needs. `ModelConfig.gelu_grad="recompute"`
-    selects this.
+    selects this: at batch 32 x 1024 it kept a quarter less memory (19.1 vs 25.5 GB) and was 3.4%
+    slower (the backward's erf costs more than the writes it saves), so it is a memory knob.
     """
     return jax.nn.gelu(x, approximate=False)
 
@@ -329,7 +298,7 @@ class GemvDense(nnx.Module):
         self.dtype = jnp.dtype(dtype)
 
     @classmethod
-    def of(cls, dense: Dense, pad_to: int = 1) -> "GemvDense":
+    def of(cls, dense: Dense, pad_to: int = 1) -> GemvDense:
         return cls(dense.kernel[...], dense.bias[...], dense.num_in, dense.dtype, pad_to)
 
     def __call__(self, x, ln: LayerNorm | None = None, gelu: bool = False, residual=None, out_dtype=None):
@@ -357,8 +326,15 @@ class GemvBlock(nnx.Module):
         attn = block.attn
         parts = (attn.query, attn.key, attn.value)
         self.ln1, self.ln2 = block.ln1, block.ln2
-        self.qkv = GemvDense(jnp.stack([p.kernel[...] for p in parts], axis=1),
-                             jnp.stack([p.bias[...] for p in parts], axis=0), 1, cfg.dtype)  # [D] -> [3, H, h]
+        kernel = jnp.stack([p.kernel[...] for p in parts], axis=1)  # [D, 3, H, h]
+        bias = jnp.stack([p.bias[...] for p in parts], axis=0)
+        # The queries' h^-0.5 folded into their weights when it is a power of two (h = 16, 64, 256):
+        # exact in any float format, and one elementwise kernel a layer and step fewer.
+        scale = cfg.head_dim ** -0.5
+        self.q_prescaled = math.log2(scale).is_integer()
+        if self.q_prescaled:
+            kernel, bias = kernel.at[:, 0].multiply(scale), bias.at[0].multiply(scale)
+        self.qkv = GemvDense(kernel, bias, 1, cfg.dtype)  # [D] -> [3, H, h]
         self.out = GemvDense.of(attn.out)
         self.fc1, self.fc2 = GemvDense.of(block.mlp.fc1), GemvDense.of(block.mlp.fc2)
         self.impl, self.decode_impl = attn.impl, attn.decode_impl
@@ -369,6 +345,6 @@ class GemvBlock(nnx.Module):
             raise ValueError("a block prepared for decoding has no dropout")
         qkv = self.qkv(x, ln=self.ln1)  # [B, L, 3, H, h]
         y, cache = attend_with_cache(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], valid_bqk, cache, slot, pad_b,
-                                     self.impl, self.decode_impl)
+                                     self.impl, self.decode_impl, q_scaled=self.q_prescaled)
         x = self.out(y, residual=x)
         return self.fc2(self.fc1(x, ln=self.ln2, gelu=True), residual=x), cache
