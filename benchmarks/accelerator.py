@@ -342,6 +342,8 @@ DECODE_VARIANTS = {
     "cuBLAS GEMMs": {"model.decode_gemm": "cublas", "batch": 256},  # +1.6% and +2.1% at 256 on 2026-11-27
     "Pallas GEMV, 2 rows a program, K steps of 2048": {"gemv.BLOCK_N": 2, "gemv.BLOCK_K": 2048, "batch": 1},
     "Pallas GEMV, 2 rows a program, K steps of 4096": {"gemv.BLOCK_N": 2, "gemv.BLOCK_K": 4096, "batch": 1},
+    "Pallas GEMV, one sum a program": {"gemv.SUM_ONCE": 1, "batch": 1},
+    "Pallas GEMV, one sum a program, K steps of 512": {"gemv.SUM_ONCE": 1, "gemv.BLOCK_K": 512, "batch": 1},
     "decode attention, 32-slot blocks": {"attention.DECODE_BLOCK": 32, "batch": 256},
     "decode attention, 2 warps": {"attention.DECODE_WARPS": 2, "batch": 256},
 }

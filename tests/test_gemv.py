@@ -28,10 +28,12 @@ def _operands(rows, n, k, dtype, seed=0):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("rows,n,k", [(1, 32, 512), (2, 64, 1024), (8, 16, 2048)])
+@pytest.mark.parametrize("rows,n,k,sum_once", [(1, 32, 512, False), (2, 64, 1024, False), (8, 16, 2048, False),
+                                               (2, 64, 1024, True)])
 @pytest.mark.parametrize("stage", ["product", "layer norm", "gelu", "residual", "all"])
-def test_gemv_equals_its_xla_form(rows, n, k, dtype, stage, monkeypatch):
+def test_gemv_equals_its_xla_form(rows, n, k, sum_once, dtype, stage, monkeypatch):
     monkeypatch.setattr(gemv, "BLOCK_K", 256)  # several steps of the K loop
+    monkeypatch.setattr(gemv, "SUM_ONCE", sum_once)
     x, w, b, ln, res = _operands(rows, n, k, dtype)
     kw = {"product": {}, "layer norm": {"ln": ln}, "gelu": {"gelu": True}, "residual": {"residual_mn": res},
           "all": {"ln": ln, "gelu": True, "residual_mn": res}}[stage]

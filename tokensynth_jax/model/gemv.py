@@ -37,6 +37,9 @@ BLOCK_N = 4
 BLOCK_K = 1024
 NUM_WARPS = 4
 NUM_STAGES = 2
+# Not yet measured: keep the products of every K step elementwise ([rows, block_n, block_k] fp32)
+# and sum across threads once at the end, instead of once a step (the step size's cost above).
+SUM_ONCE = False
 MAX_ROWS = 8  # more rows than this go to XLA's GEMM, where tensor cores pay
 
 
@@ -57,7 +60,7 @@ def gelu_in_kernel(x):
     return 0.5 * x * (1.0 + jnp.where(x < 0, -erf_abs, erf_abs))
 
 
-def _kernel(*refs, has_ln: bool, gelu: bool, has_residual: bool, eps: float, block_k: int):
+def _kernel(*refs, has_ln: bool, gelu: bool, has_residual: bool, eps: float, block_k: int, sum_once: bool):
     from jax.experimental import pallas as pl
 
     refs = list(refs)
@@ -78,16 +81,21 @@ def _kernel(*refs, has_ln: bool, gelu: bool, has_residual: bool, eps: float, blo
                                 jnp.zeros((rows,), f32)) / k
         rstd = jax.lax.rsqrt(var + eps)
 
-    def body(i, acc):
+    def products(i):  # [rows, block_n, block_k]
         ks = pl.ds(i * block_k, block_k)
         xk = x_chunk(i)
         if has_ln:
             xk = (xk - mean[:, None]) * rstd[:, None] * ln_scale_ref[ks].astype(f32) + ln_bias_ref[ks].astype(f32)
         xk = xk.astype(w_ref.dtype).astype(f32)  # the product's inputs in the compute dtype
         wk = w_ref[:, ks].astype(f32)  # [block_n, block_k]
-        return acc + (xk[:, None, :] * wk[None, :, :]).sum(-1)
+        return xk[:, None, :] * wk[None, :, :]
 
-    acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((rows, o_ref.shape[1]), f32))
+    block_n = o_ref.shape[1]
+    if sum_once:
+        acc = jax.lax.fori_loop(0, steps, lambda i, a: a + products(i), jnp.zeros((rows, block_n, block_k), f32))
+        acc = acc.sum(-1)
+    else:
+        acc = jax.lax.fori_loop(0, steps, lambda i, a: a + products(i).sum(-1), jnp.zeros((rows, block_n), f32))
     y = acc + b_ref[...].astype(f32)[None, :]
     if gelu:
         y = gelu_in_kernel(y)
@@ -130,7 +138,7 @@ def gemv(x_mk, w_nk, b_n, *, ln=None, gelu: bool = False, residual_mn=None, out_
         args.append(residual_mn)
         specs.append(pl.BlockSpec((rows, block_n), lambda i: (0, i)))
     kernel = functools.partial(_kernel, has_ln=ln is not None, gelu=gelu, has_residual=residual_mn is not None,
-                               eps=float(ln[2]) if ln is not None else 0.0, block_k=block_k)
+                               eps=float(ln[2]) if ln is not None else 0.0, block_k=block_k, sum_once=bool(SUM_ONCE))
     return pl.pallas_call(
         kernel, grid=(n // block_n,), in_specs=specs, out_specs=pl.BlockSpec((rows, block_n), lambda i: (0, i)),
         out_shape=jax.ShapeDtypeStruct((rows, n), out_dtype or w_nk.dtype), interpret=interpret, name="gemv",
