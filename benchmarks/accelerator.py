@@ -19,8 +19,8 @@ one section costs that section (or the rest of it) and nothing else:
   train-variants  ours at batch 32 with one knob changed at a time (TRAIN_VARIANTS): what the
                   defaults are chosen from.
   profile         where the device's time goes in a train step (batch 32) and decode calls
-                  (PROFILE_DECODE: batch and overrides of each): the busiest kernels of each GPU line of a JAX profiler trace
-                  (OUT/profile.jsonl), the Perfetto traces (OUT/profile-*.json.gz), and the
+                  (PROFILE_DECODE: batch and overrides of each): the busiest kernels of each GPU
+                  line of a JAX profiler trace (OUT/profile.jsonl), the Perfetto traces (OUT/profile-*.json.gz), and the
                   optimized HLO of both (OUT/hlo/), where the kernels' fusion names are defined.
 MFU: training FLOPs per token 6 N + 12 L T D (flops.py) against the bf16 dense peak of the card
 (989 TFLOP/s for H100/H200 SXM). Memory: ours, the compiled step's arguments + temporaries +

@@ -22,8 +22,8 @@ SMALL = ModelConfig(num_layers=2, d_model=64, num_heads=4, num_codebooks=4, code
 def _operands(rows, n, k, dtype, seed=0):
     r = np.random.default_rng(seed)
     f = lambda *shape, scale=1.0: jnp.asarray(scale * r.standard_normal(shape), dtype)
-    ln = (jnp.asarray(1 + 0.1 * r.standard_normal(k), jnp.float32), jnp.asarray(0.1 * r.standard_normal(k), jnp.float32),
-          1e-5)
+    ln_scale, ln_bias = (jnp.asarray(c + 0.1 * r.standard_normal(k), jnp.float32) for c in (1.0, 0.0))
+    ln = (ln_scale, ln_bias, 1e-5)
     return f(rows, k), f(n, k, scale=0.05), f(n, scale=0.1), ln, f(rows, n)
 
 

@@ -381,13 +381,13 @@ _decode_jits: dict = {}
 def _decode_jit_for(cfg: ModelConfig):
     """The jitted decode loop for `cfg.decode_gemm_impl`: with CUBLAS_GEMM_OPTIONS for "cublas" on a
     GPU, else a plain jit."""
-    gemm = cfg.decode_gemm_impl if on_gpu() else "xla"
-    if gemm not in _decode_jits:
-        _decode_jits[gemm] = jax.jit(
+    cublas = on_gpu() and cfg.decode_gemm_impl == "cublas"
+    if cublas not in _decode_jits:
+        _decode_jits[cublas] = jax.jit(
             _decode_split, static_argnames=("graphdef", "uncond_graphdef", "sampler", "guidance", "max_rows"),
-            compiler_options=dict(CUBLAS_GEMM_OPTIONS) if gemm == "cublas" else None,
+            compiler_options=dict(CUBLAS_GEMM_OPTIONS) if cublas else None,
         )
-    return _decode_jits[gemm]
+    return _decode_jits[cublas]
 
 
 def prepare_prompts(midi_tokens: Sequence[np.ndarray], cfg: ModelConfig, max_rows: int,

@@ -44,10 +44,12 @@ MAX_ROWS = 8  # more rows than this go to XLA's GEMM, where tensor cores pay
 
 
 def supported(rows: int, n: int, k: int) -> bool:
-    """Whether `gemv` takes these sizes: Triton's tensor dimensions are powers of two."""
+    """Whether `gemv` takes these sizes: at most MAX_ROWS rows, and Triton's tensor dimensions are
+    powers of two."""
     block_k = min(BLOCK_K, k)
-    return rows in (1, 2, 4, 8) and rows <= MAX_ROWS and n % BLOCK_N == 0 and k % block_k == 0 and (
-        block_k & (block_k - 1) == 0)
+    power_of_two = lambda v: v & (v - 1) == 0
+    return (rows <= MAX_ROWS and power_of_two(rows) and n % BLOCK_N == 0 and k % block_k == 0
+            and power_of_two(block_k))
 
 
 def gelu_in_kernel(x):

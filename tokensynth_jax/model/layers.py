@@ -206,14 +206,20 @@ class FusedQKVAttention(Attention):
     """
 
     def __init__(self, attn: Attention, cfg: ModelConfig):
-        parts = (attn.query, attn.key, attn.value)
         d, h, hd = cfg.d_model, cfg.num_heads, cfg.head_dim
         names = ("embed", None, "heads", "kv")
         self.qkv = nnx.eval_shape(lambda: Dense((d,), (3, h, hd), names, cfg, rngs=nnx.Rngs(0)))
-        self.qkv.kernel.set_value(jnp.stack([p.kernel[...] for p in parts], axis=1))
-        self.qkv.bias.set_value(jnp.stack([p.bias[...] for p in parts], axis=0))
+        kernel, bias = self.stacked(attn)
+        self.qkv.kernel.set_value(kernel)
+        self.qkv.bias.set_value(bias)
         self.out = attn.out
         self.impl, self.decode_impl = attn.impl, attn.decode_impl
+
+    @staticmethod
+    def stacked(attn: Attention):
+        """The query, key and value kernels of `attn` as one [D, 3, H, h], and their biases [3, H, h]."""
+        parts = (attn.query, attn.key, attn.value)
+        return jnp.stack([p.kernel[...] for p in parts], axis=1), jnp.stack([p.bias[...] for p in parts], axis=0)
 
     def project_qkv(self, x_bld):
         qkv = self.qkv(x_bld)  # [B, L, 3, H, h]
@@ -324,10 +330,8 @@ class GemvBlock(nnx.Module):
 
     def __init__(self, block: Block, cfg: ModelConfig):
         attn = block.attn
-        parts = (attn.query, attn.key, attn.value)
         self.ln1, self.ln2 = block.ln1, block.ln2
-        kernel = jnp.stack([p.kernel[...] for p in parts], axis=1)  # [D, 3, H, h]
-        bias = jnp.stack([p.bias[...] for p in parts], axis=0)
+        kernel, bias = FusedQKVAttention.stacked(attn)  # [D, 3, H, h], [3, H, h]
         # The queries' h^-0.5 folded into their weights when it is a power of two (h = 16, 64, 256):
         # exact in any float format, and one elementwise kernel a layer and step fewer.
         scale = cfg.head_dim ** -0.5
