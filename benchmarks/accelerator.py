@@ -219,15 +219,12 @@ def part_ours_train(section: Section) -> None:
 # has timed yet.
 TRAIN_VARIANTS = {
     "defaults": {},
-    "defaults at batch 64": {"batch": 64},  # the goal "batch 64 x 1024 fits without remat", unrolled
+    "cuDNN LayerNorm": {"xla.xla_gpu_enable_cudnn_layer_norm": "True"},
+    "cuBLASLt (bias epilogues)": {"xla.xla_gpu_enable_cublaslt": "True"},
+    "Triton for every GEMM (fused epilogues)": {"xla.xla_gpu_triton_gemm_any": "True"},
     "GELU gradient recomputed at batch 64": {"model.gelu_grad": "recompute", "batch": 64},  # the memory knob
-    "before 2026-11-27 (threefry dropout, fp32 logits gradient)": {"model.dropout_rng": "threefry",
-                                                                   "model.logits_grad_dtype": "float32"},
-    "256-position loss chunks": {"model.loss_chunk": 256},
     "no dropout": {"model.dropout": 0.0},
-    "cuBLAS for every GEMM": {"xla.xla_gpu_enable_triton_gemm": "False"},
     "remat dots": {"model.remat": "dots"},
-    "scanned layers": {"model.scan_layers": True},
 }
 
 
@@ -332,20 +329,24 @@ def part_torch_train(section: Section) -> None:
 
 
 # The decoding knobs against their "auto" choices (the defaults), each at batch 1 and the largest
-# batch unless it names one ("batch"): name -> model overrides. On a GPU "auto" is the Pallas
-# decode attention, the Pallas gemv stages and, at batch 1, a batch of two
+# batch unless it names its batches ("batch": one or a tuple): name -> model overrides. On a GPU
+# "auto" is the Pallas decode attention, the Pallas gemv stages and, at batch 1, a batch of two
 # (ModelConfig.decode_attention_impl, decode_gemm_impl, decodes_as_gemm).
 # "gemv.NAME" and "attention.NAME" keys set a tiling constant of tokensynth_jax/model/gemv.py or
-# attention.py (the Pallas kernels) for that row.
+# attention.py (the Pallas kernels) for that row; "xla.NAME" keys add an XLA option to the decode
+# loop's compile. The rows that change nothing XLA captures come first: a crash in a CUDA graph
+# ends the section.
+_GRAPH = {"model.decode_graph": "while"}
 DECODE_VARIANTS = {
-    "XLA GEMMs": {"model.decode_gemm": "xla"},
-    "cuBLAS GEMMs": {"model.decode_gemm": "cublas", "batch": 256},  # +1.6% and +2.1% at 256 on 2026-11-27
-    "Pallas GEMV, 2 rows a program, K steps of 2048": {"gemv.BLOCK_N": 2, "gemv.BLOCK_K": 2048, "batch": 1},
-    "Pallas GEMV, 2 rows a program, K steps of 4096": {"gemv.BLOCK_N": 2, "gemv.BLOCK_K": 4096, "batch": 1},
-    "Pallas GEMV, one sum a program": {"gemv.SUM_ONCE": 1, "batch": 1},
-    "Pallas GEMV, one sum a program, K steps of 512": {"gemv.SUM_ONCE": 1, "gemv.BLOCK_K": 512, "batch": 1},
-    "decode attention, 32-slot blocks": {"attention.DECODE_BLOCK": 32, "batch": 256},
-    "decode attention, 2 warps": {"attention.DECODE_WARPS": 2, "batch": 256},
+    "XLA's command buffers off": {"xla.xla_gpu_enable_command_buffer": "", "batch": 1},
+    "XLA GEMMs": {"model.decode_gemm": "xla", "batch": 1},
+    "whole loop one CUDA graph": {**_GRAPH, "batch": (1, 16, 64, 256)},
+    "whole loop one CUDA graph, graphs from 1 command": {**_GRAPH, "xla.xla_gpu_graph_min_graph_size": 1},
+    "whole loop one CUDA graph, XLA GEMMs": {**_GRAPH, "model.decode_gemm": "xla", "batch": 1},
+    "whole loop one CUDA graph, cuBLAS GEMMs": {**_GRAPH, "model.decode_gemm": "cublas", "batch": 256},
+    "whole loop one CUDA graph, GEMV 2 rows x 2048": {**_GRAPH, "gemv.BLOCK_N": 2, "gemv.BLOCK_K": 2048, "batch": 1},
+    "whole loop one CUDA graph, GEMV one sum a program": {**_GRAPH, "gemv.SUM_ONCE": 1, "batch": 1},
+    "whole loop one CUDA graph, decode attention 2 warps": {**_GRAPH, "attention.DECODE_WARPS": 2, "batch": 256},
 }
 CONSTANT_MODULES = ("gemv", "attention")  # tokensynth_jax.model.<name>
 
@@ -394,10 +395,11 @@ def _decode_measurer(section: Section):
              "decode_attention": cfg.decode_attention_impl, "batch_1_as_2": cfg.decodes_as_gemm}
 
     def measure(batch, sampler=sampling.TopP(TOP_P), runs=2, param_dtype=dtype, overrides=None):
-        overrides = dict(overrides or {})
+        overrides, options = _compiler_options(overrides or {})
         constants = {k: int(overrides.pop(k)) for k in list(overrides) if k.split(".")[0] in CONSTANT_MODULES}
-        with _kernel_constants(constants):
-            return _measure(batch, sampler, runs, param_dtype, overrides, constants)
+        with _kernel_constants(constants), _decode_options(options):
+            return _measure(batch, sampler, runs, param_dtype, overrides,
+                            {**constants, **{f"xla.{k}": v for k, v in options.items()}})
 
     def _measure(batch, sampler, runs, param_dtype, overrides, constants):
         model = model_for(param_dtype, overrides)
@@ -453,6 +455,22 @@ def _kernel_constants(constants: dict):
         sampling._decode_jits.clear()
 
 
+@contextlib.contextmanager
+def _decode_options(options: dict):
+    """XLA options added to the decode loop's compile inside (`sampling.decode_compile_options`)."""
+    if not options:
+        yield
+        return
+    from tokensynth_jax.inference import sampling
+
+    plain = sampling.decode_compile_options
+    sampling.decode_compile_options = lambda cfg: {**plain(cfg), **options}
+    try:
+        yield
+    finally:
+        sampling.decode_compile_options = plain
+
+
 def part_ours_decode(section: Section) -> None:
     from tokensynth_jax.inference import sampling
 
@@ -466,8 +484,9 @@ def part_ours_decode(section: Section) -> None:
     # greedy (what sampling costs), fp32 parameters.
     largest = section.size["decode_batches"][-1]
     variants = dict(_parse_variant(v) for v in section.args.decode_variant) or DECODE_VARIANTS
+    batches = lambda extra: tuple(int(b) for b in np.atleast_1d(extra.get("batch", (1, largest))))
     extras = [(f"decode {b}, {name}", b, {"overrides": {k: v for k, v in extra.items() if k != "batch"}})
-              for name, extra in variants.items() for b in ((int(extra["batch"]),) if "batch" in extra else (1, largest))]
+              for name, extra in variants.items() for b in batches(extra)]
     other = "sort" if setup["filter_auto"] == "bisect" else "bisect"
     extras += [(f"decode {b}, top-p by {other}", b, {"sampler": sampling.TopP(TOP_P, method=other)})
                for b in (1, largest)]
