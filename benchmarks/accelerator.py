@@ -18,8 +18,8 @@ one section costs that section (or the rest of it) and nothing else:
                   (batch 1, a Python loop), same MIDI file.
   train-variants  ours at batch 32 with one knob changed at a time (TRAIN_VARIANTS): what the
                   defaults are chosen from.
-  profile         where the device's time goes in a train step (batch 32) and decode calls
-                  (PROFILE_DECODE: batch and overrides of each): the busiest kernels of each GPU
+  profile         where the device's time goes in decode calls (PROFILE_DECODE: batch and
+                  overrides of each) and a train step (batch 32): the busiest kernels of each GPU
                   line of a JAX profiler trace (OUT/profile.jsonl), the Perfetto traces (OUT/profile-*.json.gz), and the
                   optimized HLO of both (OUT/hlo/), where the kernels' fusion names are defined.
 MFU: training FLOPs per token 6 N + 12 L T D (flops.py) against the bf16 dense peak of the card
@@ -334,19 +334,14 @@ def part_torch_train(section: Section) -> None:
 # (ModelConfig.decode_attention_impl, decode_gemm_impl, decodes_as_gemm).
 # "gemv.NAME" and "attention.NAME" keys set a tiling constant of tokensynth_jax/model/gemv.py or
 # attention.py (the Pallas kernels) for that row; "xla.NAME" keys add an XLA option to the decode
-# loop's compile. The rows that change nothing XLA captures come first: a crash in a CUDA graph
-# ends the section.
-_GRAPH = {"model.decode_graph": "while"}
+# loop's compile (`sampling.decode_compile_options`).
+WHOLE_LOOP_GRAPH = "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION,CONDITIONAL,WHILE"  # XLA's + 2
 DECODE_VARIANTS = {
-    "XLA's command buffers off": {"xla.xla_gpu_enable_command_buffer": "", "batch": 1},
-    "XLA GEMMs": {"model.decode_gemm": "xla", "batch": 1},
-    "whole loop one CUDA graph": {**_GRAPH, "batch": (1, 16, 64, 256)},
-    "whole loop one CUDA graph, graphs from 1 command": {**_GRAPH, "xla.xla_gpu_graph_min_graph_size": 1},
-    "whole loop one CUDA graph, XLA GEMMs": {**_GRAPH, "model.decode_gemm": "xla", "batch": 1},
-    "whole loop one CUDA graph, cuBLAS GEMMs": {**_GRAPH, "model.decode_gemm": "cublas", "batch": 256},
-    "whole loop one CUDA graph, GEMV 2 rows x 2048": {**_GRAPH, "gemv.BLOCK_N": 2, "gemv.BLOCK_K": 2048, "batch": 1},
-    "whole loop one CUDA graph, GEMV one sum a program": {**_GRAPH, "gemv.SUM_ONCE": 1, "batch": 1},
-    "whole loop one CUDA graph, decode attention 2 warps": {**_GRAPH, "attention.DECODE_WARPS": 2, "batch": 256},
+    "CUDA graphs from 1 command": {"xla.xla_gpu_graph_min_graph_size": 1, "batch": 1},
+    "whole loop one CUDA graph, graphs from 1 command": {"xla.xla_gpu_enable_command_buffer": WHOLE_LOOP_GRAPH,
+                                                         "xla.xla_gpu_graph_min_graph_size": 1, "batch": 1},
+    "cuBLAS GEMMs, batch 1 alone": {"model.decode_gemm": "cublas", "model.matvec_as_gemm": False, "batch": 1},
+    "Pallas GEMV, 8 warps, K steps of 4096": {"gemv.NUM_WARPS": 8, "gemv.BLOCK_K": 4096, "batch": 1},
 }
 CONSTANT_MODULES = ("gemv", "attention")  # tokensynth_jax.model.<name>
 
@@ -532,9 +527,17 @@ def _trace(section: Section, name: str, fn) -> dict:
 
 
 def part_profile(section: Section) -> None:
-    """Where a train step (batch 32, the overrides PROFILE_TRAIN) and decode calls (PROFILE_DECODE's
-    batches and overrides) spend the device's time."""
+    """Where decode calls (PROFILE_DECODE's batches and overrides) and a train step (batch 32, the
+    overrides PROFILE_TRAIN) spend the device's time."""
     _jax_setup(section)
+    _, measure = _decode_measurer(section)
+    for batch, overrides in PROFILE_DECODE:
+        def decode(batch=batch, overrides=overrides):
+            measured = measure(batch, runs=1, overrides=overrides)
+            return {"overrides": overrides, "s_per_call": measured["s_per_call"],
+                    "lines": _trace(section, f"decode{batch}", lambda: measure(batch, runs=0, overrides=overrides))}
+
+        section.attempt(f"profile decode {batch}", decode, min_left_s=30.0)
     _, measure_train, release = _train_measurer(section, PROFILE_TRAIN)
     b = section.size["variant_batch"]
 
@@ -545,15 +548,6 @@ def part_profile(section: Section) -> None:
 
     section.attempt(f"profile train {b}", train, min_left_s=60.0)
     release()
-    _, measure = _decode_measurer(section)
-
-    for batch, overrides in PROFILE_DECODE:
-        def decode(batch=batch, overrides=overrides):
-            measured = measure(batch, runs=1, overrides=overrides)
-            return {"overrides": overrides, "s_per_call": measured["s_per_call"],
-                    "lines": _trace(section, f"decode{batch}", lambda: measure(batch, runs=0, overrides=overrides))}
-
-        section.attempt(f"profile decode {batch}", decode, min_left_s=30.0)
 
 
 def part_ref_decode(section: Section) -> None:

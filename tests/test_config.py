@@ -88,22 +88,20 @@ def test_speed_knobs_resolve_auto_per_platform_and_keep_explicit_values(monkeypa
     monkeypatch.setattr(config_module, "on_gpu", lambda: gpu)
     read = lambda overrides=None: ModelConfig.from_dict(load_config_file("tiny", overrides).model.to_dict())
     auto = read()
-    knobs = ("dropout_rng", "logits_grad_dtype", "decode_attention", "matvec_as_gemm", "loss_chunk", "decode_gemm",
-             "decode_graph")
-    assert tuple(getattr(auto, k) for k in knobs) == ("auto",) * 7
+    knobs = ("dropout_rng", "logits_grad_dtype", "decode_attention", "matvec_as_gemm", "loss_chunk", "decode_gemm")
+    assert tuple(getattr(auto, k) for k in knobs) == ("auto",) * 6
     resolved = lambda c: (c.dropout_rng_impl, c.logits_grad_impl, c.decode_attention_impl, c.decodes_as_gemm,
-                          c.loss_chunk_size, c.decode_gemm_impl, c.decode_graph_impl)
-    assert resolved(auto) == (("rbg", "compute", "pallas_gpu", True, 0, "pallas", "xla") if gpu
-                              else ("threefry", "float32", "xla", False, 256, "xla", "xla"))
+                          c.loss_chunk_size, c.decode_gemm_impl)
+    assert resolved(auto) == (("rbg", "compute", "pallas_gpu", True, 0, "pallas") if gpu
+                              else ("threefry", "float32", "xla", False, 256, "xla"))
     assert resolved(auto.replace(attention="tokensynth-0.0.4"))[2] == "xla"  # the kernel is causal only
     plain = read({"model.dropout_rng": "threefry", "model.logits_grad_dtype": "float32",
                   "model.decode_attention": "xla", "model.matvec_as_gemm": "False", "model.loss_chunk": "128",
-                  "model.decode_gemm": "xla", "model.decode_graph": "xla"})
-    assert resolved(plain) == ("threefry", "float32", "xla", False, 128, "xla", "xla")
+                  "model.decode_gemm": "xla"})
+    assert resolved(plain) == ("threefry", "float32", "xla", False, 128, "xla")
     fast = ModelConfig.from_dict({"dropout_rng": "rbg", "logits_grad_dtype": "compute", "decode_attention": "pallas_gpu",
-                                  "matvec_as_gemm": True, "loss_chunk": 0, "decode_gemm": "pallas",
-                                  "decode_graph": "while"})  # a checkpoint's JSON
-    assert resolved(fast) == ("rbg", "compute", "pallas_gpu", True, 0, "pallas", "while")
+                                  "matvec_as_gemm": True, "loss_chunk": 0, "decode_gemm": "pallas"})  # a checkpoint's JSON
+    assert resolved(fast) == ("rbg", "compute", "pallas_gpu", True, 0, "pallas")
     assert ModelConfig.from_dict({"loss_chunk": 256}).loss_chunk_size == 256  # written before "auto"
     own = tmp_path / "mine.py"  # a config file may set a number or a bool into a field whose default is "auto"
     own.write_text("from tokensynth_jax.configs import tiny\n\n"

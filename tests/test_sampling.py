@@ -432,37 +432,29 @@ def test_matvec_as_gemm_decodes_one_item_as_two_with_the_same_results(tiny):
         assert_same_generation(got, sampling.generate(plain, prompt, timbre, max_rows=30, **kw))
 
 
-@pytest.mark.parametrize("field, value, constant", [("decode_gemm", "cublas", "CUBLAS_GEMM_OPTIONS"),
-                                                     ("decode_graph", "while", "WHILE_GRAPH_OPTIONS")])
-def test_decode_compile_options_reach_the_loop_and_change_no_token(tiny, monkeypatch, field, value, constant):
-    """`decode_gemm="cublas"` and `decode_graph="while"` compile the decode loop on a GPU with their
-    XLA options (shown by swapping in an option XLA does not know, which the compile then refuses)
-    and write what the default writes (XLA:CPU ignores the GPU options); the default compiles
-    without them."""
+def test_decode_gemm_cublas_compiles_the_loop_without_xla_triton_gemms(tiny, monkeypatch):
+    """`decode_gemm="cublas"` on a GPU compiles the decode loop with CUBLAS_GEMM_OPTIONS (shown by
+    swapping in an option XLA does not know, which the compile then refuses) and writes what the
+    default writes (XLA:CPU ignores the GPU option); the default compiles without it, and off a
+    GPU neither has options."""
+    cublas_cfg = TINY.replace(decode_gemm="cublas")
+    assert sampling.decode_compile_options(cublas_cfg) == {}  # this CPU
     monkeypatch.setattr(sampling, "on_gpu", lambda: True)
     monkeypatch.setattr(sampling, "_decode_jits", {})
     plain = tiny()
-    knob = nnx.merge(nnx.graphdef(TokenSynth(TINY.replace(**{field: value}), rngs=nnx.Rngs(0))), nnx.state(plain))
-    assert sampling.decode_compile_options(knob.cfg) == getattr(sampling, constant)
+    cublas = nnx.merge(nnx.graphdef(TokenSynth(cublas_cfg, rngs=nnx.Rngs(0))), nnx.state(plain))
+    assert sampling.decode_compile_options(cublas.cfg) == sampling.CUBLAS_GEMM_OPTIONS
     assert sampling.decode_compile_options(plain.cfg) == {}
     prompt, timbre = _prompts([7, 11]), _timbre(2)
-    assert_same_generation(sampling.generate(knob, prompt, timbre, max_rows=20),
+    assert_same_generation(sampling.generate(cublas, prompt, timbre, max_rows=20),
                            sampling.generate(plain, prompt, timbre, max_rows=20))
-    monkeypatch.setattr(sampling, constant, {"xla_gpu_no_such_option": False})
+    monkeypatch.setattr(sampling, "CUBLAS_GEMM_OPTIONS", {"xla_gpu_no_such_option": False})
     monkeypatch.setattr(sampling, "_decode_jits", {})
     with pytest.raises(Exception, match="No such compile option: 'xla_gpu_no_such_option'"):
-        sampling.generate(knob, prompt, timbre, max_rows=20)
+        sampling.generate(cublas, prompt, timbre, max_rows=20)
     sampling.generate(plain, prompt, timbre, max_rows=20)
-    with pytest.raises(ValueError, match=f"model.{field}='cutlass': one of auto, "):
-        TINY.replace(**{field: "cutlass"})
-
-
-def test_decode_compile_options_combine_and_stay_off_a_gpu(monkeypatch):
-    """Both knobs together compile with both sets of options; off a GPU the loop compiles plain."""
-    both = TINY.replace(decode_gemm="cublas", decode_graph="while")
-    assert sampling.decode_compile_options(both) == {}  # this CPU
-    monkeypatch.setattr(sampling, "on_gpu", lambda: True)
-    assert sampling.decode_compile_options(both) == {**sampling.CUBLAS_GEMM_OPTIONS, **sampling.WHILE_GRAPH_OPTIONS}
+    with pytest.raises(ValueError, match="model.decode_gemm='cutlass': one of auto, xla, cublas, pallas"):
+        TINY.replace(decode_gemm="cutlass")
 
 
 # --- guidance -----------------------------------------------------------------------------------

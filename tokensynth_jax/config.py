@@ -44,8 +44,7 @@ REMAT_POLICIES = ("none", "full", "dots")
 # Config fields that change how the model computes, not its parameters: a checkpoint trained
 # with one value loads under another.
 RUNTIME_FIELDS = ("dropout", "dtype", "remat", "attention_impl", "scan_layers", "loss_chunk", "dropout_rng",
-                  "decode_attention", "matvec_as_gemm", "logits_grad_dtype", "decode_gemm", "gelu_grad",
-                  "decode_graph")
+                  "decode_attention", "matvec_as_gemm", "logits_grad_dtype", "decode_gemm", "gelu_grad")
 # How a decoding step attends over the KV cache (see attention.pallas_decode_attention): "xla", the dense
 # masked path over every slot; "pallas_gpu", the Pallas (Triton) decode-attention kernel of JAX's
 # ops library, which reads only the slots written so far (causal attention only; off a GPU it runs
@@ -56,12 +55,6 @@ DECODE_ATTENTION = ("auto", "xla", "pallas_gpu")
 # weight stage of a block one Pallas (Triton) kernel with its LayerNorm, bias, GELU and residual
 # (layers.GemvBlock, model/gemv.py) when a step has at most 8 rows (off a GPU in interpret mode).
 DECODE_GEMM = ("auto", "xla", "cublas", "pallas")
-# How a GPU runs the decode `while_loop` (a compile option of the loop, sampling.decode_compile_options;
-# off a GPU both mean the same): "xla", XLA's default, the host runs the loop (it reads the stop
-# condition back each step and launches the body's kernels, capturing runs of them as CUDA graphs);
-# "while", the whole loop, condition included, one CUDA graph with a conditional node
-# (sampling.WHILE_GRAPH_OPTIONS): no host round trip and no kernel launches from the host a step.
-DECODE_GRAPH = ("auto", "xla", "while")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,7 +88,6 @@ class ModelConfig:
     logits_grad_dtype: str = "auto"  # the head's backward products: "auto" | "float32" | "compute" (`logits_grad_impl`)
     decode_gemm: str = "auto"  # the decode loop's products: "auto" | "xla" | "cublas" | "pallas" (`decode_gemm_impl`)
     gelu_grad: str = "auto"  # the MLP GELU's backward: "auto" | "xla" | "recompute" (`gelu_grad_impl`)
-    decode_graph: str = "auto"  # how a GPU runs the decode loop: "auto" | "xla" | "while" (`decode_graph_impl`)
 
     def __post_init__(self):
         for name in _SIZES:
@@ -130,8 +122,6 @@ class ModelConfig:
             raise ConfigError(f"model.decode_gemm={self.decode_gemm!r}: one of {', '.join(DECODE_GEMM)}")
         if self.gelu_grad not in ("auto", "xla", "recompute"):
             raise ConfigError(f"model.gelu_grad={self.gelu_grad!r}: one of 'auto', 'xla', 'recompute'")
-        if self.decode_graph not in DECODE_GRAPH:
-            raise ConfigError(f"model.decode_graph={self.decode_graph!r}: one of {', '.join(DECODE_GRAPH)}")
         chunk = self.loss_chunk
         if isinstance(chunk, str) and chunk.strip().lstrip("-").isdigit():  # from a command line
             chunk = int(chunk)
@@ -208,11 +198,6 @@ class ModelConfig:
         if self.decode_gemm != "auto":
             return self.decode_gemm
         return "pallas" if on_gpu() else "xla"
-
-    @property
-    def decode_graph_impl(self) -> str:
-        """"auto": "xla" until a GPU has timed "while" (benchmarks/accelerator.py's decode variants)."""
-        return self.decode_graph if self.decode_graph != "auto" else "xla"
 
     @property
     def decodes_as_gemm(self) -> bool:

@@ -375,25 +375,13 @@ def _decode_split(graphdef, state, uncond_graphdef, uncond_state, rows_bpc, pad_
 # of batch-1 decoding ran as Triton GEMM fusions (8 x 64 output tiles) that read the weights at
 # about 1.1 TB/s of the card's 4.8 (docs/benchmarks.md); cuBLAS has kernels for skinny products.
 CUBLAS_GEMM_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
-# XLA options of the decode loop under `ModelConfig.decode_graph="while"` on a GPU: XLA's default
-# command-buffer kinds plus CONDITIONAL and WHILE, so the whole `while_loop` becomes one CUDA graph
-# whose condition runs on the device. Why: in the H200 profiles a batch-1 step was about 150 short
-# kernels with the GPU busy 62% of the step; the host read the loop's condition back every step
-# and launched the body's kernels itself (docs/benchmarks.md).
-WHILE_GRAPH_OPTIONS = {"xla_gpu_enable_command_buffer":
-                       "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION,CONDITIONAL,WHILE"}
 _decode_jits: dict = {}
 
 
 def decode_compile_options(cfg: ModelConfig) -> dict:
-    """XLA options of the decode loop's compile for `cfg` on a GPU (CUBLAS_GEMM_OPTIONS,
-    WHILE_GRAPH_OPTIONS); none elsewhere, where both knobs mean the default."""
-    if not on_gpu():
-        return {}
-    options = dict(CUBLAS_GEMM_OPTIONS) if cfg.decode_gemm_impl == "cublas" else {}
-    if cfg.decode_graph_impl == "while":
-        options.update(WHILE_GRAPH_OPTIONS)
-    return options
+    """XLA options of the decode loop's compile for `cfg`: CUBLAS_GEMM_OPTIONS under
+    `decode_gemm="cublas"` on a GPU, else none. (benchmarks/accelerator.py adds its "xla." variants here.)"""
+    return dict(CUBLAS_GEMM_OPTIONS) if on_gpu() and cfg.decode_gemm_impl == "cublas" else {}
 
 
 def _decode_jit_for(cfg: ModelConfig):
