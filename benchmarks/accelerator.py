@@ -219,10 +219,10 @@ def part_ours_train(section: Section) -> None:
 # has timed yet.
 TRAIN_VARIANTS = {
     "defaults": {},
-    "cuDNN LayerNorm": {"xla.xla_gpu_enable_cudnn_layer_norm": "True"},
-    "cuBLASLt (bias epilogues)": {"xla.xla_gpu_enable_cublaslt": "True"},
-    "Triton for every GEMM (fused epilogues)": {"xla.xla_gpu_triton_gemm_any": "True"},
-    "GELU gradient recomputed at batch 64": {"model.gelu_grad": "recompute", "batch": 64},  # the memory knob
+    "residual stream row-major": {"model.residual_layout": "row_major"},
+    "residual stream row-major, batch 16": {"model.residual_layout": "row_major", "batch": 16},
+    "residual stream row-major, GELU gradient recomputed": {"model.residual_layout": "row_major",
+                                                            "model.gelu_grad": "recompute"},
     "no dropout": {"model.dropout": 0.0},
     "remat dots": {"model.remat": "dots"},
 }
@@ -337,11 +337,10 @@ def part_torch_train(section: Section) -> None:
 # loop's compile (`sampling.decode_compile_options`).
 WHOLE_LOOP_GRAPH = "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION,CONDITIONAL,WHILE"  # XLA's + 2
 DECODE_VARIANTS = {
-    "CUDA graphs from 1 command": {"xla.xla_gpu_graph_min_graph_size": 1, "batch": 1},
+    "XLA GEMMs": {"model.decode_gemm": "xla", "batch": 1},
     "whole loop one CUDA graph, graphs from 1 command": {"xla.xla_gpu_enable_command_buffer": WHOLE_LOOP_GRAPH,
-                                                         "xla.xla_gpu_graph_min_graph_size": 1, "batch": 1},
-    "cuBLAS GEMMs, batch 1 alone": {"model.decode_gemm": "cublas", "model.matvec_as_gemm": False, "batch": 1},
-    "Pallas GEMV, 8 warps, K steps of 4096": {"gemv.NUM_WARPS": 8, "gemv.BLOCK_K": 4096, "batch": 1},
+                                                         "xla.xla_gpu_graph_min_graph_size": 1},
+    "cuBLAS GEMMs": {"model.decode_gemm": "cublas", "batch": 256},
 }
 CONSTANT_MODULES = ("gemv", "attention")  # tokensynth_jax.model.<name>
 

@@ -1,5 +1,6 @@
-"""The written-out backward pass of the exact GELU (`gelu_grad="recompute"`): the same values and
-gradients as JAX's autodiff, fewer tensors kept for the backward."""
+"""Training knobs that change how the backward pass is computed, not what: the written-out backward
+of the exact GELU (`gelu_grad="recompute"`: the same values and gradients as JAX's autodiff, fewer
+tensors kept) and the pinned residual layout (`residual_layout="row_major"`: the same numbers)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -87,6 +88,34 @@ def test_model_gradients_with_recomputed_gelu(scan_layers, remat):
     assert kept < want_kept if remat == "none" else kept <= want_kept
 
 
+@pytest.mark.parametrize("scan_layers,remat", [(False, "none"), (True, "dots")])
+def test_row_major_residual_changes_no_number_and_reaches_the_step(scan_layers, remat):
+    """`residual_layout="row_major"`: the same loss and gradients up to fp32 rounding (dropout on;
+    XLA fuses differently around a constraint), and the jitted gradient carries XLA layout
+    constraints (forward and backward) that the default has none of."""
+    cfg = TINY.replace(scan_layers=scan_layers, remat=remat, dropout=0.1)
+    base = randomize(TokenSynth(cfg, rngs=nnx.Rngs(0)), seed=3)
+    params = nnx.state(base, nnx.Param)
+    rng = np.random.default_rng(4)
+    rows = rng.integers(0, cfg.codebook_vocab_size, (2, 12, cfg.num_channels)).astype(np.int32)
+    timbre = rng.normal(size=(2, cfg.timbre_dim)).astype(np.float32)
+
+    def grad_fn(layout):
+        graphdef = nnx.graphdef(TokenSynth(cfg.replace(residual_layout=layout), rngs=nnx.Rngs(0)))
+        loss = lambda p: jnp.square(nnx.merge(graphdef, p)(rows, timbre, dropout_rng=jax.random.PRNGKey(5))).mean()
+        return jax.jit(jax.value_and_grad(loss))
+
+    pinned, plain = grad_fn("row_major"), grad_fn("xla")
+    (loss, got), (want_loss, want) = pinned(params), plain(params)
+    np.testing.assert_allclose(float(loss), float(want_loss), rtol=1e-6)
+    scale = max(float(np.abs(b).max()) for b in jax.tree.leaves(want))
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6 * scale)
+    constraints = lambda f: f.lower(params).as_text().count("LayoutConstraint")
+    assert constraints(plain) == 0
+    assert constraints(pinned) >= 2 * 3 * (1 if scan_layers else cfg.num_layers)  # 3 a block, and their gradients
+
+
 # --- config -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("gpu", [False, True])
 def test_gradient_knobs_config(monkeypatch, gpu):
@@ -102,3 +131,10 @@ def test_gradient_knobs_config(monkeypatch, gpu):
     assert "gelu_grad" in RUNTIME_FIELDS  # a checkpoint loads under either
     with pytest.raises(ConfigError, match="model.gelu_grad='fused': one of 'auto', 'xla', 'recompute'"):
         ModelConfig(gelu_grad="fused")
+    assert (auto.residual_layout, auto.residual_layout_impl) == ("auto", "xla")  # until a GPU times it
+    assert not layers.Block(auto, rngs=nnx.Rngs(0)).row_major
+    pinned = ModelConfig.from_dict(load_config_file("tiny", {"model.residual_layout": "row_major"}).model.to_dict())
+    assert pinned.residual_layout_impl == "row_major" and layers.Block(pinned, rngs=nnx.Rngs(0)).row_major
+    assert "residual_layout" in RUNTIME_FIELDS
+    with pytest.raises(ConfigError, match="model.residual_layout='column_major': one of auto, xla, row_major"):
+        ModelConfig(residual_layout="column_major")

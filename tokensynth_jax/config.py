@@ -44,7 +44,8 @@ REMAT_POLICIES = ("none", "full", "dots")
 # Config fields that change how the model computes, not its parameters: a checkpoint trained
 # with one value loads under another.
 RUNTIME_FIELDS = ("dropout", "dtype", "remat", "attention_impl", "scan_layers", "loss_chunk", "dropout_rng",
-                  "decode_attention", "matvec_as_gemm", "logits_grad_dtype", "decode_gemm", "gelu_grad")
+                  "decode_attention", "matvec_as_gemm", "logits_grad_dtype", "decode_gemm", "gelu_grad",
+                  "residual_layout")
 # How a decoding step attends over the KV cache (see attention.pallas_decode_attention): "xla", the dense
 # masked path over every slot; "pallas_gpu", the Pallas (Triton) decode-attention kernel of JAX's
 # ops library, which reads only the slots written so far (causal attention only; off a GPU it runs
@@ -55,6 +56,13 @@ DECODE_ATTENTION = ("auto", "xla", "pallas_gpu")
 # weight stage of a block one Pallas (Triton) kernel with its LayerNorm, bias, GELU and residual
 # (layers.GemvBlock, model/gemv.py) when a step has at most 8 rows (off a GPU in interpret mode).
 DECODE_GEMM = ("auto", "xla", "cublas", "pallas")
+# The memory layout of each block's residual stream [B, L, D]: "xla", what XLA's layout assignment
+# picks; "row_major", pinned to row-major at the block's input, middle and output (and so their
+# gradients) with `jax.experimental.layout.with_layout_constraint`. Why: in the H100 profile of a
+# train step (2026-11-27) XLA kept the residual stream batch-minor ([L][D][B]) and spent about
+# 16 ms of a 106 ms step transposing activations, LayerNorm gradients and dropout masks to and
+# from it (docs/benchmarks.md).
+RESIDUAL_LAYOUT = ("auto", "xla", "row_major")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +96,7 @@ class ModelConfig:
     logits_grad_dtype: str = "auto"  # the head's backward products: "auto" | "float32" | "compute" (`logits_grad_impl`)
     decode_gemm: str = "auto"  # the decode loop's products: "auto" | "xla" | "cublas" | "pallas" (`decode_gemm_impl`)
     gelu_grad: str = "auto"  # the MLP GELU's backward: "auto" | "xla" | "recompute" (`gelu_grad_impl`)
+    residual_layout: str = "auto"  # the blocks' residual stream: "auto" | "xla" | "row_major" (`residual_layout_impl`)
 
     def __post_init__(self):
         for name in _SIZES:
@@ -122,6 +131,8 @@ class ModelConfig:
             raise ConfigError(f"model.decode_gemm={self.decode_gemm!r}: one of {', '.join(DECODE_GEMM)}")
         if self.gelu_grad not in ("auto", "xla", "recompute"):
             raise ConfigError(f"model.gelu_grad={self.gelu_grad!r}: one of 'auto', 'xla', 'recompute'")
+        if self.residual_layout not in RESIDUAL_LAYOUT:
+            raise ConfigError(f"model.residual_layout={self.residual_layout!r}: one of {', '.join(RESIDUAL_LAYOUT)}")
         chunk = self.loss_chunk
         if isinstance(chunk, str) and chunk.strip().lstrip("-").isdigit():  # from a command line
             chunk = int(chunk)
@@ -169,6 +180,12 @@ class ModelConfig:
         input) was 3.4% slower on an H200 at batch 32 x 1024 (324.9k vs 336.2k tokens/s) and kept a
         quarter less memory (19.1 vs 25.5 GB): a memory knob, cheaper than remat ("dots": -10%)."""
         return self.gelu_grad if self.gelu_grad != "auto" else "xla"
+
+    @property
+    def residual_layout_impl(self) -> str:
+        """"auto": "xla" everywhere, until a GPU has timed "row_major" (benchmarks/accelerator.py's
+        train variants)."""
+        return self.residual_layout if self.residual_layout != "auto" else "xla"
 
     @property
     def loss_chunk_size(self) -> int:

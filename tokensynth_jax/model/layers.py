@@ -119,6 +119,13 @@ def dropout(x, rate: float, key, rng: str = "threefry"):
     return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
+def row_major(x):
+    """x with its layout pinned to row-major (and its gradient's): `ModelConfig.residual_layout`."""
+    from jax.experimental.layout import Layout, with_layout_constraint
+
+    return with_layout_constraint(x, Layout(tuple(range(x.ndim))))
+
+
 class KVCache(NamedTuple):
     """One layer's keys and values for every slot, [B, H, S, h]; a pytree passed in and out."""
 
@@ -276,13 +283,16 @@ class Block(nnx.Module):
         self.ln2 = LayerNorm(cfg, rngs=rngs)
         self.mlp = Mlp(cfg, rngs=rngs)
         self.rate, self.dropout_rng = cfg.dropout, cfg.dropout_rng_impl
+        self.row_major = cfg.residual_layout_impl == "row_major"
 
     def __call__(self, x, valid_bqk=None, cache=None, slot=None, dropout_key=None, pad_b=None):
         """One block; `valid_bqk`, `cache`, `slot` and `pad_b` as `Attention.__call__`."""
+        pin = row_major if self.row_major else (lambda a: a)
         keys = (None, None) if dropout_key is None else tuple(jax.random.split(dropout_key))
+        x = pin(x)
         y, cache = self.attn(self.ln1(x), valid_bqk, cache, slot, pad_b)
-        x = x + dropout(y, self.rate, keys[0], self.dropout_rng)
-        x = x + dropout(self.mlp(self.ln2(x)), self.rate, keys[1], self.dropout_rng)
+        x = pin(x + dropout(y, self.rate, keys[0], self.dropout_rng))
+        x = pin(x + dropout(self.mlp(self.ln2(x)), self.rate, keys[1], self.dropout_rng))
         return x, cache
 
 
