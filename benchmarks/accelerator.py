@@ -337,6 +337,10 @@ def part_torch_train(section: Section) -> None:
 # loop's compile (`sampling.decode_compile_options`).
 WHOLE_LOOP_GRAPH = "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION,CONDITIONAL,WHILE"  # XLA's + 2
 DECODE_VARIANTS = {
+    "fused decode-step attention": {"model.decode_attention": "pallas_fused", "batch": (1, 16, 64, 256)},
+    "GEMV a row at a time": {"gemv.ROWS_LOOP": 1, "batch": 1},
+    "GEMV weights loaded first": {"gemv.W_FIRST": 1, "batch": 1},
+    "GEMV a row at a time, weights loaded first": {"gemv.ROWS_LOOP": 1, "gemv.W_FIRST": 1, "batch": 1},
     "XLA GEMMs": {"model.decode_gemm": "xla", "batch": 1},
     "whole loop one CUDA graph, graphs from 1 command": {"xla.xla_gpu_enable_command_buffer": WHOLE_LOOP_GRAPH,
                                                          "xla.xla_gpu_graph_min_graph_size": 1},
@@ -478,7 +482,8 @@ def part_ours_decode(section: Section) -> None:
     # greedy (what sampling costs), fp32 parameters.
     largest = section.size["decode_batches"][-1]
     variants = dict(_parse_variant(v) for v in section.args.decode_variant) or DECODE_VARIANTS
-    batches = lambda extra: tuple(int(b) for b in np.atleast_1d(extra.get("batch", (1, largest))))
+    batches = lambda extra: (1,) if section.args.quick else tuple(  # --quick: a smoke test of each row
+        int(b) for b in np.atleast_1d(extra.get("batch", (1, largest))))
     extras = [(f"decode {b}, {name}", b, {"overrides": {k: v for k, v in extra.items() if k != "batch"}})
               for name, extra in variants.items() for b in batches(extra)]
     other = "sort" if setup["filter_auto"] == "bisect" else "bisect"

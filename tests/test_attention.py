@@ -225,8 +225,57 @@ def test_pallas_decode_kernel_lowers_for_cuda(batch):
     assert programs == batch * 16 * (1 if batch * 16 >= attention.PARALLEL_ITEMS else 9)  # 576 slots: 9 splits
 
 
+@pytest.mark.parametrize("q_scaled", [False, True], ids=["raw queries", "prescaled queries"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_pallas_decode_step_writes_the_cache_and_attends_as_xla(dtype, q_scaled):
+    """`decode_attention="pallas_fused"`'s kernel: the cache it returns is XLA's update of the
+    step's keys and values at `slot`, and its output is `attend` over that cache with left padding,
+    at the first block, a block boundary and the last slot; slots after `slot` hold garbage."""
+    from tokensynth_jax.model.transformer import attention_valid
+
+    slots = attention.cache_slots(150, "pallas_fused")
+    assert slots == 192
+    rng = np.random.default_rng(5)
+    qkv = jnp.asarray(rng.normal(size=(B, 3, H, HD)), dtype)
+    k, v = (jnp.asarray(rng.normal(size=(B, H, slots, HD)) * 3, dtype) for _ in range(2))
+    pad = jnp.asarray([0, 5, 70], jnp.int32)
+    q = qkv[:, 0] * jnp.asarray(HD ** -0.5, dtype) if q_scaled else qkv[:, 0]
+    step = jax.jit(lambda qkv, k, v, p, s: attention.pallas_decode_step(qkv, k, v, p, s, q_scaled=q_scaled,
+                                                                          interpret=True))
+    for slot in (70, 127, 128, slots - 1):
+        y, k_out, v_out = step(qkv.at[:, 0].set(q), k, v, pad, jnp.int32(slot))
+        want_k, want_v = (jax.lax.dynamic_update_slice_in_dim(c, qkv[:, i][:, :, None], slot, axis=2)
+                          for i, c in ((1, k), (2, v)))
+        np.testing.assert_array_equal(np.asarray(k_out), np.asarray(want_k))
+        np.testing.assert_array_equal(np.asarray(v_out), np.asarray(want_v))
+        valid = attention_valid(jnp.reshape(slot, (1,)), jnp.arange(slots), pad, slot, "causal")
+        want = attention.attend(qkv[:, 0][:, None], want_k, want_v, valid)
+        assert y.dtype == want.dtype == dtype and y.shape == want.shape == (B, 1, H, HD)
+        tol = dict(TOL[dtype], rtol=max(TOL[dtype]["rtol"], 1 / 128))
+        np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(want, np.float32), **tol,
+                                   err_msg=f"slot {slot}")
+
+
+@pytest.mark.parametrize("batch", [2, 256])
+def test_pallas_decode_step_lowers_for_cuda(batch):
+    """From this CPU, at the reference's sizes: one Triton call of an (item, head) grid, whose cache
+    outputs alias its cache inputs (the update happens in place)."""
+    qkv = jax.ShapeDtypeStruct((batch, 3, 16, 64), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((batch, 16, attention.cache_slots(562, "pallas_fused"), 64), jnp.bfloat16)
+    pad, slot = jax.ShapeDtypeStruct((batch,), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32)
+    fn = lambda qkv, k, v, p, s: attention.pallas_decode_step(qkv, k, v, p, s, q_scaled=True, interpret=False)
+    exported = jax.export.export(jax.jit(fn), platforms=("cuda",),
+                                 disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])
+    module = exported(qkv, k, k, pad, slot).mlir_module()
+    assert module.count("@__gpu$xla.gpu.triton") == 1
+    assert np.prod([int(n) for n in re.findall(r"grid_[xyz] = (\d+)", module)]) == batch * 16
+    assert "output_operand_aliases" in module
+
+
 def test_config_checks_the_decode_attention():
     with pytest.raises(ValueError, match="model.decode_attention='flash'"):
         ModelConfig(decode_attention="flash")
     with pytest.raises(ValueError, match="needs model.attention='causal'"):
         ModelConfig(decode_attention="pallas_gpu", attention="tokensynth-0.0.4")
+    with pytest.raises(ValueError, match="model.decode_attention='pallas_fused' needs model.attention='causal'"):
+        ModelConfig(decode_attention="pallas_fused", attention="tokensynth-0.0.4")

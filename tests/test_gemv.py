@@ -1,6 +1,8 @@
 """The Pallas few-row product kernel of decoding (model/gemv.py, Pallas interpret mode here) and
 `decode_gemm="pallas"`: the kernel against its XLA form, and decoding with it against the default."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,12 +30,17 @@ def _operands(rows, n, k, dtype, seed=0):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("rows,n,k,sum_once", [(1, 32, 512, False), (2, 64, 1024, False), (8, 16, 2048, False),
-                                               (2, 64, 1024, True)])
+@pytest.mark.parametrize("rows,n,k,variant", [(1, 32, 512, None), (2, 64, 1024, None), (8, 16, 2048, None),
+                                              (2, 64, 1024, "SUM_ONCE"), (4, 32, 1024, "ROWS_LOOP"),
+                                              (2, 32, 256, "W_FIRST"), (2, 32, 256, "ROWS_LOOP+W_FIRST")])
 @pytest.mark.parametrize("stage", ["product", "layer norm", "gelu", "residual", "all"])
-def test_gemv_equals_its_xla_form(rows, n, k, sum_once, dtype, stage, monkeypatch):
-    monkeypatch.setattr(gemv, "BLOCK_K", 256)  # several steps of the K loop
-    monkeypatch.setattr(gemv, "SUM_ONCE", sum_once)
+def test_gemv_equals_its_xla_form(rows, n, k, variant, dtype, stage, monkeypatch):
+    """Each form of the kernel (the tiling constants' variants) against the XLA form; K in several
+    steps, except for W_FIRST, which applies to one step only."""
+    monkeypatch.setattr(gemv, "BLOCK_K", 256)
+    for name in (variant or "").split("+"):
+        if name:
+            monkeypatch.setattr(gemv, name, True)
     x, w, b, ln, res = _operands(rows, n, k, dtype)
     kw = {"product": {}, "layer norm": {"ln": ln}, "gelu": {"gelu": True}, "residual": {"residual_mn": res},
           "all": {"ln": ln, "gelu": True, "residual_mn": res}}[stage]
@@ -44,6 +51,27 @@ def test_gemv_equals_its_xla_form(rows, n, k, sum_once, dtype, stage, monkeypatc
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     else:  # one bf16 rounding of the same fp32 value, or its neighbour
         np.testing.assert_allclose(got, want, rtol=2 ** -7, atol=1e-2)
+
+
+@pytest.mark.parametrize("variant", [None, "SUM_ONCE", "ROWS_LOOP", "W_FIRST"])
+def test_gemv_lowers_for_cuda(variant, monkeypatch):
+    """From this CPU, at the reference's sizes (batch 1 as two rows; QKV with its LayerNorm, the MLP
+    input with its GELU, the MLP output with its residual): every form of the kernel lowers to one
+    Triton call of N / BLOCK_N programs, so a construct the Triton lowering lacks fails here."""
+    if variant:
+        monkeypatch.setattr(gemv, variant, True)
+    spec = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+    for n, k, kw in ((3072, 1024, {"ln": True}), (4096, 1024, {"ln": True, "gelu": True}), (1024, 4096, {"res": True})):
+        def fn(x, w, b, scale, bias, residual, kw=kw):
+            ln = (scale, bias, 1e-5) if kw.get("ln") else None
+            return gemv.gemv(x, w, b, ln=ln, gelu=kw.get("gelu", False), residual_mn=residual if kw.get("res") else None,
+                             interpret=False)
+
+        exported = jax.export.export(jax.jit(fn), platforms=("cuda",), disabled_checks=[
+            jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])
+        module = exported(spec(2, k), spec(n, k), spec(n), spec(k), spec(k), spec(2, n)).mlir_module()
+        assert module.count("@__gpu$xla.gpu.triton") == 1
+        assert np.prod([int(g) for g in re.findall(r"grid_[xyz] = (\d+)", module)]) == n // gemv.BLOCK_N
 
 
 def test_gemv_refuses_sizes_it_cannot_tile():
@@ -67,7 +95,7 @@ def small():
 
 
 def _pallas_twin(model, dtype=None, **changes):
-    cfg = model.cfg.replace(decode_gemm="pallas", **changes)
+    cfg = model.cfg.replace(**{"decode_gemm": "pallas", **changes})
     twin = nnx.merge(nnx.graphdef(TokenSynth(cfg, rngs=nnx.Rngs(0))), nnx.state(model))
     return twin.for_decoding(dtype)
 
@@ -90,11 +118,13 @@ def test_for_decoding_builds_gemv_blocks_over_transposed_weights(small):
         prepared.for_decoding("bfloat16")
 
 
-def test_decode_step_logits_equal_the_default_path(small):
+@pytest.mark.parametrize("decode_attention,kernels_a_layer", [("xla", 4), ("pallas_fused", 5)])
+def test_decode_step_logits_equal_the_default_path(small, decode_attention, kernels_a_layer):
     """One prefill and three decoding steps of two items (batch 1 decodes as two): the same logits and
-    cache as the fused-QKV XLA path (fp32 here: only the summation order differs)."""
+    cache as the fused-QKV XLA path (fp32 here: only the summation order differs); with the fused
+    decode-step attention, one Pallas kernel more a layer and no cache update outside it."""
     batch = 2
-    plain, pallas = small.for_decoding(), _pallas_twin(small)
+    plain, pallas = small.for_decoding(), _pallas_twin(small, decode_attention=decode_attention)
     rng = np.random.default_rng(batch)
     prompt = jnp.asarray(rng.integers(0, 37, (batch, 5, SMALL.num_channels)), jnp.int32)
     pad = jnp.asarray(rng.integers(0, 3, batch), jnp.int32)
@@ -108,21 +138,24 @@ def test_decode_step_logits_equal_the_default_path(small):
             steps.append(logits)
         outs.append((np.stack(steps), cache))
     np.testing.assert_allclose(outs[1][0], outs[0][0], rtol=1e-4, atol=1e-4)
-    for a, b in zip(jax.tree.leaves(outs[1][1]), jax.tree.leaves(outs[0][1])):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    for a, b in zip(jax.tree.leaves(outs[1][1]), jax.tree.leaves(outs[0][1])):  # a Pallas cache has whole blocks
+        np.testing.assert_allclose(a[:, :, : b.shape[2]], b, rtol=1e-4, atol=1e-4)
     step = jax.make_jaxpr(lambda c: pallas.decode(prompt[:, 0], pad, 6, cache=c))(outs[1][1])
-    # a layer: LN + QKV, out + residual, LN + fc1 + GELU, fc2 + residual; then the head
-    assert str(step).count("pallas_call") == 4 * SMALL.num_layers + 1
+    # a layer: LN + QKV, [attention + cache write,] out + residual, LN + fc1 + GELU, fc2 + residual; the head
+    assert str(step).count("pallas_call") == kernels_a_layer * SMALL.num_layers + 1
+    assert ("dynamic_update_slice" in str(step)) == (decode_attention == "xla")
 
 
-@pytest.mark.parametrize("decode_attention", ["xla", "pallas_gpu"])
-def test_generation_with_the_pallas_products_writes_the_default_rows(small, decode_attention):
+@pytest.mark.parametrize("decode_gemm,decode_attention", [("pallas", "xla"), ("pallas", "pallas_gpu"),
+                                                          ("pallas", "pallas_fused"), ("xla", "pallas_fused")])
+def test_generation_with_the_pallas_products_writes_the_default_rows(small, decode_gemm, decode_attention):
     """Greedy, left-padded batched generation, and top-p with a seed: the rows of the default path,
-    with either decode attention (the Pallas kernel takes the prescaled queries as they are)."""
+    with the Pallas products and any decode attention (the Pallas kernels take the prescaled queries
+    as they are), and with XLA's products and the fused decode-step attention (raw queries)."""
     prompts = [np.random.default_rng(i).integers(1, token_layout.MIDI_VOCAB_SIZE, n).astype(np.int32)
                for i, n in enumerate([5, 21, 13, 8])]
     timbre = np.random.default_rng(0).normal(size=(4, SMALL.timbre_dim)).astype(np.float32)
-    pallas = _pallas_twin(small, decode_attention=decode_attention)
+    pallas = _pallas_twin(small, decode_gemm=decode_gemm, decode_attention=decode_attention)
     for n, kw in ((4, {}), (1, {"sampler": sampling.TopP(0.9), "seed": 4})):
         a = sampling.generate(pallas, prompts[:n], timbre[:n], max_rows=16, **kw)
         b = sampling.generate(small, prompts[:n], timbre[:n], max_rows=16, **kw)

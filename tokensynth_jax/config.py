@@ -50,7 +50,10 @@ RUNTIME_FIELDS = ("dropout", "dtype", "remat", "attention_impl", "scan_layers", 
 # masked path over every slot; "pallas_gpu", the Pallas (Triton) decode-attention kernel of JAX's
 # ops library, which reads only the slots written so far (causal attention only; off a GPU it runs
 # in Pallas interpret mode, which is how the CPU tests check its numbers).
-DECODE_ATTENTION = ("auto", "xla", "pallas_gpu")
+# "pallas_fused", a kernel of this package's (attention.pallas_decode_step) that also writes the
+# step's keys and values into the cache and needs no split combine: one kernel a layer where the
+# library's took six (a decoding step's fused QKV product; elsewhere it means "pallas_gpu").
+DECODE_ATTENTION = ("auto", "xla", "pallas_gpu", "pallas_fused")
 # The products of a decoding step: "xla", XLA's GEMMs; "cublas", the same with XLA's Triton GEMMs
 # off (a GPU compile option, sampling.CUBLAS_GEMM_OPTIONS; elsewhere it means "xla"); "pallas", each
 # weight stage of a block one Pallas (Triton) kernel with its LayerNorm, bias, GELU and residual
@@ -122,8 +125,8 @@ class ModelConfig:
             raise ConfigError(f"model.dropout_rng={self.dropout_rng!r}: one of 'auto', 'threefry', 'rbg'")
         if self.decode_attention not in DECODE_ATTENTION:
             raise ConfigError(f"model.decode_attention={self.decode_attention!r}: one of {', '.join(DECODE_ATTENTION)}")
-        if self.decode_attention == "pallas_gpu" and self.attention != "causal":
-            raise ConfigError("model.decode_attention='pallas_gpu' needs model.attention='causal' "
+        if self.decode_attention in ("pallas_gpu", "pallas_fused") and self.attention != "causal":
+            raise ConfigError(f"model.decode_attention={self.decode_attention!r} needs model.attention='causal' "
                               f"(model.attention={self.attention!r})")
         if self.logits_grad_dtype not in ("auto", "float32", "compute"):
             raise ConfigError(f"model.logits_grad_dtype={self.logits_grad_dtype!r}: one of 'auto', 'float32', 'compute'")

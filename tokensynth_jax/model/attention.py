@@ -8,6 +8,9 @@ Three kinds of call, as the model makes them:
   "pallas_gpu"): one kernel instead of XLA's products, mask and softmax, and it reads only the
   slots written so far, where `attend` reads the whole cache every step (at batch 256 the cache is
   7 GB, most of a step's bytes).
+- `pallas_decode_step(qkv, k, v, pad_b, slot)`: the same over a step's fused QKV product, as one
+  kernel of this package's that also writes the step's keys and values into the cache
+  (`ModelConfig.decode_attention` "pallas_fused"): no cache-update, slice or split-combine kernels.
 - `causal_self_attention(q, k, v, pad_b, impl=...)`: a sequence attending to itself causally,
   item b's first `pad_b[b]` positions being left padding (batched prefill; None in training,
   whose right padding causal attention never sees). This is where the [B, H, L, L] scores are
@@ -92,12 +95,13 @@ DECODE_BLOCK = 64  # KV slots per block (and per split) of the Pallas decode ker
 PARALLEL_ITEMS = 1024  # items x heads from which the decode kernel runs unsplit (8 programs per SM of an H100)
 DECODE_WARPS = 4  # warps per program of the decode kernel (the ops library's default)
 DECODE_STAGES = 2  # software-pipelining depth of its loop over KV blocks (the library's default)
+PALLAS_DECODE = ("pallas_gpu", "pallas_fused")  # `ModelConfig.decode_attention` values that run a Pallas kernel
 
 
 def cache_slots(num_slots: int, decode_impl: str) -> int:
     """Slots a KV cache needs for `num_slots` positions: the Pallas decode kernel reads whole
     blocks, so its caches round up to a multiple of DECODE_BLOCK (the extra slots are never valid)."""
-    if decode_impl == "pallas_gpu":
+    if decode_impl in PALLAS_DECODE:
         return -(-num_slots // DECODE_BLOCK) * DECODE_BLOCK
     return num_slots
 
@@ -137,6 +141,98 @@ def pallas_decode_attention(q_bqhd, k_bhsd, v_bhsd, pad_b, slot, *, q_scaled: bo
         interpret=interpret,
     )
     return y[:, None].astype(q_bqhd.dtype)
+
+
+def cache_block_attention(q, k_ref, v_ref, start, stop, block: int):
+    """Online-softmax attention of one fp32 query [h] over cache slots start .. stop - 1 of refs
+    [S, h], a block of slots a step: (running max, sum of weights, unnormalised output [h]), as
+    `pallas_decode_attention` accumulates them (weights rounded to the values' dtype before the
+    product, sums in fp32). Inside a Pallas kernel."""
+    from jax.experimental import pallas as pl
+
+    f32 = jnp.float32
+    lowest = jnp.finfo(f32).min
+
+    def body(j, carry):
+        m, l, acc = carry
+        slots = pl.ds(j * block, block)
+        s = (k_ref[slots, :].astype(f32) * q[None, :]).sum(-1)  # [block]
+        index = j * block + jnp.arange(block)
+        s = jnp.where((index >= start) & (index < stop), s, lowest)
+        m_next = jnp.maximum(m, s.max())
+        alpha, p = jnp.exp(m - m_next), jnp.exp(s - m_next)
+        v = v_ref[slots, :]
+        pv = (p.astype(v.dtype).astype(f32)[:, None] * v.astype(f32)).sum(0)
+        return m_next, l * alpha + p.sum(), acc * alpha + pv
+
+    zero = jnp.zeros((), f32)
+    return jax.lax.fori_loop(start // block, pl.cdiv(stop, block), body,
+                             (zero + lowest, zero, jnp.zeros(q.shape, f32)))
+
+
+def _decode_step_kernel(q_ref, k_new_ref, v_new_ref, k_ref, v_ref, pad_ref, slot_ref, y_ref, k_out_ref, v_out_ref, *,
+                        block: int, q_scale):
+    from jax.experimental import pallas as pl
+
+    f32 = jnp.float32
+    slot = slot_ref[()]
+    q = q_ref[...]
+    if q_scale is not None:  # in the compute dtype, as `_scaled`
+        q = q * jnp.asarray(q_scale, q.dtype)
+    q = q.astype(f32)
+    k_new, v_new = k_new_ref[...].astype(k_ref.dtype), v_new_ref[...].astype(v_ref.dtype)
+    m, l, acc = cache_block_attention(q, k_ref, v_ref, pad_ref[()], slot, block)
+    s = (k_new.astype(f32) * q).sum()  # this step's own key, from registers
+    m_next = jnp.maximum(m, s)
+    alpha, p = jnp.exp(m - m_next), jnp.exp(s - m_next)
+    acc = acc * alpha + p.astype(v_new.dtype).astype(f32) * v_new.astype(f32)
+    y_ref[...] = (acc / (l * alpha + p)).astype(y_ref.dtype)
+    k_out_ref[pl.ds(slot, 1), :] = k_new[None, :]  # the cache's slot `slot`; the kernel read only those before it
+    v_out_ref[pl.ds(slot, 1), :] = v_new[None, :]
+
+
+def pallas_decode_step(qkv_b3hd, k_bhsd, v_bhsd, pad_b, slot, *, q_scaled: bool = False,
+                       interpret: bool | None = None):
+    """A decoding step's attention as one Pallas (Triton) kernel (`decode_attention="pallas_fused"`):
+    writes this step's keys and values into the cache at `slot` and attends item b's query to
+    slots pad_b[b] .. slot, the same numbers as `pallas_decode_attention` after XLA's cache update.
+
+    Why: at batch 1 on an H100 (docs/benchmarks.md, 2026-11-27) a layer ran, besides the library
+    kernel (4.0 us), the query's slice out of the fused QKV product, two cache updates and the
+    split combine, five kernels of 1.1-1.75 us each. Here a program is one (item, head): it loops
+    over the written blocks of DECODE_BLOCK slots with nothing to combine, takes the new key and
+    value from the QKV product (in registers, not read back) and stores them into the cache, whose
+    buffer the output aliases. Off a GPU it runs in Pallas interpret mode.
+
+    Args:
+      qkv_b3hd: [B, 3, H, h] this step's fused QKV product (queries not yet scaled, unless `q_scaled`).
+      k_bhsd, v_bhsd: the cache, [B, H, S, h], S a multiple of DECODE_BLOCK (`cache_slots`).
+      pad_b: int [B] left padding; slot: int [] the slot this step writes.
+    Returns:
+      ([B, 1, H, h] in the QKV product's dtype, the updated k and v caches).
+    """
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plgpu
+
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+    batch, _, heads, head_dim = qkv_b3hd.shape
+    num_slots = k_bhsd.shape[2]
+    part = lambda i: pl.BlockSpec((None, None, None, head_dim), lambda b, h: (b, i, h, 0))
+    cache = pl.BlockSpec((None, None, num_slots, head_dim), lambda b, h: (b, h, 0, 0))
+    kernel = functools.partial(_decode_step_kernel, block=DECODE_BLOCK,
+                               q_scale=None if q_scaled else head_dim ** -0.5)
+    y, k_bhsd, v_bhsd = pl.pallas_call(
+        kernel, grid=(batch, heads),
+        in_specs=[part(0), part(1), part(2), cache, cache, pl.BlockSpec((None,), lambda b, h: (b,)),
+                  pl.BlockSpec((), lambda b, h: ())],
+        out_specs=[pl.BlockSpec((None, None, head_dim), lambda b, h: (b, h, 0)), cache, cache],
+        out_shape=[jax.ShapeDtypeStruct((batch, heads, head_dim), qkv_b3hd.dtype),
+                   jax.ShapeDtypeStruct(k_bhsd.shape, k_bhsd.dtype), jax.ShapeDtypeStruct(v_bhsd.shape, v_bhsd.dtype)],
+        input_output_aliases={3: 1, 4: 2}, interpret=interpret, name="decode_step_attention",
+        compiler_params=plgpu.CompilerParams(num_warps=DECODE_WARPS, num_stages=DECODE_STAGES),
+    )(qkv_b3hd, qkv_b3hd, qkv_b3hd, k_bhsd, v_bhsd, pad_b.astype(jnp.int32), jnp.asarray(slot, jnp.int32))
+    return y[:, None], k_bhsd, v_bhsd
 
 
 def causal_valid(length: int, pad_b=None):

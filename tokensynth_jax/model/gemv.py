@@ -37,9 +37,17 @@ BLOCK_N = 4
 BLOCK_K = 1024
 NUM_WARPS = 4
 NUM_STAGES = 2
-# Not yet measured: keep the products of every K step elementwise ([rows, block_n, block_k] fp32)
-# and sum across threads once at the end, instead of once a step (the step size's cost above).
+# Keep the products of every K step elementwise ([rows, block_n, block_k] fp32) and sum across
+# threads once at the end, instead of once a step: 346 against 226 ms on an H100 (2026-11-27).
 SUM_ONCE = False
+# Not yet measured (the H100 profile of 2026-11-27 has the kernels reading weights at about
+# 1 TB/s of 3.35, with or without a LayerNorm, whatever the rows a program; docs/benchmarks.md):
+# ROWS_LOOP: one row of x at a time, so a program holds [block_n, block_k] products, not
+# [rows, block_n, block_k] (fewer registers, more programs resident on an SM);
+# W_FIRST: a program loads its weight rows before the LayerNorm's reductions, so the load is in
+# flight while they run (K in one step only).
+ROWS_LOOP = False
+W_FIRST = False
 MAX_ROWS = 8  # more rows than this go to XLA's GEMM, where tensor cores pay
 
 
@@ -62,7 +70,8 @@ def gelu_in_kernel(x):
     return 0.5 * x * (1.0 + jnp.where(x < 0, -erf_abs, erf_abs))
 
 
-def _kernel(*refs, has_ln: bool, gelu: bool, has_residual: bool, eps: float, block_k: int, sum_once: bool):
+def _kernel(*refs, has_ln: bool, gelu: bool, has_residual: bool, eps: float, block_k: int, sum_once: bool,
+            rows_loop: bool, w_first: bool):
     from jax.experimental import pallas as pl
 
     refs = list(refs)
@@ -71,39 +80,59 @@ def _kernel(*refs, has_ln: bool, gelu: bool, has_residual: bool, eps: float, blo
     residual_ref = refs[5 if has_ln else 3] if has_residual else None
     o_ref = refs[-1]
     rows, k = x_ref.shape
+    block_n = o_ref.shape[1]
     steps = k // block_k
     f32 = jnp.float32
+    w_all = w_ref[...].astype(f32) if w_first and steps == 1 else None
 
-    def x_chunk(i):
-        return x_ref[:, pl.ds(i * block_k, block_k)].astype(f32)
+    def w_chunk(i):  # [block_n, block_k]
+        return w_all if w_all is not None else w_ref[:, pl.ds(i * block_k, block_k)].astype(f32)
 
-    if has_ln:  # two passes over the rows (a few KB, from cache): mean, then variance of x - mean
-        mean = jax.lax.fori_loop(0, steps, lambda i, acc: acc + x_chunk(i).sum(-1), jnp.zeros((rows,), f32)) / k
-        var = jax.lax.fori_loop(0, steps, lambda i, acc: acc + jnp.square(x_chunk(i) - mean[:, None]).sum(-1),
-                                jnp.zeros((rows,), f32)) / k
-        rstd = jax.lax.rsqrt(var + eps)
+    def x_chunk(i, row=None):  # [rows, block_k], or [block_k] of one row
+        ks = pl.ds(i * block_k, block_k)
+        return (x_ref[:, ks] if row is None else x_ref[row, ks]).astype(f32)
+
+    def statistics(row=None):  # two passes over the rows (a few KB, from cache): mean, variance of x - mean
+        shape = () if row is not None else (rows,)
+        mean = jax.lax.fori_loop(0, steps, lambda i, acc: acc + x_chunk(i, row).sum(-1), jnp.zeros(shape, f32)) / k
+        centred = lambda i: x_chunk(i, row) - (mean if row is not None else mean[:, None])
+        var = jax.lax.fori_loop(0, steps, lambda i, acc: acc + jnp.square(centred(i)).sum(-1), jnp.zeros(shape, f32)) / k
+        return mean, jax.lax.rsqrt(var + eps)
+
+    def normalized(i, stats, row=None):  # the product's inputs, rounded to the compute dtype
+        xk = x_chunk(i, row)
+        if has_ln:
+            ks = pl.ds(i * block_k, block_k)
+            mean, rstd = stats if row is not None else (stats[0][:, None], stats[1][:, None])
+            xk = (xk - mean) * rstd * ln_scale_ref[ks].astype(f32) + ln_bias_ref[ks].astype(f32)
+        return xk.astype(w_ref.dtype).astype(f32)
+
+    def epilogue(acc, row=None):
+        y = acc + b_ref[...].astype(f32)
+        if gelu:
+            y = gelu_in_kernel(y)
+        if has_residual:
+            y = y + (residual_ref[...] if row is None else residual_ref[row, :]).astype(f32)
+        return y.astype(o_ref.dtype)
+
+    if rows_loop:
+        for row in range(rows):
+            stats = statistics(row) if has_ln else None
+            acc = jax.lax.fori_loop(0, steps, lambda i, a: a + (normalized(i, stats, row)[None, :] * w_chunk(i)).sum(-1),
+                                    jnp.zeros((block_n,), f32))
+            o_ref[row, :] = epilogue(acc, row)
+        return
+    stats = statistics() if has_ln else None
 
     def products(i):  # [rows, block_n, block_k]
-        ks = pl.ds(i * block_k, block_k)
-        xk = x_chunk(i)
-        if has_ln:
-            xk = (xk - mean[:, None]) * rstd[:, None] * ln_scale_ref[ks].astype(f32) + ln_bias_ref[ks].astype(f32)
-        xk = xk.astype(w_ref.dtype).astype(f32)  # the product's inputs in the compute dtype
-        wk = w_ref[:, ks].astype(f32)  # [block_n, block_k]
-        return xk[:, None, :] * wk[None, :, :]
+        return normalized(i, stats)[:, None, :] * w_chunk(i)[None, :, :]
 
-    block_n = o_ref.shape[1]
     if sum_once:
         acc = jax.lax.fori_loop(0, steps, lambda i, a: a + products(i), jnp.zeros((rows, block_n, block_k), f32))
         acc = acc.sum(-1)
     else:
         acc = jax.lax.fori_loop(0, steps, lambda i, a: a + products(i).sum(-1), jnp.zeros((rows, block_n), f32))
-    y = acc + b_ref[...].astype(f32)[None, :]
-    if gelu:
-        y = gelu_in_kernel(y)
-    if has_residual:
-        y = y + residual_ref[...].astype(f32)
-    o_ref[...] = y.astype(o_ref.dtype)
+    o_ref[...] = epilogue(acc)
 
 
 def gemv(x_mk, w_nk, b_n, *, ln=None, gelu: bool = False, residual_mn=None, out_dtype=None,
@@ -140,7 +169,8 @@ def gemv(x_mk, w_nk, b_n, *, ln=None, gelu: bool = False, residual_mn=None, out_
         args.append(residual_mn)
         specs.append(pl.BlockSpec((rows, block_n), lambda i: (0, i)))
     kernel = functools.partial(_kernel, has_ln=ln is not None, gelu=gelu, has_residual=residual_mn is not None,
-                               eps=float(ln[2]) if ln is not None else 0.0, block_k=block_k, sum_once=bool(SUM_ONCE))
+                               eps=float(ln[2]) if ln is not None else 0.0, block_k=block_k, sum_once=bool(SUM_ONCE),
+                               rows_loop=bool(ROWS_LOOP), w_first=bool(W_FIRST))
     return pl.pallas_call(
         kernel, grid=(n // block_n,), in_specs=specs, out_specs=pl.BlockSpec((rows, block_n), lambda i: (0, i)),
         out_shape=jax.ShapeDtypeStruct((rows, n), out_dtype or w_nk.dtype), interpret=interpret, name="gemv",

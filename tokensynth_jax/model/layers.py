@@ -140,8 +140,7 @@ def attend_with_cache(q, k, v, valid_bqk, cache: KVCache | None, slot, pad_b, im
     `attention_impl` and `decode_attention_impl`. `q_scaled`: q comes already multiplied by h^-0.5, a
     power of two (`GemvBlock`), which the Pallas decode kernel takes as it is and the other paths undo
     exactly. Returns ([B, L, H, h], the updated cache or None)."""
-    pallas_step = cache is not None and valid_bqk is not None and decode_impl == "pallas_gpu" and q.shape[1] == 1 \
-        and pad_b is not None
+    pallas_step = _pallas_step(q, valid_bqk, cache, pad_b, decode_impl)
     if q_scaled and not pallas_step:
         q = q * jnp.asarray(q.shape[-1] ** 0.5, q.dtype)
     if cache is not None:
@@ -169,6 +168,25 @@ def attend_with_cache(q, k, v, valid_bqk, cache: KVCache | None, slot, pad_b, im
     return y, cache
 
 
+def _pallas_step(q, valid_bqk, cache, pad_b, decode_impl: str) -> bool:
+    """Whether a call is one decoded row per item over a cache, under a Pallas decode attention
+    (`ModelConfig.decode_attention`; the causal mask `valid_bqk` holds as slots pad_b .. slot)."""
+    return (cache is not None and valid_bqk is not None and decode_impl in attention.PALLAS_DECODE
+            and q.shape[1] == 1 and pad_b is not None)
+
+
+def attend_qkv_with_cache(qkv_bl3hd, valid_bqk, cache: KVCache | None, slot, pad_b, impl: str, decode_impl: str,
+                          q_scaled: bool = False):
+    """`attend_with_cache` over a fused QKV product [B, L, 3, H, h]. A decoded row under
+    `decode_attention="pallas_fused"` is one kernel that also writes the cache
+    (`attention.pallas_decode_step`); anything else splits the product and calls `attend_with_cache`."""
+    if decode_impl == "pallas_fused" and _pallas_step(qkv_bl3hd, valid_bqk, cache, pad_b, decode_impl):
+        y, k, v = attention.pallas_decode_step(qkv_bl3hd[:, 0], cache.k, cache.v, pad_b, slot, q_scaled=q_scaled)
+        return y, KVCache(k, v)
+    return attend_with_cache(qkv_bl3hd[:, :, 0], qkv_bl3hd[:, :, 1], qkv_bl3hd[:, :, 2], valid_bqk, cache, slot,
+                             pad_b, impl, decode_impl, q_scaled=q_scaled)
+
+
 class Attention(nnx.Module):
     """Multi-head self-attention with biases (as the reference), optionally over a KV cache."""
 
@@ -192,7 +210,7 @@ class Attention(nnx.Module):
           cache: one layer's KVCache, or None.
           slot: where this call's keys go in the cache.
           pad_b: int [B] left padding of each item (the causal path, and one decoded row per item
-            under `decode_attention="pallas_gpu"`; None: none).
+            under a Pallas `decode_attention`; None: none).
         Returns:
           ([B, L, D] output, the updated cache or None).
         """
@@ -228,9 +246,10 @@ class FusedQKVAttention(Attention):
         parts = (attn.query, attn.key, attn.value)
         return jnp.stack([p.kernel[...] for p in parts], axis=1), jnp.stack([p.bias[...] for p in parts], axis=0)
 
-    def project_qkv(self, x_bld):
-        qkv = self.qkv(x_bld)  # [B, L, 3, H, h]
-        return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    def __call__(self, x_bld, valid_bqk=None, cache: KVCache | None = None, slot=None, pad_b=None):
+        """`Attention.__call__`, over the fused product [B, L, 3, H, h]."""
+        y, cache = attend_qkv_with_cache(self.qkv(x_bld), valid_bqk, cache, slot, pad_b, self.impl, self.decode_impl)
+        return self.out(y), cache
 
 
 @jax.custom_vjp
@@ -358,7 +377,7 @@ class GemvBlock(nnx.Module):
         if dropout_key is not None:
             raise ValueError("a block prepared for decoding has no dropout")
         qkv = self.qkv(x, ln=self.ln1)  # [B, L, 3, H, h]
-        y, cache = attend_with_cache(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], valid_bqk, cache, slot, pad_b,
-                                     self.impl, self.decode_impl, q_scaled=self.q_prescaled)
+        y, cache = attend_qkv_with_cache(qkv, valid_bqk, cache, slot, pad_b, self.impl, self.decode_impl,
+                                         q_scaled=self.q_prescaled)
         x = self.out(y, residual=x)
         return self.fc2(self.fc1(x, ln=self.ln2, gelu=True), residual=x), cache
