@@ -93,6 +93,10 @@ def test_synthesize_writes_codes_for_several_midi_files(tiny_ckpt, embedding, tm
     assert cli.main(argv[:-1] + [str(tmp_path / "again.npy")]) == 0
     np.testing.assert_array_equal(codes, np.load(str(tmp_path / "again.npy")))  # seeded
     assert "a.mid: 2 notes" in capsys.readouterr().out
+    # runtime fields of the checkpoint's model, set from the command line: the same codes
+    knobs = ["--set", "model.decode_attention=pallas_fused", "--set", "model.matvec_as_gemm=true"]
+    assert cli.main(argv[:-1] + [str(tmp_path / "fused.npy"), *knobs]) == 0
+    np.testing.assert_array_equal(codes, np.load(str(tmp_path / "fused.npy")))
 
 
 @pytest.mark.parametrize(

@@ -58,6 +58,9 @@ def add_synthesize_parser(sub) -> None:
     p.add_argument("--midi-compat", choices=["tokensynth-0.0.4"], help="tokenize MIDI exactly as the reference")
     p.add_argument("--dtype", choices=["float32", "bfloat16"],
                    help="decode with parameters in this dtype (default: the checkpoint's; bfloat16 pays on GPU/TPU, not CPU)")
+    p.add_argument("--set", action="append", default=[], metavar="model.KEY=VALUE",
+                   help="a runtime field of the model (how it computes, not its weights; config.RUNTIME_FIELDS), "
+                        "e.g. model.decode_attention=xla")
     p.add_argument("--tokens-out", metavar="OUT.npy")
     p.add_argument("--out", metavar="OUT.wav", help="the WAV (one MIDI file) or a folder of <stem>.wav")
     p.add_argument("--spectrogram", action="store_true", help="a spectrogram PNG beside each WAV")
@@ -142,6 +145,8 @@ def _synthesize(args) -> int:
 
     # 2. the checkpoint's JSON, and the inputs read against it.
     meta, cfg = checks.model_checkpoint(args.checkpoint, "--checkpoint")
+    runtime = checks.runtime_overrides(args.set, cfg)
+    cfg = cfg.replace(**runtime)
     if cfg.conditioning != "timbre":
         raise UsageError(f"--checkpoint {args.checkpoint}: an unconditional model cannot synthesize from a timbre")
     checks.check_top_k(args, cfg)
@@ -190,14 +195,14 @@ def _synthesize(args) -> int:
         if clap.dim != cfg.timbre_dim:
             raise UsageError(f"--clap {clap_name}: gives {clap.dim}-d embeddings, the model takes {cfg.timbre_dim}-d timbres")
         embedding = _embed(args, clap, references)
-    model, _ = checkpoint.load_model(args.checkpoint)
+    model, _ = checkpoint.load_model(args.checkpoint, override=runtime)
     model = model.for_decoding(args.dtype)  # once, not once per window
     guidance, uncond = None, None
     if args.guidance_scale is not None and cfg.null_timbre:
         guidance = sampling.CFG(args.guidance_scale)
     elif args.guidance_scale is not None:
         guidance = sampling.FirstNoteGuidance(args.guidance_scale)
-        uncond, _ = checkpoint.load_model(args.unconditional_checkpoint)
+        uncond, _ = checkpoint.load_model(args.unconditional_checkpoint, override=runtime)
         uncond = uncond.for_decoding(args.dtype)
     codec = encoders.Codec(codec_name, batch_size=1, offline=args.offline) if codec_name else None
     result = synthesize.synthesize_audio(model, plan, embedding, codec=codec, sampler=sampler, seed=args.seed,
