@@ -1,6 +1,6 @@
 """Ours against the reference in PyTorch on one accelerator, in one command of under 10 minutes.
 
-Six sections, each in its own subprocess with its share of a global time budget; each writes its
+Seven sections, each in its own subprocess with its share of a global time budget; each writes its
 measurements as it makes them (OUT/<section>.jsonl), and the driver rewrites OUT/results.json and
 OUT/results.md after every section, so an out-of-memory error, a missing package or a timeout in
 one section costs that section (or the rest of it) and nothing else:
@@ -16,6 +16,9 @@ one section costs that section (or the rest of it) and nothing else:
                   `--decode-variant`), the other top-p filter method, greedy and fp32 parameters.
   ref-decode      the reference's `TokenSynth.synthesize(clap, midi, top_p=0.9)` under no_grad
                   (batch 1, a Python loop), same MIDI file.
+  kernels         the decode step's Pallas kernels alone (benchmarks/kernels.py): each gemv tiling
+                  on each weight stage of a step (us a kernel, GB/s of weights), and a step's
+                  attention as the library kernel + XLA's cache update against the fused kernel.
   train-variants  ours at batch 32 with one knob changed at a time (TRAIN_VARIANTS): what the
                   defaults are chosen from.
   profile         where the device's time goes in decode calls (PROFILE_DECODE: batch and
@@ -61,8 +64,8 @@ SIZES = {  # full, and --quick (a CPU smoke test)
 }
 # Budget shares, in the order they run: the goal's rows first, then the variants that choose the
 # defaults and a profile (their time is what the others left).
-SECTIONS = {"ours-train": 0.25, "torch-train": 0.12, "ours-decode": 0.25, "ref-decode": 0.08, "train-variants": 0.17,
-            "profile": 0.13}
+SECTIONS = {"ours-train": 0.25, "torch-train": 0.12, "ours-decode": 0.25, "ref-decode": 0.08, "kernels": 0.08,
+            "train-variants": 0.15, "profile": 0.12}
 MIN_SECTION_S = 20.0  # a section with less time than this is not started
 GOALS = {"train_ratio": 1.5, "decode1_ms": 150.0, "decode256_clips_s": 300.0}
 TOP_P = 0.9
@@ -554,6 +557,34 @@ def part_profile(section: Section) -> None:
     release()
 
 
+def part_kernels(section: Section) -> None:
+    """The decode step's Pallas kernels alone (benchmarks/kernels.py): each gemv tiling of
+    GEMV_VARIANTS over every weight stage, then a step's attention both ways (ATTENTION_CASES)."""
+    import kernels
+
+    _jax_setup(section)
+    quick = section.args.quick
+    shrink, reps = (8, 2) if quick else (1, 20)
+    for name, constants in kernels.GEMV_VARIANTS.items():
+        constants = dict(constants)
+        xla = bool(constants.pop("xla", 0))
+
+        def run(constants=constants, xla=xla):
+            with _kernel_constants(constants):
+                stages = [kernels.time_gemv_stage(s, xla=xla, shrink=shrink, reps=reps) for s in kernels.STAGES]
+            layer = sum(r["us"] for r in stages if r["stage"] != "head")
+            return {"constants": constants, "xla": xla, "us_a_layer": layer, "stages": stages}
+
+        section.attempt(f"gemv, {name}", run, min_left_s=15.0)
+    cases = ((2, 128, 70), (8, 128, 70)) if quick else kernels.ATTENTION_CASES
+    for batch, slots, slot in cases:
+        for fused in (False, True):
+            what = "fused step kernel" if fused else "library kernel + XLA's cache update"
+            section.attempt(f"attention, batch {batch}, {what}",
+                            lambda b=batch, n=slots, s=slot, f=fused: kernels.time_attention(b, n, s, fused=f, reps=reps),
+                            min_left_s=15.0)
+
+
 def part_ref_decode(section: Section) -> None:
     import torch
     from generation import load_reference_model_module
@@ -589,7 +620,8 @@ def part_ref_decode(section: Section) -> None:
 
 
 PARTS = {"ours-train": part_ours_train, "torch-train": part_torch_train, "ours-decode": part_ours_decode,
-         "ref-decode": part_ref_decode, "train-variants": part_train_variants, "profile": part_profile}
+         "ref-decode": part_ref_decode, "kernels": part_kernels, "train-variants": part_train_variants,
+         "profile": part_profile}
 
 
 # --- the driver --------------------------------------------------------------------------------------
@@ -722,6 +754,15 @@ def build_table(results: dict, quick: bool) -> tuple[str, list[str]]:
             rows.append([f"ours, {item}", _cell(o, lambda r: f"{r['ms_per_clip']:.0f} ms per clip, "
                                                       f"{r['clips_per_s']:.1f} clips/s"), "-",
                          "-" if peak is None else f"{peak:.1f} GB (device peak)", "-", "-", "-", "-"])
+    for item, o in results.get("kernels", {}).get("records", {}).items():
+        if item.startswith("gemv, "):
+            cell = _cell(o, lambda r: f"{r['us_a_layer']:.1f} us a layer; GB/s " + ", ".join(
+                f"{s['stage']} {s['gb_s']:.2f}" for s in r["stages"]))
+        elif item.startswith("attention, "):
+            cell = _cell(o, lambda r: f"{r['us']:.1f} us a layer, {r['gb_s']:.2f} GB/s of cache")
+        else:
+            continue
+        rows.append([f"ours, kernels: {item}", cell, "-", "-", "-", "-", "-", "-"])
     table = _common.md_table(["", "ours", "ours MFU", "ours memory", "reference (PyTorch)", "reference MFU",
                               "reference memory", "ours / reference"], rows)
     o1, o256 = get("ours-decode", "decode 1"), get("ours-decode", f"decode {sizes['decode_batches'][-1]}")

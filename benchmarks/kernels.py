@@ -1,0 +1,122 @@
+"""The decode step's Pallas kernels timed alone, on the reference model's shapes (the `kernels`
+section of benchmarks/accelerator.py).
+
+Why: a variant of the gemv tiling timed through the whole decode loop costs a compile of the loop
+(about 10 s on an H100) for one number a clip; here each weight stage of a step (docs/benchmarks.md,
+"Where the time goes on the H100") is one small jit of LAYERS kernels over LAYERS distinct weight
+matrices (more bytes than the card's L2, as in a step; one executable, so XLA's CUDA graphs launch
+them as the decode loop's do), and its time per kernel gives the bytes per second the weights are
+read at. Same for a decode step's attention: the library kernel with XLA's cache update around it,
+against `attention.pallas_decode_step`.
+
+Run here (CPU, Pallas interpret mode, shapes divided by 8: a smoke test, numbers meaningless):
+  python benchmarks/accelerator.py --quick --sections kernels --out /tmp/accel
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+LAYERS = 12
+# A decode step's weight stages at d_model 1024 (batch 1 decodes as 2 rows): name -> (N, K, LayerNorm
+# first, GELU, residual added, fp32 out).
+STAGES = {
+    "qkv": (3072, 1024, True, False, False, False),
+    "attention out": (1024, 1024, False, False, True, False),
+    "mlp in": (4096, 1024, True, True, False, False),
+    "mlp out": (1024, 4096, False, False, True, False),
+    "head": (10368, 1024, False, False, False, True),
+}
+# gemv tilings: name -> module constants of tokensynth_jax/model/gemv.py (the defaults first).
+GEMV_VARIANTS = {
+    "defaults": {},
+    "XLA's product (gemv_reference)": {"xla": 1},
+    "a row at a time": {"gemv.ROWS_LOOP": 1},
+    "weights loaded first": {"gemv.W_FIRST": 1},
+    "a row at a time, weights first": {"gemv.ROWS_LOOP": 1, "gemv.W_FIRST": 1},
+    "2 rows x 2048": {"gemv.BLOCK_N": 2, "gemv.BLOCK_K": 2048},
+    "2 rows x 4096, a row at a time": {"gemv.BLOCK_N": 2, "gemv.BLOCK_K": 4096, "gemv.ROWS_LOOP": 1},
+    "1 row a program, a row at a time": {"gemv.BLOCK_N": 1, "gemv.ROWS_LOOP": 1},
+    "8 rows a program, a row at a time": {"gemv.BLOCK_N": 8, "gemv.ROWS_LOOP": 1},
+    "2 warps, a row at a time": {"gemv.NUM_WARPS": 2, "gemv.ROWS_LOOP": 1},
+    "3 stages": {"gemv.NUM_STAGES": 3},
+}
+# A decode step's attention: (batch, cache slots, the slot written): batch 1 as 2 and batch 256,
+# a 5 s clip's prompt and rows halfway (about 330 slots written of 576).
+ATTENTION_CASES = ((2, 576, 330), (256, 576, 330))
+
+
+def _timed(fn, args, reps: int) -> float:
+    """Seconds a call of the compiled `fn`, the best of `reps` after a warm-up."""
+    import jax
+
+    jax.block_until_ready(fn(*args))
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def time_gemv_stage(stage: str, *, xla: bool = False, rows: int = 2, shrink: int = 1, reps: int = 20) -> dict:
+    """One weight stage, LAYERS kernels over distinct weights: microseconds a kernel and GB/s of weights."""
+    import jax
+    import jax.numpy as jnp
+
+    from tokensynth_jax.model import gemv
+
+    n, k, has_ln, gelu, residual, fp32 = STAGES[stage]
+    n, k = n // shrink, k // shrink
+    rng = np.random.default_rng(0)
+    bf16 = lambda *shape: jnp.asarray(rng.standard_normal(shape, np.float32) * 0.02, jnp.bfloat16)
+    x, ws, bs = bf16(rows, k), [bf16(n, k) for _ in range(LAYERS)], [bf16(n) for _ in range(LAYERS)]
+    ln = (jnp.ones(k, jnp.float32), jnp.zeros(k, jnp.float32), 1e-5) if has_ln else None
+    res = bf16(rows, n) if residual else None
+    product = gemv.gemv_reference if xla else gemv.gemv
+
+    def stage_fn(x, ws, bs, res):
+        return [product(x, w, b, ln=ln, gelu=gelu, residual_mn=res, out_dtype=jnp.float32 if fp32 else None)
+                for w, b in zip(ws, bs)]
+
+    s = _timed(jax.jit(stage_fn), (x, ws, bs, res), reps) / LAYERS
+    return {"stage": stage, "n": n, "k": k, "rows": rows, "us": 1e6 * s, "gb_s": n * k * 2 / s / 1e9}
+
+
+def time_attention(batch: int, slots: int, slot: int, *, fused: bool, heads: int = 16, head_dim: int = 64,
+                   reps: int = 20) -> dict:
+    """A decode step's attention over LAYERS distinct caches: the library kernel after XLA's cache
+    update (and the query's slice), or the fused kernel; microseconds a layer and GB/s of cache read."""
+    import jax
+    import jax.numpy as jnp
+
+    from tokensynth_jax.model import attention
+
+    rng = np.random.default_rng(1)
+    bf16 = lambda *shape: jnp.asarray(rng.standard_normal(shape, np.float32), jnp.bfloat16)
+    qkv = bf16(batch, 3, heads, head_dim)
+    caches = [(bf16(batch, heads, slots, head_dim), bf16(batch, heads, slots, head_dim)) for _ in range(LAYERS)]
+    pad = jnp.zeros(batch, jnp.int32)
+
+    def library(qkv, k, v, s):
+        k = jax.lax.dynamic_update_slice_in_dim(k, qkv[:, 1][:, :, None], s, axis=2)
+        v = jax.lax.dynamic_update_slice_in_dim(v, qkv[:, 2][:, :, None], s, axis=2)
+        return attention.pallas_decode_attention(qkv[:, 0][:, None], k, v, pad, s, q_scaled=True), k, v
+
+    def step(qkv, caches, s):
+        one = (lambda q, k, v: attention.pallas_decode_step(q, k, v, pad, s, q_scaled=True)) if fused else \
+            (lambda q, k, v: library(q, k, v, s))
+        return [one(qkv, k, v) for k, v in caches]
+
+    fn = jax.jit(step, donate_argnums=1)
+    state = {"caches": caches}
+
+    def call(qkv, s):  # the caches are donated and come back updated, as in the decode loop
+        out = fn(qkv, state["caches"], s)
+        state["caches"] = [(k, v) for _, k, v in out]
+        return out[-1][0]
+
+    t = _timed(call, (qkv, jnp.int32(slot)), reps) / LAYERS
+    read = 2 * batch * heads * (slot + 1) * head_dim * 2
+    return {"batch": batch, "slots": slots, "slot": slot, "fused": fused, "us": 1e6 * t, "gb_s": read / t / 1e9}
