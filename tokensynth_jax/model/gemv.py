@@ -118,8 +118,10 @@ def _kernel(*refs, has_ln: bool, gelu: bool, has_residual: bool, eps: float, blo
     if rows_loop:
         for row in range(rows):
             stats = statistics(row) if has_ln else None
-            acc = jax.lax.fori_loop(0, steps, lambda i, a: a + (normalized(i, stats, row)[None, :] * w_chunk(i)).sum(-1),
-                                    jnp.zeros((block_n,), f32))
+            def step(i, a, stats=stats, row=row):
+                return a + (normalized(i, stats, row)[None, :] * w_chunk(i)).sum(-1)
+
+            acc = jax.lax.fori_loop(0, steps, step, jnp.zeros((block_n,), f32))
             o_ref[row, :] = epilogue(acc, row)
         return
     stats = statistics() if has_ln else None
