@@ -95,6 +95,7 @@ def test_speed_knobs_resolve_auto_per_platform_and_keep_explicit_values(monkeypa
     assert resolved(auto) == (("rbg", "compute", "pallas_gpu", True, 0, "pallas") if gpu
                               else ("threefry", "float32", "xla", False, 256, "xla"))
     assert resolved(auto.replace(attention="tokensynth-0.0.4"))[2] == "xla"  # the kernel is causal only
+    assert resolved(auto.replace(d_model=96, num_heads=2))[2] == "xla"  # head size 48: no Triton tile
     plain = read({"model.dropout_rng": "threefry", "model.logits_grad_dtype": "float32",
                   "model.decode_attention": "xla", "model.matvec_as_gemm": "False", "model.loss_chunk": "128",
                   "model.decode_gemm": "xla"})
