@@ -353,7 +353,9 @@ CONSTANT_MODULES = ("gemv", "attention")  # tokensynth_jax.model.<name>
 
 
 PROFILE_TRAIN: dict = {}  # the defaults
-PROFILE_DECODE = ((1, {}), (256, {}))  # (batch, overrides) of each decode trace
+# (batch, overrides) of each decode trace: the defaults, then the fused decode-step attention at batch 1
+# (model.decode_attention="pallas_fused", not yet timed), last, as a crash in a new kernel ends the section.
+PROFILE_DECODE = ((1, {}), (256, {}), (1, {"model.decode_attention": "pallas_fused"}))
 
 
 def _bench_midi(section: Section) -> str:
@@ -538,13 +540,15 @@ def part_profile(section: Section) -> None:
     overrides PROFILE_TRAIN) spend the device's time."""
     _jax_setup(section)
     _, measure = _decode_measurer(section)
-    for batch, overrides in PROFILE_DECODE:
-        def decode(batch=batch, overrides=overrides):
+    for i, (batch, overrides) in enumerate(PROFILE_DECODE):
+        name = f"decode{batch}" + (f"-{i}" if overrides else "")  # OUT/profile-<name>.json.gz
+
+        def decode(batch=batch, overrides=overrides, name=name):
             measured = measure(batch, runs=1, overrides=overrides)
             return {"overrides": overrides, "s_per_call": measured["s_per_call"],
-                    "lines": _trace(section, f"decode{batch}", lambda: measure(batch, runs=0, overrides=overrides))}
+                    "lines": _trace(section, name, lambda: measure(batch, runs=0, overrides=overrides))}
 
-        section.attempt(f"profile decode {batch}", decode, min_left_s=30.0)
+        section.attempt(f"profile {name}" if overrides else f"profile decode {batch}", decode, min_left_s=30.0)
     _, measure_train, release = _train_measurer(section, PROFILE_TRAIN)
     b = section.size["variant_batch"]
 
