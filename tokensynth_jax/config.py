@@ -54,6 +54,7 @@ RUNTIME_FIELDS = ("dropout", "dtype", "remat", "attention_impl", "scan_layers", 
 # step's keys and values into the cache and needs no split combine: one kernel a layer where the
 # library's took six (a decoding step's fused QKV product; elsewhere it means "pallas_gpu").
 DECODE_ATTENTION = ("auto", "xla", "pallas_gpu", "pallas_fused")
+PALLAS_DECODE_ATTENTION = ("pallas_gpu", "pallas_fused")  # the values that run a Pallas kernel (causal only)
 # The products of a decoding step: "xla", XLA's GEMMs; "cublas", the same with XLA's Triton GEMMs
 # off (a GPU compile option, sampling.CUBLAS_GEMM_OPTIONS; elsewhere it means "xla"); "pallas", each
 # weight stage of a block one Pallas (Triton) kernel with its LayerNorm, bias, GELU and residual
@@ -125,7 +126,7 @@ class ModelConfig:
             raise ConfigError(f"model.dropout_rng={self.dropout_rng!r}: one of 'auto', 'threefry', 'rbg'")
         if self.decode_attention not in DECODE_ATTENTION:
             raise ConfigError(f"model.decode_attention={self.decode_attention!r}: one of {', '.join(DECODE_ATTENTION)}")
-        if self.decode_attention in ("pallas_gpu", "pallas_fused") and self.attention != "causal":
+        if self.decode_attention in PALLAS_DECODE_ATTENTION and self.attention != "causal":
             raise ConfigError(f"model.decode_attention={self.decode_attention!r} needs model.attention='causal' "
                               f"(model.attention={self.attention!r})")
         if self.logits_grad_dtype not in ("auto", "float32", "compute"):

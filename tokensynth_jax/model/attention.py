@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tokensynth_jax import sharding
+from tokensynth_jax.config import PALLAS_DECODE_ATTENTION
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "pallas_tpu")
 SPLASH_BLOCKS = (512, 256, 128)  # splash tiles: the largest that divides the padded length
@@ -95,13 +96,12 @@ DECODE_BLOCK = 64  # KV slots per block (and per split) of the Pallas decode ker
 PARALLEL_ITEMS = 1024  # items x heads from which the decode kernel runs unsplit (8 programs per SM of an H100)
 DECODE_WARPS = 4  # warps per program of the decode kernel (the ops library's default)
 DECODE_STAGES = 2  # software-pipelining depth of its loop over KV blocks (the library's default)
-PALLAS_DECODE = ("pallas_gpu", "pallas_fused")  # `ModelConfig.decode_attention` values that run a Pallas kernel
 
 
 def cache_slots(num_slots: int, decode_impl: str) -> int:
     """Slots a KV cache needs for `num_slots` positions: the Pallas decode kernel reads whole
     blocks, so its caches round up to a multiple of DECODE_BLOCK (the extra slots are never valid)."""
-    if decode_impl in PALLAS_DECODE:
+    if decode_impl in PALLAS_DECODE_ATTENTION:
         return -(-num_slots // DECODE_BLOCK) * DECODE_BLOCK
     return num_slots
 

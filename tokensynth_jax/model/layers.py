@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from tokensynth_jax.config import ModelConfig
+from tokensynth_jax.config import PALLAS_DECODE_ATTENTION, ModelConfig
 from tokensynth_jax.model import attention, gemv
 
 KERNEL_INIT = nnx.initializers.normal(stddev=0.02)
@@ -171,7 +171,7 @@ def attend_with_cache(q, k, v, valid_bqk, cache: KVCache | None, slot, pad_b, im
 def _pallas_step(q, valid_bqk, cache, pad_b, decode_impl: str) -> bool:
     """Whether a call is one decoded row per item over a cache, under a Pallas decode attention
     (`ModelConfig.decode_attention`; the causal mask `valid_bqk` holds as slots pad_b .. slot)."""
-    return (cache is not None and valid_bqk is not None and decode_impl in attention.PALLAS_DECODE
+    return (cache is not None and valid_bqk is not None and decode_impl in PALLAS_DECODE_ATTENTION
             and q.shape[1] == 1 and pad_b is not None)
 
 
