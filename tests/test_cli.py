@@ -99,6 +99,18 @@ def test_synthesize_writes_codes_for_several_midi_files(tiny_ckpt, embedding, tm
     np.testing.assert_array_equal(codes, np.load(str(tmp_path / "fused.npy")))
 
 
+def test_runtime_overrides_read_the_text_as_a_config_override_does():
+    """Typed by the field's default, not the checkpoint's value: a checkpoint written with
+    loss_chunk=256 and scan_layers=True still takes "auto" and "false"."""
+    from tokensynth_jax.cli import checks
+    from tokensynth_jax.config import ModelConfig
+
+    cfg = ModelConfig(loss_chunk=256, scan_layers=True)
+    got = checks.runtime_overrides(["model.loss_chunk=auto", "model.scan_layers=false", "model.dropout=0.2"], cfg)
+    assert got == {"loss_chunk": "auto", "scan_layers": "false", "dropout": 0.2}
+    assert cfg.replace(**got).loss_chunk == "auto" and cfg.replace(**got).scan_layers is False
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [

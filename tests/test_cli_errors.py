@@ -151,7 +151,7 @@ CASES = [
     ("synth-config-override-ignored", [*SYN, "--config.model.num_layers=3"], "--config.model.num_layers", []),
     ("synth-set-a-weight-field", [*SYN, "--set", "model.num_layers=3"], "--set model.num_layers: a checkpoint's", []),
     ("synth-set-unknown-value", [*SYN, "--set", "model.decode_attention=flash"], "model.decode_attention='flash'", []),
-    ("synth-set-not-a-number", [*SYN, "--set", "model.dropout=abc"], "--set model.dropout=abc: expected a number", []),
+    ("synth-set-not-a-number", [*SYN, "--set", "model.dropout=abc"], "--set model.dropout=abc: not a value of type float", []),
     ("synth-wav-folder-is-a-file", [*SYN, "--out", "{tmp}/wavs.d"], "--out", ["file:wavs.d"]),
     # An output under a file, found before any work (the write would fail only after generating).
     ("synth-out-under-a-file", [*SYN[:-2], "--out", "{tmp}/f/x.wav"], "f is a file, not a directory", ["file:f"]),

@@ -367,12 +367,13 @@ def load_config_file(spec: str, overrides: Mapping[str, Any] | None = None):
         if leaf not in node:
             raise ConfigError(f"--config.{key}: no config field {key!r} in {path}")
         # A field of any type (model.scan_layers) takes the string; ModelConfig reads it.
-        node[leaf] = value if node.get_type(leaf) is object else _coerce(value, node[leaf], key)
+        node[leaf] = value if node.get_type(leaf) is object else coerce_override(value, node[leaf], key)
     return config
 
 
-def _coerce(value: Any, current: Any, key: str) -> Any:
-    """A command-line string as the type of the field it replaces ("a,b" for tuples)."""
+def coerce_override(value: Any, current: Any, key: str, flag: str = "--config.") -> Any:
+    """A command-line string as the type of the field it replaces ("a,b" for tuples); an error
+    names it as `{flag}{key}={value}`."""
     import ast
 
     if not isinstance(value, str):
@@ -384,7 +385,7 @@ def _coerce(value: Any, current: Any, key: str) -> Any:
     try:
         parsed = ast.literal_eval(value)
     except (ValueError, SyntaxError) as e:
-        raise ConfigError(f"--config.{key}={value}: not a value of type {type(current).__name__}") from e
+        raise ConfigError(f"{flag}{key}={value}: not a value of type {type(current).__name__}") from e
     if isinstance(current, bool) != isinstance(parsed, bool) or not isinstance(parsed, (int, float, bool)):
-        raise ConfigError(f"--config.{key}={value}: not a value of type {type(current).__name__}")
+        raise ConfigError(f"{flag}{key}={value}: not a value of type {type(current).__name__}")
     return type(current)(parsed)

@@ -184,29 +184,21 @@ def set_overrides(values) -> dict:
 def runtime_overrides(values, cfg) -> dict:
     """`--set model.KEY=VALUE` for a checkpoint's model (synthesize): only its runtime fields
     (`config.RUNTIME_FIELDS`: how it computes, not its parameters, e.g. model.decode_attention), the
-    text read as the type of the checkpoint's value and checked by building the config.
-    -> {KEY: value}."""
-    from tokensynth_jax.config import RUNTIME_FIELDS, ConfigError
+    text read as a config override reads it (as the type of the field's default: a number for
+    dropout, the text itself for the "auto" fields, which ModelConfig reads) and checked by building
+    the config. -> {KEY: value}."""
+    import dataclasses
 
-    def typed(name: str, text: str):
-        current = getattr(cfg, name)
-        if isinstance(current, bool) and text.lower() in ("true", "false"):
-            return text.lower() == "true"
-        for kind in (int, float):
-            if isinstance(current, kind) and not isinstance(current, bool):
-                try:
-                    return kind(text)
-                except ValueError:
-                    raise UsageError(f"--set model.{name}={text}: expected {'an integer' if kind is int else 'a number'}")
-        return text
+    from tokensynth_jax.config import RUNTIME_FIELDS, ConfigError, ModelConfig, coerce_override
 
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
     out = {}
     for key, text in set_overrides(values).items():
         name = key.removeprefix("model.")
         if not key.startswith("model.") or name not in RUNTIME_FIELDS:
             raise UsageError(f"--set {key}: a checkpoint's weights fix its other fields; these can be set: "
                              + ", ".join(f"model.{f}" for f in RUNTIME_FIELDS))
-        out[name] = typed(name, text)
+        out[name] = coerce_override(text, defaults[name], key, flag="--set ")
     try:
         cfg.replace(**out)
     except ConfigError as e:
