@@ -86,35 +86,32 @@ def time_gemv_stage(stage: str, *, xla: bool = False, rows: int = 2, shrink: int
 
 def time_attention(batch: int, slots: int, slot: int, *, fused: bool, heads: int = 16, head_dim: int = 64,
                    reps: int = 20) -> dict:
-    """A decode step's attention over LAYERS distinct caches: the library kernel after XLA's cache
-    update (and the query's slice), or the fused kernel; microseconds a layer and GB/s of cache read."""
+    """A decode step's attention over LAYERS distinct caches, as the model runs it
+    (`layers.attend_qkv_with_cache`): the library kernel after XLA's cache update and the query's
+    slice, or the fused kernel; microseconds a layer and GB/s of cache read."""
     import jax
     import jax.numpy as jnp
 
-    from tokensynth_jax.model import attention
+    from tokensynth_jax.model import layers
 
     rng = np.random.default_rng(1)
     bf16 = lambda *shape: jnp.asarray(rng.standard_normal(shape, np.float32), jnp.bfloat16)
-    qkv = bf16(batch, 3, heads, head_dim)
-    caches = [(bf16(batch, heads, slots, head_dim), bf16(batch, heads, slots, head_dim)) for _ in range(LAYERS)]
-    pad = jnp.zeros(batch, jnp.int32)
+    qkv = bf16(batch, 1, 3, heads, head_dim)  # one decoded row per item, the queries prescaled (GemvBlock)
+    caches = [layers.KVCache(bf16(batch, heads, slots, head_dim), bf16(batch, heads, slots, head_dim))
+              for _ in range(LAYERS)]
+    pad, valid = jnp.zeros(batch, jnp.int32), jnp.ones((batch, 1, slots), bool)  # the Pallas step reads no mask
+    decode_impl = "pallas_fused" if fused else "pallas_gpu"
 
-    def library(qkv, k, v, s):
-        k = jax.lax.dynamic_update_slice_in_dim(k, qkv[:, 1][:, :, None], s, axis=2)
-        v = jax.lax.dynamic_update_slice_in_dim(v, qkv[:, 2][:, :, None], s, axis=2)
-        return attention.pallas_decode_attention(qkv[:, 0][:, None], k, v, pad, s, q_scaled=True), k, v
-
-    def step(qkv, caches, s):
-        one = (lambda q, k, v: attention.pallas_decode_step(q, k, v, pad, s, q_scaled=True)) if fused else \
-            (lambda q, k, v: library(q, k, v, s))
-        return [one(qkv, k, v) for k, v in caches]
+    def step(qkv, caches, s):  # what a GemvBlock's attention runs, layer after layer
+        return [layers.attend_qkv_with_cache(qkv, valid, cache, s, pad, "xla", decode_impl, q_scaled=True)
+                for cache in caches]
 
     fn = jax.jit(step, donate_argnums=1)
     state = {"caches": caches}
 
     def call(qkv, s):  # the caches are donated and come back updated, as in the decode loop
         out = fn(qkv, state["caches"], s)
-        state["caches"] = [(k, v) for _, k, v in out]
+        state["caches"] = [cache for _, cache in out]
         return out[-1][0]
 
     t = _timed(call, (qkv, jnp.int32(slot)), reps) / LAYERS
