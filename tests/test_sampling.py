@@ -2,6 +2,7 @@
 caps, the samplers' candidate sets, seeds, temperature, guidance, and the delay pattern."""
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -386,6 +387,33 @@ def test_decode_loop_is_the_loop_generate_runs(tiny):
         np.testing.assert_array_equal(np.asarray(getattr(final, field)), getattr(gen, field), err_msg=field)
     # a pytree: jax maps over its arrays and rebuilds it
     assert isinstance(jax.tree.map(lambda x: x, final), sampling.DecodeState)
+
+
+def _copies_in_loop_bodies(hlo: str) -> list[tuple[int, ...]]:
+    """Shapes of the floating-point copies inside the while loops' bodies of an optimized HLO module."""
+    bodies = set(re.findall(r"body=%([\w.\-]+)", hlo))
+    shapes, inside = [], False
+    for line in hlo.splitlines():
+        head = re.match(r"^(?:ENTRY )?%([\w.\-]+) ", line)
+        if head and line.rstrip().endswith("{"):
+            inside = head.group(1) in bodies
+        elif inside and (copy := re.search(r"= (?:f32|bf16)\[([\d,]*)\]\S* copy\(", line)):
+            shapes.append(tuple(int(d) for d in copy.group(1).split(",") if d))
+    return shapes
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_decode_loop_writes_the_cache_in_place(tiny, batch):
+    """The compiled decode loop copies no KV-cache buffer: each step writes its keys and values in
+    place. Why it is tested: with [B, H, S, h] caches at batch 1, XLA:CPU dropped the size-one batch
+    axis of the attention's products, duplicated every cache update for them and copied each cache
+    buffer four times a step (reference size, 5 s clip: 24.2 against 18.5 ms a step with the flat
+    [B * H, S, h] cache of the XLA decode attention)."""
+    model = tiny()
+    assert model.init_cache(batch, 40)[0].k.shape == (batch * TINY.num_heads, 40, TINY.head_dim)
+    hlo = sampling.lower_generate(model, _prompts([11] * batch), _timbre(batch), max_rows=30).compile().as_text()
+    cache_copies = [s for s in _copies_in_loop_bodies(hlo) if len(s) >= 3 and s[-1] == TINY.head_dim]
+    assert "while" in hlo and cache_copies == []
 
 
 def test_generate_with_bfloat16_parameters(tiny):

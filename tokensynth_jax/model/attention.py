@@ -67,12 +67,21 @@ def attend(q_bqhd, k_bhkd, v_bhkd, valid_bqk):
     (0.45 s vs 0.18 s a layer at 1024 positions). Zeros for fully masked rows is what torch's
     scaled_dot_product_attention returns, which the reference's inverted mask relies on.
     """
-    q_bhqd = jnp.swapaxes(q_bqhd, 1, 2) * jnp.asarray(q_bqhd.shape[-1] ** -0.5, q_bqhd.dtype)
-    logits = jnp.einsum("bhqd,bhkd->bhqk", q_bhqd, k_bhkd, preferred_element_type=jnp.float32)
+    b, lq, h, d = q_bqhd.shape
+    q_bhqd = jnp.swapaxes(q_bqhd, 1, 2) * jnp.asarray(d ** -0.5, q_bqhd.dtype)
+    if k_bhkd.ndim == 3:  # a flat cache [B * H, S, h] (`TokenSynth.init_cache`): one batch axis
+        logits = jnp.einsum("nqd,nkd->nqk", q_bhqd.reshape(b * h, lq, d), k_bhkd, preferred_element_type=jnp.float32)
+        logits = logits.reshape(b, h, lq, -1)
+    else:
+        logits = jnp.einsum("bhqd,bhkd->bhqk", q_bhqd, k_bhkd, preferred_element_type=jnp.float32)
     logits = jnp.where(valid_bqk[:, None], logits, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(logits, axis=-1)
-    weights = jnp.where(valid_bqk.any(-1)[:, None, :, None], weights, 0.0)
-    return jnp.swapaxes(jnp.einsum("bhqk,bhkd->bhqd", weights.astype(v_bhkd.dtype), v_bhkd), 1, 2)
+    weights = jnp.where(valid_bqk.any(-1)[:, None, :, None], weights, 0.0).astype(v_bhkd.dtype)
+    if v_bhkd.ndim == 3:
+        out = jnp.einsum("nqk,nkd->nqd", weights.reshape(b * h, lq, -1), v_bhkd).reshape(b, h, lq, d)
+    else:
+        out = jnp.einsum("bhqk,bhkd->bhqd", weights, v_bhkd)
+    return jnp.swapaxes(out, 1, 2)
 
 
 def attend_causal(q_bqhd, k_bhkd, v_bhkd, valid_bqk, chunk: int = 256):

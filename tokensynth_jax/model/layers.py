@@ -127,7 +127,8 @@ def row_major(x):
 
 
 class KVCache(NamedTuple):
-    """One layer's keys and values for every slot, [B, H, S, h]; a pytree passed in and out."""
+    """One layer's keys and values for every slot, [B, H, S, h], or [B * H, S, h] ("flat", under the
+    XLA decode attention: `TokenSynth.init_cache`); a pytree passed in and out."""
 
     k: jax.Array
     v: jax.Array
@@ -144,10 +145,7 @@ def attend_with_cache(q, k, v, valid_bqk, cache: KVCache | None, slot, pad_b, im
     if q_scaled and not pallas_step:
         q = q * jnp.asarray(q.shape[-1] ** 0.5, q.dtype)
     if cache is not None:
-        cache = KVCache(
-            jax.lax.dynamic_update_slice_in_dim(cache.k, jnp.swapaxes(k, 1, 2).astype(cache.k.dtype), slot, axis=2),
-            jax.lax.dynamic_update_slice_in_dim(cache.v, jnp.swapaxes(v, 1, 2).astype(cache.v.dtype), slot, axis=2),
-        )
+        cache = KVCache(_write_cache(cache.k, k, slot), _write_cache(cache.v, v, slot))
     if valid_bqk is None:
         if cache is not None:  # attend to exactly what later steps will read back
             k, v = k.astype(cache.k.dtype).astype(q.dtype), v.astype(cache.v.dtype).astype(q.dtype)
@@ -166,6 +164,15 @@ def attend_with_cache(q, k, v, valid_bqk, cache: KVCache | None, slot, pad_b, im
     # Named so the "dots" remat policy keeps it: a fused kernel's output is no matmul.
     y = checkpoint_name(y, "attention")
     return y, cache
+
+
+def _write_cache(cache, x_blhd, slot):
+    """`cache` ([B, H, S, h] or flat [B * H, S, h]) with this call's keys or values [B, L, H, h]
+    written from `slot` on."""
+    x = jnp.swapaxes(x_blhd, 1, 2).astype(cache.dtype)
+    if cache.ndim == 3:
+        x = x.reshape(-1, *x.shape[2:])
+    return jax.lax.dynamic_update_slice_in_dim(cache, x, slot, axis=cache.ndim - 2)
 
 
 def _pallas_step(q, valid_bqk, cache, pad_b, decode_impl: str) -> bool:
