@@ -40,7 +40,7 @@ from generation import load_reference_model_module  # noqa: E402
 
 REPO = _common.REPO
 GPU_PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}  # dense bf16 FLOP/s, datasheets
-GOAL_CPU_RATIO = 1.0
+GOAL_CPU_RATIO = 1.2  # issue 13: "train step at least 1.2x PyTorch" on the CPU
 GOAL_GPU_MFU = 0.45
 
 
