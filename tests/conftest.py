@@ -7,7 +7,9 @@ checkpoint tests build meshes from, while code that names no mesh still runs on 
 import contextlib
 import importlib
 import importlib.util
+import math
 import os
+import re
 import sys
 import types
 
@@ -32,6 +34,16 @@ from tokensynth_jax.model.transformer import TokenSynth  # noqa: E402
 # timbre MLP are hard-coded. max_len stays 1024 because `synthesize` needs midi_len + 451 positions.
 REF_TINY = dict(num_heads=3, num_blocks=2, embed_dim=48)
 REF_INIT_STD = 0.3  # large random weights: peaked logits, so greedy decisions are not near-ties
+
+
+def lower_pallas_for_cuda(fn, *args) -> tuple[str, int]:
+    """`fn` (Pallas kernels with interpret=False) exported for CUDA from this CPU: its MLIR module
+    text and the number of programs in its Triton calls' grids. A construct the Triton lowering
+    lacks, or a shape a kernel cannot tile, fails here rather than on a GPU."""
+    exported = jax.export.export(jax.jit(fn), platforms=("cuda",), disabled_checks=[
+        jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])
+    module = exported(*args).mlir_module()
+    return module, math.prod(int(n) for n in re.findall(r"grid_[xyz] = (\d+)", module))
 
 
 def bare_package(name: str, path: list | None = None) -> types.ModuleType:

@@ -2,13 +2,12 @@
 padding: the Pallas TPU splash kernel and the Pallas GPU decode kernel in interpret mode, the
 cuDNN wrapper through its XLA twin. The fused kernels lower for their platforms (jax.export from
 this CPU)."""
-import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import randomize
+from conftest import lower_pallas_for_cuda, randomize
 from flax import nnx
 
 from tokensynth_jax.config import ModelConfig
@@ -217,11 +216,8 @@ def test_pallas_decode_kernel_lowers_for_cuda(batch):
     k = jax.ShapeDtypeStruct((batch, 16, attention.cache_slots(562, "pallas_gpu"), 64), jnp.bfloat16)
     pad, slot = jax.ShapeDtypeStruct((batch,), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32)
     fn = lambda q, k, v, p, s: attention.pallas_decode_attention(q, k, v, p, s, interpret=False)
-    exported = jax.export.export(jax.jit(fn), platforms=("cuda",),
-                                 disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])
-    module = exported(q, k, k, pad, slot).mlir_module()
+    module, programs = lower_pallas_for_cuda(fn, q, k, k, pad, slot)
     assert module.count("@__gpu$xla.gpu.triton") == 1
-    programs = np.prod([int(n) for n in re.findall(r"grid_[xyz] = (\d+)", module)])
     assert programs == batch * 16 * (1 if batch * 16 >= attention.PARALLEL_ITEMS else 9)  # 576 slots: 9 splits
 
 
@@ -264,11 +260,9 @@ def test_pallas_decode_step_lowers_for_cuda(batch):
     k = jax.ShapeDtypeStruct((batch, 16, attention.cache_slots(562, "pallas_fused"), 64), jnp.bfloat16)
     pad, slot = jax.ShapeDtypeStruct((batch,), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32)
     fn = lambda qkv, k, v, p, s: attention.pallas_decode_step(qkv, k, v, p, s, q_scaled=True, interpret=False)
-    exported = jax.export.export(jax.jit(fn), platforms=("cuda",),
-                                 disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])
-    module = exported(qkv, k, k, pad, slot).mlir_module()
+    module, programs = lower_pallas_for_cuda(fn, qkv, k, k, pad, slot)
     assert module.count("@__gpu$xla.gpu.triton") == 1
-    assert np.prod([int(n) for n in re.findall(r"grid_[xyz] = (\d+)", module)]) == batch * 16
+    assert programs == batch * 16
     assert "output_operand_aliases" in module
 
 
