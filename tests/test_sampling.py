@@ -464,9 +464,9 @@ def test_decode_gemm_cublas_compiles_the_loop_without_xla_triton_gemms(tiny, mon
     """`decode_gemm="cublas"` on a GPU compiles the decode loop with CUBLAS_GEMM_OPTIONS (shown by
     swapping in an option XLA does not know, which the compile then refuses) and writes what the
     default writes (XLA:CPU ignores the GPU option); the default compiles without it, and off a
-    GPU neither has options."""
+    GPU both have the CPU's options."""
     cublas_cfg = TINY.replace(decode_gemm="cublas")
-    assert sampling.decode_compile_options(cublas_cfg) == {}  # this CPU
+    assert sampling.decode_compile_options(cublas_cfg) == sampling.CPU_DECODE_OPTIONS  # this CPU
     monkeypatch.setattr(sampling, "on_gpu", lambda: True)
     monkeypatch.setattr(sampling, "_decode_jits", {})
     plain = tiny()
@@ -483,6 +483,22 @@ def test_decode_gemm_cublas_compiles_the_loop_without_xla_triton_gemms(tiny, mon
     sampling.generate(plain, prompt, timbre, max_rows=20)
     with pytest.raises(ValueError, match="model.decode_gemm='cutlass': one of auto, xla, cublas, pallas"):
         TINY.replace(decode_gemm="cutlass")
+
+
+def test_decode_loop_on_a_cpu_compiles_without_ynnpack_unless_xla_lacks_the_option(tiny, monkeypatch):
+    """On a CPU the decode loop compiles with CPU_DECODE_OPTIONS (YNNPACK's fusions off): its
+    products are XLA's dots, where the default compile has YNNPACK fusions. A jaxlib that does not
+    know the option gets none, and generation still runs and writes the same rows."""
+    model, prompt, timbre = tiny(), _prompts([7, 11]), _timbre(2)
+    compiled = lambda: sampling.lower_generate(model, prompt, timbre, max_rows=20).compile().as_text()
+    assert sampling.decode_compile_options(model.cfg) == sampling.CPU_DECODE_OPTIONS
+    assert "__ynn_fusion" not in compiled()
+    want = sampling.generate(model, prompt, timbre, max_rows=20, sampler=TopP(0.9))
+    monkeypatch.setattr(sampling, "CPU_DECODE_OPTIONS", {"xla_cpu_no_such_option": ""})
+    monkeypatch.setattr(sampling, "_decode_jits", {})
+    assert sampling.decode_compile_options(model.cfg) == {}
+    assert "__ynn_fusion" in compiled()
+    assert_same_generation(sampling.generate(model, prompt, timbre, max_rows=20, sampler=TopP(0.9)), want)
 
 
 # --- guidance -----------------------------------------------------------------------------------
