@@ -341,6 +341,11 @@ def part_torch_train(section: Section) -> None:
 WHOLE_LOOP_GRAPH = "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION,CONDITIONAL,WHILE"  # XLA's + 2
 DECODE_VARIANTS = {
     "fused decode-step attention": {"model.decode_attention": "pallas_fused", "batch": (1, 16, 64, 256)},
+    # Batch 1 runs as two rows ("auto", ModelConfig.decodes_as_gemm) since XLA's GEMMs decoded it in
+    # 340 against 239 ms (H200, 2026-11-26). On XLA:CPU a size-one batch also made every step copy
+    # the whole KV cache (2026-11-27, fixed there by the flat cache); one row may pay now.
+    "batch 1 as one row, fused decode-step attention": {"model.matvec_as_gemm": False,
+                                                        "model.decode_attention": "pallas_fused", "batch": 1},
     "GEMV a row at a time": {"gemv.ROWS_LOOP": 1, "batch": 1},
     "GEMV weights loaded first": {"gemv.W_FIRST": 1, "batch": 1},
     "GEMV a row at a time, weights loaded first": {"gemv.ROWS_LOOP": 1, "gemv.W_FIRST": 1, "batch": 1},
