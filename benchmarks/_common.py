@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime
+import importlib.util
 import json
 import os
 import platform
@@ -9,11 +10,28 @@ import re
 import resource
 import shlex
 import subprocess
+import sys
 import time
+import types
 
 MB = 1024 * 1024
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOC_HEADER = "# Benchmarks\n\nMeasured numbers; each section says how to reproduce it.\n"
+
+
+def install_bare_package(name: str) -> bool:
+    """Registers the installed package `name` in sys.modules as a bare module whose __init__ never
+    runs, so its submodules import alone (the reference's and descript's __init__ import packages we
+    do not install). False if `name` is not installed."""
+    if name in sys.modules:
+        return True
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.submodule_search_locations is None:
+        return False
+    package = types.ModuleType(name)
+    package.__path__ = list(spec.submodule_search_locations)
+    sys.modules[name] = package
+    return True
 
 
 def peak_rss_mb() -> float:

@@ -26,6 +26,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import shutil
@@ -33,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 
 import numpy as np
 
@@ -68,22 +70,15 @@ def load_descript_dac():
     installed. `dac/__init__.py` imports descript-audiotools, which imports torchaudio, which we never
     install: its submodules are imported under a bare `dac` package with a stand-in `audiotools`
     that has the two names the model code needs at import time (as tests/test_dac_parity.py does)."""
-    import importlib.util
-    import types
-
     import torch
 
-    if importlib.util.find_spec("dac") is None:
+    if not _common.install_bare_package("dac"):
         return None
-    dac = types.ModuleType("dac")
-    dac.__path__ = list(importlib.util.find_spec("dac").submodule_search_locations)
     audiotools = types.ModuleType("audiotools")
     audiotools.ml = types.ModuleType("audiotools.ml")
     audiotools.ml.BaseModel = type("BaseModel", (torch.nn.Module,), {})
     audiotools.AudioSignal = audiotools.STFTParams = None  # compress() and the discriminator only
-    sys.modules.update({"dac": dac, "audiotools": audiotools, "audiotools.ml": audiotools.ml})
-    import importlib
-
+    sys.modules.update({"audiotools": audiotools, "audiotools.ml": audiotools.ml})
     return importlib.import_module("dac.model.dac")
 
 

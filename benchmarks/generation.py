@@ -23,13 +23,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import json
 import os
 import sys
 import tempfile
 import time
-import types
 
 import numpy as np
 
@@ -50,13 +48,8 @@ REPO = _common.REPO
 # --- helpers ---------------------------------------------------------------------------------------
 def load_reference_model_module():
     """`tokensynth.model` without the package __init__ (which imports laion_clap, dac, librosa)."""
-    if "tokensynth" not in sys.modules:
-        spec = importlib.util.find_spec("tokensynth")
-        if spec is None or spec.submodule_search_locations is None:
-            raise SystemExit("the reference package tokensynth==0.0.4 is not installed (pip install --no-deps)")
-        package = types.ModuleType("tokensynth")
-        package.__path__ = list(spec.submodule_search_locations)
-        sys.modules["tokensynth"] = package
+    if not _common.install_bare_package("tokensynth"):
+        raise SystemExit("the reference package tokensynth==0.0.4 is not installed (pip install --no-deps)")
     return importlib.import_module("tokensynth.model")
 
 
