@@ -63,5 +63,5 @@ setuptools.setup(
         "nsynth-tfds": NSYNTH_TFDS,
         "all": sorted(set(PREP + TEST + SCALING + EVAL)),
     },
-    entry_points={"console_scripts": ["tokensynth=tokensynth_jax.cli.main:main"]},
+    entry_points={"console_scripts": ["tokensynth=tokensynth_jax.cli.console:main"]},
 )

@@ -128,7 +128,7 @@ def run(args, work: str) -> dict:
     env.pop("XLA_FLAGS", None)
     env.pop("TOKENSYNTH_COMPILE_CACHE", None)
     ckpt, cache = os.path.join(work, "model"), os.path.join(work, "xla")
-    cli = [sys.executable, "-m", "tokensynth_jax.cli.main", "--compile-cache", cache]
+    cli = [sys.executable, "-m", "tokensynth_jax.cli", "--compile-cache", cache]
     subprocess.run(cli[:3] + ["--compile-cache", "off", "init", "--config", config, "--set", f"codec.name={codec}", ckpt],
                    check=True, cwd=REPO, env=env, stdout=subprocess.DEVNULL)
     piece = os.path.join(work, "piece.mid")

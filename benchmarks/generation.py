@@ -230,7 +230,8 @@ def part_ours(args) -> dict:
                 "alias_mb": mb("alias_size_in_bytes"), "generated_code_mb": mb("generated_code_size_in_bytes")}
 
     topp = sampling.TopP(TOP_P)
-    out = {"max_rows": max_rows, "prompt_rows": int(len(tokens) + 1), "rss_after_load_mb": rss_loaded}
+    out = {"max_rows": max_rows, "prompt_rows": int(len(tokens) + 1), "rss_after_load_mb": rss_loaded,
+           "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
     out["batch1"] = bench(1, topp, args.runs)
     out["batch16"] = bench(BATCH, topp, args.runs)
     out["greedy1"] = bench(1, sampling.Greedy(), args.runs)
@@ -251,7 +252,8 @@ def run_part(name: str, args, workdir: str) -> dict:
            "--runs", str(args.runs), "--max-rows", str(args.max_rows), "--json-out", out_json]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
-    return _common.run_part(name, cmd, out_json, dict(os.environ, TQDM_DISABLE="1"))
+    env = dict(os.environ, TQDM_DISABLE="1")
+    return _common.run_part(name, cmd, out_json, _common.cli_environment(env) if name == "ours" else env)
 
 
 def max_other_cores(part: dict) -> float:
@@ -336,7 +338,7 @@ Command: `{command}`
 - Ours: `sampling.generate(model, [tokens] * B, timbre, sampler=TopP(0.9), max_rows={ours['max_rows']})` (the rows the
   reference keeps: it samples {ref['steps']} and drops the last), every item ran all {ours['max_rows']} rows. Per batch size
   1 untimed first call (compile) then {len(b1['times_s'])} timed calls; times include the prefill and the
-  device-to-host copy of the result.
+  device-to-host copy of the result. Ours ran {_common.malloc_note(ours.get('glibc_tunables', ''))}.
 
 {results}
 

@@ -123,6 +123,7 @@ def part_ours(args) -> dict:
         "memory_analysis_mb": {"arguments": mb("argument_size_in_bytes"), "outputs": mb("output_size_in_bytes"),
                                "temporaries": mb("temp_size_in_bytes"), "generated_code": mb("generated_code_size_in_bytes")},
         "contention": watch.to_dict(), "peak_rss_mb": _common.peak_rss_mb(),
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
     }
 
 
@@ -195,6 +196,8 @@ def run_part(name: str, args) -> dict:
     env.pop("XLA_FLAGS", None)  # one device: the whole machine, not fake CPU devices
     if args.platform:
         env["JAX_PLATFORMS"] = {"gpu": "cuda"}.get(args.platform, args.platform)
+    if name == "ours":
+        env = _common.cli_environment(env)
     return _common.run_part(name, cmd, out_json, env)
 
 
@@ -249,6 +252,7 @@ def summarize(args, peak, ours_runs, torch_runs, machine, vers, waits) -> tuple[
     lines += [
         f"Ours, `memory_analysis()` of the compiled step (MB): arguments {fmt(ma['arguments'])}, outputs "
         f"{fmt(ma['outputs'])}, temporaries {fmt(ma['temporaries'])}; compile {ours['compile_s']:.1f} s.  ",
+        f"Ours ran {_common.malloc_note(ours.get('glibc_tunables', ''))}.  ",
         f"Loss after the timed steps: ours {ours['losses'][-1]:.3f}"
         + (f", PyTorch {pt['losses'][-1]:.3f}" if torch_runs else "") + f" (chance: {chance:.2f}; the same task, "
         "not the same random numbers).  ",

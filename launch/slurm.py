@@ -12,7 +12,7 @@ import sys
 
 
 def build(args, extra) -> str:
-    train = ["python", "-m", "tokensynth_jax.cli.main", "train", "--config", args.config, "--workdir", args.workdir, *extra]
+    train = ["python", "-m", "tokensynth_jax.cli", "train", "--config", args.config, "--workdir", args.workdir, *extra]
     lines = [
         "#!/bin/bash",
         f"#SBATCH --job-name={args.job_name}",

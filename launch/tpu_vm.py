@@ -3,7 +3,7 @@
   python launch/tpu_vm.py --tpu my-v5e-64 --zone us-west4-a --config configs/reference.py \
       --workdir gs://bucket/runs/ref -- --config.data.paths=gs://bucket/data/train
 
-Every worker runs the same `python -m tokensynth_jax.cli.main train`; TOKENSYNTH_DISTRIBUTED=auto
+Every worker runs the same `python -m tokensynth_jax.cli train`; TOKENSYNTH_DISTRIBUTED=auto
 makes it call jax.distributed.initialize(), which reads the slice's topology.
 """
 import argparse
@@ -13,7 +13,7 @@ import sys
 
 
 def build(args, extra) -> list[str]:
-    train = ["python3", "-m", "tokensynth_jax.cli.main", "train", "--config", args.config, "--workdir", args.workdir, *extra]
+    train = ["python3", "-m", "tokensynth_jax.cli", "train", "--config", args.config, "--workdir", args.workdir, *extra]
     remote = f"cd {shlex.quote(args.repo_dir)} && TOKENSYNTH_DISTRIBUTED=auto {shlex.join(train)}"
     return ["gcloud", "compute", "tpus", "tpu-vm", "ssh", args.tpu, f"--zone={args.zone}",
             *([f"--project={args.project}"] if args.project else []), "--worker=all", f"--command={remote}"]

@@ -255,7 +255,7 @@ def test_kill_9_then_resume_writes_every_step_once(shards, tmp_path):
     from tensorboard.backend.event_processing import event_accumulator
 
     workdir = str(tmp_path / "k")
-    cmd = [sys.executable, "-m", "tokensynth_jax.cli.main", "train", "--config", TINY, "--workdir", workdir,
+    cmd = [sys.executable, "-m", "tokensynth_jax.cli", "train", "--config", TINY, "--workdir", workdir,
            f"--config.data.paths={shards}", "--config.train.log_every=1", "--config.train.checkpoint_every=3",
            "--config.train.eval_every=0"]
     proc = subprocess.Popen([*cmd, "--config.train.steps=100000"], stdout=subprocess.PIPE,

@@ -121,7 +121,7 @@ def test_plan_commands_go_through_launch_tpu_vm(tmp_path):
         printed = subprocess.run(run["command"], shell=True, cwd=ROOT, check=True, capture_output=True,
                                  text=True).stdout
         assert "--worker=all" in printed and "TOKENSYNTH_DISTRIBUTED=auto" in printed
-        assert (f"tokensynth_jax.cli.main train --config {FAMILY}:base=tiny,depth={run['depth']} --workdir "
+        assert (f"tokensynth_jax.cli train --config {FAMILY}:base=tiny,depth={run['depth']} --workdir "
                 f"gs://b/sweep/{run['name']} --config.data.paths=gs://b/data/train "
                 f"--config.train.steps={run['steps']}") in printed
 
@@ -237,7 +237,7 @@ def test_micro_sweep_plans_runs_and_fits_end_to_end(prep_data, tmp_path, capsys)
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
            "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax-cache"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
-    done = subprocess.run([sys.executable, "-m", "tokensynth_jax.cli.main", "sweep", "run", plan_dir], cwd=ROOT, env=env,
+    done = subprocess.run([sys.executable, "-m", "tokensynth_jax.cli", "sweep", "run", plan_dir], cwd=ROOT, env=env,
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert done.stdout.count("[eval]") == 0 and done.stdout.count("[sweep] run ") == 6

@@ -62,7 +62,7 @@ def test_resume_is_bitwise_identical_to_an_uninterrupted_run(shards, tmp_path):
 @pytest.mark.slow
 def test_sigterm_saves_and_stops_then_resumes(shards, tmp_path):
     workdir = str(tmp_path / "p")
-    cmd = [sys.executable, "-m", "tokensynth_jax.cli.main", "train", "--config", TINY, "--workdir", workdir,
+    cmd = [sys.executable, "-m", "tokensynth_jax.cli", "train", "--config", TINY, "--workdir", workdir,
            f"--config.data.paths={shards}", "--config.train.steps=100000", "--config.train.log_every=1",
            "--config.train.checkpoint_every=100000", "--config.train.eval_every=0"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
@@ -136,7 +136,7 @@ def test_two_processes_train_like_one_process_with_the_same_devices(shards, tmp_
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    args = ["-m", "tokensynth_jax.cli.main", "train", "--config", TINY, f"--config.data.paths={shards}",
+    args = ["-m", "tokensynth_jax.cli", "train", "--config", TINY, f"--config.data.paths={shards}",
             "--config.train.steps=4", "--config.train.log_every=1", "--config.train.eval_every=0"]
 
     def env(devices, **extra):

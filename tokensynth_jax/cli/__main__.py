@@ -1,6 +1,6 @@
 """`python -m tokensynth_jax.cli ...` runs the `tokensynth` command line."""
 import sys
 
-from tokensynth_jax.cli.main import main
+from tokensynth_jax.cli.console import main
 
 sys.exit(main())

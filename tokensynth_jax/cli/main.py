@@ -14,7 +14,7 @@ import errno
 import logging
 import sys
 
-from tokensynth_jax import compile_cache
+from tokensynth_jax import compile_cache, host_malloc
 from tokensynth_jax.cli import demo, evaluation, model_commands, prep, synthesis, training
 from tokensynth_jax.cli.checks import UsageError
 from tokensynth_jax.errors import UserError
@@ -125,6 +125,7 @@ def main(argv=None) -> int:
         if overrides and not getattr(args, "takes_config", False):
             raise UsageError(f"--config.{next(iter(overrides))}: `{prog}` takes no --config")
         args.config_overrides = overrides
+        host_malloc.choice()  # a bad $TOKENSYNTH_HOST_MALLOC is named here (console.py acted on a good one)
         configure_logging()
         compile_cache.enable(*compile_cache.resolve(args.compile_cache))  # before anything compiles
         return args.run(args)
