@@ -26,13 +26,10 @@ for _ in range(4):
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 print(json.dumps({"temp_pages": f.memory_analysis().temp_size_in_bytes // resource.getpagesize(), "faults": faults}))
 """
-# Prints its pid at each start; `reexec` runs it again under the tunable, once.
-REEXEC = """
-import os
-from tokensynth_jax import host_malloc
-print("start", os.getpid(), flush=True)
-host_malloc.reexec()
-print("run", os.getpid(), os.environ.get("GLIBC_TUNABLES"), flush=True)
+# On the path of a test's subprocess: every interpreter start says its pid and tunables.
+SITECUSTOMIZE = """
+import os, sys
+print("start", os.getpid(), os.environ.get("GLIBC_TUNABLES"), file=sys.stderr, flush=True)
 """
 
 
@@ -65,24 +62,40 @@ def test_huge_pages_cut_the_page_faults_of_a_large_temporary(plain_env):
     assert max(huge["faults"][1:]) < pages // 8, huge
 
 
-def test_reexec_runs_the_same_command_in_the_same_process_once(plain_env):
+def _starts(argv, env, tmp_path):
+    """The (pid, GLIBC_TUNABLES) of each interpreter start of `python argv`, and its stdout."""
+    (tmp_path / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    env = {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), ROOT, env.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+                          check=True)
+    starts = [line.split()[1:] for line in done.stderr.splitlines() if line.startswith("start ")]
+    return starts, done.stdout
+
+
+def test_the_command_reexecs_itself_once_in_the_same_process(plain_env, tmp_path):
     _needs_huge_pages(plain_env)
-    lines = _python(REEXEC, plain_env).splitlines()
-    starts = [line for line in lines if line.startswith("start")]
-    runs = [line.split() for line in lines if line.startswith("run")]
-    assert len(starts) == 2 and starts[0] == starts[1], lines  # the same pid, started twice
-    assert len(runs) == 1 and runs[0][1] == starts[0].split()[1] and runs[0][2] == host_malloc.HUGE_PAGES, lines
+    starts, out = _starts(["-m", "tokensynth_jax.cli", "--help"], plain_env, tmp_path)
+    assert starts == [[starts[0][0], "None"], [starts[0][0], host_malloc.HUGE_PAGES]], starts
+    assert out.count("usage: tokensynth") == 1
 
 
-def test_a_chosen_tunable_and_system_are_left_alone(plain_env):
+def test_no_reexec_under_system_or_outside_the_command_line(plain_env, tmp_path):
+    _needs_huge_pages(plain_env)
+    starts, _ = _starts(["-m", "tokensynth_jax.cli", "--help"], {**plain_env, host_malloc.ENV: "system"}, tmp_path)
+    assert len(starts) == 1, starts
+    # A program of the user's that runs the command line in its own process (as a notebook would).
+    code = "import sys; sys.argv = ['mine', '--help']; from tokensynth_jax.cli import console; console.main()"
+    starts, out = _starts(["-c", code], plain_env, tmp_path)
+    assert len(starts) == 1 and "usage: tokensynth" in out, starts
+
+
+def test_a_chosen_tunable_is_kept(plain_env):
     _needs_huge_pages(plain_env)
     for setting in ("glibc.malloc.hugetlb=0", "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=2"):
         assert host_malloc.environment({**plain_env, host_malloc.TUNABLES: setting}) is None
     assert host_malloc.environment({**plain_env, host_malloc.ENV: "system"}) is None
     added = host_malloc.environment({**plain_env, host_malloc.TUNABLES: "glibc.malloc.arena_max=2"})
     assert added[host_malloc.TUNABLES] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
-    lines = _python(REEXEC, {**plain_env, host_malloc.ENV: "system"}).splitlines()
-    assert [line.split()[0] for line in lines] == ["start", "run"] and lines[1].endswith("None"), lines
 
 
 def test_the_console_script_reexecs_before_the_command_line_runs(monkeypatch):

@@ -74,11 +74,21 @@ def environment(env) -> dict | None:
     return env
 
 
+def _runs_the_command_line() -> bool:
+    """Whether this process was started as the command line: the `tokensynth` script or
+    `python -m tokensynth_jax.cli`, not a notebook, a REPL or a program of the user's that calls it
+    (whose state, or a script read from stdin, a second start would lose)."""
+    argv0 = sys.argv[0] if sys.argv else ""
+    module_main = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cli", "__main__.py")
+    return os.path.basename(argv0) == "tokensynth" or (bool(argv0) and os.path.abspath(argv0) == module_main)
+
+
 def reexec() -> None:
     """Replaces this process with itself (`sys.orig_argv`: the same interpreter, flags and
-    arguments; the same pid) under `environment`, when that changes anything; else returns."""
+    arguments; the same pid) under `environment`, when that changes anything and the process is
+    the command line's own; else returns."""
     env = environment(os.environ)
-    if env is None or not sys.executable or not getattr(sys, "orig_argv", None):
+    if env is None or not _runs_the_command_line() or not sys.executable or not getattr(sys, "orig_argv", None):
         return
     sys.stdout.flush()
     sys.stderr.flush()
