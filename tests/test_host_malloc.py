@@ -58,8 +58,9 @@ def test_huge_pages_cut_the_page_faults_of_a_large_temporary(plain_env):
     assert pages > (64 << 20) // 4096
     # glibc maps the temporary afresh at each call and every 4 KB page faults in again.
     assert min(system["faults"][1:]) > pages, system
-    # On 2 MB pages (the kernel may still hand out some small ones).
-    assert max(huge["faults"][1:]) < pages // 8, huge
+    # On 2 MB pages: about 1.3k faults a call here. The bound leaves room for the small pages a
+    # kernel short of free huge pages hands out instead.
+    assert max(huge["faults"][1:]) < pages // 2, huge
 
 
 def _starts(argv, env, tmp_path):
