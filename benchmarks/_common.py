@@ -136,21 +136,27 @@ def md_table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def cli_environment(env: dict) -> dict:
-    """`env` as the `tokensynth` command runs under it (`host_malloc`: glibc's huge-page tunable, where
-    it does something), for a part that stands for the command line."""
+def _host_malloc():
+    """tokensynth_jax.host_malloc, from this checkout."""
     if REPO not in sys.path:
         sys.path.insert(0, REPO)
     from tokensynth_jax import host_malloc
 
-    return host_malloc.environment(env) or dict(env)
+    return host_malloc
+
+
+def cli_environment(env: dict) -> dict:
+    """`env` as the `tokensynth` command runs under it (`host_malloc`: glibc's huge-page tunable, where
+    it does something), for a part that stands for the command line."""
+    return _host_malloc().environment(env) or dict(env)
 
 
 def malloc_note(glibc_tunables: str) -> str:
     """How a part's process allocated host memory, for the docs (its $GLIBC_TUNABLES)."""
-    if "glibc.malloc.hugetlb=1" in glibc_tunables:
+    host_malloc = _host_malloc()
+    if host_malloc.HUGE_PAGES in glibc_tunables:
         return ("as the `tokensynth` command does, with large host blocks on transparent huge pages "
-                "(`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`, tokensynth_jax/host_malloc.py)")
+                f"(`{host_malloc.TUNABLES}={host_malloc.HUGE_PAGES}`, tokensynth_jax/host_malloc.py)")
     return "with glibc's default malloc (no huge-page tunable)"
 
 

@@ -33,9 +33,14 @@ HUGE_PAGES = "glibc.malloc.hugetlb=1"
 _THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
+def _setting(env) -> str:
+    """`env`'s $TOKENSYNTH_HOST_MALLOC, normalised; unset or empty is the default, "hugepages"."""
+    return env.get(ENV, "").strip().lower() or CHOICES[0]
+
+
 def choice() -> str:
     """`$TOKENSYNTH_HOST_MALLOC`: "hugepages" (the default) or "system"; anything else is a UserError."""
-    value = os.environ.get(ENV, "").strip().lower() or "hugepages"
+    value = _setting(os.environ)
     if value not in CHOICES:
         raise UserError(f"${ENV}={os.environ[ENV]!r}: one of {', '.join(CHOICES)}")
     return value
@@ -66,7 +71,7 @@ def environment(env) -> dict | None:
     a system where the tunable does nothing."""
     env = dict(env)
     tunables = env.get(TUNABLES, "")
-    if "glibc.malloc.hugetlb=" in tunables or env.get(ENV, "").strip().lower() not in ("", "hugepages"):
+    if "glibc.malloc.hugetlb=" in tunables or _setting(env) != "hugepages":
         return None  # "system", or a bad value the command line will name (`choice`)
     if not (_glibc_takes_huge_pages() and _kernel_gives_huge_pages()):
         return None
@@ -87,8 +92,10 @@ def reexec() -> None:
     """Replaces this process with itself (`sys.orig_argv`: the same interpreter, flags and
     arguments; the same pid) under `environment`, when that changes anything and the process is
     the command line's own; else returns."""
+    if not _runs_the_command_line() or not sys.executable or not getattr(sys, "orig_argv", None):
+        return
     env = environment(os.environ)
-    if env is None or not _runs_the_command_line() or not sys.executable or not getattr(sys, "orig_argv", None):
+    if env is None:
         return
     sys.stdout.flush()
     sys.stderr.flush()
