@@ -223,6 +223,8 @@ def part_ours_train(section: Section) -> None:
 TRAIN_VARIANTS = {
     "defaults": {},
     "residual stream row-major": {"model.residual_layout": "row_major"},
+    "Dense products flat ([M, K] x [K, N])": {"model.dense_dot": "flat"},
+    "Dense products flat, residual stream row-major": {"model.dense_dot": "flat", "model.residual_layout": "row_major"},
     "residual stream row-major, batch 16": {"model.residual_layout": "row_major", "batch": 16},
     "residual stream row-major, GELU gradient recomputed": {"model.residual_layout": "row_major",
                                                             "model.gelu_grad": "recompute"},

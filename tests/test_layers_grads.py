@@ -1,6 +1,9 @@
 """Training knobs that change how the backward pass is computed, not what: the written-out backward
 of the exact GELU (`gelu_grad="recompute"`: the same values and gradients as JAX's autodiff, fewer
-tensors kept) and the pinned residual layout (`residual_layout="row_major"`: the same numbers)."""
+tensors kept), the pinned residual layout (`residual_layout="row_major"`: the same numbers) and the
+flattened Dense products (`dense_dot="flat"`: the same numbers, no transposed operands)."""
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -116,12 +119,62 @@ def test_row_major_residual_changes_no_number_and_reaches_the_step(scan_layers, 
     assert constraints(pinned) >= 2 * 3 * (1 if scan_layers else cfg.num_layers)  # 3 a block, and their gradients
 
 
+# --- Dense products -----------------------------------------------------------------------------
+@pytest.mark.parametrize("scan_layers,dtype", [(False, "float32"), (True, "float32"), (True, "bfloat16")])
+def test_flat_dense_dots_change_no_number(scan_layers, dtype):
+    """`dense_dot="flat"`: the same logits, loss and gradients as one dot_general over the kernels'
+    own axes (dropout on; bf16 with the head's backward in bf16, `layers.widened_dot`)."""
+    cfg = TINY.replace(scan_layers=scan_layers, dropout=0.1, dtype=dtype, logits_grad_dtype="compute")
+    params = nnx.state(randomize(TokenSynth(cfg, rngs=nnx.Rngs(0)), seed=11), nnx.Param)
+    rng = np.random.default_rng(12)
+    rows = rng.integers(0, cfg.codebook_vocab_size, (3, 10, cfg.num_channels)).astype(np.int32)
+    timbre = rng.normal(size=(3, cfg.timbre_dim)).astype(np.float32)
+
+    def run(dense_dot):
+        model = TokenSynth(cfg.replace(dense_dot=dense_dot), rngs=nnx.Rngs(0))
+        assert all(d.flat == (dense_dot == "flat") for _, d in nnx.iter_graph(model) if isinstance(d, layers.Dense))
+        loss = lambda p: jnp.square(nnx.merge(nnx.graphdef(model), p)(rows, timbre, dropout_rng=jax.random.PRNGKey(13))).mean()
+        logits = jax.jit(lambda p: nnx.merge(nnx.graphdef(model), p)(rows, timbre))(params)
+        return logits, jax.jit(jax.value_and_grad(loss))(params)
+
+    (logits, (loss, got)), (want_logits, (want_loss, want)) = run("flat"), run("xla")
+    tol = {"float32": 1e-5, "bfloat16": 2e-2}[dtype]
+    np.testing.assert_allclose(np.asarray(logits, np.float32), np.asarray(want_logits, np.float32), rtol=tol, atol=tol)
+    np.testing.assert_allclose(float(loss), float(want_loss), rtol=tol)
+    scale = max(float(np.abs(b).max()) for b in jax.tree.leaves(want))
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=tol, atol=tol * scale)
+
+
+def test_flat_dense_dots_transpose_nothing_on_the_cpu():
+    """Why "flat" is the CPU's choice: XLA:CPU transposes the [D, H, h] kernels and their gradients
+    into [M, K] x [K, N] form with copies (0.5 s of the reference-size step's thread time); merged to
+    two axes first, the products of the forward and backward take every array as it lies."""
+
+    def transposes(dense_dot):
+        cfg = ModelConfig(d_model=256, num_heads=4, dense_dot=dense_dot)
+        attn = layers.Attention(cfg, rngs=nnx.Rngs(0))
+        graphdef = nnx.graphdef(attn)
+        x = jax.random.normal(jax.random.PRNGKey(0), (2, 64, 256))
+
+        def loss(state, x):  # the query projection [D] -> [H, h], the output's [H, h] -> [D]
+            a = nnx.merge(graphdef, state)
+            return jnp.sum(a.out(a.query(x)) ** 2)
+
+        hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(nnx.state(attn), x).compile().as_text()
+        return len(re.findall(r" transpose\(", hlo))
+
+    assert transposes("flat") == 0
+    assert transposes("xla") > 0
+
+
 # --- config -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("gpu", [False, True])
 def test_gradient_knobs_config(monkeypatch, gpu):
     from tokensynth_jax import config as config_module
 
     monkeypatch.setattr(config_module, "on_gpu", lambda: gpu)
+    monkeypatch.setattr(config_module, "on_cpu", lambda: not gpu)
     auto = ModelConfig.from_dict(load_config_file("tiny").model.to_dict())
     assert (auto.gelu_grad, auto.gelu_grad_impl) == ("auto", "xla")  # slower on an H200: a memory knob
     assert not layers.Mlp(auto, rngs=nnx.Rngs(0)).grad_recomputed
@@ -138,3 +191,9 @@ def test_gradient_knobs_config(monkeypatch, gpu):
     assert "residual_layout" in RUNTIME_FIELDS
     with pytest.raises(ConfigError, match="model.residual_layout='column_major': one of auto, xla, row_major"):
         ModelConfig(residual_layout="column_major")
+    assert (auto.dense_dot, auto.dense_dot_impl) == ("auto", "xla" if gpu else "flat")  # timed on the CPU only
+    assert layers.Dense((4,), (2, 3), ("embed", "heads", "kv"), auto, rngs=nnx.Rngs(0)).flat == (not gpu)
+    assert auto.replace(dense_dot="xla").dense_dot_impl == "xla" and auto.replace(dense_dot="flat").dense_dot_impl == "flat"
+    assert "dense_dot" in RUNTIME_FIELDS
+    with pytest.raises(ConfigError, match="model.dense_dot='einsum': one of auto, xla, flat"):
+        ModelConfig(dense_dot="einsum")

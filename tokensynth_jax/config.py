@@ -45,7 +45,7 @@ REMAT_POLICIES = ("none", "full", "dots")
 # with one value loads under another.
 RUNTIME_FIELDS = ("dropout", "dtype", "remat", "attention_impl", "scan_layers", "loss_chunk", "dropout_rng",
                   "decode_attention", "matvec_as_gemm", "logits_grad_dtype", "decode_gemm", "gelu_grad",
-                  "residual_layout")
+                  "residual_layout", "dense_dot")
 # How a decoding step attends over the KV cache (see attention.pallas_decode_attention): "xla", the dense
 # masked path over every slot; "pallas_gpu", the Pallas (Triton) decode-attention kernel of JAX's
 # ops library, which reads only the slots written so far (causal attention only; off a GPU it runs
@@ -67,6 +67,15 @@ DECODE_GEMM = ("auto", "xla", "cublas", "pallas")
 # 16 ms of a 106 ms step transposing activations, LayerNorm gradients and dropout masks to and
 # from it (docs/benchmarks.md).
 RESIDUAL_LAYOUT = ("auto", "xla", "row_major")
+# How `layers.Dense` hands its product to XLA: "xla", one dot_general over the kernel's own axes
+# ([D] x [D, H, h], [H, h] x [H, h, D]); "flat", the input's leading axes and the kernel's input
+# and output axes each merged first (reshapes of row-major arrays: no copy), so every product is
+# [M, K] x [K, N]. Why: XLA canonicalises a product with several contracting or free axes by
+# transposing operands into that form with copies. In the CPU train step's backward pass XLA:CPU
+# so transposed every attention kernel and weight gradient of every layer, at under 1 GB/s (0.5 s
+# of a step's thread time, `jax.profiler` trace, 2026-11-27); with "flat" its YNNPACK dots read the
+# arrays as they lie (docs/benchmarks.md).
+DENSE_DOT = ("auto", "xla", "flat")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +110,7 @@ class ModelConfig:
     decode_gemm: str = "auto"  # the decode loop's products: "auto" | "xla" | "cublas" | "pallas" (`decode_gemm_impl`)
     gelu_grad: str = "auto"  # the MLP GELU's backward: "auto" | "xla" | "recompute" (`gelu_grad_impl`)
     residual_layout: str = "auto"  # the blocks' residual stream: "auto" | "xla" | "row_major" (`residual_layout_impl`)
+    dense_dot: str = "auto"  # how Dense layers' products reach XLA: "auto" | "xla" | "flat" (`dense_dot_impl`)
 
     def __post_init__(self):
         for name in _SIZES:
@@ -137,6 +147,8 @@ class ModelConfig:
             raise ConfigError(f"model.gelu_grad={self.gelu_grad!r}: one of 'auto', 'xla', 'recompute'")
         if self.residual_layout not in RESIDUAL_LAYOUT:
             raise ConfigError(f"model.residual_layout={self.residual_layout!r}: one of {', '.join(RESIDUAL_LAYOUT)}")
+        if self.dense_dot not in DENSE_DOT:
+            raise ConfigError(f"model.dense_dot={self.dense_dot!r}: one of {', '.join(DENSE_DOT)}")
         chunk = self.loss_chunk
         if isinstance(chunk, str) and chunk.strip().lstrip("-").isdigit():  # from a command line
             chunk = int(chunk)
@@ -190,6 +202,13 @@ class ModelConfig:
         """"auto": "xla" everywhere, until a GPU has timed "row_major" (benchmarks/accelerator.py's
         train variants)."""
         return self.residual_layout if self.residual_layout != "auto" else "xla"
+
+    @property
+    def dense_dot_impl(self) -> str:
+        """"auto": "flat" on a CPU (the reference-size train step, batch 1 x 1024: 4.63 against 5.29 s
+        in one A/B, the same loss), "xla" elsewhere until a GPU or TPU has timed "flat"
+        (benchmarks/accelerator.py's train variants)."""
+        return self.dense_dot if self.dense_dot != "auto" else ("flat" if on_cpu() else "xla")
 
     @property
     def loss_chunk_size(self) -> int:
@@ -283,6 +302,13 @@ class ModelConfig:
         if unknown:
             raise ConfigError(f"unknown model config keys: {unknown}")
         return cls(**dict(values))
+
+
+def on_cpu() -> bool:
+    """Whether JAX's default backend is the host CPU."""
+    import jax
+
+    return jax.default_backend() == "cpu"
 
 
 def on_gpu() -> bool:

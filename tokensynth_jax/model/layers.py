@@ -70,6 +70,7 @@ class Dense(nnx.Module):
         self.num_in = len(in_shape)
         self.dtype = jnp.dtype(cfg.dtype)
         self.grad_in_compute_dtype = cfg.logits_grad_impl == "compute"
+        self.flat = cfg.dense_dot_impl == "flat"
 
     def __call__(self, x, out_dtype=None):
         """`out_dtype` (e.g. fp32 for logits) is what the product accumulates into and returns;
@@ -77,12 +78,17 @@ class Dense(nnx.Module):
         out_dtype = out_dtype or self.dtype
         kernel = self.kernel[...].astype(self.dtype)
         x = x.astype(self.dtype)
-        dims = ((tuple(range(x.ndim - self.num_in, x.ndim)), tuple(range(self.num_in))), ((), ()))
+        lead, out_shape, num_in = x.shape[:x.ndim - self.num_in], kernel.shape[self.num_in:], self.num_in
+        if self.flat:  # [M, K] x [K, N] (ModelConfig.dense_dot)
+            x = x.reshape(math.prod(lead), math.prod(x.shape[len(lead):]))
+            kernel = kernel.reshape(x.shape[1], math.prod(out_shape))
+            num_in = 1
+        dims = ((tuple(range(x.ndim - num_in, x.ndim)), tuple(range(num_in))), ((), ()))
         if self.grad_in_compute_dtype and jnp.dtype(out_dtype) != self.dtype:
             y = widened_dot(x, kernel, dims, jnp.dtype(out_dtype))
         else:
             y = jax.lax.dot_general(x, kernel, dims, preferred_element_type=out_dtype)
-        return y.astype(out_dtype) + self.bias[...].astype(out_dtype)
+        return y.reshape(lead + out_shape).astype(out_dtype) + self.bias[...].astype(out_dtype)
 
 
 class LayerNorm(nnx.Module):
