@@ -129,3 +129,45 @@ def test_sharded_forward_equals_one_device(sharded, mesh):
     got = forward(sharded, rows_s, timbre_s)
     assert got.sharding.spec == P(("data", "fsdp"), None, "tensor")
     np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-5)
+
+
+# --- the train step's collectives ---------------------------------------------------------------
+def _train_step_hlo(cfg, mesh, batch=8, length=12, whole_embed=True, monkeypatch=None):
+    """The optimized HLO of one sharded train step, traced with the mesh in context (as train.py)."""
+    import functools
+
+    from tokensynth_jax.training import optim
+    from tokensynth_jax.training import train_step as ts
+
+    if not whole_embed:  # the tables' embed axis left sharded: what whole_embed prevents
+        monkeypatch.setattr(sharding, "whole_embed", lambda table, rules=None: table[...])
+    model = transformer.create_sharded(cfg, mesh, seed=0)
+    opt = nnx.Optimizer(model, optim.make_optimizer(optim.OptimConfig(), nnx.state(model, nnx.Param)), wrt=nnx.Param)
+    graphdef, state = nnx.split((model, opt))
+    rng = np.random.default_rng(0)
+    targets = rng.integers(0, cfg.codebook_vocab_size, (batch, length + 1, cfg.num_channels)).astype(np.int32)
+    data = {"timbre": rng.normal(size=(batch, cfg.timbre_dim)).astype(np.float32), "rows": targets[:, :-1],
+            "targets": targets, "mask": np.ones((batch, length + 1), bool)}
+    data = {k: jax.device_put(v, sharding.batch_sharding(mesh, v.ndim)) for k, v in data.items()}
+    with jax.set_mesh(mesh):
+        return jax.jit(functools.partial(ts.train_step, graphdef)).lower(state, data, jax.random.PRNGKey(0)).compile().as_text()
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_train_step_never_gathers_the_batch_activations(mesh, scan_layers, monkeypatch):
+    """On a data x fsdp x tensor mesh no collective of the step returns the whole batch's [B, L, D]
+    activations (or their gradient): each device keeps its own items. With the lookup tables left
+    sharded over `embed`, SPMD replicated the embeddings' [B, L, D] gradient on every device
+    (`sharding.whole_embed`)."""
+    import re
+
+    cfg = EVEN.replace(scan_layers=scan_layers, dropout=0.1)
+    whole_batch = re.compile(rf"= f32\[8,1[23],{cfg.d_model}\]\S* (all-gather|all-reduce|all-to-all)")
+    assert not whole_batch.search(_train_step_hlo(cfg, mesh))
+    if not scan_layers:  # the unrolled step (a GPU's default) is where SPMD gave up
+        assert whole_batch.search(_train_step_hlo(cfg, mesh, whole_embed=False, monkeypatch=monkeypatch))
+
+
+def test_whole_embed_without_a_mesh_is_the_table(sharded):
+    table = sharded.codebook_embed
+    assert sharding.whole_embed(table) is table[...]

@@ -68,17 +68,41 @@ def state_shardings(abstract_state: nnx.State, mesh: Mesh, rules=DEFAULT_RULES):
 
     def one(var):
         names = var.get_metadata().get("out_sharding") if isinstance(var, nnx.Variable) else None
-        spec = logical_to_spec(names, rules)
         shape = var.shape if hasattr(var, "shape") else ()
-        # An axis the mesh does not divide is replicated rather than failing (small test models).
-        spec = PartitionSpec(*[
-            s if s is None or shape[i] % math.prod(mesh.shape[a] for a in ((s,) if isinstance(s, str) else s)) == 0
-            else None
-            for i, s in enumerate(spec)
-        ])
-        return NamedSharding(mesh, spec)
+        return NamedSharding(mesh, _fitted(logical_to_spec(names, rules), shape, mesh))
 
     return jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def _fitted(spec: PartitionSpec, shape, mesh) -> PartitionSpec:
+    """`spec` with every array axis that its mesh axes do not divide (or that names an axis the
+    mesh lacks) replicated rather than failing (small test models)."""
+    def fits(i, s):
+        axes = (s,) if isinstance(s, str) else tuple(s)
+        return all(a in mesh.shape for a in axes) and shape[i] % math.prod(mesh.shape[a] for a in axes) == 0
+
+    return PartitionSpec(*[s if s is None or fits(i, s) else None for i, s in enumerate(spec)])
+
+
+def whole_embed(table: nnx.Param, rules=DEFAULT_RULES) -> jax.Array:
+    """A lookup table's value for a gather, its `embed` axis whole on every device of the mesh in
+    context (`jax.set_mesh`; without one, the value as it is): FSDP's all-gather before use, as
+    every weight gets.
+
+    Why: gathered from a table sharded over `embed`, the rows come out sharded over `embed`, and
+    the gradient's scatter-add needs the [B, L, D] gradient so sharded as well. SPMD cannot move it
+    there from the batch sharding on a data x fsdp mesh and replicates it whole on every device
+    instead ("involuntary full rematerialization": the global batch's activations on each
+    device). With the table whole over `embed`, rows and gradient keep the batch sharding and the
+    table's gradient is reduced over the mesh like any weight's.
+    """
+    value = table[...]
+    mesh = jax.sharding.get_abstract_mesh()
+    names = table.get_metadata().get("out_sharding")
+    if mesh.empty or not names:
+        return value
+    spec = logical_to_spec(tuple(None if n == "embed" else n for n in names), rules)
+    return jax.lax.with_sharding_constraint(value, _fitted(spec, value.shape, mesh))
 
 
 def batch_sharding(mesh: Mesh, ndim: int, rules=DEFAULT_RULES) -> NamedSharding:

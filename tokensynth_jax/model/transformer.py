@@ -73,9 +73,9 @@ class TokenSynth(nnx.Module):
     def embed_rows(self, rows_blc):
         """Sum of the channel embeddings of each row, [B, L, D]."""
         dtype = jnp.dtype(self.cfg.dtype)
-        x = jnp.take(self.midi_embed[...], rows_blc[..., 0], axis=0).astype(dtype)
+        x = jnp.take(sharding.whole_embed(self.midi_embed), rows_blc[..., 0], axis=0).astype(dtype)
         codebooks = jnp.arange(self.cfg.num_codebooks)
-        x_blkd = self.codebook_embed[...][codebooks, rows_blc[..., 1:]].astype(dtype)
+        x_blkd = sharding.whole_embed(self.codebook_embed)[codebooks, rows_blc[..., 1:]].astype(dtype)
         return x + x_blkd.sum(axis=-2)
 
     def start_embedding(self, batch: int, timbre_bt, use_null_b):
