@@ -65,7 +65,8 @@ def test_scan_layers_is_true_false_or_auto_from_a_file_or_the_command_line(tmp_p
 
     read = lambda spec, overrides=None: ModelConfig.from_dict(load_config_file(spec, overrides).model.to_dict())
     assert read("tiny").scan_layers == "auto"
-    assert read("tiny").scans_layers == (jax.default_backend() not in ("gpu", "cuda", "rocm"))  # scanned on CPU
+    assert read("tiny").scans_layers == (jax.default_backend() == "tpu")  # unrolled on CPU and GPU
+    assert read("tiny", {"model.dense_dot": "xla"}).scans_layers == (jax.default_backend() in ("cpu", "tpu"))
     for value, expected in (("False", False), ("true", True)):
         cfg = read("tiny", {"model.scan_layers": value})
         assert cfg.scan_layers is expected and cfg.scans_layers is expected

@@ -170,13 +170,19 @@ class ModelConfig:
         """Whether the blocks of a full forward run as one `lax.scan` on the default backend.
 
         "auto": unrolled on a GPU, where it measured 14% faster and lighter than the scan (H200,
-        batch 32 x 1024: 290.7k vs 254.8k tokens/s, 23.5 vs 32.9 GB; benchmarks/accelerator.py);
-        scanned elsewhere: on a CPU the scan measured 4.15 against 4.37 s a reference-size step
-        unrolled (batch 1 x 1024, `dense_dot="flat"`; unrolled with "xla" products 11.7 s, XLA:CPU
-        transposing inside every block's backward, see DENSE_DOT; 2026-11-27), and on a TPU the
-        scan keeps compile time flat at depth (not measured).
+        batch 32 x 1024: 290.7k vs 254.8k tokens/s, 23.5 vs 32.9 GB; benchmarks/accelerator.py).
+        Unrolled on a CPU with `dense_dot="flat"`: as fast as the scan at the reference size (batch
+        1 x 1024, two A/B pairs: 4.06 and 4.20 against 4.08 and 4.12 s a step), with 3.3 against
+        4.3 GB of temporaries and no per-step stack of the blocks' parameters, though it compiles
+        in 11-12 s against 8 (2026-11-27). Scanned on a CPU with "xla" products (unrolled 11.7 s a
+        step: XLA:CPU transposing inside every block's backward, see DENSE_DOT) and on a TPU, where
+        the loop keeps compile time flat at depth (not measured).
         """
-        return self.scan_layers if self.scan_layers != "auto" else not on_gpu()
+        if self.scan_layers != "auto":
+            return self.scan_layers
+        if on_gpu():
+            return False
+        return not (on_cpu() and self.dense_dot_impl == "flat")
 
     # The "auto" choices below are the fastest measured on an H200 (benchmarks/accelerator.py,
     # 2026-11-27, docs/benchmarks.md); off a GPU each is the plain path, which nothing measured
