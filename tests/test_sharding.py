@@ -1,4 +1,7 @@
 """The device mesh, logical-axis rules and sharded model creation on 8 fake CPU devices."""
+import functools
+import re
+
 import jax
 import numpy as np
 import pytest
@@ -9,6 +12,8 @@ from tokensynth_jax import sharding
 from tokensynth_jax.config import ModelConfig
 from tokensynth_jax.model import transformer
 from tokensynth_jax.model.transformer import TokenSynth
+from tokensynth_jax.training import optim
+from tokensynth_jax.training import train_step as ts
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices: XLA_FLAGS set in conftest")
 
@@ -132,15 +137,8 @@ def test_sharded_forward_equals_one_device(sharded, mesh):
 
 
 # --- the train step's collectives ---------------------------------------------------------------
-def _train_step_hlo(cfg, mesh, batch=8, length=12, whole_embed=True, monkeypatch=None):
+def _train_step_hlo(cfg, mesh, batch=8, length=12):
     """The optimized HLO of one sharded train step, traced with the mesh in context (as train.py)."""
-    import functools
-
-    from tokensynth_jax.training import optim
-    from tokensynth_jax.training import train_step as ts
-
-    if not whole_embed:  # the tables' embed axis left sharded: what whole_embed prevents
-        monkeypatch.setattr(sharding, "whole_embed", lambda table, rules=None: table[...])
     model = transformer.create_sharded(cfg, mesh, seed=0)
     opt = nnx.Optimizer(model, optim.make_optimizer(optim.OptimConfig(), nnx.state(model, nnx.Param)), wrt=nnx.Param)
     graphdef, state = nnx.split((model, opt))
@@ -159,13 +157,12 @@ def test_train_step_never_gathers_the_batch_activations(mesh, scan_layers, monke
     activations (or their gradient): each device keeps its own items. With the lookup tables left
     sharded over `embed`, SPMD replicated the embeddings' [B, L, D] gradient on every device
     (`sharding.whole_embed`)."""
-    import re
-
     cfg = EVEN.replace(scan_layers=scan_layers, dropout=0.1)
     whole_batch = re.compile(rf"= f32\[8,1[23],{cfg.d_model}\]\S* (all-gather|all-reduce|all-to-all)")
     assert not whole_batch.search(_train_step_hlo(cfg, mesh))
     if not scan_layers:  # the unrolled step (a GPU's default) is where SPMD gave up
-        assert whole_batch.search(_train_step_hlo(cfg, mesh, whole_embed=False, monkeypatch=monkeypatch))
+        monkeypatch.setattr(sharding, "whole_embed", lambda table, rules=None: table[...])  # tables left sharded
+        assert whole_batch.search(_train_step_hlo(cfg, mesh))
 
 
 def test_whole_embed_without_a_mesh_is_the_table(sharded):
