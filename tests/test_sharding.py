@@ -165,6 +165,24 @@ def test_train_step_never_gathers_the_batch_activations(mesh, scan_layers, monke
         assert whole_batch.search(_train_step_hlo(cfg, mesh))
 
 
+@pytest.mark.parametrize("shape", [{"data": 2, "fsdp": 2, "tensor": 2}, {"fsdp": 8}], ids=["2x2x2", "fsdp8"])
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_train_step_keeps_the_residual_stream_batch_major(shape, scan_layers, monkeypatch):
+    """The step moves no activations between shardings: no all-to-all. Without `sharding.constrain`
+    SPMD sharded the residual stream over `embed` (as the LayerNorm scales and FSDP weights are) and
+    all-to-all'd it back and forth."""
+    mesh = sharding.make_mesh(shape)
+    cfg = EVEN.replace(scan_layers=scan_layers, dropout=0.1)
+    assert " all-to-all(" not in _train_step_hlo(cfg, mesh)
+    monkeypatch.setattr(sharding, "constrain", lambda x, names, rules=None: x)
+    assert " all-to-all(" in _train_step_hlo(cfg, mesh)
+
+
+def test_constrain_without_a_mesh_is_the_array():
+    x = np.ones((4, 3, 2), np.float32)
+    assert sharding.constrain(x, sharding.RESIDUAL) is x
+
+
 def test_whole_embed_without_a_mesh_is_the_table(sharded):
     table = sharded.codebook_embed
     assert sharding.whole_embed(table) is table[...]

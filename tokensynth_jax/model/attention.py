@@ -340,17 +340,21 @@ def padded_dot_product_attention(q_blhd, k_blhd, v_blhd, pad_b=None, *, implemen
 
 
 # --- Pallas TPU splash attention --------------------------------------------------------------
-@functools.lru_cache(maxsize=32)
 def _splash_kernel(length: int, heads: int, block: int, interpret: bool):
-    """A causal splash kernel for one item [H, L, h] (its block-sparsity tables are numpy, built
-    once per shape)."""
+    """A causal splash kernel for one item [H, L, h], made anew in each trace.
+
+    Why not cached: its block-sparsity tables become constants of the trace that calls it. A kernel
+    kept across traces would need them as arrays on a device, and the mesh in context puts them on
+    the mesh's devices, which an ahead-of-time compile for a TPU topology from a host without TPUs
+    does not have (benchmarks/tpu_compile.py). Splash caches the mask processing itself (numpy, by
+    the mask's content), so a kernel costs about a millisecond after the first.
+    """
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
     mask = sa.MultiHeadMask([sa.CausalMask((length, length)) for _ in range(heads)])
     sizes = sa.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
                           block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
-    with jax.ensure_compile_time_eval():  # concrete tables, so the cached kernel outlives any trace
-        return sa.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
+    return sa.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
 
 
 def splash_attention(q_blhd, k_blhd, v_blhd, pad_b=None, *, interpret: bool = False):

@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from tokensynth_jax import sharding
 from tokensynth_jax.config import PALLAS_DECODE_ATTENTION, ModelConfig
 from tokensynth_jax.model import attention, gemv
 
@@ -319,7 +320,10 @@ class Block(nnx.Module):
 
     def __call__(self, x, valid_bqk=None, cache=None, slot=None, dropout_key=None, pad_b=None):
         """One block; `valid_bqk`, `cache`, `slot` and `pad_b` as `Attention.__call__`."""
-        pin = row_major if self.row_major else (lambda a: a)
+        def pin(a):  # the residual stream: batch-major on a mesh, and row-major if asked
+            a = sharding.constrain(a, sharding.RESIDUAL)
+            return row_major(a) if self.row_major else a
+
         keys = (None, None) if dropout_key is None else tuple(jax.random.split(dropout_key))
         x = pin(x)
         y, cache = self.attn(self.ln1(x), valid_bqk, cache, slot, pad_b)

@@ -82,15 +82,15 @@ class TokenSynth(nnx.Module):
         """Position-0 embedding [B, D] for a batch of timbres (or the learned start vector)."""
         dtype = jnp.dtype(self.cfg.dtype)
         if self.cfg.conditioning == "unconditional":
-            return jnp.broadcast_to(self.start_embed[...].astype(dtype), (batch, self.cfg.d_model))
+            return jnp.broadcast_to(sharding.whole_embed(self.start_embed).astype(dtype), (batch, self.cfg.d_model))
         if timbre_bt is None:
             raise ValueError("a timbre-conditioned model needs a timbre embedding")
         start = self.timbre_fc2(jax.nn.relu(self.timbre_fc1(timbre_bt)))
         if use_null_b is not None:
             if not self.cfg.null_timbre:
                 raise ValueError("this model has no null timbre (config.null_timbre is False)")
-            start = jnp.where(use_null_b[:, None], self.null_embed[...].astype(dtype), start)
-        return start
+            start = jnp.where(use_null_b[:, None], sharding.whole_embed(self.null_embed).astype(dtype), start)
+        return sharding.constrain(start, sharding.PER_ITEM)
 
     # --- shared trunk -------------------------------------------------------------------------
     def _trunk(self, x_bld, valid_bqk, caches=None, slot=None, dropout_rng=None, pad_b=None):
@@ -178,7 +178,7 @@ class TokenSynth(nnx.Module):
         x = jnp.concatenate(
             [self.start_embedding(batch, timbre_bt, use_null_b)[:, None], self.embed_rows(rows_blc)], axis=1
         )
-        x = x + self.pos_embed[: length + 1].astype(x.dtype)
+        x = sharding.constrain(x + sharding.whole_embed(self.pos_embed)[: length + 1].astype(x.dtype), sharding.RESIDUAL)
         valid = None  # causal: the attention kernel builds its own pattern
         if self.cfg.attention != "causal":
             slots = jnp.arange(length + 1)
@@ -250,7 +250,7 @@ class TokenSynth(nnx.Module):
         x = jnp.concatenate([jnp.zeros_like(start)[:, None], self.embed_rows(rows_bpc)], axis=1)
         x = jnp.where((slots[None, :] == pad_b[:, None])[..., None], start[:, None], x)
         positions = jnp.clip(slots[None, :] - pad_b[:, None], 0, self.cfg.max_len - 1)
-        x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(x.dtype)
+        x = x + jnp.take(sharding.whole_embed(self.pos_embed), positions, axis=0).astype(x.dtype)
         valid = None  # causal: over the prompt's own keys, left padding from pad_b
         if self.cfg.attention != "causal":
             valid = attention_valid(slots, jnp.arange(cache[0].k.shape[-2]), pad_b, num_rows, self.cfg.attention)
@@ -261,7 +261,7 @@ class TokenSynth(nnx.Module):
         """One row per item written at `slot`; returns its logits [B, V] and the cache."""
         x = self.embed_rows(row_bc[:, None])
         positions = jnp.clip(slot - pad_b, 0, self.cfg.max_len - 1)
-        x = x + jnp.take(self.pos_embed[...], positions, axis=0)[:, None].astype(x.dtype)
+        x = x + jnp.take(sharding.whole_embed(self.pos_embed), positions, axis=0)[:, None].astype(x.dtype)
         valid = attention_valid(
             jnp.reshape(slot, (1,)), jnp.arange(cache[0].k.shape[-2]), pad_b, slot, self.cfg.attention
         )
