@@ -27,9 +27,16 @@ $(STAMP): setup.py pyproject.toml
 	$(BIN)/pip install -q --no-deps basic-pitch==0.4.0 'resampy>=0.4.3'
 	touch $(STAMP)
 
+# libtpu, the TPU compiler, apart from the venv (on its path every JAX process would start it): for
+# `tokensynth compile-step --topology` in tests/test_compile_step.py. The version jax[tpu] pins.
+LIBTPU := $(VENV)/libtpu
+$(LIBTPU)/.installed: $(STAMP)
+	$(BIN)/pip install -q --no-deps --upgrade --target $(LIBTPU) "$$($(BIN)/python -c 'import importlib.metadata as m; print(next(r.split(";")[0].strip() for r in m.requires("jax") if r.startswith("libtpu")))')"
+	touch $@
+
 # pytest-xdist: two workers (CI has 2 cores; TEST_WORKERS=N for more), the slow tests first (conftest.py).
 TEST_WORKERS ?= 2
-test: setup
+test: setup $(LIBTPU)/.installed
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist load tests
 
 demo: setup

@@ -89,6 +89,15 @@ CASES = [
     ("train-seq-len-over-max-len", [*TRAIN, DATA, "--config.data.seq_len=4096"], "--config.data.seq_len", []),
     ("train-workdir-is-a-file", [*TRAIN, DATA], "--workdir", ["file:run"]),
     ("train-init-from-not-a-checkpoint", [*TRAIN, DATA, "--init-from", "{folder}"], "folder", []),
+    # compile-step
+    ("compile-step-zero-batch", ["compile-step", "--config", "tiny", "--config.data.global_batch=0"],
+     "--config.data.global_batch=0", []),
+    ("compile-step-batch-does-not-split", ["compile-step", "--config", "tiny", "--config.mesh.data=8",
+                                           "--config.data.global_batch=12"], "--config.data.global_batch=12", []),
+    ("compile-step-mesh-of-other-devices", ["compile-step", "--config", "tiny", "--config.mesh.data=3"],
+     "--config.mesh", []),
+    ("compile-step-topology-without-libtpu", ["compile-step", "--config", "tiny", "--topology", "v5e:2x2"],
+     "--topology v5e:2x2", []),
     # convert
     ("convert-official-of-another-shape", ["convert", "--to", "official", "{ckpt}", "{tmp}/o.pt"], "--force", []),
     ("convert-official-onto-a-folder", ["convert", "--to", "official", "--force", "{ckpt}", "{tmp}/o.pt"],

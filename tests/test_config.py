@@ -115,3 +115,20 @@ def test_speed_knobs_resolve_auto_per_platform_and_keep_explicit_values(monkeypa
         read({"model.matvec_as_gemm": "often"})
     with pytest.raises(ConfigError, match="model.loss_chunk='-3': 'auto' or a whole number >= 0"):
         read({"model.loss_chunk": "-3"})
+
+
+def test_compiling_for_another_platform_resolves_its_auto_choices():
+    """Inside `compiling_for("tpu")` (an ahead-of-time compile for a TPU topology from this CPU) the
+    "auto" choices and Pallas switches are a TPU's; outside, this host's again."""
+    import jax.numpy as jnp
+
+    from tokensynth_jax import config as config_module
+    from tokensynth_jax.model import attention
+
+    cfg = ModelConfig()
+    here = (config_module.platform(), cfg.scans_layers, cfg.dense_dot_impl, attention.resolve("auto", jnp.bfloat16))
+    assert here == ("cpu", False, "flat", "xla")
+    with config_module.compiling_for("tpu"):
+        assert (config_module.platform(), config_module.on_cpu(), config_module.on_gpu()) == ("tpu", False, False)
+        assert (cfg.scans_layers, cfg.dense_dot_impl, attention.resolve("auto", jnp.bfloat16)) == (True, "xla", "pallas_tpu")
+    assert (config_module.platform(), cfg.scans_layers, cfg.dense_dot_impl, attention.resolve("auto", jnp.bfloat16)) == here

@@ -6,6 +6,8 @@ checkpoint.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import json
 import numbers
@@ -312,18 +314,40 @@ class ModelConfig:
         return cls(**dict(values))
 
 
-def on_cpu() -> bool:
-    """Whether JAX's default backend is the host CPU."""
+_TARGET_PLATFORM: contextvars.ContextVar[str | None] = contextvars.ContextVar("target_platform", default=None)
+
+
+def platform() -> str:
+    """The platform the model computes for, which its "auto" choices and Pallas kernels follow: JAX's
+    default backend, or the one `compiling_for` names."""
+    target = _TARGET_PLATFORM.get()
+    if target is not None:
+        return target
     import jax
 
-    return jax.default_backend() == "cpu"
+    return jax.default_backend()
+
+
+@contextlib.contextmanager
+def compiling_for(target: str):
+    """Models built and traced inside are for `target` ("tpu", "gpu", "cpu"), not the default
+    backend: an ahead-of-time compile for another platform's devices (training/plan.py compiles
+    for a TPU topology from a host whose backend is its CPU)."""
+    token = _TARGET_PLATFORM.set(target)
+    try:
+        yield
+    finally:
+        _TARGET_PLATFORM.reset(token)
+
+
+def on_cpu() -> bool:
+    """Whether the model computes for the host CPU (`platform`)."""
+    return platform() == "cpu"
 
 
 def on_gpu() -> bool:
-    """Whether JAX's default backend is a GPU (what the "auto" choices of speed knobs ask)."""
-    import jax
-
-    return jax.default_backend() in ("gpu", "cuda", "rocm")
+    """Whether the model computes for a GPU (`platform`; what the "auto" choices of speed knobs ask)."""
+    return platform() in ("gpu", "cuda", "rocm")
 
 
 REFERENCE = ModelConfig()  # the paper's / official package's model: ~175M parameters

@@ -23,6 +23,7 @@ SUBCOMMANDS = (
     prep.add_prep_parser,
     prep.add_prep_verify_parser,
     training.add_train_parser,
+    training.add_compile_step_parser,
     model_commands.add_init_parser,
     model_commands.add_convert_parser,
     model_commands.add_convert_clap_parser,

@@ -37,9 +37,10 @@ def add_train_parser(sub) -> None:
     p.add_argument("--init-from", help="a model checkpoint (e.g. a converted official one) to fine-tune")
 
 
-def check_run_config(config) -> None:
+def check_run_config(config, need_data: bool = True) -> None:
     """Refuses a run config that would fail late or train nonsense: sizes below their minimum,
-    no training data, data paths that match nothing, a sequence longer than the model's positions."""
+    a sequence longer than the model's positions, and (`need_data`) no training data or data paths
+    that match nothing."""
     for key, least in _MINIMUM.items():
         group, name = key.split(".")
         value = config[group].get(name)
@@ -48,6 +49,8 @@ def check_run_config(config) -> None:
     if config.data.seq_len > config.model.max_len:
         raise UsageError(f"--config.data.seq_len={config.data.seq_len}: longer than the model's "
                          f"{config.model.max_len} positions (model.max_len)")
+    if not need_data:
+        return
     if not config.data.paths:
         raise UsageError("--config.data.paths: no training data; give the shards `tokensynth prep` wrote, "
                          "e.g. --config.data.paths=DATA/train")
@@ -72,6 +75,45 @@ def _train(args) -> int:
 
     _logging()
     train.train(config, args.workdir, init_from=args.init_from)
+    return 0
+
+
+# --- compile-step --------------------------------------------------------------------------------------
+def add_compile_step_parser(sub) -> None:
+    p = checks.subcommand(sub, "compile-step", _compile_step, takes_config=True,
+                          help="compile a config's sharded train step without running it, for a Cloud TPU slice "
+                               "(from any host) or this host's devices: each device's memory, and whether it fits")
+    p.add_argument("--config", required=True, help="as `train --config`; the step's sizes are data.global_batch, "
+                   "data.seq_len, train.grad_accum and the mesh config.mesh")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--topology", help="a Cloud TPU topology, e.g. v5e:2x4, v5p:2x2x1, v6e:4x4 (needs libtpu: "
+                   "pip install 'jax[tpu]'); default: this host's devices")
+    p.add_argument("--json", action="store_true", help="print the plan as one JSON object")
+
+
+def _compile_step(args) -> int:
+    import importlib.util
+
+    from tokensynth_jax.training import plan
+
+    config = checks.load_config(args)
+    check_run_config(config, need_data=False)
+    if args.topology is not None and importlib.util.find_spec("libtpu") is None:
+        raise UsageError(f"--topology {args.topology}: compiling for a TPU slice needs libtpu, which is not "
+                         "installed (pip install 'jax[tpu]')")
+    plan.prepare_environment(args.topology)
+    if args.topology is not None:  # a compile-only client cannot load executables from the persistent cache
+        from tokensynth_jax import compile_cache
+
+        compile_cache.enable(None)
+    if args.topology is None:
+        import jax
+
+        devices, target = jax.devices(), "this host"
+    else:
+        devices, target = plan.topology_devices(args.topology), args.topology
+    result = plan.compile_train_step(config, devices, target)
+    print(json.dumps(result.to_dict()) if args.json else "\n".join(result.lines()))
     return 0
 
 

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tokensynth_jax.config import ModelConfig, on_gpu
+from tokensynth_jax.config import ModelConfig, on_cpu, on_gpu
 from tokensynth_jax.model.transformer import TokenSynth
 from tokensynth_jax.tokens import token_layout
 
@@ -402,7 +402,7 @@ def decode_compile_options(cfg: ModelConfig) -> dict:
     (benchmarks/accelerator.py adds its "xla." variants here.)"""
     if on_gpu():
         return dict(CUBLAS_GEMM_OPTIONS) if cfg.decode_gemm_impl == "cublas" else {}
-    if jax.default_backend() == "cpu" and _cpu_takes(tuple(sorted(CPU_DECODE_OPTIONS.items()))):
+    if on_cpu() and _cpu_takes(tuple(sorted(CPU_DECODE_OPTIONS.items()))):
         return dict(CPU_DECODE_OPTIONS)
     return {}
 

@@ -34,7 +34,7 @@ import jax.extend
 import jax.numpy as jnp
 import numpy as np
 
-from tokensynth_jax import sharding
+from tokensynth_jax import config, sharding
 from tokensynth_jax.config import PALLAS_DECODE_ATTENTION
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "pallas_tpu")
@@ -42,11 +42,11 @@ SPLASH_BLOCKS = (512, 256, 128)  # splash tiles: the largest that divides the pa
 
 
 def resolve(impl: str, dtype) -> str:
-    """The implementation "auto" stands for on the default backend: cuDNN on a CUDA GPU with a
+    """The implementation "auto" stands for on the model's platform (`config.platform`): cuDNN on a CUDA GPU with a
     16-bit compute dtype (its flash kernel has no fp32 path), splash on a TPU, else XLA."""
     if impl != "auto":
         return impl
-    backend = jax.default_backend()
+    backend = config.platform()
     if backend == "tpu":
         return "pallas_tpu"
     cuda = backend == "gpu" and "cuda" in jax.extend.backend.get_backend().platform_version.lower()
@@ -139,7 +139,7 @@ def pallas_decode_attention(q_bqhd, k_bhsd, v_bhsd, pad_b, slot, *, q_scaled: bo
     from jax.experimental.pallas.ops.gpu import decode_attention as pallas_decode
 
     if interpret is None:
-        interpret = jax.default_backend() != "gpu"
+        interpret = config.platform() != "gpu"
     num_slots = k_bhsd.shape[2]
     splits = 1 if q_bqhd.shape[0] * q_bqhd.shape[2] >= PARALLEL_ITEMS else num_slots // DECODE_BLOCK
     q = (q_bqhd if q_scaled else _scaled(q_bqhd))[:, 0]
@@ -224,7 +224,7 @@ def pallas_decode_step(qkv_b3hd, k_bhsd, v_bhsd, pad_b, slot, *, q_scaled: bool 
     from jax.experimental.pallas import triton as plgpu
 
     if interpret is None:
-        interpret = jax.default_backend() != "gpu"
+        interpret = config.platform() != "gpu"
     batch, _, heads, head_dim = qkv_b3hd.shape
     num_slots = k_bhsd.shape[2]
     part = lambda i: pl.BlockSpec((None, None, None, head_dim), lambda b, h: (b, i, h, 0))
@@ -271,7 +271,7 @@ def causal_self_attention(q_blhd, k_blhd, v_blhd, pad_b=None, *, impl: str = "xl
     if impl == "cudnn":
         return padded_dot_product_attention(q_blhd, k_blhd, v_blhd, pad_b, implementation="cudnn")
     if impl == "pallas_tpu":
-        splash = functools.partial(splash_attention, interpret=jax.default_backend() != "tpu")
+        splash = functools.partial(splash_attention, interpret=config.platform() != "tpu")
         return _per_shard(splash, q_blhd, k_blhd, v_blhd, pad_b)
     raise ValueError(f"unknown attention implementation {impl!r}; one of {IMPLEMENTATIONS[1:]}")
 

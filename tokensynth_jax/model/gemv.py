@@ -27,6 +27,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from tokensynth_jax import config
+
 # Tiling of the kernel (benchmarks/accelerator.py's "gemv.NAME=VALUE" variants override these to
 # tune on a GPU): weight rows per program, K values per loop step, warps per program, and the
 # software-pipelining depth of the K loop. Measured on an H200 (2026-11-27, batch-1 decoding, ms a
@@ -156,7 +158,7 @@ def gemv(x_mk, w_nk, b_n, *, ln=None, gelu: bool = False, residual_mn=None, out_
     from jax.experimental.pallas import triton as plgpu
 
     if interpret is None:
-        interpret = jax.default_backend() != "gpu"
+        interpret = config.platform() != "gpu"
     (rows, k), n = x_mk.shape, w_nk.shape[0]
     if not supported(rows, n, k):
         raise ValueError(f"gemv: unsupported sizes M={rows}, N={n}, K={k} (see gemv.supported)")

@@ -222,11 +222,9 @@ def train(config, workdir: str, init_from: str | None = None) -> dict:
             state = nnx.state((model, opt))
 
     # Compile ahead of time with explicit shardings; log the memory plan.
-    batch_shardings = {k: sharding.batch_sharding(mesh, n) for k, n in (("timbre", 2), ("rows", 3), ("targets", 3), ("mask", 2))}
-    step_fn = jax.jit(
-        functools.partial(ts.train_step, graphdef, null_rate=tc.null_rate, grad_accum=tc.grad_accum),
-        in_shardings=(state_shardings, batch_shardings, None), out_shardings=(state_shardings, None), donate_argnums=0,
-    )
+    batch_shardings = ts.batch_shardings(mesh)
+    step_fn = ts.jit_train_step(graphdef, state_shardings, batch_shardings, null_rate=tc.null_rate,
+                                grad_accum=tc.grad_accum)
     eval_jit = jax.jit(functools.partial(ts.eval_step, graphdef), in_shardings=(state_shardings, batch_shardings))
 
     # The steps are traced with the mesh in context: the Pallas TPU attention, which XLA cannot

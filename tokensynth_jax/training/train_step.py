@@ -8,13 +8,19 @@ probability `null_rate`, which is what classifier-free guidance needs at samplin
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from tokensynth_jax import sharding
 from tokensynth_jax.config import ModelConfig
 from tokensynth_jax.model.transformer import TokenSynth
+
+# A batch's arrays and their ranks (input_pipeline.build_example): each is sharded over its first axis.
+BATCH_NDIMS = {"timbre": 2, "rows": 3, "targets": 3, "mask": 2}
 
 
 def channel_losses(logits_blv, targets_blc, mask_bl, cfg: ModelConfig):
@@ -126,3 +132,25 @@ def eval_step(graphdef, state, batch):
     model, _ = nnx.merge(graphdef, state)
     ce, hit, count = _forward_losses(model, batch, jax.random.PRNGKey(0), 0.0, False)
     return {"ce_sum": ce, "correct": hit, "positions": count}
+
+
+def batch_shardings(mesh) -> dict:
+    """The NamedSharding of each batch array: batch over data x fsdp."""
+    return {k: sharding.batch_sharding(mesh, n) for k, n in BATCH_NDIMS.items()}
+
+
+def abstract_batch(cfg: ModelConfig, global_batch: int, seq_len: int, shardings: dict) -> dict:
+    """ShapeDtypeStructs of a global batch, as `input_pipeline` makes it (for compiling without data)."""
+    shapes = {"timbre": ((global_batch, cfg.timbre_dim), jnp.float32),
+              "rows": ((global_batch, seq_len - 1, cfg.num_channels), jnp.int32),
+              "targets": ((global_batch, seq_len, cfg.num_channels), jnp.int32),
+              "mask": ((global_batch, seq_len), jnp.bool_)}
+    return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=shardings[k]) for k, (shape, dtype) in shapes.items()}
+
+
+def jit_train_step(graphdef, state_shardings, batch_shardings_: dict, *, null_rate: float, grad_accum: int):
+    """`train_step` jitted with explicit shardings, the state donated. Lower it with the mesh in
+    context (`jax.set_mesh`): the Pallas TPU attention is shard_mapped over it."""
+    return jax.jit(functools.partial(train_step, graphdef, null_rate=null_rate, grad_accum=grad_accum),
+                   in_shardings=(state_shardings, batch_shardings_, None), out_shardings=(state_shardings, None),
+                   donate_argnums=0)

@@ -1,0 +1,171 @@
+"""The sharded train step compiled without running it: what each device holds, and whether it fits.
+
+What `tokensynth plan` prints before a slice is reserved or a run is launched. For a Cloud TPU slice
+(`topology`, e.g. "v5e:4x4") libtpu compiles the step for the slice's chips from any host, with or
+without TPUs (`jax.experimental.topologies`); without a topology, for this host's devices. Nothing
+is allocated: the state and the batch are ShapeDtypeStructs with their shardings. The numbers are
+XLA's memory plan of the step, the Pallas TPU kernels in it (the splash attention) and its
+collectives.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+import re
+import time
+
+from tokensynth_jax.errors import UserError
+
+# High-bandwidth memory of one JAX device, GiB (Cloud TPU system architecture pages), by
+# `device_kind`. Others (and v4, whose topologies list each TensorCore as a device) get no verdict.
+HBM_GIB = {"TPU v5 lite": 16, "TPU v5": 95, "TPU v6 lite": 32}
+# What libtpu reads at start-up on a TPU VM; set so that on other hosts it starts without querying
+# a metadata server or warning about their absence (it only compiles there).
+_LIBTPU_ENV = {"ALLOW_MULTIPLE_LIBTPU_LOAD": "1", "TPU_SKIP_MDS_QUERY": "1", "TPU_ACCELERATOR_TYPE": "v5litepod-4", "TPU_WORKER_HOSTNAMES": "localhost"}
+_COLLECTIVE = re.compile(r" (all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)(?:-start)?\(")
+
+
+class PlanError(UserError):
+    """A topology that libtpu cannot compile for, or a config the slice cannot shard."""
+
+
+@dataclasses.dataclass
+class Plan:
+    target: str  # the topology, or "this host"
+    device_kind: str
+    devices: int
+    mesh: dict
+    global_batch: int
+    seq_len: int
+    grad_accum: int
+    parameters: int
+    argument_gb: float  # per device: parameters, optimizer state and the batch shard
+    temp_gb: float
+    output_gb: float
+    alias_gb: float  # outputs that reuse the donated state's buffers
+    total_gb: float  # arguments + temporaries + outputs - aliased
+    hbm_gb: float | None
+    pallas_tpu_kernels: int
+    collectives: dict
+    compile_s: float
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.hbm_gb is None else self.total_gb <= self.hbm_gb
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "fits": self.fits}
+
+    def lines(self) -> list[str]:
+        verdict = {True: "fits", False: "does NOT fit", None: "no HBM size known for this device"}[self.fits]
+        of = f" of {self.hbm_gb:.1f} GB" if self.hbm_gb else ""
+        mesh = " x ".join(f"{k} {v}" for k, v in self.mesh.items())
+        return [
+            f"target: {self.target}, {self.devices} x {self.device_kind}; mesh {mesh}",
+            (f"step: global batch {self.global_batch} x {self.seq_len} positions"
+             + (f" in {self.grad_accum} micro-batches" if self.grad_accum > 1 else "")
+             + f", {self.parameters / 1e6:.1f}M parameters"),
+            (f"per device: arguments {self.argument_gb:.2f} GB (parameters, optimizer state, batch), temporaries "
+             f"{self.temp_gb:.2f} GB, outputs {self.output_gb:.2f} GB ({self.alias_gb:.2f} GB reusing the donated "
+             f"state): {self.total_gb:.2f} GB{of}: {verdict}"),
+            (f"Pallas TPU kernels: {self.pallas_tpu_kernels}; collectives: "
+             + (", ".join(f"{k} {v}" for k, v in sorted(self.collectives.items())) or "none")),
+            f"compiled in {self.compile_s:.1f} s",
+        ]
+
+
+def prepare_environment(topology: str | None) -> None:
+    """Before JAX is imported: for a topology, JAX's own devices are the CPU (the TPU backend, if
+    any, stays closed) and libtpu starts without a TPU VM's metadata."""
+    if topology is not None:
+        os.environ["JAX_PLATFORMS"] = "cpu"
+        for key, value in _LIBTPU_ENV.items():
+            os.environ.setdefault(key, value)
+
+
+def topology_devices(topology: str) -> list:
+    """The devices of a Cloud TPU topology ("v5e:2x2", "v5p:2x2x1", "v6e:4x4"), for compiling only."""
+    import jax
+    from jax.experimental import topologies
+
+    try:
+        return list(topologies.get_topology_desc(topology_name=topology, platform="tpu").devices)
+    except (jax.errors.JaxRuntimeError, RuntimeError, ValueError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise PlanError(f"--topology {topology}: libtpu cannot compile for it: {reason}") from None
+
+
+def _hbm_gb(device) -> float | None:
+    """A device's memory: the table's for TPU kinds, else what the runtime reports (GPUs), if anything."""
+    if device.device_kind in HBM_GIB:
+        return HBM_GIB[device.device_kind] * 2**30 / 1e9
+    try:
+        limit = (device.memory_stats() or {}).get("bytes_limit")
+    except Exception:  # noqa: BLE001 - compile-only devices and some backends have no memory_stats
+        limit = None
+    return limit / 1e9 if limit else None
+
+
+def compile_train_step(config, devices, target: str) -> Plan:
+    """Compiles `config`'s train step (model, optim, mesh, data.global_batch, data.seq_len,
+    train.grad_accum, train.null_rate) sharded over `devices`, allocating nothing. The model's "auto"
+    choices are the devices' platform's."""
+    from tokensynth_jax.config import compiling_for
+
+    with compiling_for(devices[0].platform):  # the target's "auto" choices and kernels, not this host's
+        return _compile(config, devices, target)
+
+
+def _compile(config, devices, target: str) -> Plan:
+    import jax
+    from flax import nnx
+
+    from tokensynth_jax import sharding
+    from tokensynth_jax.config import ModelConfig
+    from tokensynth_jax.model.transformer import TokenSynth
+    from tokensynth_jax.scaling import flops
+    from tokensynth_jax.training import optim
+    from tokensynth_jax.training import train_step as ts
+
+    cfg = ModelConfig.from_dict(config.model.to_dict())
+    oc = optim.OptimConfig.from_dict(config.optim.to_dict())
+    batch, seq, accum = config.data.global_batch, config.data.seq_len, config.train.grad_accum
+    try:
+        mesh = sharding.make_mesh(config.mesh.to_dict(), devices)
+    except ValueError as e:
+        raise PlanError(f"--config.mesh: {e}") from None
+    rows = mesh.shape["data"] * mesh.shape["fsdp"]
+    if batch % (rows * accum):
+        raise PlanError(f"--config.data.global_batch={batch}: not a multiple of data x fsdp ({rows}) x "
+                        f"train.grad_accum ({accum})")
+
+    def create():
+        model = TokenSynth(cfg, rngs=nnx.Rngs(0))
+        return model, nnx.Optimizer(model, optim.make_optimizer(oc, nnx.state(model, nnx.Param)), wrt=nnx.Param)
+
+    graphdef, abstract = nnx.split(nnx.eval_shape(create))
+    state_shardings = sharding.state_shardings(abstract, mesh)
+    state = jax.tree.map(lambda s, v: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s)),
+                         state_shardings, abstract)
+    batch_shardings = ts.batch_shardings(mesh)
+    step = ts.jit_train_step(graphdef, state_shardings, batch_shardings, null_rate=config.train.null_rate,
+                             grad_accum=accum)
+    t0 = time.perf_counter()
+    with jax.set_mesh(mesh):
+        compiled = step.lower(state, ts.abstract_batch(cfg, batch, seq, batch_shardings),
+                              jax.ShapeDtypeStruct((2,), jax.numpy.uint32)).compile()
+    compile_s = time.perf_counter() - t0
+    m, hlo = compiled.memory_analysis(), compiled.as_text()
+    gb = lambda n: n / 1e9
+    return Plan(
+        target=target, device_kind=devices[0].device_kind, devices=len(devices), mesh=dict(mesh.shape), global_batch=batch, seq_len=seq,
+        grad_accum=accum, parameters=flops.param_counts(cfg).total,
+        argument_gb=gb(m.argument_size_in_bytes), temp_gb=gb(m.temp_size_in_bytes), output_gb=gb(m.output_size_in_bytes),
+        alias_gb=gb(m.alias_size_in_bytes),
+        total_gb=gb(m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes),
+        hbm_gb=_hbm_gb(devices[0]),
+        pallas_tpu_kernels=hlo.count('custom_call_target="tpu_custom_call"'),
+        collectives=dict(collections.Counter(_COLLECTIVE.findall(hlo))), compile_s=round(compile_s, 1),
+    )
+
