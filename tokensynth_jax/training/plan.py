@@ -1,6 +1,6 @@
 """The sharded train step compiled without running it: what each device holds, and whether it fits.
 
-What `tokensynth plan` prints before a slice is reserved or a run is launched. For a Cloud TPU slice
+What `tokensynth compile-step` prints before a slice is reserved or a run is launched. For a Cloud TPU slice
 (`topology`, e.g. "v5e:4x4") libtpu compiles the step for the slice's chips from any host, with or
 without TPUs (`jax.experimental.topologies`); without a topology, for this host's devices. Nothing
 is allocated: the state and the batch are ShapeDtypeStructs with their shardings. The numbers are
@@ -21,8 +21,10 @@ from tokensynth_jax.errors import UserError
 # `device_kind`. Others (and v4, whose topologies list each TensorCore as a device) get no verdict.
 HBM_GIB = {"TPU v5 lite": 16, "TPU v5": 95, "TPU v6 lite": 32}
 # What libtpu reads at start-up on a TPU VM; set so that on other hosts it starts without querying
-# a metadata server or warning about their absence (it only compiles there).
-_LIBTPU_ENV = {"ALLOW_MULTIPLE_LIBTPU_LOAD": "1", "TPU_SKIP_MDS_QUERY": "1", "TPU_ACCELERATOR_TYPE": "v5litepod-4", "TPU_WORKER_HOSTNAMES": "localhost"}
+# a metadata server or warning about their absence (it only compiles there, for the topology asked,
+# whatever accelerator type this names), and so that several such processes may run at once.
+_LIBTPU_ENV = {"ALLOW_MULTIPLE_LIBTPU_LOAD": "1", "TPU_SKIP_MDS_QUERY": "1", "TPU_ACCELERATOR_TYPE": "v5litepod-4",
+               "TPU_WORKER_HOSTNAMES": "localhost"}
 _COLLECTIVE = re.compile(r" (all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)(?:-start)?\(")
 
 
@@ -76,12 +78,15 @@ class Plan:
 
 
 def prepare_environment(topology: str | None) -> None:
-    """Before JAX is imported: for a topology, JAX's own devices are the CPU (the TPU backend, if
-    any, stays closed) and libtpu starts without a TPU VM's metadata."""
-    if topology is not None:
-        os.environ["JAX_PLATFORMS"] = "cpu"
-        for key, value in _LIBTPU_ENV.items():
-            os.environ.setdefault(key, value)
+    """Before JAX starts a backend: for a topology, JAX's own devices are the CPU (a TPU VM's chips,
+    which a run may be using, stay closed) and libtpu starts without a TPU VM's metadata."""
+    if topology is None:
+        return
+    for key, value in _LIBTPU_ENV.items():
+        os.environ.setdefault(key, value)
+    import jax
+
+    jax.config.update("jax_platforms", "cpu")
 
 
 def topology_devices(topology: str) -> list:
