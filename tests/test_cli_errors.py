@@ -88,6 +88,11 @@ CASES = [
     ("train-zero-steps", [*TRAIN, DATA, "--config.train.steps=0"], "--config.train.steps=0", []),
     ("train-seq-len-over-max-len", [*TRAIN, DATA, "--config.data.seq_len=4096"], "--config.data.seq_len", []),
     ("train-workdir-is-a-file", [*TRAIN, DATA], "--workdir", ["file:run"]),
+    ("train-mesh-of-other-devices", [*TRAIN, DATA, "--config.mesh.data=3"], "--config.mesh", []),
+    ("train-batch-does-not-split-over-the-mesh", [*TRAIN, DATA, "--config.data.global_batch=12"],
+     "--config.data.global_batch=12", []),
+    ("train-batch-does-not-split-into-micro-batches", [*TRAIN, DATA, "--config.data.global_batch=8",
+                                                       "--config.train.grad_accum=3"], "train.grad_accum (3)", []),
     ("train-init-from-not-a-checkpoint", [*TRAIN, DATA, "--init-from", "{folder}"], "folder", []),
     # compile-step
     ("compile-step-zero-batch", ["compile-step", "--config", "tiny", "--config.data.global_batch=0"],

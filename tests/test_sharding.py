@@ -47,9 +47,11 @@ def test_make_mesh_on_given_devices():
     ({"data": -1, "fsdp": 3}, "8 devices do not divide"),
     ({"data": 2}, "needs 2 devices, have 8"),
     ({"data": 4, "tensor": 4}, "needs 16 devices, have 8"),
+    ({"data": 0, "fsdp": -1}, "must be positive"),
+    ({"tensor": -2}, "must be positive"),
 ])
 def test_make_mesh_rejects_bad_shapes(shape, problem):
-    with pytest.raises(ValueError, match=problem):
+    with pytest.raises(sharding.MeshError, match=f"--config.mesh: .*{problem}"):
         sharding.make_mesh(shape)
 
 
@@ -137,7 +139,7 @@ def test_sharded_forward_equals_one_device(sharded, mesh):
 
 
 # --- the train step's collectives ---------------------------------------------------------------
-def _train_step_hlo(cfg, mesh, batch=8, length=12):
+def _train_step_hlo(cfg, mesh, batch=8, length=12, grad_accum=1):
     """The optimized HLO of one sharded train step, traced with the mesh in context (as train.py)."""
     model = transformer.create_sharded(cfg, mesh, seed=0)
     opt = nnx.Optimizer(model, optim.make_optimizer(optim.OptimConfig(), nnx.state(model, nnx.Param)), wrt=nnx.Param)
@@ -148,7 +150,8 @@ def _train_step_hlo(cfg, mesh, batch=8, length=12):
             "targets": targets, "mask": np.ones((batch, length + 1), bool)}
     data = {k: jax.device_put(v, sharding.batch_sharding(mesh, v.ndim)) for k, v in data.items()}
     with jax.set_mesh(mesh):
-        return jax.jit(functools.partial(ts.train_step, graphdef)).lower(state, data, jax.random.PRNGKey(0)).compile().as_text()
+        step = functools.partial(ts.train_step, graphdef, grad_accum=grad_accum)
+        return jax.jit(step).lower(state, data, jax.random.PRNGKey(0)).compile().as_text()
 
 
 @pytest.mark.parametrize("scan_layers", [False, True])
@@ -176,6 +179,14 @@ def test_train_step_keeps_the_residual_stream_batch_major(shape, scan_layers, mo
     assert " all-to-all(" not in _train_step_hlo(cfg, mesh)
     monkeypatch.setattr(sharding, "constrain", lambda x, names, rules=None: x)
     assert " all-to-all(" in _train_step_hlo(cfg, mesh)
+
+
+def test_gradient_accumulation_keeps_each_micro_batch_on_every_device():
+    """Micro-batch i is rows i, i + 2, ...: each device's rows split where they lie, so nothing is
+    moved into place (consecutive rows put each micro-batch on half the devices: an all-to-all
+    and collective-permutes of the batch)."""
+    hlo = _train_step_hlo(EVEN, sharding.make_mesh({"fsdp": 8}), batch=16, grad_accum=2)
+    assert " all-to-all(" not in hlo and " collective-permute(" not in hlo and " collective-permute-start(" not in hlo
 
 
 def test_constrain_without_a_mesh_is_the_array():

@@ -14,6 +14,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from tokensynth_jax.errors import UserError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # Logical axis -> mesh axes (t5x-sized). Weights: FSDP over `embed`, tensor parallel over the
@@ -31,20 +33,47 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 )
 
 
+class MeshError(UserError):
+    """A mesh shape (`config.mesh`) that the devices at hand cannot make."""
+
+
 def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A mesh over `data`, `fsdp`, `tensor`; one axis may be -1 (filled with the remaining devices)."""
+    """A mesh over `data`, `fsdp`, `tensor`; one axis may be -1 (filled with the remaining devices).
+
+    Raises:
+      MeshError (a UserError naming --config.mesh): a shape these devices cannot make.
+    """
     devices = list(devices if devices is not None else jax.devices())
     sizes = [int(shape.get(axis, 1)) for axis in MESH_AXES]
+    asked = dict(zip(MESH_AXES, sizes))
     if sizes.count(-1) > 1:
-        raise ValueError(f"at most one mesh axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
+        raise MeshError(f"--config.mesh: at most one mesh axis may be -1, got {asked}")
     known = math.prod(s for s in sizes if s != -1)
+    if known < 1 or any(s < -1 or s == 0 for s in sizes):
+        raise MeshError(f"--config.mesh: axis sizes must be positive (or one -1), got {asked}")
     if -1 in sizes:
         if len(devices) % known:
-            raise ValueError(f"{len(devices)} devices do not divide into mesh {dict(zip(MESH_AXES, sizes))}")
+            raise MeshError(f"--config.mesh: {len(devices)} devices do not divide into mesh {asked}")
         sizes[sizes.index(-1)] = len(devices) // known
     if math.prod(sizes) != len(devices):
-        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, have {len(devices)}")
+        raise MeshError(f"--config.mesh: mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
+                        f"have {len(devices)}")
     return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+
+
+def check_batch(mesh: Mesh, global_batch: int, grad_accum: int = 1) -> None:
+    """Refuses a global batch that does not split over the batch's mesh axes (data x fsdp) or into
+    `grad_accum` micro-batches. (Micro-batches that do not split over data x fsdp still run, with
+    some devices holding copies.)
+
+    Raises:
+      MeshError naming --config.data.global_batch.
+    """
+    rows = mesh.shape["data"] * mesh.shape["fsdp"]
+    if global_batch % rows:
+        raise MeshError(f"--config.data.global_batch={global_batch}: not a multiple of data x fsdp ({rows})")
+    if global_batch % grad_accum:
+        raise MeshError(f"--config.data.global_batch={global_batch}: not a multiple of train.grad_accum ({grad_accum})")
 
 
 def logical_to_spec(names: Sequence[str | None] | None, rules=DEFAULT_RULES) -> PartitionSpec:

@@ -29,7 +29,7 @@ _COLLECTIVE = re.compile(r" (all-gather|all-reduce|reduce-scatter|all-to-all|col
 
 
 class PlanError(UserError):
-    """A topology that libtpu cannot compile for, or a config the slice cannot shard."""
+    """A topology that libtpu cannot compile for."""
 
 
 @dataclasses.dataclass
@@ -136,14 +136,8 @@ def _compile(config, devices, target: str) -> Plan:
     cfg = ModelConfig.from_dict(config.model.to_dict())
     oc = optim.OptimConfig.from_dict(config.optim.to_dict())
     batch, seq, accum = config.data.global_batch, config.data.seq_len, config.train.grad_accum
-    try:
-        mesh = sharding.make_mesh(config.mesh.to_dict(), devices)
-    except ValueError as e:
-        raise PlanError(f"--config.mesh: {e}") from None
-    rows = mesh.shape["data"] * mesh.shape["fsdp"]
-    if batch % (rows * accum):
-        raise PlanError(f"--config.data.global_batch={batch}: not a multiple of data x fsdp ({rows}) x "
-                        f"train.grad_accum ({accum})")
+    mesh = sharding.make_mesh(config.mesh.to_dict(), devices)
+    sharding.check_batch(mesh, batch, accum)
 
     def create():
         model = TokenSynth(cfg, rngs=nnx.Rngs(0))

@@ -171,6 +171,7 @@ def train(config, workdir: str, init_from: str | None = None) -> dict:
 
     # Mesh and data.
     mesh = sharding.make_mesh(config.mesh.to_dict())
+    sharding.check_batch(mesh, config.data.global_batch, tc.grad_accum)
     pc = input_pipeline.PipelineConfig(
         paths=tuple(config.data.paths), global_batch=config.data.global_batch, seq_len=config.data.seq_len,
         seed=tc.seed, worker_count=config.data.worker_count,

@@ -109,7 +109,11 @@ def train_step(graphdef, state, batch, step_rng, *, null_rate: float = 0.0, grad
     if grad_accum == 1:
         (loss, (ce, hit, count)), grads = grads_of(batch, step_rng)
     else:
-        micro = jax.tree.map(lambda x: x.reshape(grad_accum, -1, *x.shape[1:]), batch)
+        # Micro-batch i is rows i, i + grad_accum, ...: each device's rows split among the
+        # micro-batches where they lie, so every micro-batch keeps the batch's sharding. (Taking
+        # consecutive rows put each micro-batch on a fraction of the devices and made SPMD
+        # all-to-all the batch into place.)
+        micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(-1, grad_accum, *x.shape[1:]), 0, 1), batch)
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
 
         def body(acc, xs):
