@@ -102,15 +102,14 @@ def _compile_step(args) -> int:
         raise UsageError(f"--topology {args.topology}: compiling for a TPU slice needs libtpu, which is not "
                          "installed (pip install 'jax[tpu]')")
     plan.prepare_environment(args.topology)
-    if args.topology is not None:  # a compile-only client cannot load executables from the persistent cache
-        from tokensynth_jax import compile_cache
-
-        compile_cache.enable(None)
     if args.topology is None:
         import jax
 
         devices, target = jax.devices(), "this host"
     else:
+        from tokensynth_jax import compile_cache
+
+        compile_cache.enable(None)  # a compile-only client cannot load executables from the persistent cache
         devices, target = plan.topology_devices(args.topology), args.topology
     result = plan.compile_train_step(config, devices, target)
     print(json.dumps(result.to_dict()) if args.json else "\n".join(result.lines()))

@@ -42,8 +42,9 @@ SPLASH_BLOCKS = (512, 256, 128)  # splash tiles: the largest that divides the pa
 
 
 def resolve(impl: str, dtype) -> str:
-    """The implementation "auto" stands for on the model's platform (`config.platform`): cuDNN on a CUDA GPU with a
-    16-bit compute dtype (its flash kernel has no fp32 path), splash on a TPU, else XLA."""
+    """The implementation "auto" stands for on the model's platform (`config.platform`): cuDNN on a
+    CUDA GPU with a 16-bit compute dtype (its flash kernel has no fp32 path), splash on a TPU, else
+    XLA."""
     if impl != "auto":
         return impl
     backend = config.platform()
@@ -346,7 +347,7 @@ def _splash_kernel(length: int, heads: int, block: int, interpret: bool):
     Why not cached: its block-sparsity tables become constants of the trace that calls it. A kernel
     kept across traces would need them as arrays on a device, and the mesh in context puts them on
     the mesh's devices, which an ahead-of-time compile for a TPU topology from a host without TPUs
-    does not have (benchmarks/tpu_compile.py). Splash caches the mask processing itself (numpy, by
+    does not have (`tokensynth compile-step`, training/plan.py). Splash caches the mask processing itself (numpy, by
     the mask's content), so a kernel costs about a millisecond after the first.
     """
     from jax.experimental.pallas.ops.tpu import splash_attention as sa

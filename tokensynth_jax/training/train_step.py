@@ -152,9 +152,9 @@ def abstract_batch(cfg: ModelConfig, global_batch: int, seq_len: int, shardings:
     return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=shardings[k]) for k, (shape, dtype) in shapes.items()}
 
 
-def jit_train_step(graphdef, state_shardings, batch_shardings_: dict, *, null_rate: float, grad_accum: int):
+def jit_train_step(graphdef, state_shardings, in_batch_shardings: dict, *, null_rate: float, grad_accum: int):
     """`train_step` jitted with explicit shardings, the state donated. Lower it with the mesh in
     context (`jax.set_mesh`): the Pallas TPU attention is shard_mapped over it."""
     return jax.jit(functools.partial(train_step, graphdef, null_rate=null_rate, grad_accum=grad_accum),
-                   in_shardings=(state_shardings, batch_shardings_, None), out_shardings=(state_shardings, None),
+                   in_shardings=(state_shardings, in_batch_shardings, None), out_shardings=(state_shardings, None),
                    donate_argnums=0)
