@@ -162,7 +162,7 @@ def _train_measurer(section: Section, extra: dict | None = None):
 
     def fresh():  # a failed call may have consumed the donated state
         model = TokenSynth(cfg, rngs=nnx.Rngs(0))
-        opt = nnx.Optimizer(model, optim.make_optimizer(oc, nnx.state(model, nnx.Param)), wrt=nnx.Param)
+        opt = optim.optimizer_for(model, oc)
         return nnx.split((model, opt))
 
     graphdef, state = fresh()

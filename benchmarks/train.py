@@ -98,7 +98,7 @@ def part_ours(args) -> dict:
     cfg = ModelConfig.from_dict(config.model.to_dict())
     oc = optim.OptimConfig.from_dict(config.optim.to_dict())
     model = TokenSynth(cfg, rngs=nnx.Rngs(0))
-    opt = nnx.Optimizer(model, optim.make_optimizer(oc, nnx.state(model, nnx.Param)), wrt=nnx.Param)
+    opt = optim.optimizer_for(model, oc)
     graphdef, state = nnx.split((model, opt))
     batch = jax.device_put(_batch(cfg, args.batch, args.seq_len))
     step = jax.jit(functools.partial(ts.train_step, graphdef), donate_argnums=0)

@@ -58,8 +58,7 @@ def part(args) -> dict:
     config = load_config_file(os.path.join(_common.REPO, "configs", "reference.py"), _overrides(args, args.only))
     cfg = ModelConfig.from_dict(config.model.to_dict())
     model = TokenSynth(cfg, rngs=nnx.Rngs(0))
-    opt = nnx.Optimizer(model, optim.make_optimizer(optim.OptimConfig.from_dict(config.optim.to_dict()),
-                                                    nnx.state(model, nnx.Param)), wrt=nnx.Param)
+    opt = optim.optimizer_for(model, optim.OptimConfig.from_dict(config.optim.to_dict()))
     graphdef, state = nnx.split((model, opt))
     rng = np.random.default_rng(0)
     targets = np.concatenate([rng.integers(0, cfg.midi_vocab_size, (args.batch, args.seq_len, 1)),

@@ -47,6 +47,11 @@ def decay_mask(params: nnx.State):
     )
 
 
+def optimizer_for(model: nnx.Module, oc: OptimConfig) -> nnx.Optimizer:
+    """`make_optimizer(oc)` over `model`'s parameters: the optimizer half of the train state."""
+    return nnx.Optimizer(model, make_optimizer(oc, nnx.state(model, nnx.Param)), wrt=nnx.Param)
+
+
 def make_optimizer(oc: OptimConfig, params: nnx.State) -> optax.GradientTransformation:
     """AdamW(schedule) with clipping; decay mask computed from `params`' logical names."""
     chain = [optax.clip_by_global_norm(oc.clip_norm)] if oc.clip_norm else []

@@ -46,18 +46,22 @@ class Plan:
     temp_gb: float
     output_gb: float
     alias_gb: float  # outputs that reuse the donated state's buffers
-    total_gb: float  # arguments + temporaries + outputs - aliased
     hbm_gb: float | None
     pallas_tpu_kernels: int
     collectives: dict
     compile_s: float
 
     @property
+    def total_gb(self) -> float:
+        """What the step holds on a device: arguments + temporaries + outputs - aliased."""
+        return self.argument_gb + self.temp_gb + self.output_gb - self.alias_gb
+
+    @property
     def fits(self) -> bool | None:
         return None if self.hbm_gb is None else self.total_gb <= self.hbm_gb
 
     def to_dict(self) -> dict:
-        return {**dataclasses.asdict(self), "fits": self.fits}
+        return {**dataclasses.asdict(self), "total_gb": self.total_gb, "fits": self.fits}
 
     def lines(self) -> list[str]:
         verdict = {True: "fits", False: "does NOT fit", None: "no HBM size known for this device"}[self.fits]
@@ -141,7 +145,7 @@ def _compile(config, devices, target: str) -> Plan:
 
     def create():
         model = TokenSynth(cfg, rngs=nnx.Rngs(0))
-        return model, nnx.Optimizer(model, optim.make_optimizer(oc, nnx.state(model, nnx.Param)), wrt=nnx.Param)
+        return model, optim.optimizer_for(model, oc)
 
     graphdef, abstract = nnx.split(nnx.eval_shape(create))
     state_shardings = sharding.state_shardings(abstract, mesh)
@@ -162,7 +166,6 @@ def _compile(config, devices, target: str) -> Plan:
         grad_accum=accum, parameters=flops.param_counts(cfg).total,
         argument_gb=gb(m.argument_size_in_bytes), temp_gb=gb(m.temp_size_in_bytes), output_gb=gb(m.output_size_in_bytes),
         alias_gb=gb(m.alias_size_in_bytes),
-        total_gb=gb(m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes),
         hbm_gb=_hbm_gb(devices[0]),
         pallas_tpu_kernels=hlo.count('custom_call_target="tpu_custom_call"'),
         collectives=dict(collections.Counter(_COLLECTIVE.findall(hlo))), compile_s=round(compile_s, 1),

@@ -196,8 +196,7 @@ def train(config, workdir: str, init_from: str | None = None) -> dict:
     # Abstract state, shardings, and the sharded state born on the mesh.
     def create():
         model = TokenSynth(cfg, rngs=nnx.Rngs(tc.seed))
-        tx = optim.make_optimizer(oc, nnx.state(model, nnx.Param))
-        return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+        return model, optim.optimizer_for(model, oc)
 
     graphdef, abstract_state = nnx.split(nnx.eval_shape(create))
     state_shardings = sharding.state_shardings(abstract_state, mesh)
