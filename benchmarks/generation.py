@@ -78,7 +78,7 @@ def unflatten(flat):
 def write_midi(path: str) -> int:
     """A 5 s piano piece: four 3-note chords (0, 1.2, 2.4, 3.6 s) under a 12-note melody. 24 notes,
     all ending before 5 s (the reference stops at the first note that reaches 5 s)."""
-    import pretty_midi
+    from tokensynth_jax.tokens.midi_library import pretty_midi
 
     pm = pretty_midi.PrettyMIDI(resolution=480, initial_tempo=120.0)
     chords = pretty_midi.Instrument(program=0, name="chords")

@@ -18,6 +18,8 @@ import threading
 
 import numpy as np
 
+from tokensynth_jax.tokens.midi_library import import_fluidsynth, pretty_midi
+
 from .config import PrepConfig
 from .instrument_spec import InstrumentError, InstrumentSpec
 from .paths import is_remote, read_bytes
@@ -39,7 +41,7 @@ def assign_splits(ids: list[str], valid_fraction: float, test_fraction: float, s
 # --- FluidSynth ------------------------------------------------------------------------------------
 def _fluidsynth():
     try:
-        import fluidsynth
+        fluidsynth = import_fluidsynth()
     except (ImportError, OSError) as e:
         raise InstrumentError(
             f"FluidSynth is not available ({e}): install the Debian package libfluidsynth3 "
@@ -59,8 +61,6 @@ _local_lock = threading.Lock()
 def resolve_soundfont(path: str) -> str:
     """A local path for a SoundFont: the packaged default, a local file, or a cached remote copy."""
     if path == DEFAULT_SOUNDFONT:
-        import pretty_midi
-
         return os.path.join(os.path.dirname(pretty_midi.__file__), "TimGM6mb.sf2")
     if not is_remote(path):
         if not os.path.isfile(path):

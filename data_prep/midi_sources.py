@@ -16,10 +16,10 @@ import os
 import warnings
 
 import numpy as np
-import pretty_midi
 
 from tokensynth_jax.errors import UserError
 from tokensynth_jax.tokens import midi_tokens
+from tokensynth_jax.tokens.midi_library import pretty_midi
 from tokensynth_jax.tokens.token_layout import WINDOW_SECONDS
 
 from . import paths, procedural

@@ -33,10 +33,11 @@ def test_fsdp_plan_holds_an_eighth_of_the_state_per_device():
 
 
 def _with_libtpu(*argv):
-    """`python ARGV` with libtpu importable (and this suite's compile cache off, as conftest sets it)."""
+    """`python ARGV` with libtpu importable (and this suite's compile cache off, as conftest sets it), on a
+    CI runner's environment: with $CI set pyfluidsynth prints to stdout unless imported through midi_library."""
     if not os.path.isfile(os.path.join(LIBTPU, "libtpu", "__init__.py")):
         pytest.skip(f"libtpu is not installed in {LIBTPU} (`make setup` puts it there)")
-    env = {**os.environ, "PYTHONPATH": LIBTPU}
+    env = {**os.environ, "PYTHONPATH": LIBTPU, "CI": "true"}
     return subprocess.run([sys.executable, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
                           check=False)
 

@@ -117,7 +117,7 @@ def held_out_clips(manifest: dict, sample_rate: int, count: int, max_notes: int,
 
 
 def _program_name(program: int) -> str:
-    import pretty_midi
+    from tokensynth_jax.tokens.midi_library import pretty_midi
 
     return pretty_midi.program_to_instrument_name(program).lower()
 

@@ -107,7 +107,7 @@ def midi_notes(path: str) -> np.ndarray:
     Raises:
       MetricError: unreadable MIDI, or no melodic notes (an F-score needs reference notes).
     """
-    import pretty_midi
+    from tokensynth_jax.tokens.midi_library import pretty_midi
 
     try:
         pm = pretty_midi.PrettyMIDI(path)

@@ -22,9 +22,9 @@ import os
 from typing import Callable, Union
 
 import numpy as np
-import pretty_midi
 
 from tokensynth_jax.errors import UserError
+from tokensynth_jax.tokens.midi_library import pretty_midi
 from tokensynth_jax.tokens.token_layout import (
     NUM_PITCHES,
     OFFSET_BASE,
