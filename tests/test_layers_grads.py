@@ -1,6 +1,6 @@
-"""Training knobs that change how the backward pass is computed, not what: the written-out backward
-of the exact GELU (`gelu_grad="recompute"`: the same values and gradients as JAX's autodiff, fewer
-tensors kept), the pinned residual layout (`residual_layout="row_major"`: the same numbers) and the
+"""Training knobs that change how the backward pass is computed, not what: the written-out backwards
+of the exact GELU and of LayerNorm (`gelu_grad` / `layer_norm_grad` = "recompute": the same values
+and gradients as JAX's autodiff, fewer tensors kept), the pinned residual layout (`residual_layout="row_major"`: the same numbers) and the
 flattened Dense products (`dense_dot="flat"`: the same numbers, no transposed operands)."""
 import re
 
@@ -17,6 +17,7 @@ from tokensynth_jax.model.transformer import TokenSynth
 
 TINY = ModelConfig(num_layers=2, d_model=48, num_heads=3, num_codebooks=3, codebook_size=17, max_len=40,
                    timbre_dim=29, timbre_hidden=53)
+EPS = 1e-5
 
 
 def _kept(fn, *args):
@@ -57,9 +58,68 @@ def test_gelu_exact_keeps_only_its_input():
     assert _kept(lambda v: jax.nn.gelu(v, approximate=False), x)[1] >= 3 * x.nbytes  # what the profile saw
 
 
+# --- LayerNorm ----------------------------------------------------------------------------------
+def _plain_layer_norm(x, scale, bias):
+    x = x.astype(jnp.float32)
+    mean = x.mean(-1, keepdims=True)
+    return (x - mean) / jnp.sqrt(jnp.square(x - mean).mean(-1, keepdims=True) + EPS) * scale + bias
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_layer_norm_forward_is_the_layer_norm_module(dtype):
+    """Bitwise the module's default path, eager and jitted, on inputs with an offset and a spread."""
+    cfg = TINY.replace(dtype=dtype, layer_norm_grad="xla")
+    plain = randomize(layers.LayerNorm(cfg, rngs=nnx.Rngs(0)), seed=2)
+    ours = layers.LayerNorm(cfg.replace(layer_norm_grad="recompute"), rngs=nnx.Rngs(0))
+    nnx.update(ours, nnx.state(plain))
+    assert not plain.grad_recomputed and ours.grad_recomputed
+    x = (3.0 + 5.0 * jax.random.normal(jax.random.PRNGKey(3), (2, 7, cfg.d_model))).astype(dtype)
+    assert ours(x).dtype == jnp.dtype(dtype)
+    np.testing.assert_array_equal(np.asarray(ours(x).astype(jnp.float32)), np.asarray(plain(x).astype(jnp.float32)))
+    run = jax.jit(lambda m, v: m(v).astype(jnp.float32))
+    np.testing.assert_array_equal(np.asarray(run(ours, x)), np.asarray(run(plain, x)))
+
+
+def test_layer_norm_gradients_equal_autodiff_of_the_formula():
+    keys = jax.random.split(jax.random.PRNGKey(4), 4)
+    d = 48
+    x = 3.0 + 5.0 * jax.random.normal(keys[0], (3, 5, d))  # sums over both leading axes
+    scale, bias = 1.0 + jax.random.normal(keys[1], (d,)), jax.random.normal(keys[2], (d,))
+    g = jax.random.normal(keys[3], x.shape)
+    ours = lambda *a: layers.layer_norm(*a, EPS, jnp.dtype(jnp.float32))
+    y, vjp = jax.vjp(ours, x, scale, bias)
+    want_y, want_vjp = jax.vjp(_plain_layer_norm, x, scale, bias)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(want_y), rtol=1e-5, atol=1e-5)
+    for got, want, name in zip(vjp(g), want_vjp(g), ("x", "scale", "bias")):
+        assert got.shape == want.shape and got.dtype == jnp.float32, name
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5, err_msg=name)
+    # bf16 input and output (the compute dtype), fp32 scale and bias (master weights)
+    xb, gb = x.astype(jnp.bfloat16), g.astype(jnp.bfloat16)
+    ours_b = lambda *a: layers.layer_norm(*a, EPS, jnp.dtype(jnp.bfloat16))
+    got = jax.vjp(ours_b, xb, scale, bias)[1](gb)
+    want = jax.vjp(_plain_layer_norm, xb.astype(jnp.float32), scale, bias)[1](gb.astype(jnp.float32))
+    assert [v.dtype for v in got] == [jnp.bfloat16, jnp.float32, jnp.float32]
+    dx = np.asarray(got[0], np.float32)
+    np.testing.assert_allclose(dx, np.asarray(want[0]), rtol=2**-8, atol=1e-3 * np.abs(dx).max())
+    for a, b, name in zip(got[1:], want[1:], ("scale", "bias")):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-4, err_msg=name)
+
+
+def test_layer_norm_keeps_its_input_and_the_row_statistics():
+    x = jax.random.normal(jax.random.PRNGKey(5), (4, 8, TINY.d_model), jnp.bfloat16)
+    scale, bias = jnp.ones(TINY.d_model), jnp.zeros(TINY.d_model)
+    rows = 4 * 8
+    kept = _kept(lambda *a: layers.layer_norm(*a, EPS, jnp.dtype(jnp.bfloat16)), x, scale, bias)
+    assert kept == (4, x.nbytes + scale.nbytes + 2 * rows * 4)  # x, scale, fp32 mean and 1/std
+    plain = layers.LayerNorm(TINY.replace(dtype="bfloat16", layer_norm_grad="xla"), rngs=nnx.Rngs(0))
+    params = nnx.state(plain, nnx.Param)
+    graphdef = nnx.graphdef(plain)
+    assert _kept(lambda p, v: nnx.merge(graphdef, p)(v), params, x)[1] >= 3 * 2 * x.nbytes  # fp32 copies
+
+
 # --- the model ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("scan_layers,remat", [(False, "none"), (True, "dots")])
-def test_model_gradients_with_recomputed_gelu(scan_layers, remat):
+@pytest.mark.parametrize("scan_layers,remat", [(False, "none"), (True, "none"), (True, "dots")])
+def test_model_gradients_with_recomputed_gelu_and_layer_norm(scan_layers, remat):
     """The same loss gradients as JAX's autodiff (fp32, dropout on), and without remat less kept for
     the backward."""
     cfg = TINY.replace(scan_layers=scan_layers, remat=remat, dropout=0.1)
@@ -81,14 +141,16 @@ def test_model_gradients_with_recomputed_gelu(scan_layers, remat):
 
         return jax.jit(jax.value_and_grad(loss))(params), _kept(loss, params)[1]
 
-    (want_loss, want), want_kept = grads(gelu_grad="xla")
+    (want_loss, want), want_kept = grads(gelu_grad="xla", layer_norm_grad="xla")
     scale = max(float(np.abs(b).max()) for b in jax.tree.leaves(want))
-    (loss, got), kept = grads(gelu_grad="recompute")
-    np.testing.assert_allclose(float(loss), float(want_loss), rtol=1e-6)
-    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):  # the keys' biases: zero up to rounding
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=2e-7 * scale)
-    # under "dots" the block keeps only its products anyway
-    assert kept < want_kept if remat == "none" else kept <= want_kept
+    for changes in ({"gelu_grad": "recompute", "layer_norm_grad": "xla"}, {"layer_norm_grad": "recompute"},
+                    {"gelu_grad": "recompute", "layer_norm_grad": "recompute"}):
+        (loss, got), kept = grads(**changes)
+        np.testing.assert_allclose(float(loss), float(want_loss), rtol=1e-6)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):  # the keys' biases: zero up to rounding
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=2e-7 * scale)
+        # under "dots" the block keeps only its products anyway
+        assert kept < want_kept if remat == "none" else kept <= want_kept, changes
 
 
 @pytest.mark.parametrize("scan_layers,remat", [(False, "none"), (True, "dots")])
@@ -184,6 +246,16 @@ def test_gradient_knobs_config(monkeypatch, gpu):
     assert "gelu_grad" in RUNTIME_FIELDS  # a checkpoint loads under either
     with pytest.raises(ConfigError, match="model.gelu_grad='fused': one of 'auto', 'xla', 'recompute'"):
         ModelConfig(gelu_grad="fused")
+    # faster on a CPU, lighter under a TPU's layer scan, no faster on an H200
+    assert (auto.layer_norm_grad, auto.layer_norm_grad_impl) == ("auto", "xla" if gpu else "recompute")
+    assert layers.LayerNorm(auto, rngs=nnx.Rngs(0)).grad_recomputed == (not gpu)
+    for value in ("xla", "recompute"):
+        ln = ModelConfig.from_dict(load_config_file("tiny", {"model.layer_norm_grad": value}).model.to_dict())
+        assert ln.layer_norm_grad_impl == value
+        assert layers.LayerNorm(ln, rngs=nnx.Rngs(0)).grad_recomputed == (value == "recompute")
+    assert "layer_norm_grad" in RUNTIME_FIELDS
+    with pytest.raises(ConfigError, match="model.layer_norm_grad='fused': one of 'auto', 'xla', 'recompute'"):
+        ModelConfig(layer_norm_grad="fused")
     assert (auto.residual_layout, auto.residual_layout_impl) == ("auto", "xla")  # until a GPU times it
     assert not layers.Block(auto, rngs=nnx.Rngs(0)).row_major
     pinned = ModelConfig.from_dict(load_config_file("tiny", {"model.residual_layout": "row_major"}).model.to_dict())

@@ -47,7 +47,7 @@ REMAT_POLICIES = ("none", "full", "dots")
 # with one value loads under another.
 RUNTIME_FIELDS = ("dropout", "dtype", "remat", "attention_impl", "scan_layers", "loss_chunk", "dropout_rng",
                   "decode_attention", "matvec_as_gemm", "logits_grad_dtype", "decode_gemm", "gelu_grad",
-                  "residual_layout", "dense_dot")
+                  "layer_norm_grad", "residual_layout", "dense_dot")
 # How a decoding step attends over the KV cache (see attention.pallas_decode_attention): "xla", the dense
 # masked path over every slot; "pallas_gpu", the Pallas (Triton) decode-attention kernel of JAX's
 # ops library, which reads only the slots written so far (causal attention only; off a GPU it runs
@@ -111,6 +111,7 @@ class ModelConfig:
     logits_grad_dtype: str = "auto"  # the head's backward products: "auto" | "float32" | "compute" (`logits_grad_impl`)
     decode_gemm: str = "auto"  # the decode loop's products: "auto" | "xla" | "cublas" | "pallas" (`decode_gemm_impl`)
     gelu_grad: str = "auto"  # the MLP GELU's backward: "auto" | "xla" | "recompute" (`gelu_grad_impl`)
+    layer_norm_grad: str = "auto"  # the LayerNorms' backward: "auto" | "xla" | "recompute" (`layer_norm_grad_impl`)
     residual_layout: str = "auto"  # the blocks' residual stream: "auto" | "xla" | "row_major" (`residual_layout_impl`)
     dense_dot: str = "auto"  # how Dense layers' products reach XLA: "auto" | "xla" | "flat" (`dense_dot_impl`)
 
@@ -145,8 +146,9 @@ class ModelConfig:
             raise ConfigError(f"model.logits_grad_dtype={self.logits_grad_dtype!r}: one of 'auto', 'float32', 'compute'")
         if self.decode_gemm not in DECODE_GEMM:
             raise ConfigError(f"model.decode_gemm={self.decode_gemm!r}: one of {', '.join(DECODE_GEMM)}")
-        if self.gelu_grad not in ("auto", "xla", "recompute"):
-            raise ConfigError(f"model.gelu_grad={self.gelu_grad!r}: one of 'auto', 'xla', 'recompute'")
+        for name in ("gelu_grad", "layer_norm_grad"):
+            if getattr(self, name) not in ("auto", "xla", "recompute"):
+                raise ConfigError(f"model.{name}={getattr(self, name)!r}: one of 'auto', 'xla', 'recompute'")
         if self.residual_layout not in RESIDUAL_LAYOUT:
             raise ConfigError(f"model.residual_layout={self.residual_layout!r}: one of {', '.join(RESIDUAL_LAYOUT)}")
         if self.dense_dot not in DENSE_DOT:
@@ -206,6 +208,19 @@ class ModelConfig:
         input) was 3.4% slower on an H200 at batch 32 x 1024 (324.9k vs 336.2k tokens/s) and kept a
         quarter less memory (19.1 vs 25.5 GB): a memory knob, cheaper than remat ("dots": -10%)."""
         return self.gelu_grad if self.gelu_grad != "auto" else "xla"
+
+    @property
+    def layer_norm_grad_impl(self) -> str:
+        """"auto": "recompute" (`layers.layer_norm`: keeps the input and two fp32 numbers a row instead
+        of three fp32 [B, L, D] arrays) off a GPU, "xla" (JAX's autodiff) on one, where it gave no
+        speed (H200, unrolled layers, 2026-11-27). On a CPU, reference size, batch 1 x 1024 (three
+        alternating runs each, 2026-11-27): 4.15-4.30 against 4.82-4.99 s a step unrolled, 4.73
+        against 5.13 scanned, the same loss, compiling in 7.6 against 12.5 s. On a TPU, where the
+        layers are scanned, it takes 2.1 GB off a v5e chip's 9.4 GB plan at batch 8 x 1024 a chip
+        (`tokensynth compile-step`; its speed there is not measured)."""
+        if self.layer_norm_grad != "auto":
+            return self.layer_norm_grad
+        return "xla" if on_gpu() else "recompute"
 
     @property
     def residual_layout_impl(self) -> str:
