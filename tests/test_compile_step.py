@@ -62,6 +62,17 @@ def test_a_tpu_topology_compiles_with_the_splash_kernels_from_this_host():
     assert json.loads(done.stdout)["pallas_tpu_kernels"] == 0
 
 
+def test_a_step_over_the_chips_memory_is_one_line():
+    """libtpu refuses to compile a plan over a chip's HBM: the answer "does not fit", as one line."""
+    done = _compile_step("--json", "--topology", "v5e:2x2", *TINY_ON_4[:-1], "--config.data.global_batch=16384")
+    assert done.returncode == 2 and done.stdout == ""
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in done.stderr
+    assert lines[0].startswith("tokensynth compile-step: error: --topology v5e:2x2: the train step at global batch "
+                               "16384 x 128 does not fit a TPU v5 lite: ")
+    assert "exceeds available HBM" in lines[0] and "model.remat=dots" in lines[0]
+
+
 def test_an_unknown_topology_is_one_line():
     done = _compile_step("--topology", "v9z:2x2", *TINY_ON_4)
     assert done.returncode == 2 and done.stdout == ""

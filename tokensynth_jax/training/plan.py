@@ -29,7 +29,7 @@ _COLLECTIVE = re.compile(r" (all-gather|all-reduce|reduce-scatter|all-to-all|col
 
 
 class PlanError(UserError):
-    """A topology that libtpu cannot compile for."""
+    """A topology that libtpu cannot compile for, or a step that does not fit its chips."""
 
 
 @dataclasses.dataclass
@@ -156,8 +156,19 @@ def _compile(config, devices, target: str) -> Plan:
                              grad_accum=accum)
     t0 = time.perf_counter()
     with jax.set_mesh(mesh):
-        compiled = step.lower(state, ts.abstract_batch(cfg, batch, seq, batch_shardings),
-                              jax.ShapeDtypeStruct((2,), jax.numpy.uint32)).compile()
+        lowered = step.lower(state, ts.abstract_batch(cfg, batch, seq, batch_shardings),
+                             jax.ShapeDtypeStruct((2,), jax.numpy.uint32))
+        try:
+            compiled = lowered.compile()
+        except jax.errors.JaxRuntimeError as e:  # libtpu refuses a plan over the chip's memory
+            if not str(e).startswith("RESOURCE_EXHAUSTED"):
+                raise
+            where = target if target == "this host" else f"--topology {target}"
+            reason = str(e).removeprefix("RESOURCE_EXHAUSTED:").strip().splitlines()[0]
+            raise PlanError(
+                f"{where}: the train step at global batch {batch} x {seq} does not fit a {devices[0].device_kind}: "
+                f"{reason.rstrip('.')}; for less memory a device: model.remat=dots or full, model.gelu_grad=recompute, "
+                "a smaller data.global_batch with train.grad_accum, or more chips") from None
     compile_s = time.perf_counter() - t0
     m, hlo = compiled.memory_analysis(), compiled.as_text()
     gb = lambda n: n / 1e9
