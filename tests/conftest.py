@@ -23,11 +23,11 @@ if _DEVICES_FLAG not in os.environ.get("XLA_FLAGS", ""):
 
 import jax  # noqa: E402  (after the XLA flag on purpose)
 import jax.numpy as jnp  # noqa: E402
-import pretty_midi  # noqa: E402
 import pytest  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from tokensynth_jax.model.transformer import TokenSynth  # noqa: E402
+from tokensynth_jax.tokens.midi_library import pretty_midi  # noqa: E402  (quiet under $CI)
 
 # Sizes the reference forces on a tiny official-shaped model: get_hparams only lets us change
 # heads, blocks and width; 9 codebooks of 1024, the 1133-id MIDI vocabulary and the 512 -> 1024
