@@ -2,7 +2,7 @@
 
 Layout: `OUT/<split>/shard-IIIII-of-NNNNN.array_record` (`group_size:1`, records sorted by pair id)
 with a sidecar `<shard>.json` (sha256, size, record count, rejected pairs per reason, the config
-fingerprint), and `OUT/manifest.json`. A shard is written under a temporary name and renamed into
+fingerprint, the most positions a record takes as a training example), and `OUT/manifest.json`. A shard is written under a temporary name and renamed into
 place, then its sidecar likewise: a shard with a sidecar is complete, anything else is redone, so
 a killed run re-run on the same path finishes without duplicates or losses. Local paths use
 os.replace (atomic); other Beam filesystems (gs://, ...) get a local file uploaded under a
@@ -19,6 +19,7 @@ import uuid
 from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 
 from tokensynth_jax.errors import UserError
+from tokensynth_jax.tokens.records import decode as decode_record
 
 from . import paths
 from .paths import exists, is_remote, join, read_bytes, size
@@ -116,7 +117,9 @@ def write_shard(output_dir: str, split: str, index: int, num_shards: int, record
     counts, examples = rejection_summary(rejections)
     summary = {"shard": shard_name(split, index, num_shards), "split": split, "index": index,
                "num_shards": num_shards, "records": len(by_id), "bytes": size, "sha256": digest,
-               "rejected": counts, "rejected_examples": examples, "fingerprint": fingerprint}
+               "rejected": counts, "rejected_examples": examples, "fingerprint": fingerprint,
+               # what a trainer's data.seq_len must hold, checked before a run makes anything
+               "max_positions": max((decode_record(data).positions() for data in by_id.values()), default=0)}
     write_json_atomic(final + ".json", summary)
     return summary
 

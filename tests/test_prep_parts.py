@@ -11,7 +11,7 @@ import pytest
 from conftest import write_midi as _write_midi  # noqa: E402
 
 from tokensynth_jax.audio import encoders
-from tokensynth_jax.tokens import midi_tokens, token_layout
+from tokensynth_jax.tokens import midi_tokens, records, token_layout
 from tokensynth_prep import (
     augment,
     instrument_spec,
@@ -267,13 +267,21 @@ def test_config_errors_name_the_field(tmp_path):
 
 
 # --- sink ------------------------------------------------------------------------------------------
+def _record(pair_id, num_midi_tokens, num_frames, num_codebooks=4):
+    return records.PairRecord(
+        pair_id, "train", "inst", np.arange(1, num_midi_tokens + 1), np.zeros((num_frames, num_codebooks), int),
+        np.zeros(512), {}, "clap", {"chain": []}, {"midi": "gen", "start": 0.0}, {"midi": "gen", "start": 5.0}).to_bytes()
+
+
 def test_shards_are_sorted_atomic_and_resumable(tmp_path):
     out = str(tmp_path)
-    recs = [("b", b"2"), ("a", b"1"), ("c", b"3")]
+    recs = [("b", _record("b", 8, 30)), ("a", _record("a", 12, 20)), ("c", _record("c", 4, 10))]
     summary = sink.write_shard(out, "train", 0, 2, recs, [("silent_render", "x: quiet")], "fp")
     path = tmp_path / "train" / "shard-00000-of-00002.array_record"
-    assert sink.read_shard(str(path)) == [b"1", b"2", b"3"]
+    assert sink.read_shard(str(path)) == [data for _, data in sorted(recs)]
     assert summary["records"] == 3 and summary["rejected"] == {"silent_render": 1}
+    # the longest example: "b", 8 MIDI rows + separator + 30 frames delayed over 4 codebooks + end row
+    assert summary["max_positions"] == 8 + 1 + 33 + 1
     assert json.loads((tmp_path / "train" / "shard-00000-of-00002.array_record.json").read_text()) == summary
     assert not [f for f in os.listdir(tmp_path / "train") if ".tmp-" in f]
     assert set(sink.completed_shards(out, {"train": 2}, "fp")) == {("train", 0)}
@@ -283,7 +291,7 @@ def test_shards_are_sorted_atomic_and_resumable(tmp_path):
     with pytest.raises(sink.SinkError, match="different configuration"):
         sink.completed_shards(out, {"train": 2}, "other")
     with pytest.raises(sink.SinkError, match="two different records"):
-        sink.write_shard(out, "train", 1, 2, [("a", b"1"), ("a", b"2")], [], "fp")
+        sink.write_shard(out, "train", 1, 2, [("a", _record("a", 1, 1)), ("a", _record("a", 2, 1))], [], "fp")
 
 
 # --- encoders --------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@ import msgpack
 import numpy as np
 import pytest
 
-from tokensynth_jax.tokens import records
+from tokensynth_jax.tokens import records, token_layout
 
 
 def _record(**changes):
@@ -70,3 +70,11 @@ def test_version_1_records_still_load_and_read_as_unpadded():
     assert old.codec == {"name": "facebook/encodec_32khz", "sample_rate": 32000, "padding": records.PADDING_NONE}
     padded = _record(codec={"name": "descript/dac_44khz", "padding": records.PADDING_WHOLE_HOP})
     assert records.decode(padded.to_bytes()).codec["padding"] == "whole-hop"
+
+
+@pytest.mark.parametrize("tokens, frames, codebooks", [(44, 251, 4), (0, 1, 9), (3, 431, 9)])
+def test_positions_are_the_training_rows_an_example_takes(tokens, frames, codebooks):
+    rng = np.random.default_rng(tokens)
+    rec = _record(midi_tokens=rng.integers(1, 1133, tokens), codes=rng.integers(0, 64, (frames, codebooks)))
+    rows, _ = token_layout.training_rows(rec.midi_tokens, rec.codes)
+    assert records.decode(rec.to_bytes()).positions() == rows.shape[0] == tokens + frames + codebooks + 1

@@ -158,3 +158,27 @@ def test_two_processes_train_like_one_process_with_the_same_devices(shards, tmp_
     a, b = _losses(one), _losses(two)
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     np.testing.assert_allclose([b[k] for k in sorted(b)], [a[k] for k in sorted(a)], rtol=2e-5)
+
+
+def test_records_longer_than_seq_len_are_refused_before_the_run_makes_anything(tmp_path, capsys):
+    from tokensynth_jax.tokens import records
+    from tokensynth_jax.training import input_pipeline
+    from tokensynth_prep import sink
+
+    rng = np.random.default_rng(0)
+    data = tmp_path / "data"
+    for split, frames in (("train", (30, 50)), ("valid", (30, 90))):  # the longest: 63 and 103 positions
+        pairs = [records.PairRecord(f"{split}{i}", split, "inst", rng.integers(1, 1133, 8), rng.integers(0, 64, (n, 4)),
+                                    rng.normal(size=512), {}, "clap", {"chain": []}, {"midi": "gen", "start": 0.0},
+                                    {"midi": "gen", "start": 5.0}) for i, n in enumerate(frames)]
+        sink.write_shard(str(data), split, 0, 1, [(p.pair_id, p.to_bytes()) for p in pairs], [], "fp")
+    train_shard, valid_shard = (str(data / s / "shard-00000-of-00001.array_record") for s in ("train", "valid"))
+    input_pipeline.verify_shards([train_shard], seq_len=63)  # a seq_len that holds them passes
+    workdir = tmp_path / "run"
+    for seq_len, eval_paths, longest, shard in ((62, "", 63, train_shard), (100, str(data / "valid"), 103, valid_shard)):
+        argv = ["train", "--config", "tiny", "--workdir", str(workdir), f"--config.data.paths={data / 'train'}",
+                f"--config.data.eval_paths={eval_paths}", f"--config.data.seq_len={seq_len}"]
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"--config.data.seq_len={seq_len}: {shard} holds records of up to {longest}" in err[0]
+        assert not workdir.exists()

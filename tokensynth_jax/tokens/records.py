@@ -25,6 +25,7 @@ import msgpack
 import numpy as np
 
 from tokensynth_jax.errors import UserError
+from tokensynth_jax.tokens import token_layout
 
 SCHEMA_NAME = "tokensynth-pair"
 SCHEMA_VERSION = 2
@@ -54,6 +55,10 @@ class PairRecord:
 
     def to_bytes(self) -> bytes:
         return encode(self)
+
+    def positions(self) -> int:
+        """Positions this pair takes as a training example (`token_layout.training_positions`)."""
+        return token_layout.training_positions(len(self.midi_tokens), *np.shape(self.codes))
 
 
 def _array(a: np.ndarray, dtype) -> dict:

@@ -109,3 +109,9 @@ def training_rows(midi_tokens_m: np.ndarray, codes_tk: np.ndarray) -> tuple[np.n
 def audio_rows_for_frames(num_frames: int, num_codebooks: int) -> int:
     """Audio rows a clip of `num_frames` frames takes under the delay pattern."""
     return num_frames + num_codebooks - 1
+
+
+def training_positions(num_midi_tokens: int, num_frames: int, num_codebooks: int) -> int:
+    """Positions one training example takes (the timbre, then `training_rows(...)[:-1]`): as many as
+    `training_rows` has rows. What `data.seq_len` must hold."""
+    return num_midi_tokens + 1 + audio_rows_for_frames(num_frames, num_codebooks) + 1

@@ -101,13 +101,15 @@ class PipelineConfig:
     verify_sha256: bool = False  # check each shard's sha256 against its prep sidecar (reads every byte)
 
 
-def verify_shards(paths: Sequence[str], *, sha256: bool = False) -> None:
+def verify_shards(paths: Sequence[str], *, sha256: bool = False, seq_len: int | None = None) -> None:
     """Checks that every shard opens, and matches its prep sidecar (`<shard>.json`) when it has one.
 
     array_record's reader meets a truncated file with a bare RuntimeError (or silently reads no
     records), so each shard is opened here first. A sidecar gives the record count and size that
     prep wrote, and its sha256 (checked with `sha256`: it reads every byte, so it is off by
-    default for large data sets).
+    default for large data sets), and the most positions a record takes (`max_positions`,
+    written since 2026-11-28), checked against `seq_len` so that a run refuses records it cannot
+    hold before it makes anything, rather than at the batch that meets the first of them.
 
     Raises:
       DataError: naming the first damaged shard and what is wrong with it.
@@ -140,6 +142,10 @@ def verify_shards(paths: Sequence[str], *, sha256: bool = False) -> None:
                             f"{want_bytes} bytes ({sidecar})")
         if sha256 and integrity.sha256_file(path) != want_sha:
             raise DataError(f"{path}: sha256 differs from the one prep wrote ({sidecar}); the shard has changed")
+        longest = want.get("max_positions")
+        if seq_len is not None and isinstance(longest, int) and longest > seq_len:
+            raise DataError(f"--config.data.seq_len={seq_len}: {path} holds records of up to {longest} positions "
+                            f"({sidecar}); raise data.seq_len to at least {longest} or prep shorter clips")
 
 
 def shard_clap(path: str) -> str | None:
@@ -173,7 +179,7 @@ def make_dataset(pc: PipelineConfig, cfg: ModelConfig, process_index: int = 0, p
     if pc.seq_len > cfg.max_len:
         raise DataError(f"seq_len {pc.seq_len} exceeds the model's {cfg.max_len} positions")
     paths = expand_paths(pc.paths)
-    verify_shards(paths, sha256=pc.verify_sha256)
+    verify_shards(paths, sha256=pc.verify_sha256, seq_len=pc.seq_len)
     if not pc.allow_mixed_clap:
         check_one_clap(paths)
     source = grain.sources.ArrayRecordDataSource(paths)

@@ -180,7 +180,7 @@ def train(config, workdir: str, init_from: str | None = None) -> dict:
     )
     if config.data.eval_paths:  # found damaged now, not at the first evaluation
         input_pipeline.verify_shards(input_pipeline.expand_paths(config.data.eval_paths),
-                                     sha256=pc.verify_sha256)
+                                     sha256=pc.verify_sha256, seq_len=pc.seq_len)
     data_iter = iter(input_pipeline.make_dataset(pc, cfg, jax.process_index(), jax.process_count()))
     # Only now, with the data checked: a damaged shard stops the run before it makes or logs anything.
     os.makedirs(workdir, exist_ok=True)
