@@ -60,6 +60,21 @@ def test_resume_is_bitwise_identical_to_an_uninterrupted_run(shards, tmp_path):
 
 
 @pytest.mark.slow
+def test_grain_worker_processes_train_the_same_run_and_resume_bitwise(shards, tmp_path):
+    # data.worker_count > 0 once ended every run in a traceback (grain's workers read an unparsed absl flag)
+    in_process, workers = str(tmp_path / "a"), str(tmp_path / "b")
+    train.train(_config(shards, steps=4), in_process)
+    with_workers = lambda steps: _config(shards, steps=steps).copy_and_resolve_references()
+    for steps in (2, 4):  # killed-and-resumed with workers: the iterator's state comes back from the checkpoint
+        config = with_workers(steps)
+        config.data.worker_count = 2
+        train.train(config, workers)
+    for x, y in zip(_saved(in_process, 4), _saved(workers, 4)):
+        np.testing.assert_array_equal(x, y)
+    assert _losses(in_process) == _losses(workers) and sorted(_losses(workers)) == [2, 4]
+
+
+@pytest.mark.slow
 def test_sigterm_saves_and_stops_then_resumes(shards, tmp_path):
     workdir = str(tmp_path / "p")
     cmd = [sys.executable, "-m", "tokensynth_jax.cli", "train", "--config", TINY, "--workdir", workdir,

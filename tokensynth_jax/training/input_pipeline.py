@@ -172,6 +172,19 @@ def check_one_clap(paths: Sequence[str]) -> str:
     return next(iter(seen), "")
 
 
+def _absl_flags_parsed() -> None:
+    """Marks absl's flags parsed (at their defaults) unless an absl app has parsed them.
+
+    Why: grain's multiprocess prefetch reads an absl flag (`grain_enable_multiprocess_worker_profiling`)
+    and, outside `absl.app.run`, that raised UnparsedFlagAccessError at the first batch, so any
+    `data.worker_count` > 0 ended the run in a traceback (grain 0.2.18; google/grain#1355, fixed
+    upstream by reading the flag's default)."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
 def make_dataset(pc: PipelineConfig, cfg: ModelConfig, process_index: int = 0, process_count: int = 1):
     """The grain IterDataset of this process's batches (dicts of numpy arrays)."""
     if pc.global_batch % process_count:
@@ -192,5 +205,6 @@ def make_dataset(pc: PipelineConfig, cfg: ModelConfig, process_index: int = 0, p
     ds = ds.map(_ParseBlock(cfg, pc.seq_len, process_index * local, (process_index + 1) * local))
     it = ds.to_iter_dataset()
     if pc.worker_count > 0:
+        _absl_flags_parsed()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=pc.worker_count, per_worker_buffer_size=pc.prefetch_buffer))
     return it

@@ -283,6 +283,7 @@ def train(config, workdir: str, init_from: str | None = None) -> dict:
     ckpt.wait()
     ckpt.close()
     writer.close()
+    data_iter.close()  # stops grain's worker processes (data.worker_count) and frees their shared memory
     return last
 
 
