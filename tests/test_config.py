@@ -47,12 +47,20 @@ def test_every_model_config_field_can_be_set_from_the_command_line():
     assert set(load_config_file("reference").model.to_dict()) == {f.name for f in dataclasses.fields(ModelConfig)}
 
 
+@pytest.mark.parametrize("value, expected", [("true", True), ("True", True), ("1", True), ("yes", True),
+                                             ("false", False), ("FALSE", False), ("0", False), ("no", False)])
+def test_bool_fields_take_what_absl_bool_flags_take(value, expected):
+    assert load_config_file("tiny", {"model.null_timbre": value}).model.null_timbre is expected
+    assert load_config_file("tiny", {"data.verify_sha256": value}).data.verify_sha256 is expected
+
+
 @pytest.mark.parametrize("spec, overrides, message", [
     ("nonexistent.py", {}, "nonexistent.py: no such config file"),
     ("tiny", {"model.no_such_field": "1"}, "--config.model.no_such_field: no config field"),
     ("tiny", {"nothing.here": "1"}, "--config.nothing.here: no config field"),
     ("tiny", {"train.steps": "abc"}, "--config.train.steps=abc: not a value of type int"),
-    ("tiny", {"model.null_timbre": "3"}, "--config.model.null_timbre=3: not a value of type bool"),
+    ("tiny", {"model.null_timbre": "3"}, "--config.model.null_timbre=3: not a value of type bool (true or false)"),
+    ("tiny", {"model.null_timbre": "maybe"}, "--config.model.null_timbre=maybe: not a value of type bool"),
     ("family:depth=0", {}, "family:depth=0: family depth must be at least 1"),
 ])
 def test_bad_configs_are_user_errors_naming_the_flag_or_file(spec, overrides, message):

@@ -455,6 +455,11 @@ def coerce_override(value: Any, current: Any, key: str, flag: str = "--config.")
         return tuple(v for v in value.split(",") if v)
     if isinstance(current, str) or current is None:
         return value
+    if isinstance(current, bool):  # as absl's boolean flags read them, whatever the case
+        parsed = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}.get(value.lower())
+        if parsed is None:
+            raise ConfigError(f"{flag}{key}={value}: not a value of type bool (true or false)")
+        return parsed
     try:
         parsed = ast.literal_eval(value)
     except (ValueError, SyntaxError) as e:
