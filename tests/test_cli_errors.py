@@ -78,6 +78,12 @@ CASES = [
     ("init-no-such-config", ["init", "--config", "no_such_config", "{tmp}/m"], "no_such_config", []),
     ("init-unknown-config-field", ["init", "--config", "tiny", "--config.model.no_such=1", "{tmp}/m"],
      "--config.model.no_such", []),
+    ("init-unknown-dtype", ["init", "--config", "tiny", "--set", "model.dtype=float77", "{tmp}/m"],
+     "model.dtype='float77': one of float32, bfloat16, float16", []),
+    ("init-integer-param-dtype", ["init", "--config", "tiny", "--set", "model.param_dtype=int8", "{tmp}/m"],
+     "model.param_dtype='int8'", []),
+    ("init-negative-layer-norm-eps", ["init", "--config", "tiny", "--set", "model.layer_norm_eps=-1", "{tmp}/m"],
+     "model.layer_norm_eps=-1", []),
     ("init-seed-not-an-int", ["init", "--config", "tiny", "--seed", "x", "{tmp}/m"], "argument --seed", []),
     # train
     ("train-damaged-shard-leaves-no-workdir", [*TRAIN, "--config.data.paths={tmp}/data/train"],
@@ -165,6 +171,7 @@ CASES = [
     ("synth-config-override-ignored", [*SYN, "--config.model.num_layers=3"], "--config.model.num_layers", []),
     ("synth-set-a-weight-field", [*SYN, "--set", "model.num_layers=3"], "--set model.num_layers: a checkpoint's", []),
     ("synth-set-unknown-value", [*SYN, "--set", "model.decode_attention=flash"], "model.decode_attention='flash'", []),
+    ("synth-set-unknown-dtype", [*SYN, "--set", "model.dtype=float77"], "model.dtype='float77'", []),
     ("synth-set-not-a-number", [*SYN, "--set", "model.dropout=abc"], "--set model.dropout=abc: not a value of type float", []),
     ("synth-wav-folder-is-a-file", [*SYN, "--out", "{tmp}/wavs.d"], "--out", ["file:wavs.d"]),
     # An output under a file, found before any work (the write would fail only after generating).

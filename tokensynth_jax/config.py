@@ -78,6 +78,8 @@ RESIDUAL_LAYOUT = ("auto", "xla", "row_major")
 # of a step's thread time, `jax.profiler` trace, 2026-11-27); with "flat" its YNNPACK dots read the
 # arrays as they lie (docs/benchmarks.md).
 DENSE_DOT = ("auto", "xla", "flat")
+# The dtypes a model computes in and keeps its weights in (`dtype`, `param_dtype`).
+FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,8 +164,14 @@ class ModelConfig:
         if self.d_model % self.num_heads:
             raise ConfigError(f"model.num_heads={self.num_heads} does not divide model.d_model={self.d_model} "
                               "(head_dim = d_model / num_heads)")
-        if not 0.0 <= self.dropout < 1.0:
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, numbers.Real) or not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout={self.dropout!r}: must be in [0, 1)")
+        eps = self.layer_norm_eps
+        if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0.0 < eps < float("inf"):
+            raise ConfigError(f"model.layer_norm_eps={eps!r}: must be a positive number")
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in FLOAT_DTYPES:
+                raise ConfigError(f"model.{name}={getattr(self, name)!r}: one of {', '.join(FLOAT_DTYPES)}")
         if self.attention not in ("causal", "tokensynth-0.0.4"):
             raise ConfigError(f"model.attention={self.attention!r}: one of 'causal', 'tokensynth-0.0.4'")
         if self.conditioning not in ("timbre", "unconditional"):
