@@ -6,7 +6,9 @@ inputs (a tiny checkpoint from `tokensynth init --config tiny`, MIDI, an embeddi
 a fake training workdir) are made once for the module. Most cases fail before any model loads;
 a few run as `python -m tokensynth_jax.cli` to show that stderr carries no traceback.
 """
+import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -40,6 +42,11 @@ def inputs(tmp_path_factory):
                                "module.text_branch.embeddings.word_embeddings.weight": torch.zeros(5, 768)}},
                root / "clap.pt")
     os.makedirs(root / "workdir" / "checkpoints" / "3")  # a training workdir with step 3 saved
+    bad_ckpt = root / "bad_ckpt"  # the checkpoint with a model config no ModelConfig takes
+    shutil.copytree(ckpt, bad_ckpt)
+    meta = json.loads((bad_ckpt / META_FILE).read_text())
+    meta["model"]["dtype"] = "float77"
+    (bad_ckpt / META_FILE).write_text(json.dumps(meta))
     soundfile.write(root / "one.wav", np.zeros(16000, np.float32), 16000)
     (root / "items.jsonl").write_text(
         '{"id": "first", "task": "text", "generated": "file.txt", "midi": "a.mid", "text": "a cello"}\n'
@@ -52,7 +59,7 @@ def inputs(tmp_path_factory):
     return {"ckpt": ckpt, "midi": str(root / "a.mid"), "text_midi": str(root / "text.mid"), "emb": str(root / "e.npy"),
             "bad_emb": str(root / "bad_e.npy"), "folder": str(root / "folder"), "file": str(root / "file.txt"),
             "clap_pt": str(root / "clap.pt"), "workdir": str(root / "workdir"), "items": str(root / "items.jsonl"),
-            "items_ok": str(root / "ok.jsonl"),
+            "items_ok": str(root / "ok.jsonl"), "bad_ckpt": str(bad_ckpt),
             "plan": plan, "inputs": str(root)}
 
 
@@ -172,6 +179,10 @@ CASES = [
     ("synth-set-a-weight-field", [*SYN, "--set", "model.num_layers=3"], "--set model.num_layers: a checkpoint's", []),
     ("synth-set-unknown-value", [*SYN, "--set", "model.decode_attention=flash"], "model.decode_attention='flash'", []),
     ("synth-set-unknown-dtype", [*SYN, "--set", "model.dtype=float77"], "model.dtype='float77'", []),
+    ("synth-checkpoint-of-a-bad-model-config", [*SYN[:2], "{bad_ckpt}", *SYN[3:]],
+     "--checkpoint {bad_ckpt}/tokensynth.json: model.dtype='float77'", []),
+    ("convert-checkpoint-of-a-bad-model-config", ["convert", "--to", "safetensors", "{bad_ckpt}", "{tmp}/o"],
+     "CKPT_DIR {bad_ckpt}/tokensynth.json: model.dtype='float77'", []),
     ("synth-set-not-a-number", [*SYN, "--set", "model.dropout=abc"], "--set model.dropout=abc: not a value of type float", []),
     ("synth-wav-folder-is-a-file", [*SYN, "--out", "{tmp}/wavs.d"], "--out", ["file:wavs.d"]),
     # An output under a file, found before any work (the write would fail only after generating).

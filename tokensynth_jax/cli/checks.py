@@ -156,8 +156,8 @@ def writable_location(path: str, flag: str) -> None:
 
 def model_checkpoint(path: str, flag: str):
     """(metadata, ModelConfig) of a tokensynth-jax model checkpoint, from its JSON alone."""
-    from tokensynth_jax.checkpoint_meta import CheckpointError, read_metadata
-    from tokensynth_jax.config import ModelConfig
+    from tokensynth_jax.checkpoint_meta import META_FILE, CheckpointError, read_metadata
+    from tokensynth_jax.config import ConfigError, ModelConfig
 
     if not os.path.isdir(path):
         why = "a file" if os.path.exists(path) else "no such directory"
@@ -166,7 +166,10 @@ def model_checkpoint(path: str, flag: str):
         meta = read_metadata(path)
     except CheckpointError as e:
         raise UsageError(f"{flag} {e}") from e
-    return meta, ModelConfig.from_dict(meta["model"])
+    try:
+        return meta, ModelConfig.from_dict(meta["model"])
+    except ConfigError as e:  # the file's, not a flag's: say which file
+        raise UsageError(f"{flag} {os.path.join(path, META_FILE)}: {e}") from e
 
 
 # --- configs --------------------------------------------------------------------------------------------
