@@ -56,7 +56,14 @@ def inputs(tmp_path_factory):
     assert cli.main(["sweep", "plan", "--config", "configs/family.py:base=tiny", "--depths", "1,2",
                      "--budgets", "1e11", "--workdir", str(root / "runs"), "--out", plan, "--min-steps", "1",
                      f"--config.data.paths={root / 'folder'}"]) == 0
-    return {"ckpt": ckpt, "midi": str(root / "a.mid"), "text_midi": str(root / "text.mid"), "emb": str(root / "e.npy"),
+    configs = tmp_path_factory.mktemp("configs")  # user config files (Python may cache their bytecode beside them)
+    (configs / "syntax.py").write_text("def get_config(arg):\n    return 1 +\n")
+    (configs / "raises.py").write_text("def get_config(arg):\n    return {}['model']\n")
+    (configs / "imports.py").write_text("import no_such_module\n")
+    (configs / "number.py").write_text("def get_config(arg):\n    return 5\n")
+    (configs / "no_model.py").write_text("import ml_collections\n\n\ndef get_config(arg):\n"
+                                         "    return ml_collections.ConfigDict({'data': {}})\n")
+    return {"configs": str(configs), "ckpt": ckpt, "midi": str(root / "a.mid"), "text_midi": str(root / "text.mid"), "emb": str(root / "e.npy"),
             "bad_emb": str(root / "bad_e.npy"), "folder": str(root / "folder"), "file": str(root / "file.txt"),
             "clap_pt": str(root / "clap.pt"), "workdir": str(root / "workdir"), "items": str(root / "items.jsonl"),
             "items_ok": str(root / "ok.jsonl"), "bad_ckpt": str(bad_ckpt),
@@ -91,6 +98,22 @@ CASES = [
      "model.param_dtype='int8'", []),
     ("init-negative-layer-norm-eps", ["init", "--config", "tiny", "--set", "model.layer_norm_eps=-1", "{tmp}/m"],
      "model.layer_norm_eps=-1", []),
+    ("init-config-file-does-not-parse", ["init", "--config", "{configs}/syntax.py", "{tmp}/m"],
+     "syntax.py:2: the config file fails: SyntaxError", []),
+    ("init-config-file-raises", ["init", "--config", "{configs}/raises.py", "{tmp}/m"],
+     "raises.py:2: the config file fails: KeyError: 'model'", []),
+    ("init-config-file-imports-a-missing-module", ["init", "--config", "{configs}/imports.py", "{tmp}/m"],
+     "imports.py:1: the config file fails: ModuleNotFoundError", []),
+    ("init-config-file-gives-no-configdict", ["init", "--config", "{configs}/number.py", "{tmp}/m"],
+     "number.py: get_config(None) returned int", []),
+    ("init-config-file-without-a-model", ["init", "--config", "{configs}/no_model.py", "{tmp}/m"],
+     "no_model.py: get_config() gives no model, codec", []),
+    ("init-override-of-a-group", ["init", "--config", "tiny", "--config.model=3", "{tmp}/m"],
+     "--config.model=3: model is a group of fields", []),
+    ("init-fraction-for-an-integer", ["init", "--config", "tiny", "--config.model.num_layers=2.7", "{tmp}/m"],
+     "--config.model.num_layers=2.7: not a value of type int", []),
+    ("init-set-error-names-set", ["init", "--config", "tiny", "--set", "model.dropout=abc", "{tmp}/m"],
+     "--set model.dropout=abc: not a value of type float", []),
     ("init-seed-not-an-int", ["init", "--config", "tiny", "--seed", "x", "{tmp}/m"], "argument --seed", []),
     # train
     ("train-damaged-shard-leaves-no-workdir", [*TRAIN, "--config.data.paths={tmp}/data/train"],

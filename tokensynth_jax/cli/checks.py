@@ -216,9 +216,11 @@ def load_config(args):
       ConfigError (a UserError): no such config, an unknown field, a value of the wrong type, or a
       model config that cannot be built (e.g. heads that do not divide the width).
     """
-    from tokensynth_jax.config import ModelConfig, load_config_file
+    from tokensynth_jax.config import ModelConfig, apply_overrides, load_config_file, resolve_config_path
 
-    config = load_config_file(args.config, {**set_overrides(getattr(args, "set", ())), **args.config_overrides})
+    # --set first, then --config.a.b=value (which wins); each error names the flag it came from.
+    config = load_config_file(args.config, set_overrides(getattr(args, "set", ())), flag="--set ")
+    config = apply_overrides(config, args.config_overrides, resolve_config_path(args.config.partition(":")[0]))
     ModelConfig.from_dict(config.model.to_dict())
     return config
 
