@@ -51,6 +51,7 @@ def inputs(tmp_path_factory):
     (root / "items.jsonl").write_text(
         '{"id": "first", "task": "text", "generated": "file.txt", "midi": "a.mid", "text": "a cello"}\n'
         '{"id": "second", "task": "text", "generated": "gone.wav", "midi": "a.mid", "text": "a cello"}\n')
+    (root / "cook.jsonl").write_text('{"id": "first", "task": "cook", "generated": "one.wav", "midi": "a.mid"}\n')
     (root / "ok.jsonl").write_text('{"id": "first", "task": "text", "generated": "one.wav", "midi": "a.mid", "text": "a"}\n')
     plan = str(root / "plan")
     assert cli.main(["sweep", "plan", "--config", "configs/family.py:base=tiny", "--depths", "1,2",
@@ -232,6 +233,8 @@ CASES = [
     ("eval-zero-tolerance", ["eval", "{items}", "--onset-tolerance", "0", "--out", "{tmp}/report"],
      "argument --onset-tolerance", []),
     ("eval-report-exists", ["eval", "{items_ok}", "--clap", "none", "--out", "{tmp}"], "eval.json", ["file:eval.json"]),
+    ("eval-unknown-task", ["eval", "{inputs}/cook.jsonl", "--clap", "none", "--out", "{tmp}/r"],
+     "cook.jsonl:1: item 'first': task 'cook' is not one of", []),
     ("eval-no-manifest", ["eval", "{tmp}/none.jsonl", "--clap", "none"], "none.jsonl", []),
     # sweep
     ("sweep-depth-zero", [*PLAN, "--depths", "0,2"], "argument --depths", []),
