@@ -51,6 +51,12 @@ def inputs(tmp_path_factory):
     (root / "items.jsonl").write_text(
         '{"id": "first", "task": "text", "generated": "file.txt", "midi": "a.mid", "text": "a cello"}\n'
         '{"id": "second", "task": "text", "generated": "gone.wav", "midi": "a.mid", "text": "a cello"}\n')
+    for name, shards in (("no_sha", [{"shard": "train/s.array_record", "split": "train", "bytes": 1, "records": 1}]),
+                         ("escapes", [{"shard": "../s.array_record", "split": "train", "bytes": 1, "records": 1,
+                                       "sha256": "0"}]),
+                         ("null_entry", [None])):  # prep outputs whose manifest.json lost a shard's fields
+        (root / name).mkdir()
+        (root / name / "manifest.json").write_text(json.dumps({"shards": shards, "records": {"train": 1}}))
     (root / "cook.jsonl").write_text('{"id": "first", "task": "cook", "generated": "one.wav", "midi": "a.mid"}\n')
     (root / "ok.jsonl").write_text('{"id": "first", "task": "text", "generated": "one.wav", "midi": "a.mid", "text": "a"}\n')
     plan = str(root / "plan")
@@ -253,6 +259,12 @@ CASES = [
     ("prep-out-is-a-file", ["prep", "--out", "{tmp}/data"], "--out", ["file:data"]),
     ("prep-verify-no-such-output", ["prep", "verify", "{tmp}/data"], "data: no such directory", []),
     ("prep-verify-no-manifest", ["prep", "verify", "{tmp}/data"], "manifest", ["dir:data"]),
+    ("prep-verify-manifest-shard-without-sha256", ["prep", "verify", "{inputs}/no_sha"],
+     "no_sha/manifest.json: shards[0]: sha256 is None", []),
+    ("prep-verify-manifest-shard-outside", ["prep", "verify", "{inputs}/escapes"],
+     "escapes/manifest.json: shards[0]: shard '../s.array_record' is not a path inside the output", []),
+    ("prep-verify-manifest-null-shard", ["prep", "verify", "{inputs}/null_entry"],
+     "null_entry/manifest.json: shards[0]: None is not an object", []),
     # checkpoint verify
     ("checkpoint-verify-no-such-dir", ["checkpoint", "verify", "{tmp}/none"], "none", []),
     ("checkpoint-verify-not-a-checkpoint", ["checkpoint", "verify", "{tmp}/empty"], "empty", ["dir:empty"]),
