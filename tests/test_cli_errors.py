@@ -17,6 +17,7 @@ import pytest
 import soundfile
 import torch
 from conftest import write_midi
+from test_input_pipeline import _write_shards
 
 from tokensynth_jax.checkpoint_meta import META_FILE
 from tokensynth_jax.cli import main as cli
@@ -63,6 +64,13 @@ def inputs(tmp_path_factory):
     assert cli.main(["sweep", "plan", "--config", "configs/family.py:base=tiny", "--depths", "1,2",
                      "--budgets", "1e11", "--workdir", str(root / "runs"), "--out", plan, "--min-steps", "1",
                      f"--config.data.paths={root / 'folder'}"]) == 0
+    shards = root / "shards"  # real records (20-60 frames of 4 codebooks of 64: the tiny model's)
+    shards.mkdir()
+    _write_shards(str(shards), num_shards=1, per_shard=4, frames=(20, 60), codebook_size=64, codebooks=4)
+    cut_ckpt = root / "cut_ckpt"  # a checkpoint whose parameter files were cut short
+    shutil.copytree(ckpt, cut_ckpt)
+    data = min((cut_ckpt / "params" / "ocdbt.process_0" / "d").iterdir())
+    data.write_bytes(data.read_bytes()[:10])
     configs = tmp_path_factory.mktemp("configs")  # user config files (Python may cache their bytecode beside them)
     (configs / "syntax.py").write_text("def get_config(arg):\n    return 1 +\n")
     (configs / "raises.py").write_text("def get_config(arg):\n    return {}['model']\n")
@@ -70,7 +78,7 @@ def inputs(tmp_path_factory):
     (configs / "number.py").write_text("def get_config(arg):\n    return 5\n")
     (configs / "no_model.py").write_text("import ml_collections\n\n\ndef get_config(arg):\n"
                                          "    return ml_collections.ConfigDict({'data': {}})\n")
-    return {"configs": str(configs), "ckpt": ckpt, "midi": str(root / "a.mid"), "text_midi": str(root / "text.mid"), "emb": str(root / "e.npy"),
+    return {"shards": str(shards), "cut_ckpt": str(cut_ckpt), "configs": str(configs), "ckpt": ckpt, "midi": str(root / "a.mid"), "text_midi": str(root / "text.mid"), "emb": str(root / "e.npy"),
             "bad_emb": str(root / "bad_e.npy"), "folder": str(root / "folder"), "file": str(root / "file.txt"),
             "clap_pt": str(root / "clap.pt"), "workdir": str(root / "workdir"), "items": str(root / "items.jsonl"),
             "items_ok": str(root / "ok.jsonl"), "bad_ckpt": str(bad_ckpt),
@@ -136,6 +144,11 @@ CASES = [
      "--config.data.global_batch=12", []),
     ("train-batch-does-not-split-into-micro-batches", [*TRAIN, DATA, "--config.data.global_batch=8",
                                                        "--config.train.grad_accum=3"], "train.grad_accum (3)", []),
+    # found from the first record and the checkpoint's file sizes, before the run makes its --workdir
+    ("train-record-longer-than-seq-len", [*TRAIN, "--config.data.paths={shards}", "--config.data.seq_len=16"],
+     "positions exceed seq_len 16 (data.seq_len)", []),
+    ("train-init-from-a-cut-checkpoint", [*TRAIN, "--config.data.paths={shards}", "--init-from", "{cut_ckpt}"],
+     "--init-from {cut_ckpt}: damaged checkpoint", []),
     ("train-init-from-not-a-checkpoint", [*TRAIN, DATA, "--init-from", "{folder}"], "folder", []),
     # compile-step
     ("compile-step-zero-batch", ["compile-step", "--config", "tiny", "--config.data.global_batch=0"],
@@ -387,3 +400,33 @@ def test_a_damaged_step_is_one_line_on_the_real_commands_stderr(tmp_path):
     assert out.returncode == 2, out.stderr
     _assert_one_line(out.stderr, "step 3 is damaged: _CHECKPOINT_METADATA is missing")
     assert not os.path.exists(tmp_path / "model")
+
+
+def test_a_record_found_too_long_after_the_run_began_leaves_no_new_workdir(tmp_path, capsys):
+    """The first record fits data.seq_len (checked before the run begins), a later one does not: the
+    error comes from the first batch, after the run made its --workdir, which is removed again (no
+    step was saved)."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    from tokensynth_jax.tokens import records, token_layout
+
+    rng = np.random.default_rng(0)
+    data = tmp_path / "data"
+    data.mkdir()
+    writer = ArrayRecordWriter(str(data / "shard-00000.array_record"), "group_size:1")
+    for i, frames in enumerate((10, 60)):
+        rec = records.PairRecord(f"p{i}", "train", "inst", rng.integers(1, 1133, 4), rng.integers(0, 64, (frames, 4)),
+                                 rng.normal(size=512), {}, "clap", {"chain": []}, {"midi": "gen", "start": 0.0},
+                                 {"midi": "gen", "start": 5.0})
+        writer.write(rec.to_bytes())
+        if i == 0:
+            seq_len = len(token_layout.training_rows(rec.midi_tokens, rec.codes)[0]) + 1
+    writer.close()
+    workdir = tmp_path / "run"
+    capsys.readouterr()
+    assert cli.main(["train", "--config", "tiny", "--workdir", str(workdir), f"--config.data.paths={data}",
+                     f"--config.data.seq_len={seq_len}", "--config.train.steps=1"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("tokensynth train: error: record p1: ") and "data.seq_len" in err
+    assert not workdir.exists()
