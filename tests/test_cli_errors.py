@@ -64,6 +64,11 @@ def inputs(tmp_path_factory):
     assert cli.main(["sweep", "plan", "--config", "configs/family.py:base=tiny", "--depths", "1,2",
                      "--budgets", "1e11", "--workdir", str(root / "runs"), "--out", plan, "--min-steps", "1",
                      f"--config.data.paths={root / 'folder'}"]) == 0
+    torch.save({"weight": torch.zeros(3)}, root / "other.pt")  # a PyTorch file of another model
+    st = root / "st"  # a safetensors checkpoint whose config.json says metadata 5
+    assert cli.main(["convert", "--to", "safetensors", ckpt, str(st)]) == 0
+    config = json.loads((st / "config.json").read_text())
+    (st / "config.json").write_text(json.dumps({**config, "metadata": 5}))
     shards = root / "shards"  # real records (20-60 frames of 4 codebooks of 64: the tiny model's)
     shards.mkdir()
     _write_shards(str(shards), num_shards=1, per_shard=4, frames=(20, 60), codebook_size=64, codebooks=4)
@@ -167,6 +172,10 @@ CASES = [
      "pass --overwrite", ["file:o.pt"]),
     ("convert-from-missing-pt", ["convert", "--from", "official", "{tmp}/none.pt", "{tmp}/o"], "none.pt: no such file", []),
     ("convert-from-pt-is-a-folder", ["convert", "--from", "official", "{folder}", "{tmp}/o"], "is a directory", []),
+    ("convert-from-another-models-pt", ["convert", "--from", "official", "{inputs}/other.pt", "{tmp}/o"],
+     "IN.pt {inputs}/other.pt: not an official TokenSynth state dict", []),
+    ("convert-from-safetensors-metadata-not-an-object", ["convert", "--from", "safetensors", "{inputs}/st", "{tmp}/o"],
+     "st/config.json: metadata is 5, not an object", []),
     ("convert-safetensors-num-heads", ["convert", "--to", "safetensors", "--num-heads", "4", "{ckpt}", "{tmp}/o"],
      "--num-heads", []),
     ("convert-safetensors-onto-a-full-folder", ["convert", "--to", "safetensors", "{ckpt}", "{tmp}/o"],
