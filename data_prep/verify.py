@@ -58,6 +58,20 @@ def _check_shard(path: str, entry: dict, codec_name: str | None, seen: dict) -> 
     return problems, len(data)
 
 
+def _entry_problem(entry) -> str | None:
+    """What is wrong with one of the manifest's shard entries (as sink writes them), or None."""
+    if not isinstance(entry, dict):
+        return f"{entry!r:.60} is not an object"
+    for key, kind in (("shard", str), ("split", str), ("sha256", str), ("bytes", int), ("records", int)):
+        value = entry.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value < 0):
+            return f"{key} is {value!r:.60}, not {'a text' if kind is str else 'a whole number'}"
+    rel = entry["shard"]
+    if os.path.isabs(rel) or ".." in rel.replace(os.sep, "/").split("/"):
+        return f"shard {rel!r:.60} is not a path inside the output"
+    return None
+
+
 def verify_output(output_dir: str) -> tuple[list[str], dict]:
     """Checks a prep output (see the module doc).
 
@@ -73,11 +87,17 @@ def verify_output(output_dir: str) -> tuple[list[str], dict]:
         raise sink.SinkError(f"{output_dir}: no such directory")
     try:
         manifest = sink.read_manifest(output_dir)
-        shards, per_split = list(manifest["shards"]), dict(manifest["records"])
+        if not isinstance(manifest["shards"], list):
+            raise TypeError(f"shards is {manifest['shards']!r:.60}, not a list")
+        shards, per_split = manifest["shards"], dict(manifest["records"])
     except FileNotFoundError as e:
         raise sink.SinkError(f"{output_dir}: no {sink.MANIFEST} (not a finished prep output)") from e
     except (ValueError, KeyError, TypeError) as e:
         raise sink.SinkError(f"{sink.join(output_dir, sink.MANIFEST)}: unreadable ({type(e).__name__}: {e})") from e
+    for i, entry in enumerate(shards):  # a damaged manifest is named, not met as a KeyError below
+        problem = _entry_problem(entry)
+        if problem:
+            raise sink.SinkError(f"{sink.join(output_dir, sink.MANIFEST)}: shards[{i}]: {problem}")
     codec_name = (manifest.get("codec") or {}).get("name")
     problems, seen, counted = [], {}, {}
     for entry in shards:

@@ -6,7 +6,9 @@ inputs (a tiny checkpoint from `tokensynth init --config tiny`, MIDI, an embeddi
 a fake training workdir) are made once for the module. Most cases fail before any model loads;
 a few run as `python -m tokensynth_jax.cli` to show that stderr carries no traceback.
 """
+import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -15,6 +17,7 @@ import pytest
 import soundfile
 import torch
 from conftest import write_midi
+from test_input_pipeline import _write_shards
 
 from tokensynth_jax.checkpoint_meta import META_FILE
 from tokensynth_jax.cli import main as cli
@@ -40,19 +43,50 @@ def inputs(tmp_path_factory):
                                "module.text_branch.embeddings.word_embeddings.weight": torch.zeros(5, 768)}},
                root / "clap.pt")
     os.makedirs(root / "workdir" / "checkpoints" / "3")  # a training workdir with step 3 saved
+    bad_ckpt = root / "bad_ckpt"  # the checkpoint with a model config no ModelConfig takes
+    shutil.copytree(ckpt, bad_ckpt)
+    meta = json.loads((bad_ckpt / META_FILE).read_text())
+    meta["model"]["dtype"] = "float77"
+    (bad_ckpt / META_FILE).write_text(json.dumps(meta))
     soundfile.write(root / "one.wav", np.zeros(16000, np.float32), 16000)
     (root / "items.jsonl").write_text(
         '{"id": "first", "task": "text", "generated": "file.txt", "midi": "a.mid", "text": "a cello"}\n'
         '{"id": "second", "task": "text", "generated": "gone.wav", "midi": "a.mid", "text": "a cello"}\n')
+    for name, shards in (("no_sha", [{"shard": "train/s.array_record", "split": "train", "bytes": 1, "records": 1}]),
+                         ("escapes", [{"shard": "../s.array_record", "split": "train", "bytes": 1, "records": 1,
+                                       "sha256": "0"}]),
+                         ("null_entry", [None])):  # prep outputs whose manifest.json lost a shard's fields
+        (root / name).mkdir()
+        (root / name / "manifest.json").write_text(json.dumps({"shards": shards, "records": {"train": 1}}))
+    (root / "cook.jsonl").write_text('{"id": "first", "task": "cook", "generated": "one.wav", "midi": "a.mid"}\n')
     (root / "ok.jsonl").write_text('{"id": "first", "task": "text", "generated": "one.wav", "midi": "a.mid", "text": "a"}\n')
     plan = str(root / "plan")
     assert cli.main(["sweep", "plan", "--config", "configs/family.py:base=tiny", "--depths", "1,2",
                      "--budgets", "1e11", "--workdir", str(root / "runs"), "--out", plan, "--min-steps", "1",
                      f"--config.data.paths={root / 'folder'}"]) == 0
-    return {"ckpt": ckpt, "midi": str(root / "a.mid"), "text_midi": str(root / "text.mid"), "emb": str(root / "e.npy"),
+    torch.save({"weight": torch.zeros(3)}, root / "other.pt")  # a PyTorch file of another model
+    st = root / "st"  # a safetensors checkpoint whose config.json says metadata 5
+    assert cli.main(["convert", "--to", "safetensors", ckpt, str(st)]) == 0
+    config = json.loads((st / "config.json").read_text())
+    (st / "config.json").write_text(json.dumps({**config, "metadata": 5}))
+    shards = root / "shards"  # real records (20-60 frames of 4 codebooks of 64: the tiny model's)
+    shards.mkdir()
+    _write_shards(str(shards), num_shards=1, per_shard=4, frames=(20, 60), codebook_size=64, codebooks=4)
+    cut_ckpt = root / "cut_ckpt"  # a checkpoint whose parameter files were cut short
+    shutil.copytree(ckpt, cut_ckpt)
+    data = min((cut_ckpt / "params" / "ocdbt.process_0" / "d").iterdir())
+    data.write_bytes(data.read_bytes()[:10])
+    configs = tmp_path_factory.mktemp("configs")  # user config files (Python may cache their bytecode beside them)
+    (configs / "syntax.py").write_text("def get_config(arg):\n    return 1 +\n")
+    (configs / "raises.py").write_text("def get_config(arg):\n    return {}['model']\n")
+    (configs / "imports.py").write_text("import no_such_module\n")
+    (configs / "number.py").write_text("def get_config(arg):\n    return 5\n")
+    (configs / "no_model.py").write_text("import ml_collections\n\n\ndef get_config(arg):\n"
+                                         "    return ml_collections.ConfigDict({'data': {}})\n")
+    return {"shards": str(shards), "cut_ckpt": str(cut_ckpt), "configs": str(configs), "ckpt": ckpt, "midi": str(root / "a.mid"), "text_midi": str(root / "text.mid"), "emb": str(root / "e.npy"),
             "bad_emb": str(root / "bad_e.npy"), "folder": str(root / "folder"), "file": str(root / "file.txt"),
             "clap_pt": str(root / "clap.pt"), "workdir": str(root / "workdir"), "items": str(root / "items.jsonl"),
-            "items_ok": str(root / "ok.jsonl"),
+            "items_ok": str(root / "ok.jsonl"), "bad_ckpt": str(bad_ckpt),
             "plan": plan, "inputs": str(root)}
 
 
@@ -78,6 +112,28 @@ CASES = [
     ("init-no-such-config", ["init", "--config", "no_such_config", "{tmp}/m"], "no_such_config", []),
     ("init-unknown-config-field", ["init", "--config", "tiny", "--config.model.no_such=1", "{tmp}/m"],
      "--config.model.no_such", []),
+    ("init-unknown-dtype", ["init", "--config", "tiny", "--set", "model.dtype=float77", "{tmp}/m"],
+     "model.dtype='float77': one of float32, bfloat16, float16", []),
+    ("init-integer-param-dtype", ["init", "--config", "tiny", "--set", "model.param_dtype=int8", "{tmp}/m"],
+     "model.param_dtype='int8'", []),
+    ("init-negative-layer-norm-eps", ["init", "--config", "tiny", "--set", "model.layer_norm_eps=-1", "{tmp}/m"],
+     "model.layer_norm_eps=-1", []),
+    ("init-config-file-does-not-parse", ["init", "--config", "{configs}/syntax.py", "{tmp}/m"],
+     "syntax.py:2: the config file fails: SyntaxError", []),
+    ("init-config-file-raises", ["init", "--config", "{configs}/raises.py", "{tmp}/m"],
+     "raises.py:2: the config file fails: KeyError: 'model'", []),
+    ("init-config-file-imports-a-missing-module", ["init", "--config", "{configs}/imports.py", "{tmp}/m"],
+     "imports.py:1: the config file fails: ModuleNotFoundError", []),
+    ("init-config-file-gives-no-configdict", ["init", "--config", "{configs}/number.py", "{tmp}/m"],
+     "number.py: get_config(None) returned int", []),
+    ("init-config-file-without-a-model", ["init", "--config", "{configs}/no_model.py", "{tmp}/m"],
+     "no_model.py: get_config() gives no model, codec", []),
+    ("init-override-of-a-group", ["init", "--config", "tiny", "--config.model=3", "{tmp}/m"],
+     "--config.model=3: model is a group of fields", []),
+    ("init-fraction-for-an-integer", ["init", "--config", "tiny", "--config.model.num_layers=2.7", "{tmp}/m"],
+     "--config.model.num_layers=2.7: not a value of type int", []),
+    ("init-set-error-names-set", ["init", "--config", "tiny", "--set", "model.dropout=abc", "{tmp}/m"],
+     "--set model.dropout=abc: not a value of type float", []),
     ("init-seed-not-an-int", ["init", "--config", "tiny", "--seed", "x", "{tmp}/m"], "argument --seed", []),
     # train
     ("train-damaged-shard-leaves-no-workdir", [*TRAIN, "--config.data.paths={tmp}/data/train"],
@@ -93,6 +149,11 @@ CASES = [
      "--config.data.global_batch=12", []),
     ("train-batch-does-not-split-into-micro-batches", [*TRAIN, DATA, "--config.data.global_batch=8",
                                                        "--config.train.grad_accum=3"], "train.grad_accum (3)", []),
+    # found from the first record and the checkpoint's file sizes, before the run makes its --workdir
+    ("train-record-longer-than-seq-len", [*TRAIN, "--config.data.paths={shards}", "--config.data.seq_len=16"],
+     "positions exceed seq_len 16 (data.seq_len)", []),
+    ("train-init-from-a-cut-checkpoint", [*TRAIN, "--config.data.paths={shards}", "--init-from", "{cut_ckpt}"],
+     "--init-from {cut_ckpt}: damaged checkpoint", []),
     ("train-init-from-not-a-checkpoint", [*TRAIN, DATA, "--init-from", "{folder}"], "folder", []),
     # compile-step
     ("compile-step-zero-batch", ["compile-step", "--config", "tiny", "--config.data.global_batch=0"],
@@ -111,6 +172,10 @@ CASES = [
      "pass --overwrite", ["file:o.pt"]),
     ("convert-from-missing-pt", ["convert", "--from", "official", "{tmp}/none.pt", "{tmp}/o"], "none.pt: no such file", []),
     ("convert-from-pt-is-a-folder", ["convert", "--from", "official", "{folder}", "{tmp}/o"], "is a directory", []),
+    ("convert-from-another-models-pt", ["convert", "--from", "official", "{inputs}/other.pt", "{tmp}/o"],
+     "IN.pt {inputs}/other.pt: not an official TokenSynth state dict", []),
+    ("convert-from-safetensors-metadata-not-an-object", ["convert", "--from", "safetensors", "{inputs}/st", "{tmp}/o"],
+     "st/config.json: metadata is 5, not an object", []),
     ("convert-safetensors-num-heads", ["convert", "--to", "safetensors", "--num-heads", "4", "{ckpt}", "{tmp}/o"],
      "--num-heads", []),
     ("convert-safetensors-onto-a-full-folder", ["convert", "--to", "safetensors", "{ckpt}", "{tmp}/o"],
@@ -165,6 +230,11 @@ CASES = [
     ("synth-config-override-ignored", [*SYN, "--config.model.num_layers=3"], "--config.model.num_layers", []),
     ("synth-set-a-weight-field", [*SYN, "--set", "model.num_layers=3"], "--set model.num_layers: a checkpoint's", []),
     ("synth-set-unknown-value", [*SYN, "--set", "model.decode_attention=flash"], "model.decode_attention='flash'", []),
+    ("synth-set-unknown-dtype", [*SYN, "--set", "model.dtype=float77"], "model.dtype='float77'", []),
+    ("synth-checkpoint-of-a-bad-model-config", [*SYN[:2], "{bad_ckpt}", *SYN[3:]],
+     "--checkpoint {bad_ckpt}/tokensynth.json: model.dtype='float77'", []),
+    ("convert-checkpoint-of-a-bad-model-config", ["convert", "--to", "safetensors", "{bad_ckpt}", "{tmp}/o"],
+     "CKPT_DIR {bad_ckpt}/tokensynth.json: model.dtype='float77'", []),
     ("synth-set-not-a-number", [*SYN, "--set", "model.dropout=abc"], "--set model.dropout=abc: not a value of type float", []),
     ("synth-wav-folder-is-a-file", [*SYN, "--out", "{tmp}/wavs.d"], "--out", ["file:wavs.d"]),
     # An output under a file, found before any work (the write would fail only after generating).
@@ -191,6 +261,8 @@ CASES = [
     ("eval-zero-tolerance", ["eval", "{items}", "--onset-tolerance", "0", "--out", "{tmp}/report"],
      "argument --onset-tolerance", []),
     ("eval-report-exists", ["eval", "{items_ok}", "--clap", "none", "--out", "{tmp}"], "eval.json", ["file:eval.json"]),
+    ("eval-unknown-task", ["eval", "{inputs}/cook.jsonl", "--clap", "none", "--out", "{tmp}/r"],
+     "cook.jsonl:1: item 'first': task 'cook' is not one of", []),
     ("eval-no-manifest", ["eval", "{tmp}/none.jsonl", "--clap", "none"], "none.jsonl", []),
     # sweep
     ("sweep-depth-zero", [*PLAN, "--depths", "0,2"], "argument --depths", []),
@@ -209,6 +281,12 @@ CASES = [
     ("prep-out-is-a-file", ["prep", "--out", "{tmp}/data"], "--out", ["file:data"]),
     ("prep-verify-no-such-output", ["prep", "verify", "{tmp}/data"], "data: no such directory", []),
     ("prep-verify-no-manifest", ["prep", "verify", "{tmp}/data"], "manifest", ["dir:data"]),
+    ("prep-verify-manifest-shard-without-sha256", ["prep", "verify", "{inputs}/no_sha"],
+     "no_sha/manifest.json: shards[0]: sha256 is None", []),
+    ("prep-verify-manifest-shard-outside", ["prep", "verify", "{inputs}/escapes"],
+     "escapes/manifest.json: shards[0]: shard '../s.array_record' is not a path inside the output", []),
+    ("prep-verify-manifest-null-shard", ["prep", "verify", "{inputs}/null_entry"],
+     "null_entry/manifest.json: shards[0]: None is not an object", []),
     # checkpoint verify
     ("checkpoint-verify-no-such-dir", ["checkpoint", "verify", "{tmp}/none"], "none", []),
     ("checkpoint-verify-not-a-checkpoint", ["checkpoint", "verify", "{tmp}/empty"], "empty", ["dir:empty"]),
@@ -331,3 +409,33 @@ def test_a_damaged_step_is_one_line_on_the_real_commands_stderr(tmp_path):
     assert out.returncode == 2, out.stderr
     _assert_one_line(out.stderr, "step 3 is damaged: _CHECKPOINT_METADATA is missing")
     assert not os.path.exists(tmp_path / "model")
+
+
+def test_a_record_found_too_long_after_the_run_began_leaves_no_new_workdir(tmp_path, capsys):
+    """The first record fits data.seq_len (checked before the run begins), a later one does not: the
+    error comes from the first batch, after the run made its --workdir, which is removed again (no
+    step was saved)."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    from tokensynth_jax.tokens import records, token_layout
+
+    rng = np.random.default_rng(0)
+    data = tmp_path / "data"
+    data.mkdir()
+    writer = ArrayRecordWriter(str(data / "shard-00000.array_record"), "group_size:1")
+    for i, frames in enumerate((10, 60)):
+        rec = records.PairRecord(f"p{i}", "train", "inst", rng.integers(1, 1133, 4), rng.integers(0, 64, (frames, 4)),
+                                 rng.normal(size=512), {}, "clap", {"chain": []}, {"midi": "gen", "start": 0.0},
+                                 {"midi": "gen", "start": 5.0})
+        writer.write(rec.to_bytes())
+        if i == 0:
+            seq_len = len(token_layout.training_rows(rec.midi_tokens, rec.codes)[0]) + 1
+    writer.close()
+    workdir = tmp_path / "run"
+    capsys.readouterr()
+    assert cli.main(["train", "--config", "tiny", "--workdir", str(workdir), f"--config.data.paths={data}",
+                     f"--config.data.seq_len={seq_len}", "--config.train.steps=1"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("tokensynth train: error: record p1: ") and "data.seq_len" in err
+    assert not workdir.exists()

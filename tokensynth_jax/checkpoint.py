@@ -39,7 +39,7 @@ from tokensynth_jax.checkpoint_meta import (  # noqa: F401  (the checkpoint API:
     CheckpointError,
     read_metadata,
 )
-from tokensynth_jax.config import ModelConfig
+from tokensynth_jax.config import ConfigError, ModelConfig
 from tokensynth_jax.model.transformer import TokenSynth, abstract_model
 
 STEP_FILE_LIST = "tokensynth_files.json"  # in each train checkpoint step
@@ -132,7 +132,10 @@ def load_model(
       (model, metadata dict of the checkpoint).
     """
     meta = read_metadata(directory)
-    cfg = ModelConfig.from_dict({**meta["model"], **(override or {})})
+    try:
+        cfg = ModelConfig.from_dict({**meta["model"], **(override or {})})
+    except ConfigError as e:
+        raise CheckpointError(f"{os.path.join(os.fspath(directory), META_FILE)}: {e}") from e
     mesh = mesh or sharding.make_mesh({"data": -1})
     graphdef, abstract_state, target = _abstract_model(cfg, mesh)
     path = os.path.join(os.path.abspath(os.fspath(directory)), PARAMS_DIR)

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import numbers
 import os
+import traceback
 from typing import Any, Literal, Mapping
 
 from tokensynth_jax.errors import UserError
@@ -78,6 +79,8 @@ RESIDUAL_LAYOUT = ("auto", "xla", "row_major")
 # of a step's thread time, `jax.profiler` trace, 2026-11-27); with "flat" its YNNPACK dots read the
 # arrays as they lie (docs/benchmarks.md).
 DENSE_DOT = ("auto", "xla", "flat")
+# The dtypes a model computes in and keeps its weights in (`dtype`, `param_dtype`).
+FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,8 +165,14 @@ class ModelConfig:
         if self.d_model % self.num_heads:
             raise ConfigError(f"model.num_heads={self.num_heads} does not divide model.d_model={self.d_model} "
                               "(head_dim = d_model / num_heads)")
-        if not 0.0 <= self.dropout < 1.0:
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, numbers.Real) or not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout={self.dropout!r}: must be in [0, 1)")
+        eps = self.layer_norm_eps
+        if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0.0 < eps < float("inf"):
+            raise ConfigError(f"model.layer_norm_eps={eps!r}: must be a positive number")
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in FLOAT_DTYPES:
+                raise ConfigError(f"model.{name}={getattr(self, name)!r}: one of {', '.join(FLOAT_DTYPES)}")
         if self.attention not in ("causal", "tokensynth-0.0.4"):
             raise ConfigError(f"model.attention={self.attention!r}: one of 'causal', 'tokensynth-0.0.4'")
         if self.conditioning not in ("timbre", "unconditional"):
@@ -407,40 +416,88 @@ def resolve_config_path(path: str) -> str:
     raise ConfigError(f"{path}: no such config file (packaged configs: {', '.join(known)})")
 
 
-def load_config_file(spec: str, overrides: Mapping[str, Any] | None = None):
+# The groups of a config file's ConfigDict (configs/reference.py has them all).
+CONFIG_GROUPS = ("model", "codec", "data", "optim", "train", "mesh")
+
+
+def load_config_file(spec: str, overrides: Mapping[str, Any] | None = None, *, flag: str = "--config."):
     """Loads `path/to/config.py[:arg]` or a packaged `NAME[:arg]` and calls its `get_config(arg)`.
 
     Configs import their bases from the package (`from tokensynth_jax.configs import reference`),
     so a user's own file can derive from them too. `overrides` are dotted keys -> values
-    (`{"model.num_layers": 2}`), applied with the ConfigDict's own type checks.
+    (`{"model.num_layers": 2}`), applied with the ConfigDict's own type checks (`apply_overrides`;
+    an error names the override as `{flag}{key}`).
 
     Raises:
-      ConfigError: no such file, no `get_config`, an unknown field or a value of the wrong type.
+      ConfigError: no such file, no `get_config`, a user's file that fails to run or gives no
+      ConfigDict, an unknown field or a value of the wrong type.
     """
     import importlib.util
+
+    import ml_collections
 
     path, _, arg = spec.partition(":")
     path = resolve_config_path(path)
     module_spec = importlib.util.spec_from_file_location(f"_tokensynth_config_{abs(hash(path))}", path)
     module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    with _users_code(path, passthrough=UserError):
+        module_spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
         raise ConfigError(f"{path}: a config file defines get_config(arg)")
     try:
-        config = module.get_config(arg or None)
+        with _users_code(path, passthrough=ValueError):
+            config = module.get_config(arg or None)
+    except ConfigError:
+        raise
     except ValueError as e:  # a config's own check of its argument (configs/family.py:depth=...)
         raise ConfigError(f"{spec}: {e}") from e
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ConfigError(f"{path}: get_config({arg or None!r}) returned {type(config).__name__}, not an "
+                          "ml_collections.ConfigDict (derive from ours: from tokensynth_jax.configs import reference)")
+    missing = [group for group in CONFIG_GROUPS if not hasattr(config.get(group), "keys")]
+    if missing:
+        raise ConfigError(f"{path}: get_config() gives no {', '.join(missing)} (a config holds the groups "
+                          f"{', '.join(CONFIG_GROUPS)}; derive from ours: from tokensynth_jax.configs import reference)")
+    return apply_overrides(config, overrides, path, flag=flag)
+
+
+@contextlib.contextmanager
+def _users_code(path: str, passthrough: type[Exception]):
+    """Running a user's config file (not a packaged one): whatever it raises, other than
+    `passthrough` (a UserError; from get_config, the ValueError a config raises for a bad argument),
+    is one ConfigError naming the file and its line."""
+    if os.path.dirname(os.path.abspath(path)) == _packaged_configs_dir():
+        yield  # ours: an exception is our bug, with its traceback
+        return
+    try:
+        yield
+    except passthrough:
+        raise
+    except Exception as e:  # any error of the user's code is theirs to fix
+        line = e.lineno if isinstance(e, SyntaxError) else next(
+            (frame.lineno for frame in reversed(traceback.extract_tb(e.__traceback__))
+             if os.path.abspath(frame.filename) == os.path.abspath(path)), None)
+        where = f"{path}:{line}" if line else path
+        raise ConfigError(f"{where}: the config file fails: {type(e).__name__}: {e}") from e
+
+
+def apply_overrides(config, overrides: Mapping[str, Any] | None, path: str, *, flag: str = "--config."):
+    """`config` (a ConfigDict) with dotted keys -> values set; an error names the override as
+    `{flag}{key}` and the config file `path`."""
     for key, value in (overrides or {}).items():
         node = config
         *parents, leaf = key.split(".")
         for name in parents:
             if name not in node or not hasattr(node[name], "keys"):
-                raise ConfigError(f"--config.{key}: no config field {key!r} in {path}")
+                raise ConfigError(f"{flag}{key}: no config field {key!r} in {path}")
             node = node[name]
         if leaf not in node:
-            raise ConfigError(f"--config.{key}: no config field {key!r} in {path}")
+            raise ConfigError(f"{flag}{key}: no config field {key!r} in {path}")
+        if hasattr(node[leaf], "keys"):  # a group: its fields are set one by one
+            example = next(iter(node[leaf].keys()), "FIELD")
+            raise ConfigError(f"{flag}{key}={value}: {key} is a group of fields; set one, e.g. {flag}{key}.{example}=...")
         # A field of any type (model.scan_layers) takes the string; ModelConfig reads it.
-        node[leaf] = value if node.get_type(leaf) is object else coerce_override(value, node[leaf], key)
+        node[leaf] = value if node.get_type(leaf) is object else coerce_override(value, node[leaf], key, flag=flag)
     return config
 
 
@@ -466,4 +523,6 @@ def coerce_override(value: Any, current: Any, key: str, flag: str = "--config.")
         raise ConfigError(f"{flag}{key}={value}: not a value of type {type(current).__name__}") from e
     if isinstance(current, bool) != isinstance(parsed, bool) or not isinstance(parsed, (int, float, bool)):
         raise ConfigError(f"{flag}{key}={value}: not a value of type {type(current).__name__}")
+    if isinstance(current, int) and isinstance(parsed, float) and not parsed.is_integer():  # 2.7 is no int
+        raise ConfigError(f"{flag}{key}={value}: not a value of type int")
     return type(current)(parsed)

@@ -156,8 +156,8 @@ def writable_location(path: str, flag: str) -> None:
 
 def model_checkpoint(path: str, flag: str):
     """(metadata, ModelConfig) of a tokensynth-jax model checkpoint, from its JSON alone."""
-    from tokensynth_jax.checkpoint_meta import CheckpointError, read_metadata
-    from tokensynth_jax.config import ModelConfig
+    from tokensynth_jax.checkpoint_meta import META_FILE, CheckpointError, read_metadata
+    from tokensynth_jax.config import ConfigError, ModelConfig
 
     if not os.path.isdir(path):
         why = "a file" if os.path.exists(path) else "no such directory"
@@ -166,7 +166,10 @@ def model_checkpoint(path: str, flag: str):
         meta = read_metadata(path)
     except CheckpointError as e:
         raise UsageError(f"{flag} {e}") from e
-    return meta, ModelConfig.from_dict(meta["model"])
+    try:
+        return meta, ModelConfig.from_dict(meta["model"])
+    except ConfigError as e:  # the file's, not a flag's: say which file
+        raise UsageError(f"{flag} {os.path.join(path, META_FILE)}: {e}") from e
 
 
 # --- configs --------------------------------------------------------------------------------------------
@@ -213,9 +216,11 @@ def load_config(args):
       ConfigError (a UserError): no such config, an unknown field, a value of the wrong type, or a
       model config that cannot be built (e.g. heads that do not divide the width).
     """
-    from tokensynth_jax.config import ModelConfig, load_config_file
+    from tokensynth_jax.config import ModelConfig, apply_overrides, load_config_file, resolve_config_path
 
-    config = load_config_file(args.config, {**set_overrides(getattr(args, "set", ())), **args.config_overrides})
+    # --set first, then --config.a.b=value (which wins); each error names the flag it came from.
+    config = load_config_file(args.config, set_overrides(getattr(args, "set", ())), flag="--set ")
+    config = apply_overrides(config, args.config_overrides, resolve_config_path(args.config.partition(":")[0]))
     ModelConfig.from_dict(config.model.to_dict())
     return config
 

@@ -114,8 +114,11 @@ def _convert(args) -> int:
             safetensors_format.save(temp, model.cfg, checkpoint.params_to_numpy(model), meta["metadata"])
     elif args.from_format == "official":
         state = convert.load_official_file(args.src)
-        cfg, params, report = convert.from_official(
-            state, num_heads=args.num_heads or convert.OFFICIAL_NUM_HEADS, attention=args.attention)
+        try:
+            cfg, params, report = convert.from_official(
+                state, num_heads=args.num_heads or convert.OFFICIAL_NUM_HEADS, attention=args.attention)
+        except convert.ConversionError as e:  # what is wrong with the file's tensors: name the file
+            raise UsageError(f"IN.pt {args.src}: {e}") from e
         metadata = {"weights": "converted", "source": os.path.abspath(args.src), "conversion": report,
                     "codec": {"name": "descript/dac_44khz"}}
         with outputs:

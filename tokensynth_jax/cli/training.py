@@ -8,6 +8,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import shutil
 
 from tokensynth_jax.cli import checks
 from tokensynth_jax.cli.checks import UsageError
@@ -67,15 +68,36 @@ def _train(args) -> int:
     checks.output_dir(args.workdir, "--workdir")
     check_run_config(config)
     if args.init_from is not None:
-        _, loaded = checks.model_checkpoint(args.init_from, "--init-from")
+        meta, loaded = checks.model_checkpoint(args.init_from, "--init-from")
+        from tokensynth_jax import integrity
+
+        # Sizes only (no reading): a file cut short is named before the run begins; load_model
+        # checks the sha256 when it loads.
+        problems = integrity.check_files(args.init_from, meta["files"], checksums=False) if "files" in meta else []
+        if problems:
+            raise UsageError(f"--init-from {args.init_from}: damaged checkpoint: {problems[0]}"
+                             + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
         cfg = ModelConfig.from_dict(config.model.to_dict())
         if loaded.replace(dropout=cfg.dropout, dtype=cfg.dtype, remat=cfg.remat) != cfg:
             raise UsageError(f"--init-from {args.init_from}: its model config differs from the run's: {loaded}")
     from tokensynth_jax.training import train
 
     _logging()
-    train.train(config, args.workdir, init_from=args.init_from)
+    # A new local --workdir that the run fails in before it saves a step (a record longer than
+    # data.seq_len, a damaged --init-from) is removed again; a resumed one, or one with steps, is kept.
+    fresh = checks.is_local(args.workdir) and not os.path.exists(args.workdir)
+    try:
+        train.train(config, args.workdir, init_from=args.init_from)
+    except UserError:
+        if fresh and not _saved_steps(args.workdir):
+            shutil.rmtree(args.workdir, ignore_errors=True)
+        raise
     return 0
+
+
+def _saved_steps(workdir: str) -> list[str]:
+    folder = os.path.join(workdir, "checkpoints")
+    return [d for d in os.listdir(folder) if d.isdigit()] if os.path.isdir(folder) else []
 
 
 # --- compile-step --------------------------------------------------------------------------------------

@@ -291,7 +291,12 @@ def read_manifest(path: str) -> list[EvalItem]:
             for key in ("generated", "midi", "target", "reference"):
                 if entry.get(key) is not None:
                     entry[key] = os.path.join(root, entry[key])
-            items.append(EvalItem(**entry))
+            item = EvalItem(**entry)
+            try:
+                item.check()
+            except MetricError as e:
+                raise MetricError(f"{path}:{number}: {e}") from e
+            items.append(item)
     if not items:
         raise MetricError(f"{path}: the manifest lists no items")
     seen = set()
@@ -299,5 +304,4 @@ def read_manifest(path: str) -> list[EvalItem]:
         if item.id in seen:
             raise MetricError(f"{path}: item id {item.id!r} is listed twice")
         seen.add(item.id)
-        item.check()
     return items

@@ -123,4 +123,8 @@ def load(directory: str | os.PathLike) -> tuple[ModelConfig, dict, dict]:
             flat = {n: f.get_tensor(n) for n in f.keys()}
     except SafetensorError as e:
         raise SafetensorsFormatError(f"{path}: not a readable safetensors file ({e})") from e
-    return cfg, unflatten_params(cfg, flat, path), config.get("metadata", {})
+    metadata = config.get("metadata", {})
+    if not isinstance(metadata, dict):  # a checkpoint's metadata is an object (checkpoint_meta reads it so)
+        raise SafetensorsFormatError(f"{os.path.join(directory, CONFIG_FILE)}: metadata is {metadata!r:.60}, "
+                                     "not an object")
+    return cfg, unflatten_params(cfg, flat, path), metadata

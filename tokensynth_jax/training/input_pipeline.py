@@ -61,7 +61,7 @@ def build_example(rec: records.PairRecord, cfg: ModelConfig, seq_len: int) -> di
         )
     rows, target_mask = token_layout.training_rows(rec.midi_tokens, codes)
     if rows.shape[0] > seq_len:
-        raise DataError(f"record {rec.pair_id}: {rows.shape[0]} positions exceed seq_len {seq_len}")
+        raise DataError(f"record {rec.pair_id}: {rows.shape[0]} positions exceed seq_len {seq_len} (data.seq_len)")
     targets = np.zeros((seq_len, cfg.num_channels), np.int32)
     targets[: rows.shape[0]] = rows
     mask = np.zeros(seq_len, bool)
@@ -196,6 +196,8 @@ def make_dataset(pc: PipelineConfig, cfg: ModelConfig, process_index: int = 0, p
     if not pc.allow_mixed_clap:
         check_one_clap(paths)
     source = grain.sources.ArrayRecordDataSource(paths)
+    if len(source):  # records that do not fit the model or data.seq_len, found before the run begins
+        build_example(records.decode(source[0]), cfg, pc.seq_len)
     ds = grain.MapDataset.source(source)
     if pc.shuffle:
         ds = ds.shuffle(seed=pc.seed)
