@@ -11,7 +11,8 @@ from tokensynth_jax.config import model_config_dict
 
 
 def get_config(arg=None):
-    del arg
+    if arg is not None:  # `--config tiny:xyz` is a typo, not a variant (configs/family.py takes arguments)
+        raise ValueError(f"takes no argument, got {arg!r}")
     c = ml_collections.ConfigDict()
     # Every ModelConfig field (tokensynth_jax/config.py documents each); the defaults are this model.
     c.model = model_config_dict()

@@ -62,6 +62,8 @@ def test_bool_fields_take_what_absl_bool_flags_take(value, expected):
     ("tiny", {"model.null_timbre": "3"}, "--config.model.null_timbre=3: not a value of type bool (true or false)"),
     ("tiny", {"model.null_timbre": "maybe"}, "--config.model.null_timbre=maybe: not a value of type bool"),
     ("family:depth=0", {}, "family:depth=0: family depth must be at least 1"),
+    ("tiny:xyz", {}, "tiny:xyz: takes no argument, got 'xyz'"),
+    ("encodec:8", {}, "encodec:8: takes no argument, got '8'"),
 ])
 def test_bad_configs_are_user_errors_naming_the_flag_or_file(spec, overrides, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
