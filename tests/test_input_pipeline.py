@@ -1,4 +1,5 @@
 """grain input pipeline over real ArrayRecord shards: layout, sharding, exact resume, errors."""
+import dataclasses
 import os
 
 import numpy as np
@@ -99,3 +100,29 @@ def test_errors_name_the_problem(tmp_path, shards):
         next(iter(ip.make_dataset(ip.PipelineConfig((d,), 2, 20), CFG)))
     with pytest.raises(ip.DataError, match="exceeds the model"):
         ip.make_dataset(ip.PipelineConfig((d,), 2, 65), CFG)
+
+
+def test_a_bad_record_mid_data_becomes_an_example_with_no_targets_and_is_counted(tmp_path, caplog):
+    rng = np.random.default_rng(3)
+    good = [records.PairRecord(f"g{i}", "train", "inst", rng.integers(1, 1133, 4), rng.integers(0, 17, (12, 3)),
+                               rng.normal(size=512), {}, "clap", {"chain": []}, {"midi": "gen", "start": 0.0},
+                               {"midi": "gen", "start": 5.0}) for i in range(4)]
+    too_long = dataclasses.replace(good[0], pair_id="long", codes=rng.integers(0, 17, (50, 3)))  # 58 positions
+    path = str(tmp_path / "shard.array_record")
+    writer = ArrayRecordWriter(path, "group_size:1")
+    for data in (good[0].to_bytes(), good[1].to_bytes(), b"not a record", too_long.to_bytes(), good[2].to_bytes(),
+                 good[3].to_bytes()):
+        writer.write(data)
+    writer.close()
+    pc = ip.PipelineConfig((path,), global_batch=3, seq_len=40, shuffle=False, num_epochs=1)
+    with caplog.at_level("WARNING", logger="tokensynth.data"):
+        batches = list(ip.make_dataset(pc, CFG))
+    assert [ip.skipped_count(b) for b in batches] == [1, 1]
+    assert [not b["mask"][i].any() for b in batches for i in range(3)] == [False, False, True, True, False, False]
+    empty = batches[0]["targets"][2], batches[0]["rows"][2], batches[0]["timbre"][2]
+    assert not any(x.any() for x in empty)
+    expected = ip.build_example(records.decode(good[2].to_bytes()), CFG, 40)
+    for key, value in expected.items():  # the good ones around them are what they always were
+        np.testing.assert_array_equal(batches[1][key][1], value)
+    skipped = [r.getMessage() for r in caplog.records if "skipped a record" in r.getMessage()]
+    assert len(skipped) == 2 and "not a msgpack record" in skipped[0] and "record long: 58 positions" in skipped[1]

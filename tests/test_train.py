@@ -197,3 +197,27 @@ def test_records_longer_than_seq_len_are_refused_before_the_run_makes_anything(t
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and f"--config.data.seq_len={seq_len}: {shard} holds records of up to {longest}" in err[0]
         assert not workdir.exists()
+
+
+def test_bad_records_mid_data_are_skipped_counted_and_the_run_goes_on(tmp_path):
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    from tokensynth_jax.tokens import records
+
+    rng = np.random.default_rng(1)
+    pair = lambda i, frames: records.PairRecord(
+        f"p{i}", "train", "inst", rng.integers(1, 1133, 8), rng.integers(0, 64, (frames, 4)), rng.normal(size=512), {},
+        "clap", {"chain": []}, {"midi": "gen", "start": 0.0}, {"midi": "gen", "start": 5.0}).to_bytes()
+    data = [pair(0, 40), b"\x00damaged", pair(2, 200), *(pair(i, 40) for i in range(3, 8))]  # 200 frames: 213 positions
+    os.makedirs(tmp_path / "data")
+    writer = ArrayRecordWriter(str(tmp_path / "data" / "shard.array_record"), "group_size:1")
+    for d in data:
+        writer.write(d)
+    writer.close()
+    workdir = str(tmp_path / "run")
+    config = load_config_file(TINY, {"data.paths": str(tmp_path / "data"), "train.steps": 2, "train.log_every": 1,
+                                     "train.eval_every": 0})
+    last = train.train(config, workdir)  # global batch 8: every step sees all eight records
+    lines = [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl"))]
+    assert [x.get("skipped_examples") for x in lines if x["split"] == "train"] == [2, 2]
+    assert np.isfinite(last["loss"]) and os.path.isdir(os.path.join(workdir, "checkpoints", "2"))

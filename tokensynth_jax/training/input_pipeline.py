@@ -15,12 +15,19 @@ masks, and a 5 s clip already fills most of a budget sized for it. A batch holds
     targets [b, seq_len, C]   int32 the row each position predicts
     mask [b, seq_len]         bool  positions whose target is an audio or end row
 where b is this process's share of the global batch.
+
+A record that cannot be an example (damaged, longer than `seq_len`, codes the model has no ids
+for) does not stop a run: it becomes an example with no targets (all of `mask` False, so it adds
+nothing to the loss or the metrics), is logged, and the loop counts it (`skipped_examples`). The
+batches keep their shape and order, so resuming stays exact. A data set that does not fit at all
+is refused before the run begins (`verify_shards`, and the first record in `make_dataset`).
 """
 from __future__ import annotations
 
 import dataclasses
 import glob
 import json
+import logging
 import os
 from typing import Sequence
 
@@ -31,6 +38,8 @@ from tokensynth_jax import integrity
 from tokensynth_jax.config import ModelConfig
 from tokensynth_jax.errors import UserError
 from tokensynth_jax.tokens import records, token_layout
+
+log = logging.getLogger("tokensynth.data")
 
 
 class DataError(UserError):
@@ -81,8 +90,27 @@ class _ParseBlock(grain.transforms.Map):
         self.cfg, self.seq_len, self.start, self.stop = cfg, seq_len, start, stop
 
     def map(self, raw: list) -> dict:
-        examples = [build_example(records.decode(r), self.cfg, self.seq_len) for r in raw[self.start : self.stop]]
+        examples = [self._example(r) for r in raw[self.start : self.stop]]
         return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+
+    def _example(self, raw: bytes) -> dict:
+        try:
+            return build_example(records.decode(raw), self.cfg, self.seq_len)
+        except (DataError, records.RecordError) as e:  # one bad record never ends a run (module docstring)
+            log.warning("skipped a record: %s", e)
+            return skipped_example(self.cfg, self.seq_len)
+
+
+def skipped_example(cfg: ModelConfig, seq_len: int) -> dict:
+    """An example with no targets (`mask` all False): what a record that cannot be one becomes."""
+    return {"timbre": np.zeros(cfg.timbre_dim, np.float32), "rows": np.zeros((seq_len - 1, cfg.num_channels), np.int32),
+            "targets": np.zeros((seq_len, cfg.num_channels), np.int32), "mask": np.zeros(seq_len, bool)}
+
+
+def skipped_count(batch: dict) -> int:
+    """How many examples of a (local) batch are skipped records: every real example predicts at
+    least its end row."""
+    return int((~np.asarray(batch["mask"]).any(-1)).sum())
 
 
 @dataclasses.dataclass(frozen=True)

@@ -233,7 +233,15 @@ def train(config, workdir: str, init_from: str | None = None) -> dict:
         with jax.set_mesh(mesh):
             return eval_jit(*args)
 
-    first = to_global(next(data_iter), batch_shardings)
+    skipped = 0  # records that could not be examples, since the last metrics line (input_pipeline)
+
+    def next_batch():
+        nonlocal skipped
+        local = next(data_iter)
+        skipped += input_pipeline.skipped_count(local)
+        return to_global(local, batch_shardings)
+
+    first = next_batch()
     with jax.set_mesh(mesh):
         compiled = step_fn.lower(state, first, jax.random.PRNGKey(0)).compile()
     mem = compiled.memory_analysis()
@@ -264,8 +272,10 @@ def train(config, workdir: str, init_from: str | None = None) -> dict:
                     "model_flops_per_s": tokens * flops_token / dt, **summarize(sums, cfg)}
             if peak:
                 last["mfu"] = last["model_flops_per_s"] / peak
+            if skipped:  # this process's share of the batches
+                last["skipped_examples"] = skipped
             writer.write(done, last)
-            t0, tokens = time.time(), 0
+            t0, tokens, skipped = time.time(), 0, 0
         if tc.eval_every and config.data.eval_paths and (done % tc.eval_every == 0 or done == tc.steps):
             writer.write(done, evaluate(eval_fn, state, config, cfg, batch_shardings), "eval")
         if samples is not None and (samples.due(done) or done == tc.steps):
@@ -279,7 +289,7 @@ def train(config, workdir: str, init_from: str | None = None) -> dict:
             log.warning("SIGTERM: saved step %d, stopping", done)
             break
         if done < tc.steps:
-            batch = to_global(next(data_iter), batch_shardings)
+            batch = next_batch()
     ckpt.wait()
     ckpt.close()
     writer.close()
