@@ -257,6 +257,7 @@ def train(config, workdir: str, init_from: str | None = None) -> dict:
     flops_token = model_flops_per_token(cfg, pc.seq_len)
     peak = peak_flops(config)
     last, batch, t0, tokens = {}, first, time.time(), 0
+    del first  # a batch from grain's workers (data.worker_count) holds shared memory while referenced
     step = start
     for step in range(start, tc.steps):
         state, sums = compiled(state, batch, jax.random.fold_in(base_rng, step))
@@ -293,7 +294,8 @@ def train(config, workdir: str, init_from: str | None = None) -> dict:
     ckpt.wait()
     ckpt.close()
     writer.close()
-    data_iter.close()  # stops grain's worker processes (data.worker_count) and frees their shared memory
+    del batch
+    data_iter.close()  # stops grain's worker processes (data.worker_count) and frees their buffers
     return last
 
 
