@@ -221,3 +221,18 @@ def test_bad_records_mid_data_are_skipped_counted_and_the_run_goes_on(tmp_path):
     lines = [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl"))]
     assert [x.get("skipped_examples") for x in lines if x["split"] == "train"] == [2, 2]
     assert np.isfinite(last["loss"]) and os.path.isdir(os.path.join(workdir, "checkpoints", "2"))
+
+
+def test_a_diverging_run_is_one_line_and_never_checkpoints_a_diverged_state(shards, tmp_path, capsys):
+    workdir = tmp_path / "run"
+    argv = ["train", "--config", "tiny", "--workdir", str(workdir), f"--config.data.paths={shards}",
+            "--config.train.steps=6", "--config.train.log_every=100", "--config.train.checkpoint_every=1",
+            "--config.optim.peak_lr=1e30", "--config.optim.warmup_steps=0", "--config.optim.clip_norm=0"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "RuntimeError" not in err  # nor Orbax's, from saves left running
+    last = err.strip().splitlines()[-1]  # after the run's INFO lines
+    assert "step 3: loss nan, grad norm nan: training diverged (newest checkpoint: 2)" in last
+    assert "--config.optim.peak_lr" in last
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["1", "2"]  # kept: steps before the divergence
+    assert all(np.isfinite(x).all() for x in _saved(str(workdir), 2))

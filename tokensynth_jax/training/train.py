@@ -20,6 +20,7 @@ from flax import nnx
 
 from tokensynth_jax import checkpoint, sharding, tensorboard_media
 from tokensynth_jax.config import ModelConfig
+from tokensynth_jax.errors import UserError
 from tokensynth_jax.model.transformer import TokenSynth
 from tokensynth_jax.scaling.flops import model_flops_per_token
 from tokensynth_jax.training import input_pipeline, optim, train_samples
@@ -97,6 +98,10 @@ class MetricsWriter:
             self.jsonl.close()
         if self.tb:
             self.tb.close()
+
+
+class Diverged(UserError):
+    """The loss or the gradient norm stopped being finite: the run's settings, not a bug; one line."""
 
 
 def summarize(sums: dict, cfg: ModelConfig) -> dict:
@@ -258,44 +263,51 @@ def train(config, workdir: str, init_from: str | None = None) -> dict:
     peak = peak_flops(config)
     last, batch, t0, tokens = {}, first, time.time(), 0
     del first  # a batch from grain's workers (data.worker_count) holds shared memory while referenced
-    step = start
-    for step in range(start, tc.steps):
-        state, sums = compiled(state, batch, jax.random.fold_in(base_rng, step))
-        tokens += pc.global_batch * pc.seq_len
-        done = step + 1
-        if done % tc.log_every == 0 or done == tc.steps:
-            sums = jax.device_get(sums)
-            if not np.isfinite(sums["loss"]) or not np.isfinite(sums["grad_norm"]):
-                raise FloatingPointError(f"step {done}: loss {sums['loss']}, grad norm {sums['grad_norm']}")
-            dt = time.time() - t0
-            last = {"loss": float(sums["loss"]), "grad_norm": float(sums["grad_norm"]),
-                    "lr": float(optim.schedule(oc)(step)), "tokens_per_s": tokens / dt,
-                    "model_flops_per_s": tokens * flops_token / dt, **summarize(sums, cfg)}
-            if peak:
-                last["mfu"] = last["model_flops_per_s"] / peak
-            if skipped:  # this process's share of the batches
-                last["skipped_examples"] = skipped
-            writer.write(done, last)
-            t0, tokens, skipped = time.time(), 0, 0
-        if tc.eval_every and config.data.eval_paths and (done % tc.eval_every == 0 or done == tc.steps):
-            writer.write(done, evaluate(eval_fn, state, config, cfg, batch_shardings), "eval")
-        if samples is not None and (samples.due(done) or done == tc.steps):
-            metrics, clips = samples(done, graphdef, state)
-            if metrics:
-                writer.write(done, metrics, "samples")
-            writer.write_clips(done, clips)
-        if stop["stop"] or done % tc.checkpoint_every == 0 or done == tc.steps:
-            ckpt.save(done, state, data_iter, force=True)
-        if stop["stop"]:
-            log.warning("SIGTERM: saved step %d, stopping", done)
-            break
-        if done < tc.steps:
-            batch = next_batch()
-    ckpt.wait()
-    ckpt.close()
-    writer.close()
-    del batch
-    data_iter.close()  # stops grain's worker processes (data.worker_count) and frees their buffers
+    try:  # whatever ends the loop (a diverged loss too), saves under way finish and workers stop
+        step = start
+        for step in range(start, tc.steps):
+            state, sums = compiled(state, batch, jax.random.fold_in(base_rng, step))
+            tokens += pc.global_batch * pc.seq_len
+            done = step + 1
+            saving = stop["stop"] or done % tc.checkpoint_every == 0 or done == tc.steps
+            if done % tc.log_every == 0 or done == tc.steps or saving:  # never a checkpoint of a diverged state
+                sums = jax.device_get(sums)
+                if not np.isfinite(sums["loss"]) or not np.isfinite(sums["grad_norm"]):
+                    ckpt.wait()  # the newest checkpoint named is one that is there
+                    raise Diverged(f"step {done}: loss {sums['loss']}, grad norm {sums['grad_norm']}: training diverged "
+                                   f"(newest checkpoint: {ckpt.latest_step() or 'none'}); lower --config.optim.peak_lr, "
+                                   "or keep --config.optim.clip_norm above 0")
+            if done % tc.log_every == 0 or done == tc.steps:
+                dt = time.time() - t0
+                last = {"loss": float(sums["loss"]), "grad_norm": float(sums["grad_norm"]),
+                        "lr": float(optim.schedule(oc)(step)), "tokens_per_s": tokens / dt,
+                        "model_flops_per_s": tokens * flops_token / dt, **summarize(sums, cfg)}
+                if peak:
+                    last["mfu"] = last["model_flops_per_s"] / peak
+                if skipped:  # this process's share of the batches
+                    last["skipped_examples"] = skipped
+                writer.write(done, last)
+                t0, tokens, skipped = time.time(), 0, 0
+            if tc.eval_every and config.data.eval_paths and (done % tc.eval_every == 0 or done == tc.steps):
+                writer.write(done, evaluate(eval_fn, state, config, cfg, batch_shardings), "eval")
+            if samples is not None and (samples.due(done) or done == tc.steps):
+                metrics, clips = samples(done, graphdef, state)
+                if metrics:
+                    writer.write(done, metrics, "samples")
+                writer.write_clips(done, clips)
+            if saving:
+                ckpt.save(done, state, data_iter, force=True)
+            if stop["stop"]:
+                log.warning("SIGTERM: saved step %d, stopping", done)
+                break
+            if done < tc.steps:
+                batch = next_batch()
+    finally:
+        ckpt.wait()
+        ckpt.close()
+        writer.close()
+        del batch
+        data_iter.close()  # stops grain's worker processes (data.worker_count) and frees their buffers
     return last
 
 
