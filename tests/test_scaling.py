@@ -260,3 +260,27 @@ def test_micro_sweep_plans_runs_and_fits_end_to_end(prep_data, tmp_path, capsys)
         with open(os.path.join(fit_dir, name), "rb") as f:
             data = f.read()
         assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 10_000, name
+
+
+def test_a_diverging_run_is_reported_and_the_sweep_goes_on(prep_data, tmp_path, capsys):
+    plan_dir = str(tmp_path / "plan")
+    assert cli.main(["sweep", "plan", "--config", f"{FAMILY}:base=tiny", "--depths", "1,2", "--budgets", "6e10",
+                     "--workdir", str(tmp_path / "runs"), "--out", plan_dir, "--min-steps", "2",
+                     f"--config.data.paths={prep_data}/train", "--config.data.seq_len=320"]) == 0
+    with open(os.path.join(plan_dir, "plan.json")) as f:
+        plan = json.load(f)
+    bad, good = plan["runs"]  # an infinite learning rate: the first update makes every weight inf
+    bad["overrides"].update({"optim.peak_lr": "1e999", "optim.warmup_steps": "0", "optim.clip_norm": "0"})
+    with open(os.path.join(plan_dir, "plan.json"), "w") as f:
+        json.dump(plan, f)
+    capsys.readouterr()
+    assert cli.main(["sweep", "run", plan_dir]) == 0
+    out = capsys.readouterr().out
+    assert f"[sweep] run {bad['name']} diverged: step " in out and "the sweep goes on" in out
+    assert f"trained 1 runs: {good['name']}; 1 diverged: {bad['name']}" in out
+    with open(os.path.join(bad["workdir"], sweep.DIVERGED)) as f:
+        assert "training diverged" in f.read()
+    assert cli.main(["sweep", "run", plan_dir]) == 0  # a rerun leaves the diverged run alone
+    out = capsys.readouterr().out
+    assert f"{bad['name']} diverged before" in out and "trained 0 runs: (all were finished); 1 diverged" in out
+    assert sweep.collect(sweep.read_plan(plan_dir))[1] == [bad["name"]]  # the fit counts it as unfinished

@@ -228,8 +228,9 @@ def _run(args) -> int:
             except UserError as e:
                 raise UsageError(f"{args.plan}: run {run['name']}: {e}") from e
     _logging()
-    done = sweep.run_sweep(plan, args.only)
-    print(f"[sweep] trained {len(done)} runs: {' '.join(done) or '(all were finished)'}")
+    done, diverged = sweep.run_sweep(plan, args.only)
+    print(f"[sweep] trained {len(done)} runs: {' '.join(done) or '(all were finished)'}"
+          + (f"; {len(diverged)} diverged: {' '.join(diverged)}" if diverged else ""))
     return 0
 
 

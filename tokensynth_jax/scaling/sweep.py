@@ -201,20 +201,44 @@ def finished(run: dict) -> bool:
     return any(m.get("split") == "train" and m.get("step") == run["steps"] for m in read_metrics(run["workdir"]))
 
 
-def run_sweep(plan: dict, only=None) -> list[str]:
-    """Trains the plan's runs here, one after another (only those named in `only`, if given);
-    returns the names trained now."""
+DIVERGED = "diverged.txt"  # in a run's workdir: why it diverged; `sweep run` then leaves it alone
+
+
+def run_sweep(plan: dict, only=None) -> tuple[list[str], dict[str, str]]:
+    """Trains the plan's runs here, one after another (only those named in `only`, if given).
+
+    A run that diverges does not stop the sweep (large sizes at a fixed learning rate may): why
+    goes to its workdir's `diverged.txt`, and the next runs train. A rerun skips it while that
+    file is there (delete it to try again); `sweep fit` lists it among the unfinished runs.
+
+    Returns:
+      The names trained now, and {name: why} of the runs that diverged, now or before.
+    """
     from tokensynth_jax.config import load_config_file
     from tokensynth_jax.training import train
 
-    done = []
+    done, diverged = [], {}
     for i, run in enumerate(plan["runs"], 1):
+        marker = os.path.join(run["workdir"], DIVERGED)
         if (only and run["name"] not in only) or finished(run):
             continue
+        if os.path.isfile(marker):
+            with open(marker) as f:
+                diverged[run["name"]] = f.read().strip()
+            print(f"[sweep] run {i}/{len(plan['runs'])}: {run['name']} diverged before ({marker}; delete it to "
+                  "train the run again)", flush=True)
+            continue
         print(f"[sweep] run {i}/{len(plan['runs'])}: {run['name']} ({run['steps']} steps)", flush=True)
-        train.train(load_config_file(run["config"], run["overrides"]), run["workdir"])
+        try:
+            train.train(load_config_file(run["config"], run["overrides"]), run["workdir"])
+        except train.Diverged as e:
+            with open(marker, "w") as f:
+                f.write(f"{e}\n")
+            diverged[run["name"]] = str(e)
+            print(f"[sweep] run {run['name']} diverged: {e}; the sweep goes on", flush=True)
+            continue
         done.append(run["name"])
-    return done
+    return done, diverged
 
 
 # --- fit ---------------------------------------------------------------------------------------
