@@ -80,3 +80,23 @@ def test_demo_runs_the_whole_chain(tmp_path, capsys):
 
 def test_instrument_text_names_the_gm_program():
     assert demo.instrument_text("sf2:TimGM6mb:000-040") == "a recording of a violin"
+
+
+@pytest.mark.slow  # ~35 s: a small demo end to end
+def test_a_demo_of_few_programs_holds_one_out_as_test_and_trains_without_a_valid_split(tmp_path, capsys):
+    """`--programs` with fewer than 6 programs held none out as test (a traceback after training), and
+    fewer than 8 none as valid (train stopped on the missing valid/ folder); one program is an error."""
+    workdir = str(tmp_path / "demo")
+    assert cli.main(["demo", "--workdir", workdir, "--programs", "0,40", "--steps", "1", "--pairs-per-instrument", "2",
+                     "--items", "1"]) == 0
+    with open(os.path.join(workdir, "data", "manifest.json")) as f:
+        manifest = json.load(f)
+    assert manifest["records"] == {"test": 2, "train": 2}
+    with open(os.path.join(workdir, "eval", "eval.json")) as f:
+        rows = {(r["task"], r["model"]): r for r in json.load(f)["rows"]}
+    assert rows["cloning", "tokensynth"]["instruments"] == manifest["instruments"]["test"]["ids"]
+    capsys.readouterr()
+    assert cli.main(["demo", "--workdir", str(tmp_path / "one"), "--programs", "40"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--programs 40: the demo holds at least one program out" in err[0]
+    assert not os.path.exists(tmp_path / "one")

@@ -154,3 +154,29 @@ def test_the_exported_loop_uses_the_portable_attention_whatever_the_config_says(
             jax.ShapeDtypeStruct((2, 8), np.float32), jax.ShapeDtypeStruct((2,), np.uint32))
     jaxpr = str(jax.make_jaxpr(export.make_generate_fn(cfg, sampling.TopP(0.9), 8))(*args))
     assert "pallas_call" not in jaxpr and "cudnn" not in jaxpr and "dot_product_attention" not in jaxpr
+
+
+def test_a_model_with_bfloat16_weights_runs_from_its_export(tmp_path):
+    """numpy has no bfloat16, so params.npz holds such weights as raw 2-byte records; the loader
+    passed them on as they were and the exported call failed with a TypeError traceback."""
+    ckpt, out = str(tmp_path / "model"), str(tmp_path / "exported")
+    assert cli.main(["init", "--config", TINY, "--set", f"model.max_len={MAX_LEN}", "--set", "model.param_dtype=bfloat16",
+                     "--seed", "3", ckpt]) == 0
+    assert cli.main(["export", "--checkpoint", ckpt, out, "--sampler", "top-k", "--top-k", "5", "--temperature", "0.7",
+                     "--max-rows", "8", "--platforms", "cpu"]) == 0
+    rng = np.random.default_rng(2)
+    tokens = [rng.integers(1, token_layout.MIDI_VOCAB_SIZE, n).astype(np.int32) for n in (12, 4)]
+    timbre = rng.normal(size=(2, 512)).astype(np.float32)
+    midi, lengths = export.pad_tokens(tokens)
+    np.savez(tmp_path / "inputs.npz", midi=midi, lengths=lengths, timbre=timbre)
+    _run_without_package(f"""
+        import sys
+        import numpy as np
+        sys.path.insert(0, {out!r})
+        from load_exported import ExportedGenerator
+        inputs = np.load("inputs.npz")
+        np.savez("out.npz", **ExportedGenerator({out!r})(inputs["midi"], inputs["lengths"], inputs["timbre"], seed=1))
+    """, cwd=tmp_path)
+    model, _ = checkpoint.load_model(ckpt)
+    ours = sampling.generate(model, tokens, timbre, sampler=sampling.TopK(5, 0.7), seed=1, max_rows=8)
+    np.testing.assert_array_equal(np.load(tmp_path / "out.npz")["codes"], ours.codes)

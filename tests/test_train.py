@@ -236,3 +236,26 @@ def test_a_diverging_run_is_one_line_and_never_checkpoints_a_diverged_state(shar
     assert "--config.optim.peak_lr" in last
     assert sorted(os.listdir(workdir / "checkpoints")) == ["1", "2"]  # kept: steps before the divergence
     assert all(np.isfinite(x).all() for x in _saved(str(workdir), 2))
+
+
+def test_a_held_out_set_is_scored_whole_even_when_smaller_than_a_batch(tmp_path):
+    """Evaluation is one pass over the held-out shards: its last short batch is scored too (it was
+    dropped, so a held-out set of fewer records than data.global_batch logged an empty `[eval]`)."""
+    from tokensynth_jax.config import ModelConfig
+    from tokensynth_jax.training import input_pipeline as ip
+
+    written = _write_shards(str(tmp_path), num_shards=1, per_shard=5, frames=(20, 30), codebook_size=64, codebooks=4)
+    cfg = ModelConfig(num_layers=1, d_model=32, num_heads=2, num_codebooks=4, codebook_size=64, max_len=64)
+    pc = ip.PipelineConfig((str(tmp_path),), global_batch=8, seq_len=64, shuffle=False, num_epochs=1,
+                           drop_remainder=False)
+    for proc in range(2):  # each process's block of the one short batch, filled with examples with no targets
+        batches = list(ip.make_dataset(pc, cfg, process_index=proc, process_count=2))
+        assert len(batches) == 1 and batches[0]["mask"].shape == (4, 64)
+        assert ip.skipped_count(batches[0]) == (0 if proc == 0 else 3)
+    workdir = str(tmp_path / "run")
+    config = load_config_file(TINY, {"data.paths": str(tmp_path), "data.eval_paths": str(tmp_path), "train.steps": 1,
+                                     "train.log_every": 1, "train.eval_every": 1, "data.seq_len": 64})
+    train.train(config, workdir)
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        evals = [json.loads(x) for x in f if '"eval"' in x]
+    assert len(written) == 5 and len(evals) == 1 and np.isfinite(evals[0]["ce"]) and "acc_cb3" in evals[0]

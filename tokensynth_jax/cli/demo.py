@@ -62,8 +62,11 @@ def _prep(out: str, codec: str, clap: str, pairs: int, max_notes: int, workers: 
     from tokensynth_jax.cli import prep
 
     phrases = max(64, len(programs) * pairs // 2)  # most pairs get a phrase of their own
+    # A sixth held out as test, but at least one: stage 3 synthesizes test instruments (with fewer
+    # than 6 programs a sixth was none, and the demo failed after training).
+    test_fraction = "0.167" if len(set(programs)) >= 6 else str(1.5 / len(set(programs)))
     args = ["prep", "--out", out, "--codec", codec, "--clap", clap, "--offline",
-            "--programs", ",".join(map(str, programs)), "--valid-fraction", "0.125", "--test-fraction", "0.167",
+            "--programs", ",".join(map(str, programs)), "--valid-fraction", "0.125", "--test-fraction", test_fraction,
             "--pairs-per-instrument", str(pairs), "--procedural-candidates", str(phrases), "--num-segments",
             str(phrases), "--max-notes", str(max_notes), "--table-pitches", "36:96:4", "--table-velocities", "50,110",
             "--chunk-size", str(pairs), "--workers", str(workers)]
@@ -96,7 +99,9 @@ def train_config(manifest: dict, data: str, steps: int, max_notes: int):
         "model.num_codebooks": codec["num_codebooks"], "model.codebook_size": codec["codebook_size"],
         "model.max_len": seq_len, "codec.name": codec_name(manifest, data), "codec.sample_rate": codec["sample_rate"],
         "codec.frame_rate": codec["frame_rate"], "data.paths": os.path.join(data, "train"),
-        "data.eval_paths": os.path.join(data, "valid"), "data.seq_len": seq_len, "optim.total_steps": steps,
+        # Fewer than 8 programs hold none out as valid: no held-out evaluation then, rather than an error.
+        "data.eval_paths": os.path.join(data, "valid") if manifest["records"].get("valid") else (),
+        "data.seq_len": seq_len, "optim.total_steps": steps,
         "train.steps": steps, "train.log_every": max(steps // 10, 1), "train.eval_every": every,
         "train.checkpoint_every": every, "train.sample_every": every, "train.sample_count": 2,
     })
@@ -293,13 +298,17 @@ def add_demo_parser(sub) -> None:
     p.add_argument("--items", type=checks.positive_int, default=8, help="held-out clips synthesized per task")
     p.add_argument("--workers", type=checks.positive_int, default=1, help="prep processes (DirectRunner)")
     p.add_argument("--programs", type=checks.non_negative_ints, default=DEMO_PROGRAMS,
-                   help="comma-separated General MIDI programs (a sixth are held out as test, an eighth as valid)")
+                   help="comma-separated General MIDI programs, at least 2 (a sixth, at least one, are held out as test, "
+                        "an eighth as valid)")
     p.add_argument("--codec", help="codec preset or checkpoint (default: EnCodec 32 kHz if cached, else demo-melrvq)")
     p.add_argument("--clap", help="CLAP checkpoint or embedder (default: LAION music CLAP if cached, else demo-spectral)")
 
 
 def _demo(args) -> int:
     checks.output_dir(args.workdir, "--workdir")
+    if len(set(args.programs)) < 2:
+        raise checks.UsageError(f"--programs {','.join(map(str, args.programs))}: the demo holds at least one program out "
+                         "as a test instrument and trains on the others; give two or more")
     if args.codec or args.clap:  # before minutes of prep: the encoders asked for must exist
         from tokensynth_jax.audio import encoders
 

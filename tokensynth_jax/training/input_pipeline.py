@@ -91,6 +91,9 @@ class _ParseBlock(grain.transforms.Map):
 
     def map(self, raw: list) -> dict:
         examples = [self._example(r) for r in raw[self.start : self.stop]]
+        # The last batch of a finite pass (`drop_remainder=False`) is short: it is filled with
+        # examples that have no targets, so it keeps its shape and adds nothing to the sums.
+        examples += [skipped_example(self.cfg, self.seq_len)] * (self.stop - self.start - len(examples))
         return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
 
     def _example(self, raw: bytes) -> dict:
@@ -127,6 +130,7 @@ class PipelineConfig:
     prefetch_buffer: int = 2  # batches each worker prepares ahead
     allow_mixed_clap: bool = False  # train on shards whose timbres come from different CLAPs
     verify_sha256: bool = False  # check each shard's sha256 against its prep sidecar (reads every byte)
+    drop_remainder: bool = True  # False: a last short batch (num_epochs) is kept, filled with examples with no targets
 
 
 def verify_shards(paths: Sequence[str], *, sha256: bool = False, seq_len: int | None = None) -> None:
@@ -230,7 +234,7 @@ def make_dataset(pc: PipelineConfig, cfg: ModelConfig, process_index: int = 0, p
     if pc.shuffle:
         ds = ds.shuffle(seed=pc.seed)
     ds = ds.repeat(pc.num_epochs)
-    ds = ds.batch(pc.global_batch, drop_remainder=True, batch_fn=list)
+    ds = ds.batch(pc.global_batch, drop_remainder=pc.drop_remainder, batch_fn=list)
     local = pc.global_batch // process_count
     ds = ds.map(_ParseBlock(cfg, pc.seq_len, process_index * local, (process_index + 1) * local))
     it = ds.to_iter_dataset()

@@ -315,7 +315,7 @@ def evaluate(eval_fn, state, config, cfg: ModelConfig, batch_shardings) -> dict:
     """Loss and accuracy on held-out instruments (one pass over up to eval_batches batches)."""
     pc = input_pipeline.PipelineConfig(
         paths=tuple(config.data.eval_paths), global_batch=config.data.global_batch, seq_len=config.data.seq_len,
-        shuffle=False, num_epochs=1,
+        shuffle=False, num_epochs=1, drop_remainder=False,  # a held-out set smaller than a batch is still scored
     )
     totals = None
     for i, local in enumerate(input_pipeline.make_dataset(pc, cfg, jax.process_index(), jax.process_count())):

@@ -44,12 +44,16 @@ class ExportedGenerator:
         params_path = os.path.join(directory, files["params"])
         with np.load(params_path) as npz:
             self.params = {name: npz[name] for name in npz.files}
-        # The exported argument tree names every parameter it expects.
-        args, _ = jax.tree_util.tree_unflatten(self.exported.in_tree, range(len(self.exported.in_avals)))
+        # The exported argument tree names every parameter it expects, with its dtype.
+        args, _ = jax.tree_util.tree_unflatten(self.exported.in_tree, self.exported.in_avals)
         expected = set(args[0])
         missing, unexpected = sorted(expected - set(self.params)), sorted(set(self.params) - expected)
         if missing or unexpected:
             raise ValueError(f"{params_path}: missing parameters {missing}, unexpected {unexpected}")
+        for name, aval in args[0].items():  # numpy has no bfloat16: np.savez kept such weights as raw bytes
+            value = self.params[name]
+            if value.dtype.kind == "V" and value.dtype.itemsize == aval.dtype.itemsize:
+                self.params[name] = value.view(aval.dtype)
         self._call = jax.jit(self.exported.call)  # compiled once per (batch, prompt width)
 
     def __call__(self, midi, lengths, timbre, *, seed: int = 0) -> dict:
