@@ -269,7 +269,8 @@ def train(config, workdir: str, init_from: str | None = None) -> dict:
             state, sums = compiled(state, batch, jax.random.fold_in(base_rng, step))
             tokens += pc.global_batch * pc.seq_len
             done = step + 1
-            saving = stop["stop"] or done % tc.checkpoint_every == 0 or done == tc.steps
+            stopping = stop["stop"]  # read once a step: a SIGTERM arriving later in it is the next step's
+            saving = stopping or done % tc.checkpoint_every == 0 or done == tc.steps
             if done % tc.log_every == 0 or done == tc.steps or saving:  # never a checkpoint of a diverged state
                 sums = jax.device_get(sums)
                 if not np.isfinite(sums["loss"]) or not np.isfinite(sums["grad_norm"]):
@@ -297,7 +298,7 @@ def train(config, workdir: str, init_from: str | None = None) -> dict:
                 writer.write_clips(done, clips)
             if saving:
                 ckpt.save(done, state, data_iter, force=True)
-            if stop["stop"]:
+            if stopping:
                 log.warning("SIGTERM: saved step %d, stopping", done)
                 break
             if done < tc.steps:
