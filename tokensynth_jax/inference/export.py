@@ -13,7 +13,8 @@ config can be swapped. Batch and prompt length are symbolic (`b`, `m`); the samp
 length cap and the model config are baked in. The function takes MIDI *tokens*, not MIDI files:
 tokenizing MIDI needs this package (`tokensynth export --example-midi` writes them). It builds the
 prompt rows (left padding, separator) and removes the delay pattern inside, calling the same
-decode loop as `sampling.generate`, so the same seed gives the same tokens.
+decode loop as `sampling.generate`, so the same seed gives the same tokens (bitwise for float32
+compute; bfloat16 intermediates may round differently in the two compiled programs).
 """
 from __future__ import annotations
 
