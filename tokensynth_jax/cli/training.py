@@ -180,14 +180,20 @@ def check_family(spec: str, depths, overrides: dict) -> None:
 
     Each depth's config must load and give its own model; a single depth is compared with the next.
     """
-    from tokensynth_jax.config import ModelConfig, load_config_file
+    from tokensynth_jax.config import ConfigError, ModelConfig, load_config_file
     from tokensynth_jax.scaling.sweep import member_spec
 
     probe = sorted(set(depths))
     probe += [probe[-1] + 1] if len(probe) == 1 else []
     seen = {}
     for depth in probe:
-        config = load_config_file(member_spec(spec, depth), overrides)
+        try:
+            config = load_config_file(member_spec(spec, depth), overrides)
+        except ConfigError as e:
+            if "takes no argument" not in str(e):  # what the packaged configs other than family say
+                raise
+            raise UsageError(f"--config {spec}: not a model family: it takes no depth=N (use "
+                             "configs/family.py[:base=...], whose depth=N sets the size)") from e
         key = json.dumps(ModelConfig.from_dict(config.model.to_dict()).to_dict(), sort_keys=True)
         if key in seen:
             raise UsageError(f"--config {spec}: not a model family: depth={seen[key]} and depth={depth} give the same "
