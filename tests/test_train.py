@@ -218,7 +218,8 @@ def test_bad_records_mid_data_are_skipped_counted_and_the_run_goes_on(tmp_path):
     config = load_config_file(TINY, {"data.paths": str(tmp_path / "data"), "train.steps": 2, "train.log_every": 1,
                                      "train.eval_every": 0})
     last = train.train(config, workdir)  # global batch 8: every step sees all eight records
-    lines = [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl"))]
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        lines = [json.loads(x) for x in f]
     assert [x.get("skipped_examples") for x in lines if x["split"] == "train"] == [2, 2]
     assert np.isfinite(last["loss"]) and os.path.isdir(os.path.join(workdir, "checkpoints", "2"))
 
