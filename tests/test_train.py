@@ -260,3 +260,34 @@ def test_a_held_out_set_is_scored_whole_even_when_smaller_than_a_batch(tmp_path)
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         evals = [json.loads(x) for x in f if '"eval"' in x]
     assert len(written) == 5 and len(evals) == 1 and np.isfinite(evals[0]["ce"]) and "acc_cb3" in evals[0]
+
+
+def test_held_out_data_is_checked_before_the_run_and_a_damaged_held_out_record_is_passed_over(tmp_path, capsys):
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    from tokensynth_jax.tokens import records
+
+    rng = np.random.default_rng(2)
+    pair = lambda i, frames: records.PairRecord(
+        f"p{i}", "valid", "inst", rng.integers(1, 1133, 8), rng.integers(0, 64, (frames, 4)), rng.normal(size=512), {},
+        "clap", {"chain": []}, {"midi": "gen", "start": 0.0}, {"midi": "gen", "start": 5.0}).to_bytes()
+    for name, data in (("damaged_first", [b"\x00damaged", pair(1, 40), pair(2, 40)]), ("too_long", [pair(0, 200)])):
+        os.makedirs(tmp_path / name)
+        writer = ArrayRecordWriter(str(tmp_path / name / "shard.array_record"), "group_size:1")
+        for d in data:
+            writer.write(d)
+        writer.close()
+    base = ["train", "--config", "tiny", "--config.data.paths=" + str(tmp_path / "damaged_first"),
+            "--config.train.steps=1", "--config.train.eval_every=1", "--config.train.sample_every=1",
+            "--config.train.sample_count=2", "--config.train.sample_audio=false"]
+    # Held-out records that do not fit: one line before the run makes anything (was: at the first evaluation).
+    assert cli.main([*base, "--workdir", str(tmp_path / "a"), f"--config.data.eval_paths={tmp_path / 'too_long'}"]) == 2
+    assert "record p0: 213 positions exceed seq_len 128" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (tmp_path / "a").exists()
+    # A damaged first record: evaluation and the sample prompts pass over it, as training does.
+    workdir = tmp_path / "b"
+    assert cli.main([*base, "--workdir", str(workdir), f"--config.data.eval_paths={tmp_path / 'damaged_first'}"]) == 0
+    with open(workdir / "metrics.jsonl") as f:
+        evals = [json.loads(x) for x in f if '"eval"' in x]
+    assert len(evals) == 1 and np.isfinite(evals[0]["ce"])
+    assert sorted(os.listdir(workdir / "samples" / "step_1")) == ["sample_0.npz", "sample_1.npz"]

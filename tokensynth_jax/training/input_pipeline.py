@@ -181,9 +181,14 @@ def verify_shards(paths: Sequence[str], *, sha256: bool = False, seq_len: int | 
 
 
 def shard_clap(path: str) -> str | None:
-    """The CLAP (`clap_model`) of a shard's timbres, from its first record; None if it is empty."""
+    """The CLAP (`clap_model`) of a shard's timbres, from its first readable record; None if it has none."""
     source = grain.sources.ArrayRecordDataSource([path])
-    return records.decode(source[0]).clap_model if len(source) else None
+    for i in range(len(source)):
+        try:
+            return records.decode(source[i]).clap_model
+        except records.RecordError:  # passed over, as the batches pass over it
+            continue
+    return None
 
 
 def check_one_clap(paths: Sequence[str]) -> str:
@@ -228,8 +233,15 @@ def make_dataset(pc: PipelineConfig, cfg: ModelConfig, process_index: int = 0, p
     if not pc.allow_mixed_clap:
         check_one_clap(paths)
     source = grain.sources.ArrayRecordDataSource(paths)
-    if len(source):  # records that do not fit the model or data.seq_len, found before the run begins
-        build_example(records.decode(source[0]), cfg, pc.seq_len)
+    # Records that do not fit the model or data.seq_len, found before the run begins: the first
+    # readable record must fit (a damaged one is passed over here, as the batches pass over it).
+    for i in range(len(source)):
+        try:
+            first = records.decode(source[i])
+        except records.RecordError:
+            continue
+        build_example(first, cfg, pc.seq_len)
+        break
     ds = grain.MapDataset.source(source)
     if pc.shuffle:
         ds = ds.shuffle(seed=pc.seed)

@@ -183,9 +183,8 @@ def train(config, workdir: str, init_from: str | None = None) -> dict:
         allow_mixed_clap=config.data.get("allow_mixed_clap", False),
         verify_sha256=config.data.get("verify_sha256", False),
     )
-    if config.data.eval_paths:  # found damaged now, not at the first evaluation
-        input_pipeline.verify_shards(input_pipeline.expand_paths(config.data.eval_paths),
-                                     sha256=pc.verify_sha256, seq_len=pc.seq_len)
+    if config.data.eval_paths:  # found damaged or unfit now (shards, lengths, first record), not at the first evaluation
+        input_pipeline.make_dataset(_eval_pipeline(config, verify_sha256=pc.verify_sha256), cfg)
     data_iter = iter(input_pipeline.make_dataset(pc, cfg, jax.process_index(), jax.process_count()))
     # Only now, with the data checked: a damaged shard stops the run before it makes or logs anything.
     os.makedirs(workdir, exist_ok=True)
@@ -312,12 +311,18 @@ def train(config, workdir: str, init_from: str | None = None) -> dict:
     return last
 
 
-def evaluate(eval_fn, state, config, cfg: ModelConfig, batch_shardings) -> dict:
-    """Loss and accuracy on held-out instruments (one pass over up to eval_batches batches)."""
-    pc = input_pipeline.PipelineConfig(
+def _eval_pipeline(config, verify_sha256: bool = False) -> input_pipeline.PipelineConfig:
+    """One unshuffled pass over the held-out shards."""
+    return input_pipeline.PipelineConfig(
         paths=tuple(config.data.eval_paths), global_batch=config.data.global_batch, seq_len=config.data.seq_len,
         shuffle=False, num_epochs=1, drop_remainder=False,  # a held-out set smaller than a batch is still scored
+        allow_mixed_clap=config.data.get("allow_mixed_clap", False), verify_sha256=verify_sha256,
     )
+
+
+def evaluate(eval_fn, state, config, cfg: ModelConfig, batch_shardings) -> dict:
+    """Loss and accuracy on held-out instruments (one pass over up to eval_batches batches)."""
+    pc = _eval_pipeline(config)
     totals = None
     for i, local in enumerate(input_pipeline.make_dataset(pc, cfg, jax.process_index(), jax.process_count())):
         if i >= config.train.eval_batches:

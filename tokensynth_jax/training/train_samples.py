@@ -33,8 +33,18 @@ log = logging.getLogger("tokensynth.train")
 
 
 def _first_records(paths, count: int) -> list[records.PairRecord]:
+    """The first `count` readable records; a damaged one is logged and passed over, as training
+    passes over it (input_pipeline)."""
     source = grain.sources.ArrayRecordDataSource(input_pipeline.expand_paths(paths))
-    return [records.decode(source[i]) for i in range(min(count, len(source)))]
+    found = []
+    for i in range(len(source)):
+        if len(found) == count:
+            break
+        try:
+            found.append(records.decode(source[i]))
+        except records.RecordError as e:
+            log.warning("samples: passed over record %d of %s: %s", i, paths, e)
+    return found
 
 
 class SampleWriter:
