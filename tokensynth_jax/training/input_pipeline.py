@@ -180,15 +180,20 @@ def verify_shards(paths: Sequence[str], *, sha256: bool = False, seq_len: int | 
                             f"({sidecar}); raise data.seq_len to at least {longest} or prep shorter clips")
 
 
-def shard_clap(path: str) -> str | None:
-    """The CLAP (`clap_model`) of a shard's timbres, from its first readable record; None if it has none."""
-    source = grain.sources.ArrayRecordDataSource([path])
+def readable_records(source):
+    """The records of a grain source that decode, in order: a damaged one is logged and passed over,
+    as the batches pass over it."""
     for i in range(len(source)):
         try:
-            return records.decode(source[i]).clap_model
-        except records.RecordError:  # passed over, as the batches pass over it
-            continue
-    return None
+            yield records.decode(source[i])
+        except records.RecordError as e:
+            log.warning("passed over record %d of %d: %s", i, len(source), e)
+
+
+def shard_clap(path: str) -> str | None:
+    """The CLAP (`clap_model`) of a shard's timbres, from its first readable record; None if it has none."""
+    first = next(readable_records(grain.sources.ArrayRecordDataSource([path])), None)
+    return first.clap_model if first is not None else None
 
 
 def check_one_clap(paths: Sequence[str]) -> str:
@@ -234,14 +239,10 @@ def make_dataset(pc: PipelineConfig, cfg: ModelConfig, process_index: int = 0, p
         check_one_clap(paths)
     source = grain.sources.ArrayRecordDataSource(paths)
     # Records that do not fit the model or data.seq_len, found before the run begins: the first
-    # readable record must fit (a damaged one is passed over here, as the batches pass over it).
-    for i in range(len(source)):
-        try:
-            first = records.decode(source[i])
-        except records.RecordError:
-            continue
+    # readable record must fit.
+    first = next(readable_records(source), None)
+    if first is not None:
         build_example(first, cfg, pc.seq_len)
-        break
     ds = grain.MapDataset.source(source)
     if pc.shuffle:
         ds = ds.shuffle(seed=pc.seed)

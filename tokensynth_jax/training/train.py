@@ -263,21 +263,21 @@ def train(config, workdir: str, init_from: str | None = None) -> dict:
     last, batch, t0, tokens = {}, first, time.time(), 0
     del first  # a batch from grain's workers (data.worker_count) holds shared memory while referenced
     try:  # whatever ends the loop (a diverged loss too), saves under way finish and workers stop
-        step = start
         for step in range(start, tc.steps):
             state, sums = compiled(state, batch, jax.random.fold_in(base_rng, step))
             tokens += pc.global_batch * pc.seq_len
             done = step + 1
             stopping = stop["stop"]  # read once a step: a SIGTERM arriving later in it is the next step's
             saving = stopping or done % tc.checkpoint_every == 0 or done == tc.steps
-            if done % tc.log_every == 0 or done == tc.steps or saving:  # never a checkpoint of a diverged state
+            logging_step = done % tc.log_every == 0 or done == tc.steps
+            if logging_step or saving:  # never a checkpoint of a diverged state
                 sums = jax.device_get(sums)
                 if not np.isfinite(sums["loss"]) or not np.isfinite(sums["grad_norm"]):
                     ckpt.wait()  # the newest checkpoint named is one that is there
                     raise Diverged(f"step {done}: loss {sums['loss']}, grad norm {sums['grad_norm']}: training diverged "
                                    f"(newest checkpoint: {ckpt.latest_step() or 'none'}); lower --config.optim.peak_lr, "
                                    "or keep --config.optim.clip_norm above 0")
-            if done % tc.log_every == 0 or done == tc.steps:
+            if logging_step:
                 dt = time.time() - t0
                 last = {"loss": float(sums["loss"]), "grad_norm": float(sums["grad_norm"]),
                         "lr": float(optim.schedule(oc)(step)), "tokens_per_s": tokens / dt,

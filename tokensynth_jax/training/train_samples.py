@@ -15,6 +15,7 @@ process 0 generates on one local device, so this works on any mesh and any numbe
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 
@@ -33,18 +34,9 @@ log = logging.getLogger("tokensynth.train")
 
 
 def _first_records(paths, count: int) -> list[records.PairRecord]:
-    """The first `count` readable records; a damaged one is logged and passed over, as training
-    passes over it (input_pipeline)."""
+    """The first `count` readable records (a damaged one is passed over, as training passes over it)."""
     source = grain.sources.ArrayRecordDataSource(input_pipeline.expand_paths(paths))
-    found = []
-    for i in range(len(source)):
-        if len(found) == count:
-            break
-        try:
-            found.append(records.decode(source[i]))
-        except records.RecordError as e:
-            log.warning("samples: passed over record %d of %s: %s", i, paths, e)
-    return found
+    return list(itertools.islice(input_pipeline.readable_records(source), count))
 
 
 class SampleWriter:
