@@ -204,7 +204,9 @@ def _inference_checkpoint(args) -> int:
     saved = os.path.join(args.workdir, "checkpoints")
     if not os.path.isdir(saved):
         raise UsageError(f"WORKDIR {args.workdir}: not a training workdir (no checkpoints/)")
-    steps = sorted(int(d) for d in os.listdir(saved) if d.isdigit())
+    from tokensynth_jax import checkpoint
+
+    steps = sorted(checkpoint.train_steps(saved))
     if not steps:
         raise UsageError(f"WORKDIR {args.workdir}: no train checkpoint saved yet")
     if args.step is not None and args.step not in steps:

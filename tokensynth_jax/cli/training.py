@@ -68,12 +68,12 @@ def _train(args) -> int:
     checks.output_dir(args.workdir, "--workdir")
     check_run_config(config)
     if args.init_from is not None:
-        meta, loaded = checks.model_checkpoint(args.init_from, "--init-from")
-        from tokensynth_jax import integrity
+        _, loaded = checks.model_checkpoint(args.init_from, "--init-from")
+        from tokensynth_jax import checkpoint
 
-        # Sizes only (no reading): a file cut short is named before the run begins; load_model
-        # checks the sha256 when it loads.
-        problems = integrity.check_files(args.init_from, meta["files"], checksums=False) if "files" in meta else []
+        # Sizes only: a file cut short is named before the run begins; load_model checks the sha256
+        # when it loads.
+        problems = checkpoint.verify_model(args.init_from, checksums=False)
         if problems:
             raise UsageError(f"--init-from {args.init_from}: damaged checkpoint: {problems[0]}"
                              + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
@@ -83,21 +83,18 @@ def _train(args) -> int:
     from tokensynth_jax.training import train
 
     _logging()
-    # A new local --workdir that the run fails in before it saves a step (a record longer than
-    # data.seq_len, a damaged --init-from) is removed again; a resumed one, or one with steps, is kept.
+    # A new local --workdir that the run fails in before it saves a step (a loss that diverges
+    # before the first checkpoint) is removed again; a resumed one, or one with steps, is kept.
     fresh = checks.is_local(args.workdir) and not os.path.exists(args.workdir)
     try:
         train.train(config, args.workdir, init_from=args.init_from)
     except UserError:
-        if fresh and not _saved_steps(args.workdir):
+        from tokensynth_jax import checkpoint
+
+        if fresh and not checkpoint.train_steps(os.path.join(args.workdir, "checkpoints")):
             shutil.rmtree(args.workdir, ignore_errors=True)
         raise
     return 0
-
-
-def _saved_steps(workdir: str) -> list[str]:
-    folder = os.path.join(workdir, "checkpoints")
-    return [d for d in os.listdir(folder) if d.isdigit()] if os.path.isdir(folder) else []
 
 
 # --- compile-step --------------------------------------------------------------------------------------
