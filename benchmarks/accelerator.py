@@ -204,16 +204,32 @@ def _train_measurer(section: Section, extra: dict | None = None):
     return cfg, measure, release
 
 
+NOT_SPEED_KNOBS = {"model.dropout"}  # variants that change what is trained: measured, never a default
+
+
+def _train_winner(section: Section) -> dict:
+    """With --train-best: the overrides of the fastest train variant this --out holds (train-variants
+    ran first, at one batch), so the goal's rows measure what the defaults are about to become;
+    {} when the defaults won or nothing was measured."""
+    if not section.args.train_best:
+        return {}
+    measured = [r for r in read_records(section.args.out, "train-variants").values() if "tokens_per_s" in r]
+    batch = section.size["variant_batch"]
+    at_batch = [r for r in measured if r["batch"] == batch and not set(r["overrides"]) & NOT_SPEED_KNOBS]
+    return dict(max(at_batch, key=lambda r: r["tokens_per_s"])["overrides"]) if at_batch else {}
+
+
 def part_ours_train(section: Section) -> None:
     from tokensynth_jax.scaling import flops
 
     _jax_setup(section)
-    cfg, measure, _ = _train_measurer(section)
+    winner = _train_winner(section)
+    cfg, measure, _ = _train_measurer(section, winner)
     seq = section.size["seq_len"]
-    section.emit({"item": "model", "params": flops.param_counts(cfg).total,
+    section.emit({"item": "model", "params": flops.param_counts(cfg).total, "overrides": winner,
                   "flops_per_token": flops.model_flops_per_token(cfg, seq), "config": cfg.to_dict()})
     for b in section.size["train_batches"]:
-        section.attempt(f"train {b}", lambda: measure(b), min_left_s=30.0)
+        section.attempt(f"train {b}", lambda: {"overrides": winner, **measure(b)}, min_left_s=30.0)
 
 
 # Each knob of the step against the defaults, at one batch (what `auto` and the defaults are
@@ -223,13 +239,13 @@ def part_ours_train(section: Section) -> None:
 TRAIN_VARIANTS = {
     "defaults": {},
     "residual stream row-major": {"model.residual_layout": "row_major"},
-    "Dense products flat ([M, K] x [K, N])": {"model.dense_dot": "flat"},
     "Dense products flat, residual stream row-major": {"model.dense_dot": "flat", "model.residual_layout": "row_major"},
-    "residual stream row-major, batch 16": {"model.residual_layout": "row_major", "batch": 16},
+    "Dense products flat ([M, K] x [K, N])": {"model.dense_dot": "flat"},
+    "residual stream row-major, no Triton GEMM fusions": {"model.residual_layout": "row_major",
+                                                          "xla.xla_gpu_enable_triton_gemm": False},
     "residual stream row-major, GELU gradient recomputed": {"model.residual_layout": "row_major",
                                                             "model.gelu_grad": "recompute"},
-    "no dropout": {"model.dropout": 0.0},
-    "remat dots": {"model.remat": "dots"},
+    "no dropout (what dropout costs)": {"model.dropout": 0.0},
 }
 
 
@@ -342,19 +358,19 @@ def part_torch_train(section: Section) -> None:
 # loop's compile (`sampling.decode_compile_options`).
 WHOLE_LOOP_GRAPH = "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION,CONDITIONAL,WHILE"  # XLA's + 2
 DECODE_VARIANTS = {
-    "fused decode-step attention": {"model.decode_attention": "pallas_fused", "batch": (1, 16, 64, 256)},
+    "fused decode-step attention": {"model.decode_attention": "pallas_fused", "batch": (1, 256)},
     # Batch 1 runs as two rows ("auto", ModelConfig.decodes_as_gemm) since XLA's GEMMs decoded it in
     # 340 against 239 ms (H200, 2026-11-26). On XLA:CPU a size-one batch also made every step copy
     # the whole KV cache (2026-11-27, fixed there by the flat cache); one row may pay now.
     "batch 1 as one row, fused decode-step attention": {"model.matvec_as_gemm": False,
                                                         "model.decode_attention": "pallas_fused", "batch": 1},
+    "fused decode-step attention, whole loop one CUDA graph, graphs from 1 command": {
+        "model.decode_attention": "pallas_fused", "xla.xla_gpu_enable_command_buffer": WHOLE_LOOP_GRAPH,
+        "xla.xla_gpu_graph_min_graph_size": 1, "batch": 1},
     "GEMV a row at a time": {"gemv.ROWS_LOOP": 1, "batch": 1},
     "GEMV weights loaded first": {"gemv.W_FIRST": 1, "batch": 1},
     "GEMV a row at a time, weights loaded first": {"gemv.ROWS_LOOP": 1, "gemv.W_FIRST": 1, "batch": 1},
-    "XLA GEMMs": {"model.decode_gemm": "xla", "batch": 1},
-    "whole loop one CUDA graph, graphs from 1 command": {"xla.xla_gpu_enable_command_buffer": WHOLE_LOOP_GRAPH,
-                                                         "xla.xla_gpu_graph_min_graph_size": 1},
-    "cuBLAS GEMMs": {"model.decode_gemm": "cublas", "batch": 256},
+    "fused decode-step attention, the middle batches": {"model.decode_attention": "pallas_fused", "batch": (16, 64)},
 }
 CONSTANT_MODULES = ("gemv", "attention")  # tokensynth_jax.model.<name>
 
@@ -641,7 +657,7 @@ def run_section(name: str, args, timeout: float) -> str:
     log = os.path.join(args.out, f"{name}.log")
     cmd = [sys.executable, os.path.abspath(__file__), "--part", name, "--out", args.out,
            "--deadline", str(time.time() + timeout - 5), "--decode-dtype", args.decode_dtype]
-    cmd += ["--quick"] * args.quick + [f"--ours-set={kv}" for kv in args.ours_set]
+    cmd += ["--quick"] * args.quick + ["--train-best"] * args.train_best + [f"--ours-set={kv}" for kv in args.ours_set]
     cmd += [f"--train-variant={v}" for v in args.train_variant] + [f"--decode-variant={v}" for v in args.decode_variant]
     env = dict(os.environ, TQDM_DISABLE="1", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("XLA_FLAGS", None)  # one real device, not fake CPU devices
@@ -728,7 +744,8 @@ def build_table(results: dict, quick: bool) -> tuple[str, list[str]]:
         for who, r in (("ours", o), ("torch", t)):
             if ok(r):
                 best[who] = max(best[who], r["tokens_per_s"])
-        rows.append([f"train, batch {b} x {sizes['seq_len']}: tokens/s",
+        chosen = ", ".join(f"{k}={v}" for k, v in (ours_model.get("overrides") or {}).items())
+        rows.append([f"train, batch {b} x {sizes['seq_len']}: tokens/s" + (f" (ours with {chosen})" if chosen else ""),
                      _cell(o, lambda r: k(r["tokens_per_s"])), _cell(o, lambda r: mfu(r, "ours-train")) if ok(o) else "-",
                      _cell(o, lambda r: g(r["memory_gb"])) if ok(o) else "-",
                      _cell(t, lambda r: k(r["tokens_per_s"])), _cell(t, lambda r: mfu(r, "torch-train")) if ok(t) else "-",
@@ -845,6 +862,9 @@ def main(argv=None) -> int:
     parser.add_argument("--train-variant", action="append", default=[], metavar="NAME:KEY=VALUE,...",
                         help="train-variants measures these instead of TRAIN_VARIANTS (repeatable), "
                              "e.g. dots-whole:model.remat=dots,model.loss_chunk=0")
+    parser.add_argument("--train-best", action="store_true",
+                        help="ours-train measures with the fastest train variant's overrides (train-variants first, "
+                             "same --out)")
     parser.add_argument("--decode-variant", action="append", default=[], metavar="NAME:KEY=VALUE,...",
                         help="ours-decode measures these at batch 1 and 256 instead of DECODE_VARIANTS (repeatable), "
                              "e.g. pallas:model.decode_attention=pallas_gpu")
