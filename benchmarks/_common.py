@@ -17,6 +17,33 @@ import types
 MB = 1024 * 1024
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOC_HEADER = "# Benchmarks\n\nMeasured numbers; each section says how to reproduce it.\n"
+# setup.py's package_dir: the repository folders that install under another name.
+INSTALLED_AS = {"tokensynth_jax.configs": "configs", "tokensynth_prep": "data_prep"}
+
+
+def map_checkout_packages() -> None:
+    """Lets the benchmarks run from a bare checkout, as on a lent accelerator where nothing of ours
+    is installed: each folder of INSTALLED_AS that no installed package provides is imported under
+    its installed name (`--config reference` and the configs' own `from tokensynth_jax.configs
+    import reference` need `tokensynth_jax.configs`). On 2026-11-28 an H200's run lost its train
+    and decode sections to `No module named 'tokensynth_jax.configs'`."""
+    if REPO not in sys.path:
+        sys.path.insert(0, REPO)
+    for name, folder in INSTALLED_AS.items():
+        if name in sys.modules or importlib.util.find_spec(name) is not None:
+            continue
+        path = os.path.join(REPO, folder)
+        spec = importlib.util.spec_from_file_location(name, os.path.join(path, "__init__.py"),
+                                                      submodule_search_locations=[path])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+        parent, _, child = name.rpartition(".")
+        if parent:
+            setattr(sys.modules[parent], child, module)
+
+
+map_checkout_packages()
 
 
 def install_bare_package(name: str) -> bool:

@@ -1,0 +1,89 @@
+"""The benchmarks run from a bare checkout, as a lent accelerator runs them: our dependencies are
+installed there, our package is not (docs/benchmarks.md, "Running it"). On 2026-11-28 an H200's
+run lost every section that builds our model to `No module named 'tokensynth_jax.configs'`, a name
+only the installed package has; these tests run the same commands in such an environment here."""
+from __future__ import annotations
+
+import ast
+import json
+import os
+import subprocess
+import sys
+import sysconfig
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+import _common  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def bare_python(tmp_path_factory) -> str:
+    """A Python with this environment's packages but not the editable install of ours: a .pth file
+    lists our site-packages folders, and .pth files inside a folder added that way do not run, so
+    the install's import hook never loads."""
+    venv = tmp_path_factory.mktemp("bare") / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = str(venv / "bin" / "python")
+    site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          check=True, capture_output=True, text=True).stdout.strip()
+    ours = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
+    with open(os.path.join(site, "dependencies.pth"), "w") as f:
+        f.write("\n".join(sorted(ours)) + "\n")
+    return python
+
+
+def _run(python: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "XLA_FLAGS")}
+    return subprocess.run([python, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
+                          check=False)  # the callers assert on the exit status
+
+
+def test_the_mapped_folders_are_setup_pys_package_dir():
+    with open(os.path.join(REPO, "setup.py")) as f:
+        tree = ast.parse(f.read())
+    package_dir = next(ast.literal_eval(k.value) for node in ast.walk(tree) if isinstance(node, ast.Call)
+                       for k in node.keywords if k.arg == "package_dir")
+    assert _common.INSTALLED_AS == package_dir
+
+
+def test_a_bare_checkout_loads_the_packaged_configs_and_the_prep_package(bare_python):
+    bare = _run(bare_python, "-c", "import tokensynth_jax.configs")
+    assert bare.returncode == 1 and "No module named 'tokensynth_jax.configs'" in bare.stderr  # truly bare
+    code = ("import sys; sys.path.insert(0, 'benchmarks'); import _common\n"
+            "from tokensynth_jax.config import load_config_file\n"
+            "import tokensynth_jax, tokensynth_prep\n"
+            "print(load_config_file('tiny').model.num_layers, load_config_file('configs/reference.py').model.num_layers,"
+            " tokensynth_jax.__file__, tokensynth_prep.__file__)")
+    done = _run(bare_python, "-c", code)
+    assert done.returncode == 0, done.stderr
+    tiny, reference, package, prep = done.stdout.split()
+    assert (int(tiny), int(reference)) == (2, 12)
+    assert package == os.path.join(REPO, "tokensynth_jax", "__init__.py")
+    assert prep == os.path.join(REPO, "data_prep", "__init__.py")
+
+
+def test_the_accelerator_benchmark_runs_its_sections_from_a_bare_checkout(bare_python, tmp_path):
+    out = tmp_path / "accel"
+    done = _run(bare_python, "benchmarks/accelerator.py", "--quick", "--out", str(out), "--budget", "400",
+                "--train-best", "--sections", "train-variants,ours-train,torch-train,ours-decode",
+                "--train-variant", "defaults:", "--train-variant", "flat:model.dense_dot=flat",
+                "--decode-variant", "fused:model.decode_attention=pallas_fused,batch=1")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    with open(out / "results.json") as f:
+        sections = json.load(f)["sections"]
+    assert {name: s["status"] for name, s in sections.items()} == dict.fromkeys(
+        ("train-variants", "ours-train", "torch-train", "ours-decode"), "ok")
+    for name, section in sections.items():
+        errors = {item: r["error"] for item, r in section["records"].items() if "error" in r}
+        assert not errors, (name, errors)
+    train = sections["ours-train"]["records"]
+    assert all(train[f"train {b}"]["tokens_per_s"] > 0 for b in (1, 2, 4))
+    # --train-best: the goal's rows ran with the overrides of the faster train variant
+    variants = {r["overrides"].get("model.dense_dot", "defaults"): r["tokens_per_s"]
+                for item, r in sections["train-variants"]["records"].items() if "tokens_per_s" in r}
+    best = max(variants, key=variants.get)
+    assert train["model"]["overrides"] == ({} if best == "defaults" else {"model.dense_dot": "flat"})
+    decode = sections["ours-decode"]["records"]
+    assert decode["decode 1, fused"]["ms_per_clip"] > 0 and decode["decode 8"]["clips_per_s"] > 0
