@@ -591,14 +591,16 @@ def part_kernels(section: Section) -> None:
 
     _jax_setup(section)
     quick = section.args.quick
-    shrink, reps = (8, 2) if quick else (1, 20)
+    # --quick (Pallas interpret mode): shapes / 8, no more weights than a step's, 2 calls of 1 and 2 sweeps
+    timing = {"reps": 2, "repeats": (1, 2)} if quick else {}
+    gemv_sizes = {"shrink": 8, "min_bytes": 0} if quick else {}
     for name, constants in kernels.GEMV_VARIANTS.items():
         constants = dict(constants)
         xla = bool(constants.pop("xla", 0))
 
         def run(constants=constants, xla=xla):
             with _kernel_constants(constants):
-                stages = [kernels.time_gemv_stage(s, xla=xla, shrink=shrink, reps=reps) for s in kernels.STAGES]
+                stages = [kernels.time_gemv_stage(s, xla=xla, **timing, **gemv_sizes) for s in kernels.STAGES]
             layer = sum(r["us"] for r in stages if r["stage"] != "head")
             return {"constants": constants, "xla": xla, "us_a_layer": layer, "stages": stages}
 
@@ -608,7 +610,7 @@ def part_kernels(section: Section) -> None:
         for fused in (False, True):
             what = "fused step kernel" if fused else "library kernel + XLA's cache update"
             section.attempt(f"attention, batch {batch}, {what}",
-                            lambda b=batch, n=slots, s=slot, f=fused: kernels.time_attention(b, n, s, fused=f, reps=reps),
+                            lambda b=batch, n=slots, s=slot, f=fused: kernels.time_attention(b, n, s, fused=f, **timing),
                             min_left_s=15.0)
 
 

@@ -3,11 +3,16 @@ section of benchmarks/accelerator.py).
 
 Why: a variant of the gemv tiling timed through the whole decode loop costs a compile of the loop
 (about 10 s on an H100) for one number a clip; here each weight stage of a step (docs/benchmarks.md,
-"Where the time goes on the H100") is one small jit of LAYERS kernels over LAYERS distinct weight
-matrices (more bytes than the card's L2, as in a step; one executable, so XLA's CUDA graphs launch
-them as the decode loop's do), and its time per kernel gives the bytes per second the weights are
-read at. Same for a decode step's attention: the library kernel with XLA's cache update around it,
-against `attention.pallas_decode_step`.
+"Where the time goes on the H100") is one small jit over distinct weight matrices (together more
+bytes than the card's L2, as in a step), each product feeding the next as a step's layers do, and
+its time per kernel gives the bytes per second the weights are read at. Same for a decode step's
+attention: the library kernel with XLA's cache update around it, against
+`attention.pallas_decode_step`.
+
+Time per kernel is a difference: the same sweep compiled to run REPEATS[0] and REPEATS[1] times in
+one executable, (t1 - t0) / (kernels between them). One call's host dispatch (about 0.1-0.2 ms for
+a jit of dozens of arguments) cancels; on 2026-11-28 an H200 timed one sweep a call, and its 19 us
+for the QKV product against the 6 us a kernel of a profiled decode step (H100) was mostly that.
 
 Run here (CPU, Pallas interpret mode, shapes divided by 8: a smoke test, numbers meaningless):
   python benchmarks/accelerator.py --quick --sections kernels --out /tmp/accel
@@ -47,8 +52,12 @@ GEMV_VARIANTS = {
 ATTENTION_CASES = ((2, 576, 330), (256, 576, 330))
 
 
-def _timed(fn, args, reps: int) -> float:
-    """Seconds a call of the compiled `fn`, the best of `reps` after a warm-up."""
+REPEATS = (1, 3)  # sweeps per executable; the difference of the two times is what is reported
+L2_BYTES = 100e6  # a stage's distinct weights add up to at least this (the H100's L2 is 50 MB)
+
+
+def _best(fn, args, reps: int) -> float:
+    """Seconds a call of `fn`, the best of `reps` after a warm-up (which compiles)."""
     import jax
 
     jax.block_until_ready(fn(*args))
@@ -60,8 +69,23 @@ def _timed(fn, args, reps: int) -> float:
     return best
 
 
-def time_gemv_stage(stage: str, *, xla: bool = False, rows: int = 2, shrink: int = 1, reps: int = 20) -> dict:
-    """One weight stage, LAYERS kernels over distinct weights: microseconds a kernel and GB/s of weights."""
+def _per_sweep(make, args, reps: int, repeats: tuple[int, int]) -> float:
+    """Device seconds of one sweep: `make(repeats)` is a function running the sweep `repeats` times
+    in one executable; the two repeat counts' times differ by (repeats[1] - repeats[0]) sweeps."""
+    low, high = (_best(make(r), args, reps) for r in repeats)
+    return max(high - low, 1e-9) / (repeats[1] - repeats[0])  # timing noise can make it 0
+
+
+def _chained(x, out):
+    """x, made to depend on `out` (times zero, which XLA keeps for floats: 0 * nan is nan), so the
+    next product waits for this one, as a step's next layer does."""
+    return x + (out.reshape(-1)[0] * 0).astype(x.dtype)
+
+
+def time_gemv_stage(stage: str, *, xla: bool = False, rows: int = 2, shrink: int = 1, reps: int = 20,
+                    repeats: tuple[int, int] = REPEATS, min_bytes: float = L2_BYTES) -> dict:
+    """One weight stage, a kernel for each of at least LAYERS distinct weights (L2_BYTES of them
+    together, `min_bytes`): microseconds a kernel and GB/s of weights."""
     import jax
     import jax.numpy as jnp
 
@@ -69,23 +93,30 @@ def time_gemv_stage(stage: str, *, xla: bool = False, rows: int = 2, shrink: int
 
     n, k, has_ln, gelu, residual, fp32 = STAGES[stage]
     n, k = n // shrink, k // shrink
+    copies = max(LAYERS, -(-int(min_bytes) // (n * k * 2)))
     rng = np.random.default_rng(0)
     bf16 = lambda *shape: jnp.asarray(rng.standard_normal(shape, np.float32) * 0.02, jnp.bfloat16)
-    x, ws, bs = bf16(rows, k), [bf16(n, k) for _ in range(LAYERS)], [bf16(n) for _ in range(LAYERS)]
+    x, ws, bs = bf16(rows, k), [bf16(n, k) for _ in range(copies)], [bf16(n) for _ in range(copies)]
     ln = (jnp.ones(k, jnp.float32), jnp.zeros(k, jnp.float32), 1e-5) if has_ln else None
     res = bf16(rows, n) if residual else None
     product = gemv.gemv_reference if xla else gemv.gemv
 
-    def stage_fn(x, ws, bs, res):
-        return [product(x, w, b, ln=ln, gelu=gelu, residual_mn=res, out_dtype=jnp.float32 if fp32 else None)
-                for w, b in zip(ws, bs)]
+    def make(repeats):
+        def sweeps(x, ws, bs, res):
+            out = None
+            for _ in range(repeats):
+                for w, b in zip(ws, bs):
+                    out = product(x, w, b, ln=ln, gelu=gelu, residual_mn=res, out_dtype=jnp.float32 if fp32 else None)
+                    x = _chained(x, out)
+            return out
+        return jax.jit(sweeps)
 
-    s = _timed(jax.jit(stage_fn), (x, ws, bs, res), reps) / LAYERS
-    return {"stage": stage, "n": n, "k": k, "rows": rows, "us": 1e6 * s, "gb_s": n * k * 2 / s / 1e9}
+    s = _per_sweep(make, (x, ws, bs, res), reps, repeats) / copies
+    return {"stage": stage, "n": n, "k": k, "rows": rows, "copies": copies, "us": 1e6 * s, "gb_s": n * k * 2 / s / 1e9}
 
 
 def time_attention(batch: int, slots: int, slot: int, *, fused: bool, heads: int = 16, head_dim: int = 64,
-                   reps: int = 20) -> dict:
+                   reps: int = 20, repeats: tuple[int, int] = REPEATS) -> dict:
     """A decode step's attention over LAYERS distinct caches, as the model runs it
     (`layers.attend_qkv_with_cache`): the library kernel after XLA's cache update and the query's
     slice, or the fused kernel; microseconds a layer and GB/s of cache read."""
@@ -102,18 +133,22 @@ def time_attention(batch: int, slots: int, slot: int, *, fused: bool, heads: int
     pad, valid = jnp.zeros(batch, jnp.int32), jnp.ones((batch, 1, slots), bool)  # the Pallas step reads no mask
     decode_impl = "pallas_fused" if fused else "pallas_gpu"
 
-    def step(qkv, caches, s):  # what a GemvBlock's attention runs, layer after layer
-        return [layers.attend_qkv_with_cache(qkv, valid, cache, s, pad, "xla", decode_impl, q_scaled=True)
-                for cache in caches]
+    def make(repeats):
+        def step(qkv, caches, s):  # what a GemvBlock's attention runs, layer after layer
+            for _ in range(repeats):
+                for i, cache in enumerate(caches):
+                    y, caches[i] = layers.attend_qkv_with_cache(qkv, valid, cache, s, pad, "xla", decode_impl,
+                                                                q_scaled=True)
+                    qkv = _chained(qkv, y)
+            return y, caches
+        fn = jax.jit(step, donate_argnums=1)
 
-    fn = jax.jit(step, donate_argnums=1)
+        def call(qkv, s):  # the caches are donated and come back updated, as in the decode loop
+            y, state["caches"] = fn(qkv, state["caches"], s)
+            return y
+        return call
+
     state = {"caches": caches}
-
-    def call(qkv, s):  # the caches are donated and come back updated, as in the decode loop
-        out = fn(qkv, state["caches"], s)
-        state["caches"] = [cache for _, cache in out]
-        return out[-1][0]
-
-    t = _timed(call, (qkv, jnp.int32(slot)), reps) / LAYERS
+    t = _per_sweep(make, (qkv, jnp.int32(slot)), reps, repeats) / LAYERS
     read = 2 * batch * heads * (slot + 1) * head_dim * 2
     return {"batch": batch, "slots": slots, "slot": slot, "fused": fused, "us": 1e6 * t, "gb_s": read / t / 1e9}
