@@ -17,7 +17,7 @@ CORE = [
     "numpy>=1.26",
     "msgpack>=1.0",  # the pair-record encoding (records.py)
     "pretty_midi>=0.2.10",
-    "safetensors>=0.4",  # checkpoints for others (safetensors_format.py)
+    "safetensors>=0.8",  # checkpoints for others (safetensors_format.py; 0.8 reads and writes bfloat16 numpy)
     "flatbuffers>=24.3",  # jax.export serialization (export.py)
 ]
 TORCH = ["torch>=2.1"]

@@ -146,3 +146,16 @@ def test_a_damaged_config_is_one_line_naming_it(exported, tmp_path, capsys, cont
     err = capsys.readouterr().err
     assert f"{bad / 'config.json'}: {message}" in err and "Traceback" not in err
     assert not os.path.exists(tmp_path / "o")
+
+
+def test_bfloat16_parameters_go_to_safetensors_and_back_exactly(tmp_path):
+    """`model.param_dtype=bfloat16` checkpoints convert too (they were refused before safetensors 0.8)."""
+    init, st, back = str(tmp_path / "init"), str(tmp_path / "st"), str(tmp_path / "back")
+    assert cli.main(["init", "--config", TINY, "--set", "model.param_dtype=bfloat16", init]) == 0
+    assert cli.main(["convert", "--to", "safetensors", init, st]) == 0
+    assert {str(x.dtype) for x in load_file(os.path.join(st, "model.safetensors")).values()} == {"bfloat16"}
+    assert cli.main(["convert", "--from", "safetensors", st, back]) == 0
+    pa = checkpoint.params_to_numpy(checkpoint.load_model(init)[0])
+    pb = checkpoint.params_to_numpy(checkpoint.load_model(back)[0])
+    for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb), strict=True):
+        assert x.dtype == y.dtype == np.dtype("bfloat16") and x.tobytes() == y.tobytes()

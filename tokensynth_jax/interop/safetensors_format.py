@@ -84,9 +84,11 @@ def save(directory: str | os.PathLike, cfg: ModelConfig, params: Mapping[str, An
     os.makedirs(directory, exist_ok=True)
     flat = flatten_params(params)
     check_tensors(cfg, {n: x.shape for n, x in flat.items()}, "parameters to save")
-    unsupported = sorted({str(x.dtype) for x in flat.values()} - {"float32", "float16", "float64"})
-    if unsupported:  # numpy has no bfloat16; safetensors.numpy cannot write it
-        raise SafetensorsFormatError(f"parameters of dtype {unsupported}: save float32 master weights")
+    # bfloat16 (`model.param_dtype`) is ml_dtypes' numpy type, which safetensors >= 0.8 writes as BF16
+    # and reads back as such.
+    unsupported = sorted({str(x.dtype) for x in flat.values()} - {"float32", "float16", "float64", "bfloat16"})
+    if unsupported:
+        raise SafetensorsFormatError(f"{directory}: parameters of dtype {unsupported} have no safetensors type here")
     save_file({n: np.ascontiguousarray(x) for n, x in flat.items()}, os.path.join(directory, TENSORS_FILE),
               metadata={"format": FORMAT, "version": str(FORMAT_VERSION)})
     config = {"format": FORMAT, "version": FORMAT_VERSION, "tensors_file": TENSORS_FILE,
