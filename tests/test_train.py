@@ -21,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.py")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from conftest import read_tensorboard  # noqa: E402
-from test_input_pipeline import _write_shards  # noqa: E402
+from test_input_pipeline import _without_targets, _write_shards  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -146,33 +146,45 @@ def test_init_from_checkpoint_and_config_mismatch(shards, tmp_path):
 @pytest.mark.slow
 def test_two_processes_train_like_one_process_with_the_same_devices(shards, tmp_path):
     """jax.distributed over localhost: 2 processes x 4 CPU devices == 1 process x 8 devices."""
+    args = ["train", "--config", TINY, f"--config.data.paths={shards}", "--config.train.steps=4",
+            "--config.train.log_every=1", "--config.train.eval_every=0"]
+    one = str(tmp_path / "one")
+    subprocess.run([sys.executable, "-m", "tokensynth_jax.cli", *args, "--workdir", one], cwd=ROOT, check=True,
+                   capture_output=True, env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8"))
+    two = str(tmp_path / "two")
+    _run_two_processes([*args, "--workdir", two])
+    a, b = _losses(one), _losses(two)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    np.testing.assert_allclose([b[k] for k in sorted(b)], [a[k] for k in sorted(a)], rtol=2e-5)
+
+
+def _run_two_processes(args, devices_each=4, timeout=300):
+    """`python -m tokensynth_jax.cli ARGS` as 2 processes joined by jax.distributed over localhost."""
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    args = ["-m", "tokensynth_jax.cli", "train", "--config", TINY, f"--config.data.paths={shards}",
-            "--config.train.steps=4", "--config.train.log_every=1", "--config.train.eval_every=0"]
-
-    def env(devices, **extra):
-        e = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **extra)
-        return e
-
-    one = str(tmp_path / "one")
-    subprocess.run([sys.executable, *args, "--workdir", one], env=env(8), cwd=ROOT, check=True, capture_output=True)
-    two = str(tmp_path / "two")
-    procs = [
-        subprocess.Popen([sys.executable, *args, "--workdir", two], cwd=ROOT, stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True,
-                         env=env(4, TOKENSYNTH_COORDINATOR=f"127.0.0.1:{port}", TOKENSYNTH_NUM_PROCESSES="2",
-                                 TOKENSYNTH_PROCESS_ID=str(i)))
-        for i in range(2)
-    ]
-    outs = [p.communicate(timeout=300)[0] for p in procs]
+    procs = [subprocess.Popen([sys.executable, "-m", "tokensynth_jax.cli", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True,
+                              env=dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_each}",
+                                       TOKENSYNTH_COORDINATOR=f"127.0.0.1:{port}", TOKENSYNTH_NUM_PROCESSES="2",
+                                       TOKENSYNTH_PROCESS_ID=str(i)))
+             for i in range(2)]
+    outs = [p.communicate(timeout=timeout)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
-    a, b = _losses(one), _losses(two)
-    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
-    np.testing.assert_allclose([b[k] for k in sorted(b)], [a[k] for k in sorted(a)], rtol=2e-5)
+
+
+@pytest.mark.slow
+def test_two_processes_count_the_records_each_of_them_skipped(tmp_path):
+    """skipped_examples is counted over the global batch (it was process 0's share of it)."""
+    data = _shard_with_two_bad_records(tmp_path / "data")
+    workdir = str(tmp_path / "run")
+    _run_two_processes(["train", "--config", TINY, "--workdir", workdir, f"--config.data.paths={data}",
+                        "--config.train.steps=3", "--config.train.log_every=1", "--config.train.eval_every=0"])
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        lines = [json.loads(x) for x in f]
+    assert [x.get("skipped_examples") for x in lines if x["split"] == "train"] == [2, 2, 2]
 
 
 def test_records_longer_than_seq_len_are_refused_before_the_run_makes_anything(tmp_path, capsys):
@@ -199,7 +211,8 @@ def test_records_longer_than_seq_len_are_refused_before_the_run_makes_anything(t
         assert not workdir.exists()
 
 
-def test_bad_records_mid_data_are_skipped_counted_and_the_run_goes_on(tmp_path):
+def _shard_with_two_bad_records(directory) -> str:
+    """Eight records, one damaged and one too long for the tiny config (200 frames: 213 positions)."""
     from array_record.python.array_record_module import ArrayRecordWriter
 
     from tokensynth_jax.tokens import records
@@ -208,12 +221,17 @@ def test_bad_records_mid_data_are_skipped_counted_and_the_run_goes_on(tmp_path):
     pair = lambda i, frames: records.PairRecord(
         f"p{i}", "train", "inst", rng.integers(1, 1133, 8), rng.integers(0, 64, (frames, 4)), rng.normal(size=512), {},
         "clap", {"chain": []}, {"midi": "gen", "start": 0.0}, {"midi": "gen", "start": 5.0}).to_bytes()
-    data = [pair(0, 40), b"\x00damaged", pair(2, 200), *(pair(i, 40) for i in range(3, 8))]  # 200 frames: 213 positions
-    os.makedirs(tmp_path / "data")
-    writer = ArrayRecordWriter(str(tmp_path / "data" / "shard.array_record"), "group_size:1")
+    data = [pair(0, 40), b"\x00damaged", pair(2, 200), *(pair(i, 40) for i in range(3, 8))]
+    os.makedirs(directory)
+    writer = ArrayRecordWriter(os.path.join(directory, "shard.array_record"), "group_size:1")
     for d in data:
         writer.write(d)
     writer.close()
+    return str(directory)
+
+
+def test_bad_records_mid_data_are_skipped_counted_and_the_run_goes_on(tmp_path):
+    _shard_with_two_bad_records(tmp_path / "data")
     workdir = str(tmp_path / "run")
     config = load_config_file(TINY, {"data.paths": str(tmp_path / "data"), "train.steps": 2, "train.log_every": 1,
                                      "train.eval_every": 0})
@@ -252,7 +270,7 @@ def test_a_held_out_set_is_scored_whole_even_when_smaller_than_a_batch(tmp_path)
     for proc in range(2):  # each process's block of the one short batch, filled with examples with no targets
         batches = list(ip.make_dataset(pc, cfg, process_index=proc, process_count=2))
         assert len(batches) == 1 and batches[0]["mask"].shape == (4, 64)
-        assert ip.skipped_count(batches[0]) == (0 if proc == 0 else 3)
+        assert _without_targets(batches[0]) == (0 if proc == 0 else 3)
     workdir = str(tmp_path / "run")
     config = load_config_file(TINY, {"data.paths": str(tmp_path), "data.eval_paths": str(tmp_path), "train.steps": 1,
                                      "train.log_every": 1, "train.eval_every": 1, "data.seq_len": 64})

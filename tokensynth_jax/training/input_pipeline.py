@@ -18,7 +18,8 @@ where b is this process's share of the global batch.
 
 A record that cannot be an example (damaged, longer than `seq_len`, codes the model has no ids
 for) does not stop a run: it becomes an example with no targets (all of `mask` False, so it adds
-nothing to the loss or the metrics), is logged, and the loop counts it (`skipped_examples`). The
+nothing to the loss or the metrics), is logged, and the train step counts it over the global batch
+(`skipped_examples`). The
 batches keep their shape and order, so resuming stays exact. A data set that does not fit at all
 is refused before the run begins (`verify_shards`, and the first record in `make_dataset`).
 """
@@ -108,12 +109,6 @@ def skipped_example(cfg: ModelConfig, seq_len: int) -> dict:
     """An example with no targets (`mask` all False): what a record that cannot be one becomes."""
     return {"timbre": np.zeros(cfg.timbre_dim, np.float32), "rows": np.zeros((seq_len - 1, cfg.num_channels), np.int32),
             "targets": np.zeros((seq_len, cfg.num_channels), np.int32), "mask": np.zeros(seq_len, bool)}
-
-
-def skipped_count(batch: dict) -> int:
-    """How many examples of a (local) batch are skipped records: every real example predicts at
-    least its end row."""
-    return int((~np.asarray(batch["mask"]).any(-1)).sum())
 
 
 @dataclasses.dataclass(frozen=True)

@@ -237,13 +237,8 @@ def train(config, workdir: str, init_from: str | None = None) -> dict:
         with jax.set_mesh(mesh):
             return eval_jit(*args)
 
-    skipped = 0  # records that could not be examples, since the last metrics line (input_pipeline)
-
     def next_batch():
-        nonlocal skipped
-        local = next(data_iter)
-        skipped += input_pipeline.skipped_count(local)
-        return to_global(local, batch_shardings)
+        return to_global(next(data_iter), batch_shardings)
 
     first = next_batch()
     with jax.set_mesh(mesh):
@@ -260,11 +255,12 @@ def train(config, workdir: str, init_from: str | None = None) -> dict:
     base_rng = jax.random.PRNGKey(tc.seed + 1)
     flops_token = model_flops_per_token(cfg, pc.seq_len)
     peak = peak_flops(config)
-    last, batch, t0, tokens = {}, first, time.time(), 0
+    last, batch, t0, tokens, skipped = {}, first, time.time(), 0, 0
     del first  # a batch from grain's workers (data.worker_count) holds shared memory while referenced
     try:  # whatever ends the loop (a diverged loss too), saves under way finish and workers stop
         for step in range(start, tc.steps):
             state, sums = compiled(state, batch, jax.random.fold_in(base_rng, step))
+            skipped = skipped + sums["skipped_examples"]  # on the device: no wait for the step
             tokens += pc.global_batch * pc.seq_len
             done = step + 1
             stopping = stop["stop"]  # read once a step: a SIGTERM arriving later in it is the next step's
@@ -284,7 +280,7 @@ def train(config, workdir: str, init_from: str | None = None) -> dict:
                         "model_flops_per_s": tokens * flops_token / dt, **summarize(sums, cfg)}
                 if peak:
                     last["mfu"] = last["model_flops_per_s"] / peak
-                if skipped:  # this process's share of the batches
+                if skipped := int(skipped):  # records passed over since the last line, all processes'
                     last["skipped_examples"] = skipped
                 writer.write(done, last)
                 t0, tokens, skipped = time.time(), 0, 0

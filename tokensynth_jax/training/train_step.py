@@ -127,7 +127,11 @@ def train_step(graphdef, state, batch, step_rng, *, null_rate: float = 0.0, grad
         (grads, loss, (ce, hit, count)), _ = jax.lax.scan(body, (zeros, 0.0, init_aux), (jnp.arange(grad_accum), micro))
     grad_norm = optax.tree.norm(grads)
     optimizer.update(model, grads)
-    metrics = {"loss": loss, "grad_norm": grad_norm, "ce_sum": ce, "correct": hit, "positions": count}
+    # Examples with no targets are records the input pipeline could not use (`skipped_example`);
+    # counted here, over the global batch, so a run of several processes reports them all.
+    skipped = (~batch["mask"].any(-1)).sum()
+    metrics = {"loss": loss, "grad_norm": grad_norm, "ce_sum": ce, "correct": hit, "positions": count,
+               "skipped_examples": skipped}
     return nnx.state((model, optimizer)), metrics
 
 
