@@ -106,6 +106,9 @@ def test_artifact_is_lowered_for_cpu_cuda_tpu_with_a_symbolic_batch(exported):
                                "method": sampling.filter_method("auto")}
     assert meta["outputs"][0]["shape"] == ["b", MAX_ROWS - 4 + 1, 4]
     assert meta["codec"]["name"] == "tiny-encodec"
+    assert meta["example_prompt"] == {"file": export.EXAMPLE_PROMPT_FILE, "midi_files": exported[2],
+                                      "tokenizer": "tokensynth-jax", "timbre": os.path.join(os.path.dirname(out),
+                                                                                            "timbre.npy")}
 
 
 def test_loader_script_runs_the_example_prompt_from_midi_files(exported, tmp_path):

@@ -286,7 +286,11 @@ def _export(args) -> int:
     with outputs:
         info = export.export_model(model, temp, metadata=meta["metadata"], source=os.path.abspath(args.checkpoint),
                                    sampler=sampler, max_rows=args.max_rows, platforms=platforms,
-                                   example_prompt=example)
+                                   example_prompt=example,
+                                   example_source={"midi_files": [os.path.abspath(p) for p in args.example_midi],
+                                                   "tokenizer": args.midi_compat or "tokensynth-jax",
+                                                   "timbre": os.path.abspath(args.example_timbre)
+                                                   if args.example_timbre else None})
     print(f"exported {args.checkpoint} for {', '.join(info['platforms'])} (jax {info['jax_version']}, "
           f"sampler {info['sampler']['kind']}, max_rows {info['max_rows']}) to {args.out_dir}")
     prompt = f" --prompt {os.path.join(args.out_dir, export.EXAMPLE_PROMPT_FILE)}" if example else " --prompt P.npz"

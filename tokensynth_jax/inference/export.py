@@ -134,7 +134,7 @@ def pad_tokens(tokens: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
 
 def export_model(model, out_dir: str, *, metadata: dict, source: str, sampler=sampling.TopP(0.9),
                  max_rows: int = 450, platforms: Sequence[str] = PLATFORMS,
-                 example_prompt: dict[str, np.ndarray] | None = None) -> dict:
+                 example_prompt: dict[str, np.ndarray] | None = None, example_source: dict | None = None) -> dict:
     """Writes the export directory described in the module docstring; returns its metadata.
 
     Args:
@@ -146,6 +146,8 @@ def export_model(model, out_dir: str, *, metadata: dict, source: str, sampler=sa
       platforms: lowering platforms (cpu, cuda, rocm, tpu).
       example_prompt: arrays for OUT/example_prompt.npz (`midi` and `lengths` from `pad_tokens`,
         optionally `timbre`), or None.
+      example_source: where the example prompt came from (its MIDI files, the tokenizer), recorded
+        in export.json beside the file's name.
     """
     cfg = model.cfg
     if cfg.conditioning != "timbre":
@@ -212,6 +214,8 @@ def export_model(model, out_dir: str, *, metadata: dict, source: str, sampler=sa
             {"name": "num_rows", "shape": ["b"], "dtype": "int32"},
         ],
     }
+    if example_prompt is not None:
+        info["example_prompt"] = {"file": EXAMPLE_PROMPT_FILE, **(example_source or {})}
     with open(os.path.join(out_dir, META_FILE), "w") as f:
         json.dump(info, f, indent=2)
     if example_prompt is not None:
