@@ -584,8 +584,9 @@ def part_profile(section: Section) -> None:
 
 
 def part_kernels(section: Section) -> None:
-    """The decode step's Pallas kernels alone (benchmarks/kernels.py): each gemv tiling of
-    GEMV_VARIANTS over every weight stage, then a step's attention both ways (ATTENTION_CASES)."""
+    """The decode step's Pallas kernels alone (benchmarks/kernels.py), most telling first: a step's
+    attention both ways (ATTENTION_CASES), the gemv tilings of GEMV_FIRST over every weight stage,
+    the decode attention's tilings (ATTENTION_VARIANTS, both kernels), the other gemv tilings."""
     import kernels
 
     _jax_setup(section)
@@ -593,24 +594,40 @@ def part_kernels(section: Section) -> None:
     # --quick (Pallas interpret mode): shapes / 8, no more weights than a step's, 2 calls of 1 and 2 sweeps
     timing = {"reps": 2, "repeats": (1, 2)} if quick else {}
     gemv_sizes = {"shrink": 8, "min_bytes": 0} if quick else {}
-    for name, constants in kernels.GEMV_VARIANTS.items():
-        constants = dict(constants)
+    cases = ((2, 128, 70), (8, 128, 70)) if quick else kernels.ATTENTION_CASES
+
+    def gemv(name):
+        constants = dict(kernels.GEMV_VARIANTS[name])
         xla = bool(constants.pop("xla", 0))
 
-        def run(constants=constants, xla=xla):
+        def run():
             with _kernel_constants(constants):
                 stages = [kernels.time_gemv_stage(s, xla=xla, **timing, **gemv_sizes) for s in kernels.STAGES]
             layer = sum(r["us"] for r in stages if r["stage"] != "head")
             return {"constants": constants, "xla": xla, "us_a_layer": layer, "stages": stages}
 
         section.attempt(f"gemv, {name}", run, min_left_s=15.0)
-    cases = ((2, 128, 70), (8, 128, 70)) if quick else kernels.ATTENTION_CASES
-    for batch, slots, slot in cases:
-        for fused in (False, True):
-            what = "fused step kernel" if fused else "library kernel + XLA's cache update"
-            section.attempt(f"attention, batch {batch}, {what}",
-                            lambda b=batch, n=slots, s=slot, f=fused: kernels.time_attention(b, n, s, fused=f, **timing),
-                            min_left_s=15.0)
+
+    def attention(name, constants):
+        for batch, slots, slot in cases:
+            for fused in (False, True):
+                what = "fused step kernel" if fused else "library kernel + XLA's cache update"
+
+                def run(b=batch, n=slots, s=slot, f=fused):
+                    with _kernel_constants(constants):
+                        return {"constants": constants, **kernels.time_attention(b, n, s, fused=f, **timing)}
+
+                section.attempt(f"attention, batch {batch}, {what}" + (f", {name}" if constants else ""), run,
+                                min_left_s=15.0)
+
+    attention("defaults", {})
+    for name in kernels.GEMV_FIRST:
+        gemv(name)
+    for name, constants in kernels.ATTENTION_VARIANTS.items():
+        attention(name, constants)
+    for name in kernels.GEMV_VARIANTS:
+        if name not in kernels.GEMV_FIRST:
+            gemv(name)
 
 
 def part_ref_decode(section: Section) -> None:

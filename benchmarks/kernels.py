@@ -47,9 +47,22 @@ GEMV_VARIANTS = {
     "2 warps, a row at a time": {"gemv.NUM_WARPS": 2, "gemv.ROWS_LOOP": 1},
     "3 stages": {"gemv.NUM_STAGES": 3},
 }
+# gemv tilings timed first (the ones closest to a default decision), the rest after the attention.
+GEMV_FIRST = ("defaults", "weights loaded first", "XLA's product (gemv_reference)")
 # A decode step's attention: (batch, cache slots, the slot written): batch 1 as 2 and batch 256,
-# a 5 s clip's prompt and rows halfway (about 330 slots written of 576).
+# a 5 s clip's prompt and rows halfway (about 330 slots written of 576; the cache rounds up to
+# whole blocks, `attention.cache_slots`).
 ATTENTION_CASES = ((2, 576, 330), (256, 576, 330))
+# Tilings of the decode attention kernels: name -> module constants of tokensynth_jax/model/attention.py
+# (the defaults: blocks of 64 slots, 4 warps, 2 stages; no GPU has timed another).
+ATTENTION_VARIANTS = {
+    "blocks of 128 slots": {"attention.DECODE_BLOCK": 128},
+    "blocks of 32 slots": {"attention.DECODE_BLOCK": 32},
+    "8 warps": {"attention.DECODE_WARPS": 8},
+    "2 warps": {"attention.DECODE_WARPS": 2},
+    "3 stages": {"attention.DECODE_STAGES": 3},
+    "1 stage": {"attention.DECODE_STAGES": 1},
+}
 
 
 REPEATS = (1, 3)  # sweeps per executable; the difference of the two times is what is reported
@@ -73,7 +86,9 @@ def _per_sweep(make, args, reps: int, repeats: tuple[int, int]) -> float:
     """Device seconds of one sweep: `make(repeats)` is a function running the sweep `repeats` times
     in one executable; the two repeat counts' times differ by (repeats[1] - repeats[0]) sweeps."""
     low, high = (_best(make(r), args, reps) for r in repeats)
-    return max(high - low, 1e-9) / (repeats[1] - repeats[0])  # timing noise can make it 0
+    if high <= low:  # no number rather than an absurd one
+        raise RuntimeError(f"timing noise: {repeats[1]} sweeps took {high:.2e} s, {repeats[0]} took {low:.2e} s")
+    return (high - low) / (repeats[1] - repeats[0])
 
 
 def _chained(x, out):
@@ -123,15 +138,16 @@ def time_attention(batch: int, slots: int, slot: int, *, fused: bool, heads: int
     import jax
     import jax.numpy as jnp
 
-    from tokensynth_jax.model import layers
+    from tokensynth_jax.model import attention, layers
 
+    decode_impl = "pallas_fused" if fused else "pallas_gpu"
+    slots = attention.cache_slots(slots, decode_impl)  # whole blocks of the kernel's DECODE_BLOCK
     rng = np.random.default_rng(1)
     bf16 = lambda *shape: jnp.asarray(rng.standard_normal(shape, np.float32), jnp.bfloat16)
     qkv = bf16(batch, 1, 3, heads, head_dim)  # one decoded row per item, the queries prescaled (GemvBlock)
     caches = [layers.KVCache(bf16(batch, heads, slots, head_dim), bf16(batch, heads, slots, head_dim))
               for _ in range(LAYERS)]
     pad, valid = jnp.zeros(batch, jnp.int32), jnp.ones((batch, 1, slots), bool)  # the Pallas step reads no mask
-    decode_impl = "pallas_fused" if fused else "pallas_gpu"
 
     def make(repeats):
         def step(qkv, caches, s):  # what a GemvBlock's attention runs, layer after layer
