@@ -205,18 +205,23 @@ def _train_measurer(section: Section, extra: dict | None = None):
 
 
 NOT_SPEED_KNOBS = {"model.dropout"}  # variants that change what is trained: measured, never a default
+WIN_MARGIN = 1.01  # a variant replaces the defaults by more than run-to-run noise (0.2-0.4%, H100 and H200)
 
 
 def _train_winner(section: Section) -> dict:
     """With --train-best: the overrides of the fastest train variant this --out holds (train-variants
     ran first, at one batch), so the goal's rows measure what the defaults are about to become;
-    {} when the defaults won or nothing was measured."""
+    {} when nothing beat the defaults by WIN_MARGIN or nothing was measured."""
     if not section.args.train_best:
         return {}
     measured = [r for r in read_records(section.args.out, "train-variants").values() if "tokens_per_s" in r]
     batch = section.size["variant_batch"]
     at_batch = [r for r in measured if r["batch"] == batch and not set(r["overrides"]) & NOT_SPEED_KNOBS]
-    return dict(max(at_batch, key=lambda r: r["tokens_per_s"])["overrides"]) if at_batch else {}
+    if not at_batch:
+        return {}
+    best = max(at_batch, key=lambda r: r["tokens_per_s"])
+    defaults = next((r["tokens_per_s"] for r in at_batch if not r["overrides"]), 0.0)
+    return dict(best["overrides"]) if best["tokens_per_s"] > WIN_MARGIN * defaults else {}
 
 
 def part_ours_train(section: Section) -> None:
