@@ -64,6 +64,7 @@ def test_a_bare_checkout_loads_the_packaged_configs_and_the_prep_package(bare_py
     assert prep == os.path.join(REPO, "data_prep", "__init__.py")
 
 
+@pytest.mark.slow
 def test_the_accelerator_benchmark_runs_its_sections_from_a_bare_checkout(bare_python, tmp_path):
     out = tmp_path / "accel"
     done = _run(bare_python, "benchmarks/accelerator.py", "--quick", "--out", str(out), "--budget", "400",
