@@ -767,7 +767,7 @@ def build_table(results: dict, quick: bool) -> tuple[str, list[str]]:
         for who, r in (("ours", o), ("torch", t)):
             if ok(r):
                 best[who] = max(best[who], r["tokens_per_s"])
-        chosen = ", ".join(f"{k}={v}" for k, v in (ours_model.get("overrides") or {}).items())
+        chosen = ", ".join(f"{key}={value}" for key, value in (ours_model.get("overrides") or {}).items())
         rows.append([f"train, batch {b} x {sizes['seq_len']}: tokens/s" + (f" (ours with {chosen})" if chosen else ""),
                      _cell(o, lambda r: k(r["tokens_per_s"])), _cell(o, lambda r: mfu(r, "ours-train")) if ok(o) else "-",
                      _cell(o, lambda r: g(r["memory_gb"])) if ok(o) else "-",
