@@ -596,8 +596,8 @@ def part_kernels(section: Section) -> None:
 
     _jax_setup(section)
     quick = section.args.quick
-    # --quick (Pallas interpret mode): shapes / 8, no more weights than a step's, 2 calls of 1 and 2 sweeps
-    timing = {"reps": 2, "repeats": (1, 2)} if quick else {}
+    # --quick (Pallas interpret mode): shapes / 8, no more weights than a step's, best of 2 calls
+    timing = {"reps": 2} if quick else {}
     gemv_sizes = {"shrink": 8, "min_bytes": 0} if quick else {}
     cases = ((2, 128, 70), (8, 128, 70)) if quick else kernels.ATTENTION_CASES
 

@@ -113,3 +113,17 @@ def test_train_best_takes_a_speed_knob_that_beats_the_defaults_by_more_than_nois
     assert accelerator._train_winner(accelerator.Section(args)) == expected
     args.train_best = False
     assert accelerator._train_winner(accelerator.Section(args)) == {}
+
+
+def test_kernel_time_is_the_difference_between_sweep_counts_and_noise_is_no_number():
+    import time
+
+    import kernels
+
+    def make(repeats, fixed=0.02, sweep=0.01):  # a call's fixed cost (dispatch) and a sweep's
+        return lambda: time.sleep(fixed + repeats * sweep)
+
+    per_sweep = kernels._per_sweep(make, (), reps=3, repeats=(1, 3))
+    assert 0.008 < per_sweep < 0.015  # the fixed 20 ms cancels
+    with pytest.raises(RuntimeError, match="timing noise"):
+        kernels._per_sweep(lambda r: make(r, sweep=-0.005), (), reps=2, repeats=(1, 2))  # 2 sweeps ran faster
