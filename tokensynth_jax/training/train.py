@@ -255,12 +255,12 @@ def train(config, workdir: str, init_from: str | None = None) -> dict:
     base_rng = jax.random.PRNGKey(tc.seed + 1)
     flops_token = model_flops_per_token(cfg, pc.seq_len)
     peak = peak_flops(config)
-    last, batch, t0, tokens, skipped = {}, first, time.time(), 0, 0
+    last, batch, t0, tokens, skipped = {}, first, time.time(), 0, []
     del first  # a batch from grain's workers (data.worker_count) holds shared memory while referenced
     try:  # whatever ends the loop (a diverged loss too), saves under way finish and workers stop
         for step in range(start, tc.steps):
             state, sums = compiled(state, batch, jax.random.fold_in(base_rng, step))
-            skipped = skipped + sums["skipped_examples"]  # on the device: no wait for the step
+            skipped.append(sums["skipped_examples"])  # device scalars, fetched at the next metrics line
             tokens += pc.global_batch * pc.seq_len
             done = step + 1
             stopping = stop["stop"]  # read once a step: a SIGTERM arriving later in it is the next step's
@@ -280,10 +280,10 @@ def train(config, workdir: str, init_from: str | None = None) -> dict:
                         "model_flops_per_s": tokens * flops_token / dt, **summarize(sums, cfg)}
                 if peak:
                     last["mfu"] = last["model_flops_per_s"] / peak
-                if skipped := int(skipped):  # records passed over since the last line, all processes'
-                    last["skipped_examples"] = skipped
+                if count := int(np.sum(jax.device_get(skipped))):  # since the last line, all processes'
+                    last["skipped_examples"] = count
                 writer.write(done, last)
-                t0, tokens, skipped = time.time(), 0, 0
+                t0, tokens, skipped = time.time(), 0, []
             if tc.eval_every and config.data.eval_paths and (done % tc.eval_every == 0 or done == tc.steps):
                 writer.write(done, evaluate(eval_fn, state, config, cfg, batch_shardings), "eval")
             if samples is not None and (samples.due(done) or done == tc.steps):
