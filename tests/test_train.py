@@ -211,23 +211,32 @@ def test_records_longer_than_seq_len_are_refused_before_the_run_makes_anything(t
         assert not workdir.exists()
 
 
-def _shard_with_two_bad_records(directory) -> str:
-    """Eight records, one damaged and one too long for the tiny config (200 frames: 213 positions)."""
-    from array_record.python.array_record_module import ArrayRecordWriter
-
+def _pair_bytes(rng, i: int, frames: int, split: str = "train") -> bytes:
+    """A pair record for the tiny config (4 codebooks of 64 codes): 8 MIDI tokens, `frames` frames."""
     from tokensynth_jax.tokens import records
 
-    rng = np.random.default_rng(1)
-    pair = lambda i, frames: records.PairRecord(
-        f"p{i}", "train", "inst", rng.integers(1, 1133, 8), rng.integers(0, 64, (frames, 4)), rng.normal(size=512), {},
+    return records.PairRecord(
+        f"p{i}", split, "inst", rng.integers(1, 1133, 8), rng.integers(0, 64, (frames, 4)), rng.normal(size=512), {},
         "clap", {"chain": []}, {"midi": "gen", "start": 0.0}, {"midi": "gen", "start": 5.0}).to_bytes()
-    data = [pair(0, 40), b"\x00damaged", pair(2, 200), *(pair(i, 40) for i in range(3, 8))]
+
+
+def _write_records(directory, data) -> str:
+    """`data` (record bytes, damaged ones too) as DIRECTORY/shard.array_record; returns DIRECTORY."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+
     os.makedirs(directory)
     writer = ArrayRecordWriter(os.path.join(directory, "shard.array_record"), "group_size:1")
     for d in data:
         writer.write(d)
     writer.close()
     return str(directory)
+
+
+def _shard_with_two_bad_records(directory) -> str:
+    """Eight records, one damaged and one too long for the tiny config (200 frames: 213 positions)."""
+    rng = np.random.default_rng(1)
+    return _write_records(directory, [_pair_bytes(rng, 0, 40), b"\x00damaged", _pair_bytes(rng, 2, 200),
+                                      *(_pair_bytes(rng, i, 40) for i in range(3, 8))])
 
 
 def test_bad_records_mid_data_are_skipped_counted_and_the_run_goes_on(tmp_path):
@@ -281,20 +290,10 @@ def test_a_held_out_set_is_scored_whole_even_when_smaller_than_a_batch(tmp_path)
 
 
 def test_held_out_data_is_checked_before_the_run_and_a_damaged_held_out_record_is_passed_over(tmp_path, capsys):
-    from array_record.python.array_record_module import ArrayRecordWriter
-
-    from tokensynth_jax.tokens import records
-
     rng = np.random.default_rng(2)
-    pair = lambda i, frames: records.PairRecord(
-        f"p{i}", "valid", "inst", rng.integers(1, 1133, 8), rng.integers(0, 64, (frames, 4)), rng.normal(size=512), {},
-        "clap", {"chain": []}, {"midi": "gen", "start": 0.0}, {"midi": "gen", "start": 5.0}).to_bytes()
+    pair = lambda i, frames: _pair_bytes(rng, i, frames, "valid")
     for name, data in (("damaged_first", [b"\x00damaged", pair(1, 40), pair(2, 40)]), ("too_long", [pair(0, 200)])):
-        os.makedirs(tmp_path / name)
-        writer = ArrayRecordWriter(str(tmp_path / name / "shard.array_record"), "group_size:1")
-        for d in data:
-            writer.write(d)
-        writer.close()
+        _write_records(tmp_path / name, data)
     base = ["train", "--config", "tiny", "--config.data.paths=" + str(tmp_path / "damaged_first"),
             "--config.train.steps=1", "--config.train.eval_every=1", "--config.train.sample_every=1",
             "--config.train.sample_count=2", "--config.train.sample_audio=false"]
