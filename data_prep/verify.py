@@ -37,8 +37,13 @@ def _check_shard(path: str, entry: dict, codec_name: str | None, seen: dict) -> 
         return problems + [f"{rel}: not a readable ArrayRecord file"], 0
     try:
         data = reader.read_all()
+    except RuntimeError as e:  # riegeli's checks (a chunk's hash, its header) raise a bare RuntimeError
+        return problems + [f"{rel}: damaged ArrayRecord data ({str(e).splitlines()[0]:.160})"], 0
     finally:
-        reader.close()
+        try:
+            reader.close()
+        except RuntimeError:  # a reader that failed fails again on close; the damage is reported above
+            pass
     if len(data) != entry["records"]:
         problems.append(f"{rel}: {len(data)} records, the manifest says {entry['records']}")
     for i, raw in enumerate(data):

@@ -59,9 +59,16 @@ def test_prep_verify_finds_a_flipped_byte_a_missing_and_a_stray_shard(dac_output
         byte = f.read(1)
         f.seek(200)
         f.write(bytes([byte[0] ^ 0x01]))
+    with open(os.path.join(out, second), "r+b") as f:  # one byte inside the records' chunk: it opens, reading fails
+        f.seek(4096)
+        byte = f.read(1)
+        f.seek(4096)
+        f.write(bytes([byte[0] ^ 0x01]))
     assert cli.main(["prep", "verify", out]) == 2
     err = capsys.readouterr().err.splitlines()
     assert f"tokensynth prep verify: {out}/{first}: sha256 differs from the manifest's (its bytes have changed)" in err
+    assert any(line.startswith(f"tokensynth prep verify: {out}/{second}: damaged ArrayRecord data (Corrupted Riegeli")
+               for line in err), err
     shutil.move(os.path.join(out, second), os.path.join(out, "train", "stray.array_record"))
     assert cli.main(["prep", "verify", out]) == 2
     err = capsys.readouterr().err
