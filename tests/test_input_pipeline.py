@@ -132,3 +132,31 @@ def test_a_bad_record_mid_data_becomes_an_example_with_no_targets_and_is_counted
     # grain parses batches on prefetch threads, so the two warnings may come in either order
     skipped = sorted(r.getMessage() for r in caplog.records if "skipped a record" in r.getMessage())
     assert len(skipped) == 2 and "not a msgpack record" in skipped[0] and "record long: 58 positions" in skipped[1]
+
+
+def test_a_record_whose_chunk_fails_its_hash_becomes_an_example_with_no_targets(tmp_path, caplog):
+    rng = np.random.default_rng(4)
+    good = [records.PairRecord(f"g{i}", "train", "inst", rng.integers(1, 1133, 4), rng.integers(0, 17, (12, 3)),
+                               rng.normal(size=512), {}, "clap", {"chain": []}, {"midi": "gen", "start": 0.0},
+                               {"midi": "gen", "start": 5.0}) for i in range(6)]
+    path = str(tmp_path / "shard.array_record")
+    writer = ArrayRecordWriter(path, "group_size:1,uncompressed")  # a chunk a record; its bytes as written
+    for rec in good:
+        writer.write(rec.to_bytes())
+    writer.close()
+    with open(path, "r+b") as f:  # one flipped byte inside record 3 (a bad disk): riegeli's chunk hash fails
+        data = f.read()
+        at = data.index(good[3].to_bytes()) + 100
+        f.seek(at)
+        f.write(bytes([data[at] ^ 0x01]))
+    pc = ip.PipelineConfig((path,), global_batch=3, seq_len=40, shuffle=False, num_epochs=1)
+    with caplog.at_level("WARNING", logger="tokensynth.data"):
+        batches = list(ip.make_dataset(pc, CFG))
+    assert [not b["mask"][i].any() for b in batches for i in range(3)] == [False, False, False, True, False, False]
+    for n, rec in enumerate(good):  # the records around it are what they always were
+        if n != 3:
+            expected = ip.build_example(records.decode(rec.to_bytes()), CFG, 40)
+            for key, value in expected.items():
+                np.testing.assert_array_equal(batches[n // 3][key][n % 3], value)
+    skipped = [r.getMessage() for r in caplog.records if "skipped a record" in r.getMessage()]
+    assert len(skipped) == 1 and "record 3 of 6 cannot be read (Corrupted Riegeli" in skipped[0], skipped

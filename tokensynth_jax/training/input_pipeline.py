@@ -16,8 +16,8 @@ masks, and a 5 s clip already fills most of a budget sized for it. A batch holds
     mask [b, seq_len]         bool  positions whose target is an audio or end row
 where b is this process's share of the global batch.
 
-A record that cannot be an example (damaged, longer than `seq_len`, codes the model has no ids
-for) does not stop a run: it becomes an example with no targets (all of `mask` False, so it adds
+A record that cannot be an example (damaged: its chunk fails riegeli's hash, or it does not decode;
+longer than `seq_len`; codes the model has no ids for) does not stop a run: it becomes an example with no targets (all of `mask` False, so it adds
 nothing to the loss or the metrics), is logged, and the train step counts it over the global batch
 (`skipped_examples`). The batches keep their shape and order, so resuming stays exact. A data set
 that does not fit at all is refused before the run begins (`verify_shards`, and the first record in
@@ -98,11 +98,36 @@ class _ParseBlock(grain.transforms.Map):
         return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
 
     def _example(self, raw: bytes) -> dict:
+        if isinstance(raw, Unreadable):
+            log.warning("skipped a record: %s", raw)
+            return skipped_example(self.cfg, self.seq_len)
         try:
             return build_example(records.decode(raw), self.cfg, self.seq_len)
         except (DataError, records.RecordError) as e:  # one bad record never ends a run (module docstring)
             log.warning("skipped a record: %s", e)
             return skipped_example(self.cfg, self.seq_len)
+
+
+class Unreadable(str):
+    """What `TolerantSource` returns for a record its shard's reader cannot read: why, in a line."""
+
+
+class TolerantSource:
+    """A grain source whose damaged records (riegeli's chunk or header hash fails: a flipped byte, a
+    bad disk, a half-copied shard) come back as `Unreadable` instead of raising a RuntimeError that
+    ends the run. A damaged chunk costs its own records only; the reader goes on with the next."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index):
+        try:
+            return self.source[index]
+        except RuntimeError as e:
+            return Unreadable(f"record {int(index)} of {len(self.source)} cannot be read ({str(e).splitlines()[0]:.200})")
 
 
 def skipped_example(cfg: ModelConfig, seq_len: int) -> dict:
@@ -178,9 +203,14 @@ def verify_shards(paths: Sequence[str], *, sha256: bool = False, seq_len: int | 
 def readable_records(source):
     """The records of a grain source that decode, in order: a damaged one is logged and passed over,
     as the batches pass over it."""
+    source = source if isinstance(source, TolerantSource) else TolerantSource(source)
     for i in range(len(source)):
+        raw = source[i]
+        if isinstance(raw, Unreadable):
+            log.warning("passed over %s", raw)
+            continue
         try:
-            yield records.decode(source[i])
+            yield records.decode(raw)
         except records.RecordError as e:
             log.warning("passed over record %d of %d: %s", i, len(source), e)
 
@@ -232,7 +262,7 @@ def make_dataset(pc: PipelineConfig, cfg: ModelConfig, process_index: int = 0, p
     verify_shards(paths, sha256=pc.verify_sha256, seq_len=pc.seq_len)
     if not pc.allow_mixed_clap:
         check_one_clap(paths)
-    source = grain.sources.ArrayRecordDataSource(paths)
+    source = TolerantSource(grain.sources.ArrayRecordDataSource(paths))
     # Records that do not fit the model or data.seq_len, found before the run begins: the first
     # readable record must fit.
     first = next(readable_records(source), None)
