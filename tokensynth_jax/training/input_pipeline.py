@@ -17,11 +17,11 @@ masks, and a 5 s clip already fills most of a budget sized for it. A batch holds
 where b is this process's share of the global batch.
 
 A record that cannot be an example (damaged: its chunk fails riegeli's hash, or it does not decode;
-longer than `seq_len`; codes the model has no ids for) does not stop a run: it becomes an example with no targets (all of `mask` False, so it adds
-nothing to the loss or the metrics), is logged, and the train step counts it over the global batch
-(`skipped_examples`). The batches keep their shape and order, so resuming stays exact. A data set
-that does not fit at all is refused before the run begins (`verify_shards`, and the first record in
-`make_dataset`).
+longer than `seq_len`; codes the model has no ids for) does not stop a run: it becomes an example
+with no targets (all of `mask` False, so it adds nothing to the loss or the metrics), is logged, and
+the train step counts it over the global batch (`skipped_examples`). The batches keep their shape
+and order, so resuming stays exact. A data set that does not fit at all is refused before the run
+begins (`verify_shards`, and the first record in `make_dataset`).
 """
 from __future__ import annotations
 
