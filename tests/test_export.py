@@ -133,6 +133,24 @@ def test_loader_script_runs_the_example_prompt_from_midi_files(exported, tmp_pat
     np.testing.assert_array_equal(np.load(codes)["codes"], ours.codes)
 
 
+def test_the_loader_scripts_mistakes_are_one_line_and_exit_2(exported, tmp_path):
+    """A missing prompt file, a folder that is no export, and a Python without flatbuffers (which
+    jax needs to read an export but does not install) end in one line, not a traceback."""
+    _, out, _ = exported
+    script = os.path.join(out, export.LOADER_FILE)
+    prompt = os.path.join(out, export.EXAMPLE_PROMPT_FILE)
+    cases = [([out, "--prompt", str(tmp_path / "none.npz")], "", "No such file or directory"),
+             ([str(tmp_path), "--prompt", prompt], "", "not a tokensynth export (no export.json)"),
+             ([out, "--prompt", prompt], "sys.modules['flatbuffers'] = None\n", "needs the flatbuffers package")]
+    for argv, setup, message in cases:
+        run = subprocess.run([sys.executable, "-c", f"import runpy, sys\n{setup}sys.argv = {[script, *argv]!r}\n"
+                              f"runpy.run_path({script!r}, run_name='__main__')"],
+                             cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        lines = run.stderr.strip().splitlines()
+        assert run.returncode == 2 and len(lines) == 1 and message in lines[0], (argv, run.stderr)
+        assert lines[0].startswith("load_exported.py: error: ")
+
+
 def test_bad_export_requests_are_clear_errors(exported, tmp_path, capsys):
     ckpt, _, midi_files = exported
     assert cli.main(["export", "--checkpoint", ckpt, str(tmp_path / "x"), "--max-rows", "3"]) == 2

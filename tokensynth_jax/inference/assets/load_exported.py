@@ -1,5 +1,6 @@
 """Runs a `tokensynth export` directory with jax and numpy only (no tokensynth_jax needed).
 
+    pip install jax flatbuffers   # jax reads a serialized export through flatbuffers, not among its requirements
     python OUT/load_exported.py OUT --prompt OUT/example_prompt.npz --timbre clap.npy --seed 0 --out codes.npz
 
 or, from Python (with OUT on sys.path or this file copied anywhere):
@@ -39,6 +40,10 @@ class ExportedGenerator:
             raise ValueError(f"{meta_path}: format {self.meta.get('format')!r} v{self.meta.get('version')}, "
                              f"this loader reads {FORMAT!r} up to v{FORMAT_VERSION}")
         files = self.meta["files"]
+        try:
+            import flatbuffers  # noqa: F401  jax.export.deserialize needs it; jax does not require it
+        except ImportError:
+            raise ImportError("reading a jax.export artifact needs the flatbuffers package: pip install flatbuffers") from None
         with open(os.path.join(directory, files["exported"]), "rb") as f:
             self.exported = jax.export.deserialize(bytearray(f.read()))
         params_path = os.path.join(directory, files["params"])
@@ -103,15 +108,19 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="write the outputs to this .npz")
     args = parser.parse_args(argv)
-    with np.load(args.prompt) as npz:
-        prompt = {k: npz[k] for k in npz.files}
-    if args.timbre is not None:
-        timbre = np.load(args.timbre)
-    elif "timbre" in prompt:
-        timbre = prompt["timbre"]
-    else:
-        parser.error(f"{args.prompt} has no `timbre`; pass --timbre E.npy")
-    result = ExportedGenerator(args.directory)(prompt["midi"], prompt["lengths"], timbre, seed=args.seed)
+    try:  # what a user gives (files, the directory, a missing package) fails in one line, exit 2
+        with np.load(args.prompt) as npz:
+            prompt = {k: npz[k] for k in npz.files}
+        if args.timbre is not None:
+            timbre = np.load(args.timbre)
+        elif "timbre" in prompt:
+            timbre = prompt["timbre"]
+        else:
+            parser.error(f"{args.prompt} has no `timbre`; pass --timbre E.npy")
+        generator = ExportedGenerator(args.directory)
+    except (OSError, ValueError, ImportError) as e:
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
+    result = generator(prompt["midi"], prompt["lengths"], timbre, seed=args.seed)
     if args.out:
         np.savez(args.out, **result)
     for i, (frames, ended) in enumerate(zip(result["num_frames"], result["ended"])):
