@@ -76,6 +76,22 @@ def test_demo_runs_the_whole_chain(tmp_path, capsys):
     assert cli.main(argv + ["--overwrite", "--codec", data_state]) == 0
     assert cli.main(argv + ["--overwrite", "--codec", "tiny-encodec"]) == 2
     assert "the model writes" in capsys.readouterr().err
+    # The fitted codec goes along through safetensors and back, and into an export: what comes back
+    # synthesizes the same WAV. The tensors file is as readable as its config (safetensors 0.8 left it 0600).
+    st, back, exported = (str(tmp_path / name) for name in ("st", "back", "exported"))
+    assert cli.main(["convert", "--to", "safetensors", os.path.join(workdir, "model"), st]) == 0
+    assert cli.main(["convert", "--from", "safetensors", st, back]) == 0
+    assert cli.main(["export", "--checkpoint", back, exported, "--max-rows", "16", "--platforms", "cpu"]) == 0
+    state = open(os.path.join(workdir, "model", "codec", "demo-melrvq.npz"), "rb").read()
+    for folder in (st, back, exported):
+        assert open(os.path.join(folder, "codec", "demo-melrvq.npz"), "rb").read() == state, folder
+    assert json.load(open(os.path.join(exported, "export.json")))["codec"]["name"] == "codec/demo-melrvq.npz"
+    mode = lambda name: os.stat(os.path.join(st, name)).st_mode & 0o777
+    assert mode("model.safetensors") == mode("config.json")
+    argv[argv.index("--checkpoint") + 1] = back
+    argv[-1] = str(tmp_path / "z.wav")
+    assert cli.main(argv) == 0
+    assert soundfile.read(str(tmp_path / "z.wav"))[0].tobytes() == soundfile.read(str(tmp_path / "y.wav"))[0].tobytes()
 
 
 def test_instrument_text_names_the_gm_program():

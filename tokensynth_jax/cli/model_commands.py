@@ -102,16 +102,19 @@ def _convert(args) -> int:
             temp = outputs.dir(args.dst, "SAFETENSORS_DIR", marker=SAFETENSORS_MARKER)
 
     from tokensynth_jax import checkpoint
+    from tokensynth_jax.inference.inference_checkpoint import copy_fitted_codec
     from tokensynth_jax.interop import convert, safetensors_format
 
     if args.from_format == "safetensors":
         cfg, params, metadata = safetensors_format.load(args.src)
         with outputs:
             checkpoint.save_model(temp, cfg, params, metadata)
+            copy_fitted_codec(metadata, args.src, temp)
     elif args.to_format == "safetensors":
         model, meta = checkpoint.load_model(args.src)
         with outputs:
             safetensors_format.save(temp, model.cfg, checkpoint.params_to_numpy(model), meta["metadata"])
+            copy_fitted_codec(meta["metadata"], args.src, temp)
     elif args.from_format == "official":
         state = convert.load_official_file(args.src)
         try:
@@ -274,6 +277,7 @@ def _export(args) -> int:
 
     from tokensynth_jax import checkpoint
     from tokensynth_jax.inference import export
+    from tokensynth_jax.inference.inference_checkpoint import copy_fitted_codec
 
     example = None
     if tokens:  # padded as in-process generation pads them (export.pad_tokens)
@@ -291,6 +295,7 @@ def _export(args) -> int:
                                                    "tokenizer": args.midi_compat or "tokensynth-jax",
                                                    "timbre": os.path.abspath(args.example_timbre)
                                                    if args.example_timbre else None})
+        copy_fitted_codec(meta["metadata"], args.checkpoint, temp)  # export.json names it relative to OUT
     print(f"exported {args.checkpoint} for {', '.join(info['platforms'])} (jax {info['jax_version']}, "
           f"sampler {info['sampler']['kind']}, max_rows {info['max_rows']}) to {args.out_dir}")
     prompt = f" --prompt {os.path.join(args.out_dir, export.EXAMPLE_PROMPT_FILE)}" if example else " --prompt P.npz"

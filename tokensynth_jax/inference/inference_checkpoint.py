@@ -61,3 +61,21 @@ def _codec_with_checkpoint(codec: dict, out_dir: str) -> dict:
     shutil.copyfile(codec["name"], tmp)
     os.replace(tmp, os.path.join(out_dir, relative))
     return {**codec, "name": relative, "fit": info.fit}
+
+
+def copy_fitted_codec(metadata: dict, src_dir: str, dst_dir: str) -> None:
+    """Copies the fitted codec state that the checkpoint in `src_dir` carries (codec/<name>.npz,
+    named relative to it: `_codec_with_checkpoint`) to the same place under `dst_dir`, so that a
+    conversion or an export of the checkpoint decodes as the checkpoint does. Other codecs (hub
+    ids, absolute paths) are names only, and nothing is copied."""
+    import shutil
+
+    from tokensynth_jax.audio import encoders
+
+    name = ((metadata or {}).get("codec") or {}).get("name") or ""
+    if not encoders.is_fitted_state(name) or os.path.isabs(name) or "://" in name:
+        return
+    src = os.path.join(src_dir, name)
+    if os.path.isfile(src):
+        os.makedirs(os.path.dirname(os.path.join(dst_dir, name)), exist_ok=True)
+        shutil.copyfile(src, os.path.join(dst_dir, name))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from typing import Any, Mapping
 
 import jax
@@ -89,12 +90,16 @@ def save(directory: str | os.PathLike, cfg: ModelConfig, params: Mapping[str, An
     unsupported = sorted({str(x.dtype) for x in flat.values()} - {"float32", "float16", "float64", "bfloat16"})
     if unsupported:
         raise SafetensorsFormatError(f"{directory}: parameters of dtype {unsupported} have no safetensors type here")
-    save_file({n: np.ascontiguousarray(x) for n, x in flat.items()}, os.path.join(directory, TENSORS_FILE),
+    tensors = os.path.join(directory, TENSORS_FILE)
+    save_file({n: np.ascontiguousarray(x) for n, x in flat.items()}, tensors,
               metadata={"format": FORMAT, "version": str(FORMAT_VERSION)})
     config = {"format": FORMAT, "version": FORMAT_VERSION, "tensors_file": TENSORS_FILE,
               "model": cfg.to_dict(), "metadata": metadata or {}}
     with open(os.path.join(directory, CONFIG_FILE), "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)
+    # safetensors >= 0.8 writes through a private temporary file, which leaves the tensors 0600: a
+    # file written to be shared gets the mode the umask gives a new file, as config.json has.
+    os.chmod(tensors, stat.S_IMODE(os.stat(os.path.join(directory, CONFIG_FILE)).st_mode))
 
 
 def read_config(directory: str | os.PathLike) -> dict:
