@@ -5,10 +5,12 @@ import glob
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 import soundfile
 
+from tokensynth_jax import checkpoint
 from tokensynth_jax.cli import demo
 from tokensynth_jax.cli import main as cli
 from tokensynth_jax.inference import synthesize
@@ -76,6 +78,20 @@ def test_demo_runs_the_whole_chain(tmp_path, capsys):
     assert cli.main(argv + ["--overwrite", "--codec", data_state]) == 0
     assert cli.main(argv + ["--overwrite", "--codec", "tiny-encodec"]) == 2
     assert "the model writes" in capsys.readouterr().err
+    # Without --config, inference-checkpoint takes the model and codec the run recorded (run.json):
+    # the demo's sizes are set at run time, so configs/demo.py alone does not fit its checkpoints.
+    again = str(tmp_path / "again")
+    assert cli.main(["inference-checkpoint", os.path.join(workdir, "train"), again]) == 0
+    ours, theirs = (checkpoint.load_model(d) for d in (again, os.path.join(workdir, "model")))
+    assert ours[1]["model"] == theirs[1]["model"] and ours[1]["metadata"]["codec"] == theirs[1]["metadata"]["codec"]
+    for x, y in zip(*(jax.tree.leaves(checkpoint.params_to_numpy(m)) for m, _ in (ours, theirs))):
+        assert x.tobytes() == y.tobytes()
+    assert open(os.path.join(again, "codec", "demo-melrvq.npz"), "rb").read() == \
+        open(os.path.join(workdir, "model", "codec", "demo-melrvq.npz"), "rb").read()
+    capsys.readouterr()
+    assert cli.main(["inference-checkpoint", "--config", "demo", os.path.join(workdir, "train"), str(tmp_path / "no")]) == 2
+    assert "--config demo: model.max_len is 640, the run trained" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "no")
     # The fitted codec goes along through safetensors and back, and into an export: what comes back
     # synthesizes the same WAV. The tensors file is as readable as its config (safetensors 0.8 left it 0600).
     st, back, exported = (str(tmp_path / name) for name in ("st", "back", "exported"))

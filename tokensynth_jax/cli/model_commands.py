@@ -193,7 +193,8 @@ def _convert_clap(args) -> int:
 def add_inference_checkpoint_parser(sub) -> None:
     p = checks.subcommand(sub, "inference-checkpoint", _inference_checkpoint, takes_config=True,
                           help="params-only model checkpoint from a training workdir (drops optimizer state)")
-    p.add_argument("--config", required=True, help="the run's config (gives the model shapes)")
+    p.add_argument("--config", help="the run's config (default: the model and codec `tokensynth train` recorded "
+                   "in WORKDIR/run.json, which a config given here must agree with)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     p.add_argument("--step", type=checks.non_negative_int, help="saved step to export (default: the newest)")
     _overwrite_flag(p)
@@ -202,8 +203,8 @@ def add_inference_checkpoint_parser(sub) -> None:
 
 
 def _inference_checkpoint(args) -> int:
-    config = checks.load_config(args)
     checks.input_dir(args.workdir, "WORKDIR")
+    config = _run_config(args)
     saved = os.path.join(args.workdir, "checkpoints")
     if not os.path.isdir(saved):
         raise UsageError(f"WORKDIR {args.workdir}: not a training workdir (no checkpoints/)")
@@ -223,6 +224,39 @@ def _inference_checkpoint(args) -> int:
         step = write_inference_checkpoint(config, args.workdir, temp, args.step)
     print(f"wrote the parameters of {args.workdir} step {step} (no optimizer state) to {args.out_dir}")
     return 0
+
+
+def _run_config(args):
+    """The config of the run in WORKDIR: --config (with its overrides), checked against the model that
+    `tokensynth train` recorded in WORKDIR/run.json; or, without --config, that record itself."""
+    import ml_collections
+
+    from tokensynth_jax.config import RUNTIME_FIELDS
+
+    path = os.path.join(args.workdir, "run.json")
+    run = None
+    if os.path.isfile(path):
+        try:
+            with open(path) as f:
+                run = json.load(f)
+            recorded = dict(run["model"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UsageError(f"WORKDIR {args.workdir}: run.json is unreadable ({type(e).__name__}: {e})") from e
+    if args.config is None:
+        if args.set or args.config_overrides:
+            raise UsageError("--set and --config.KEY=VALUE change a --config; give the run's --config with them")
+        if run is None:
+            raise UsageError(f"WORKDIR {args.workdir}: no run.json (a run of an older tokensynth train); "
+                             "pass --config, the run's config")
+        return ml_collections.ConfigDict({"model": recorded, "codec": run.get("codec") or {}})
+    config = checks.load_config(args)
+    if run is not None:
+        given = config.model.to_dict()
+        differ = [f"model.{k} is {given.get(k)!r}, the run trained {v!r}" for k, v in sorted(recorded.items())
+                  if k not in RUNTIME_FIELDS and given.get(k) != v]
+        if differ:
+            raise UsageError(f"--config {args.config}: {'; '.join(differ)} ({path}; leave --config out to use it)")
+    return config
 
 
 # --- export --------------------------------------------------------------------------------------------
