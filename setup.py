@@ -5,6 +5,8 @@ Extras keep the heavy, accelerator-irrelevant stacks apart: a TPU trainer instal
 `audio` (codecs and CLAP through transformers) are only for the machines that need them.
 `pip install torch==2.13.0` first on CPU machines, so transformers does not pull a CUDA build.
 """
+import pathlib
+
 import setuptools
 
 CORE = [
@@ -41,6 +43,8 @@ setuptools.setup(
     name="tokensynth-jax",
     version="0.1.0",
     description="JAX/Flax TokenSynth: neural synthesizer from MIDI and CLAP timbre to codec tokens.",
+    long_description=(pathlib.Path(__file__).parent / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
     python_requires=">=3.11",
     # The repository's top-level `configs/` and `data_prep/` install inside the product's names:
     # `tokensynth_jax.configs` (so `--config tiny` works from any directory) and `tokensynth_prep`

@@ -1,6 +1,7 @@
 """`tokensynth export`: the exported generation function, reloaded in a process that never imports
 tokensynth_jax, gives the tokens of in-process `sampling.generate`; it is lowered for cpu, cuda and
 tpu with a symbolic batch; the loader script runs the example prompt the command writes."""
+import importlib.metadata
 import json
 import os
 import subprocess
@@ -102,6 +103,7 @@ def test_artifact_is_lowered_for_cpu_cuda_tpu_with_a_symbolic_batch(exported):
     assert os.path.getsize(os.path.join(out, export.EXPORTED_FILE)) < 1_000_000  # weights are not baked in
     meta = json.load(open(os.path.join(out, export.META_FILE)))
     assert meta["platforms"] == ["cpu", "cuda", "tpu"] and meta["jax_version"] == jax.__version__
+    assert meta["tokensynth_jax_version"] == importlib.metadata.version("tokensynth-jax")
     assert meta["sampler"] == {"kind": "TopP", "p": 0.8, "temperature": 1.0, "reference_quirks": False,
                                "method": sampling.filter_method("auto")}
     assert meta["outputs"][0]["shape"] == ["b", MAX_ROWS - 4 + 1, 4]

@@ -57,7 +57,10 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from tokensynth_jax import __version__
+
     parser = Parser(prog="tokensynth", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"tokensynth-jax {__version__}")
     parser.add_argument("--compile-cache", metavar="DIR|off",
                         help="persistent XLA compilation cache folder, or 'off' (default: $TOKENSYNTH_COMPILE_CACHE, "
                              "else ~/.cache/tokensynth-jax/xla; see docs/compile_cache.md)")

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+import tokensynth_jax
 from tokensynth_jax import checkpoint
 from tokensynth_jax.config import ModelConfig
 from tokensynth_jax.errors import UserError
@@ -168,6 +169,7 @@ def export_model(model, out_dir: str, *, metadata: dict, source: str, sampler=sa
         "format": FORMAT,
         "version": FORMAT_VERSION,
         "jax_version": jax.__version__,
+        "tokensynth_jax_version": tokensynth_jax.__version__,
         "platforms": list(exported.platforms),
         "calling_convention_version": exported.calling_convention_version,
         "files": {"exported": EXPORTED_FILE, "params": PARAMS_FILE, "loader": LOADER_FILE},
