@@ -5,6 +5,7 @@ into place at the end, `--overwrite` to replace a previous result), then loads a
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -352,7 +353,8 @@ def _checkpoint_verify(args) -> int:
 
 def add_checkpoint_parser(sub) -> None:
     p = checks.subcommand(sub, "checkpoint", _checkpoint_verify, help="check checkpoints offline",
-                          prog="tokensynth checkpoint verify")
-    p.add_argument("action", choices=["verify"])
+                          prog="tokensynth checkpoint verify",
+                          usage="tokensynth checkpoint verify [-h] [--sizes-only] dir")
+    p.add_argument("action", choices=["verify"], help=argparse.SUPPRESS)
     p.add_argument("dir", help="a training workdir (its checkpoints/), a checkpoints/ folder or a model checkpoint")
     p.add_argument("--sizes-only", action="store_true", help="check file sizes, not sha256 (no reading)")
