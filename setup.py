@@ -23,13 +23,13 @@ CORE = [
     "flatbuffers>=24.3",  # jax.export serialization (export.py)
 ]
 TORCH = ["torch>=2.1"]
-AUDIO = TORCH + ["transformers>=4.45", "safetensors", "soundfile>=0.12", "scipy>=1.10",  # WAV in/out, resampling
+AUDIO = TORCH + ["transformers>=4.45", "soundfile>=0.12", "scipy>=1.10",  # WAV in/out, resampling
                  "tqdm>=4.60", "matplotlib>=3.6",  # synthesize: progress bar over windows, spectrogram PNGs
                  "librosa>=0.10"]  # CLAP input_mode "tokensynth-0.0.4": the reference's own resampling
 # tensorboardX writes the scalars, sample audio and spectrograms; tensorboard reads and shows them.
 TENSORBOARD = ["tensorboardX>=2.6", "tensorboard>=2.21"]
 TRAIN = ["grain>=0.2.10", "array_record>=0.7"] + TENSORBOARD
-PREP = AUDIO + TRAIN + ["apache-beam>=2.60", "pedalboard>=0.9", "pyfluidsynth>=1.3", "scipy>=1.10"]
+PREP = AUDIO + TRAIN + ["apache-beam>=2.60", "pedalboard>=0.9", "pyfluidsynth>=1.3"]  # scipy: in AUDIO
 SCALING = ["scipy>=1.10", "matplotlib>=3.6", "threadpoolctl>=3.1"]  # sweep fits and plots (scaling.py)
 # metrics.py / evaluate.py: the transcription F-score runs basic-pitch 0.4.0's ONNX path, vendored in
 # evaluation/basic_pitch/ because basic-pitch's published requirements pin tensorflow<2.15.1 on Linux
