@@ -126,6 +126,8 @@ CASES = [
      "imports.py:1: the config file fails: ModuleNotFoundError", []),
     ("init-config-file-gives-no-configdict", ["init", "--config", "{configs}/number.py", "{tmp}/m"],
      "number.py: get_config(None) returned int", []),
+    ("init-config-file-is-not-python", ["init", "--config", "{tmp}/c.json", "{tmp}/m"],
+     "c.json: not a Python file", ["file:c.json"]),
     ("init-config-file-without-a-model", ["init", "--config", "{configs}/no_model.py", "{tmp}/m"],
      "no_model.py: get_config() gives no model, codec", []),
     ("init-override-of-a-group", ["init", "--config", "tiny", "--config.model=3", "{tmp}/m"],
@@ -144,6 +146,9 @@ CASES = [
     ("train-zero-steps", [*TRAIN, DATA, "--config.train.steps=0"], "--config.train.steps=0", []),
     ("train-seq-len-over-max-len", [*TRAIN, DATA, "--config.data.seq_len=4096"], "--config.data.seq_len", []),
     ("train-workdir-is-a-file", [*TRAIN, DATA], "--workdir", ["file:run"]),
+    # Orbax waited 5 minutes on a checkpoints/ it could not make, after compiling and a first step
+    ("train-workdir-checkpoints-is-a-file", [*TRAIN, DATA], "run: checkpoints is a file", ["file:run/checkpoints"]),
+    ("train-workdir-metrics-is-a-folder", [*TRAIN, DATA], "run: metrics.jsonl is a folder", ["dir:run/metrics.jsonl"]),
     ("train-mesh-of-other-devices", [*TRAIN, DATA, "--config.mesh.data=3"], "--config.mesh", []),
     ("train-batch-does-not-split-over-the-mesh", [*TRAIN, DATA, "--config.data.global_batch=12"],
      "--config.data.global_batch=12", []),

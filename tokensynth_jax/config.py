@@ -439,6 +439,8 @@ def load_config_file(spec: str, overrides: Mapping[str, Any] | None = None, *, f
     path, _, arg = spec.partition(":")
     path = resolve_config_path(path)
     module_spec = importlib.util.spec_from_file_location(f"_tokensynth_config_{abs(hash(path))}", path)
+    if module_spec is None:  # importlib loads .py files only
+        raise ConfigError(f"{path}: not a Python file; a config is a .py file that defines get_config(arg)")
     module = importlib.util.module_from_spec(module_spec)
     with _users_code(path, passthrough=UserError):
         module_spec.loader.exec_module(module)

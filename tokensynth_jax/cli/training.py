@@ -61,11 +61,30 @@ def check_run_config(config, need_data: bool = True) -> None:
                 raise UsageError(f"--config.data.{key}: {pattern}: no such file, folder or match")
 
 
+# What `tokensynth train` keeps in its --workdir (training/train.py, train_samples.py, checkpoint.py):
+# True for a folder, False for a file. A file where a folder belongs (or the reverse) fails only when
+# the run first writes there, after compiling and training, and Orbax then waits five minutes on a
+# checkpoint folder it could not make; so it is named before anything runs.
+WORKDIR_ENTRIES = {"checkpoints": True, "tensorboard": True, "samples": True, "metrics.jsonl": False, "run.json": False}
+
+
+def check_workdir_entries(workdir: str, flag: str = "--workdir") -> None:
+    """Refuses a local workdir whose entries are of the wrong kind (WORKDIR_ENTRIES)."""
+    if not checks.is_local(workdir):
+        return
+    for name, is_dir in WORKDIR_ENTRIES.items():
+        path = os.path.join(workdir, name)
+        if os.path.exists(path) and os.path.isdir(path) != is_dir:
+            raise UsageError(f"{flag} {workdir}: {name} is a {'file' if is_dir else 'folder'}; a run keeps a "
+                             f"{'folder' if is_dir else 'file'} there (move it away, or use another --workdir)")
+
+
 def _train(args) -> int:
     from tokensynth_jax.config import ModelConfig
 
     config = checks.load_config(args)
     checks.output_dir(args.workdir, "--workdir")
+    check_workdir_entries(args.workdir)
     check_run_config(config)
     if args.init_from is not None:
         _, loaded = checks.model_checkpoint(args.init_from, "--init-from")
