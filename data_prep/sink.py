@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tempfile
 import uuid
@@ -23,6 +24,8 @@ from tokensynth_jax.tokens.records import decode as decode_record
 
 from . import paths
 from .paths import exists, is_remote, join, read_bytes, size
+
+log = logging.getLogger("tokensynth.prep")
 
 WRITER_OPTIONS = "group_size:1"  # one record per chunk: random access for the input pipeline
 MANIFEST = "manifest.json"
@@ -144,14 +147,24 @@ def completed_shards(output_dir: str, counts: dict[str, int], fingerprint: str) 
             final = join(output_dir, shard_name(split, index, num))
             if not exists(final + ".json"):
                 continue
-            summary = json.loads(read_bytes(final + ".json"))
-            if summary.get("fingerprint") != fingerprint:
+            try:  # written atomically; damaged only from outside (a bad disk, an edit): then not done
+                summary = json.loads(read_bytes(final + ".json"))
+                recorded = summary["bytes"], summary.get("fingerprint")
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                log.warning("%s.json: unreadable (%s: %s); the shard is written again", final, type(e).__name__, e)
+                continue
+            if recorded[1] != fingerprint:
                 raise SinkError(f"{output_dir}: {shard_name(split, index, num)} was written by a different "
                                 "configuration; use a new output directory or delete the old one")
-            if exists(final) and size(final) == summary["bytes"]:
+            if exists(final) and size(final) == recorded[0]:
                 done[(split, index)] = summary
     if not done and exists(join(output_dir, MANIFEST)):
-        old = json.loads(read_bytes(join(output_dir, MANIFEST)))
+        try:
+            old = json.loads(read_bytes(join(output_dir, MANIFEST)))
+            old.get("config_fingerprint")
+        except (ValueError, AttributeError, OSError) as e:
+            raise SinkError(f"{join(output_dir, MANIFEST)}: unreadable ({type(e).__name__}: {e}); "
+                            "use a new output directory or delete the old one") from e
         if old.get("config_fingerprint") != fingerprint:
             raise SinkError(f"{output_dir}: holds a data set of a different configuration; "
                             "use a new output directory or delete the old one")

@@ -97,7 +97,7 @@ def verify_output(output_dir: str) -> tuple[list[str], dict]:
         shards, per_split = manifest["shards"], dict(manifest["records"])
     except FileNotFoundError as e:
         raise sink.SinkError(f"{output_dir}: no {sink.MANIFEST} (not a finished prep output)") from e
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, OSError) as e:  # OSError: a folder of that name, no permission
         raise sink.SinkError(f"{sink.join(output_dir, sink.MANIFEST)}: unreadable ({type(e).__name__}: {e})") from e
     for i, entry in enumerate(shards):  # a damaged manifest is named, not met as a KeyError below
         problem = _entry_problem(entry)

@@ -286,6 +286,8 @@ CASES = [
     ("prep-out-is-a-file", ["prep", "--out", "{tmp}/data"], "--out", ["file:data"]),
     ("prep-verify-no-such-output", ["prep", "verify", "{tmp}/data"], "data: no such directory", []),
     ("prep-verify-no-manifest", ["prep", "verify", "{tmp}/data"], "manifest", ["dir:data"]),
+    ("prep-verify-manifest-is-a-folder", ["prep", "verify", "{tmp}/data"], "manifest.json: unreadable (IsADirectoryError",
+     ["dir:data/manifest.json"]),
     ("prep-verify-manifest-shard-without-sha256", ["prep", "verify", "{inputs}/no_sha"],
      "no_sha/manifest.json: shards[0]: sha256 is None", []),
     ("prep-verify-manifest-shard-outside", ["prep", "verify", "{inputs}/escapes"],

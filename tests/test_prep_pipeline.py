@@ -190,8 +190,12 @@ def test_a_killed_run_resumes_without_redoing_finished_shards(first_run, tmp_pat
     os.remove(paths[1] + ".json")  # killed between the shard's rename and its sidecar's
     with open(paths[2] + ".tmp-deadbeef", "wb") as f:  # killed while writing
         f.write(b"partial")
+    with open(paths[3] + ".json", "w") as f:  # a sidecar damaged from outside: its shard is written again
+        f.write("{not json")
+    with open(paths[4] + ".json", "w") as f:
+        f.write("[1, 2]")
     os.remove(os.path.join(out, "manifest.json"))
-    inodes = {p: os.stat(p).st_ino for p in paths[2:]}
+    inodes = {p: os.stat(p).st_ino for p in paths[2:3] + paths[5:]}
     result = pipeline.run(resumed)
     manifest_c = result.manifest
     assert result.counters["pairs_written"] < manifest["total_records"]  # only the redone shards' pairs
@@ -204,6 +208,12 @@ def test_a_killed_run_resumes_without_redoing_finished_shards(first_run, tmp_pat
     assert manifest_c == manifest
     with pytest.raises(sink.SinkError, match="different configuration"):
         pipeline.run(dataclasses.replace(resumed, seed=1))
+    for sidecar in glob.glob(os.path.join(out, "*", "*.json")):  # no finished shard, and a damaged manifest
+        os.remove(sidecar)
+    with open(os.path.join(out, "manifest.json"), "w") as f:
+        f.write("{")
+    with pytest.raises(sink.SinkError, match=r"manifest.json: unreadable \(JSONDecodeError"):
+        pipeline.run(resumed)
 
 
 def test_missing_pretrained_models_fail_before_the_job_starts(tmp_path):
