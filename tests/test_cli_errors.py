@@ -258,6 +258,11 @@ CASES = [
     ("synth-seed-too-big", [*SYN, "--seed", "99999999999999999999"], "argument --seed", []),
     ("init-negative-seed", ["init", "--config", "tiny", "--seed", "-1", "{tmp}/model"], "argument --seed", []),
     ("prep-negative-seed", ["prep", "--out", "{tmp}/data", "--seed", "-1"], "argument --seed", []),
+    # Beam drops a flag it does not know with a warning and runs without it (here, not on Dataflow)
+    ("prep-unknown-beam-flag", ["prep", "--out", "{tmp}/data", "--", "--runner=DataflowRunner", "--projet=p"],
+     "Beam options (after --): unknown ['--projet=p']", []),
+    ("prep-unknown-beam-runner", ["prep", "--out", "{tmp}/data", "--", "--runner=NoSuchRunner"],
+     "--runner=NoSuchRunner: Unexpected pipeline runner", []),
     ("prep-pitch-table-not-a-range", ["prep", "--out", "{tmp}/data", "--table-pitches", "0"],
      "argument --table-pitches", []),
     ("synth-out-on-a-virtual-fs", [*SYN[:-2], "--out", "/proc/tokensynth-test.wav"], "cannot write in /proc", []),

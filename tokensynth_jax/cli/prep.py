@@ -105,6 +105,35 @@ def beam_options(args) -> list[str]:
     return extra
 
 
+def check_beam_options(options: list[str]) -> None:
+    """Refuses, before any work, Beam options it would drop or fail on late: a flag Beam does not
+    know (it logs "Discarding unparseable args" and runs without it, so a misspelt Dataflow flag
+    would run the job here) and a runner it cannot make."""
+    from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+    from apache_beam.runners import runner as beam_runner
+
+    dropped = []
+    handler = logging.Handler()
+    handler.emit = lambda record: dropped.append(record.getMessage())
+    beam_log = logging.getLogger("apache_beam.options.pipeline_options")
+    beam_log.addHandler(handler)
+    beam_log.propagate = False  # said once, below
+    try:
+        parsed = PipelineOptions(options)
+        parsed.get_all_options()
+    finally:
+        beam_log.removeHandler(handler)
+        beam_log.propagate = True
+    unknown = [m for m in dropped if m.startswith("Discarding unparseable args")]
+    if unknown:
+        raise UsageError(f"Beam options (after --): unknown {unknown[0].partition(': ')[2]}")
+    name = parsed.view_as(StandardOptions).runner
+    try:
+        beam_runner.create_runner(name)
+    except (ValueError, ImportError) as e:
+        raise UsageError(f"Beam options (after --): --runner={name}: {str(e).splitlines()[0]:.300}") from e
+
+
 def _check_paths(args) -> None:
     checks.output_dir(args.out, "--out")
     if args.midi_dir is not None and checks.is_local(args.midi_dir):
@@ -143,6 +172,7 @@ def _prep(args) -> int:
     # which this job never uses.
     with _log_level(None, logging.ERROR):
         from tokensynth_prep import pipeline
+    check_beam_options(beam_options(args))
 
     if args.nsynth_tfds:
         from tokensynth_prep import nsynth
