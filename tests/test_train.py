@@ -75,7 +75,8 @@ def test_grain_worker_processes_train_the_same_run_and_resume_bitwise(shards, tm
 
 
 @pytest.mark.slow
-def test_sigterm_saves_and_stops_then_resumes(shards, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["preempted", "ctrl-c"])
+def test_sigterm_or_ctrl_c_saves_and_stops_then_resumes(shards, tmp_path, signum):
     workdir = str(tmp_path / "p")
     cmd = [sys.executable, "-m", "tokensynth_jax.cli", "train", "--config", TINY, "--workdir", workdir,
            f"--config.data.paths={shards}", "--config.train.steps=100000", "--config.train.log_every=1",
@@ -85,9 +86,10 @@ def test_sigterm_saves_and_stops_then_resumes(shards, tmp_path):
     for line in proc.stdout:  # wait until it is training
         if "[train] step 3:" in line or time.time() > deadline:
             break
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, out
+    assert proc.returncode == 0 and "Traceback" not in out, out
+    assert f"{signal.Signals(signum).name}: saved step" in out
     saved = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
     assert len(saved) == 1 and saved[0] >= 3
     train.train(_config(shards, steps=saved[0] + 2), workdir)

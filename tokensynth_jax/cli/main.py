@@ -136,6 +136,9 @@ def main(argv=None) -> int:
     except UserError as e:
         print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: the outputs' temporaries are already gone (atomic.Outputs)
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
     except OSError as e:
         # The file system refused a path the user chose (read-only, full, not a folder, no
         # permission): theirs to fix, so one line. Any other OSError is ours and keeps its traceback.

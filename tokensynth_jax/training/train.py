@@ -135,15 +135,28 @@ def to_global(local: dict, batch_shardings: dict) -> dict:
     return {k: jax.make_array_from_process_local_data(batch_shardings[k], v) for k, v in local.items()}
 
 
-def _install_sigterm():
-    """Preemption: SIGTERM asks the loop to save and stop at the next step."""
-    flag = {"stop": False}
+def _install_stop_handlers():
+    """Preemption (SIGTERM) and a first Ctrl-C (SIGINT) ask the loop to save and stop at the next
+    step, so an interrupted run loses nothing; a second Ctrl-C stops at once (KeyboardInterrupt).
+    Returns (flag: {"stop": the signal's name or None}, restore: puts the previous handlers back)."""
+    flag = {"stop": None}
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
 
     def handler(signum, frame):
-        flag["stop"] = True
+        if signum == signal.SIGINT and flag["stop"]:
+            raise KeyboardInterrupt
+        flag["stop"] = signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            log.warning("Ctrl-C: saving at the end of this step, then stopping (Ctrl-C again stops at once)")
 
-    signal.signal(signal.SIGTERM, handler)
-    return flag
+    for s in previous:
+        signal.signal(s, handler)
+
+    def restore():
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+    return flag, restore
 
 
 def initialize_distributed():
@@ -251,19 +264,19 @@ def train(config, workdir: str, init_from: str | None = None) -> dict:
     # The loop.
     writer = MetricsWriter(workdir, start)
     samples = train_samples.SampleWriter(config, cfg, workdir) if tc.sample_every else None
-    stop = _install_sigterm()
     base_rng = jax.random.PRNGKey(tc.seed + 1)
     flops_token = model_flops_per_token(cfg, pc.seq_len)
     peak = peak_flops(config)
     last, batch, t0, tokens, skipped = {}, first, time.time(), 0, []
     del first  # a batch from grain's workers (data.worker_count) holds shared memory while referenced
+    stop, restore_signals = _install_stop_handlers()
     try:  # whatever ends the loop (a diverged loss too), saves under way finish and workers stop
         for step in range(start, tc.steps):
             state, sums = compiled(state, batch, jax.random.fold_in(base_rng, step))
             skipped.append(sums["skipped_examples"])  # device scalars, fetched at the next metrics line
             tokens += pc.global_batch * pc.seq_len
             done = step + 1
-            stopping = stop["stop"]  # read once a step: a SIGTERM arriving later in it is the next step's
+            stopping = stop["stop"]  # read once a step: a signal arriving later in it is the next step's
             saving = stopping or done % tc.checkpoint_every == 0 or done == tc.steps
             logging_step = done % tc.log_every == 0 or done == tc.steps
             if logging_step or saving:  # never a checkpoint of a diverged state
@@ -294,11 +307,12 @@ def train(config, workdir: str, init_from: str | None = None) -> dict:
             if saving:
                 ckpt.save(done, state, data_iter, force=True)
             if stopping:
-                log.warning("SIGTERM: saved step %d, stopping", done)
+                log.warning("%s: saved step %d, stopping", stopping, done)
                 break
             if done < tc.steps:
                 batch = next_batch()
     finally:
+        restore_signals()
         ckpt.wait()
         ckpt.close()
         writer.close()
