@@ -224,6 +224,22 @@ def test_eval_scores_the_good_items_and_lists_the_ones_it_cannot(tmp_path, piano
     assert not (tmp_path / "none").exists()
 
 
+def test_an_unreadable_reference_the_scores_do_not_read_is_left_out_of_tensorboard_only(tmp_path, piano, capsys):
+    """Without CLAP a cloning item's reference is read for TensorBoard alone: a NaN one crashed the
+    command there, after the report was written; now the item is scored and that clip left out."""
+    write_midi(tmp_path / "phrase.mid", [(0, False, PHRASE)])
+    soundfile.write(tmp_path / "piano.wav", piano, SR)
+    soundfile.write(tmp_path / "nan.wav", np.full(SR, np.nan, np.float32), SR, subtype="FLOAT")
+    line = {"id": "nanref", "task": "cloning", "generated": "piano.wav", "midi": "phrase.mid", "reference": "nan.wav"}
+    (tmp_path / "items.jsonl").write_text(json.dumps(line) + "\n")
+    assert cli.main(["eval", str(tmp_path), "--clap", "none", "--out", str(tmp_path / "r")]) == 0
+    assert [r["id"] for r in json.loads((tmp_path / "r" / "eval.json").read_text())["items"]] == ["nanref"]
+    err = capsys.readouterr().err
+    assert "not in TensorBoard: item 'nanref' reference" in err and "NaN or Inf" in err and "Traceback" not in err
+    tags = read_tensorboard(str(tmp_path / "r" / "tensorboard")).Tags()["audio"]
+    assert "eval/cloning/nanref/generated/audio" in tags and not any("reference" in t for t in tags)
+
+
 @pytest.mark.parametrize("content,message", [
     (b"\xff\xfe{}\n", "not UTF-8 text"),
     (b'{"id": 3, "task": "text", "generated": "a.wav", "midi": "a.mid", "text": "x"}\n', ":1: id: must be a string"),

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from typing import Callable, Sequence, Union
 
@@ -22,6 +23,7 @@ import numpy as np
 from tokensynth_jax.evaluation import metrics
 from tokensynth_jax.evaluation.metrics import MetricError
 
+log = logging.getLogger("tokensynth.eval")
 TASKS = {"cloning": "Instrument cloning", "text": "Text-to-instrument"}
 MANIFEST_NAME = "items.jsonl"  # what `tokensynth eval DIR` reads
 REPORT_FILES = ("eval.json", "eval.md")  # what `tokensynth eval` writes
@@ -59,7 +61,8 @@ def _audio(value: Audio, what: str) -> tuple[np.ndarray, int]:
     if isinstance(value, tuple):
         samples, sr = value
         return metrics.check_mono(samples, what), int(sr)
-    return metrics.load_audio(os.fspath(value))
+    samples, sr = metrics.load_audio(os.fspath(value))
+    return metrics.check_mono(samples, what), sr  # a file's NaN or Inf samples too
 
 
 def _notes(value, what: str) -> np.ndarray:
@@ -243,9 +246,14 @@ def write_tensorboard(items: Sequence[EvalItem], results: Sequence[dict], log_di
         for item in items:
             for role in ("generated", "target", "reference"):
                 value = getattr(item, role)
-                if value is not None:
+                if value is None:
+                    continue
+                try:  # a clip the scores did not read (a reference without CLAP) may be unreadable
                     audio, sr = _audio(value, f"item {item.id!r} {role} {_name(value)}")
-                    tensorboard_media.add_clip(tb, f"eval/{item.task}/{item.id}/{role}", audio, sr, step)
+                except MetricError as e:
+                    log.warning("not in TensorBoard: %s", e)
+                    continue
+                tensorboard_media.add_clip(tb, f"eval/{item.task}/{item.id}/{role}", audio, sr, step)
         for row in aggregate(results):
             for key, _ in _COLUMNS:
                 if row[key] is not None:
