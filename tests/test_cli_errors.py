@@ -9,6 +9,7 @@ a few run as `python -m tokensynth_jax.cli` to show that stderr carries no trace
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 
@@ -406,6 +407,26 @@ def test_overwrite_replaces_a_previous_result_whole(inputs, tmp_path):
     assert cli.main(["convert", "--to", "safetensors", "--overwrite", inputs["ckpt"], str(out)]) == 0
     assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]  # the old folder went whole
     assert sorted(os.listdir(tmp_path)) == ["st"]
+
+
+def test_overwrite_never_replaces_a_pipe_and_writes_through_a_link(inputs, tmp_path, capsys):
+    """--overwrite renamed the result over whatever had the name: as root, `--tokens-out /dev/null`
+    replaced the device node with a regular file; and a symbolic link became a file of its own."""
+    fifo = tmp_path / "fifo.npy"
+    os.mkfifo(fifo)
+    argv = [a if a != str(tmp_path / "codes.npy") else str(fifo) for a in _argv(SYN, inputs, tmp_path)]
+    assert cli.main([*argv, "--overwrite"]) == 2
+    _assert_one_line(capsys.readouterr().err, "fifo.npy: not a regular file (a device, pipe or socket)")
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    target, link = tmp_path / "real" / "codes.npy", tmp_path / "link.npy"
+    target.parent.mkdir()
+    target.write_bytes(b"old")
+    link.symlink_to(target)
+    argv = [a if a != str(fifo) else str(link) for a in argv]
+    assert cli.main([*argv, "--overwrite"]) == 0
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert np.load(link).shape == np.load(target).shape and target.read_bytes() != b"old"
+    assert sorted(os.listdir(target.parent)) == ["codes.npy"]  # no temporary left beside it
 
 
 def test_output_markers_are_the_writers_file_names():

@@ -29,7 +29,7 @@ class Outputs:
 
     def dir(self, path: str, flag: str, *, marker: str) -> str:
         """Claims the directory `path`; returns the temporary directory to write it as (not created)."""
-        final = os.path.abspath(path)
+        final = _resolved(path)
         if os.path.exists(final) and not os.path.isdir(final):
             raise UsageError(f"{flag} {path}: is a file; this command writes a directory")
         if os.path.isdir(final) and os.listdir(final):
@@ -41,9 +41,11 @@ class Outputs:
 
     def file(self, path: str, flag: str) -> str:
         """Claims the file `path`; returns the temporary file to write it as, with the same extension."""
-        final = os.path.abspath(path)
+        final = _resolved(path)
         if os.path.isdir(final):
             raise UsageError(f"{flag} {path}: is a directory; this command writes a file")
+        if os.path.exists(final) and not os.path.isfile(final):  # renaming over /dev/null would replace the device
+            raise UsageError(f"{flag} {path}: not a regular file (a device, pipe or socket); this command writes a file")
         if os.path.exists(final) and not self.overwrite:
             raise UsageError(f"{flag} {path}: exists; pass --overwrite to replace it")
         stem, ext = os.path.splitext(os.path.basename(final))  # writers pick the format by extension
@@ -98,3 +100,9 @@ class Outputs:
                 os.remove(temp)
         for folder in reversed(self._made):
             shutil.rmtree(folder, ignore_errors=True)
+
+
+def _resolved(path: str) -> str:
+    """The absolute path a result goes to: through symbolic links, so that the rename replaces what
+    a link points to (as writing through it would), not the link itself."""
+    return os.path.realpath(path)
