@@ -147,6 +147,9 @@ CASES = [
     ("train-zero-steps", [*TRAIN, DATA, "--config.train.steps=0"], "--config.train.steps=0", []),
     ("train-seq-len-over-max-len", [*TRAIN, DATA, "--config.data.seq_len=4096"], "--config.data.seq_len", []),
     ("train-workdir-is-a-file", [*TRAIN, DATA], "--workdir", ["file:run"]),
+    # a prep output's root: the recursive search took its valid and test shards into training
+    ("train-data-is-a-prep-output", [*TRAIN, "--config.data.paths={tmp}/data"], "a prep output, whose folders hold its",
+     ["file:data/manifest.json", "file:data/train/shard-00000-of-00001.array_record"]),
     # Orbax waited 5 minutes on a checkpoints/ it could not make, after compiling and a first step
     ("train-workdir-checkpoints-is-a-file", [*TRAIN, DATA], "run: checkpoints is a file", ["file:run/checkpoints"]),
     ("train-workdir-metrics-is-a-folder", [*TRAIN, DATA], "run: metrics.jsonl is a folder", ["dir:run/metrics.jsonl"]),

@@ -52,6 +52,9 @@ def expand_paths(patterns: Sequence[str]) -> list[str]:
     out: list[str] = []
     for pattern in patterns:
         if os.path.isdir(pattern):
+            if os.path.isfile(os.path.join(pattern, "manifest.json")):  # `tokensynth prep --out`: every split
+                raise DataError(f"{pattern}: a prep output, whose folders hold its train, valid and test splits; "
+                                f"give one split ({os.path.join(pattern, 'train')}; valid as data.eval_paths)")
             found = glob.glob(os.path.join(pattern, "**", "*.array_record"), recursive=True)
         else:
             found = glob.glob(pattern)
