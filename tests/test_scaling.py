@@ -189,6 +189,11 @@ def test_hand_edited_plans_and_metrics_are_one_line_errors(tmp_path, capsys):
             fails(["sweep", step, plan_dir], f"{path}: {message}")
     with open(path, "w") as f:
         json.dump(good, f)
+    blocker = tmp_path / "runs" / first
+    os.makedirs(blocker.parent, exist_ok=True)
+    blocker.write_text("a file where the run's workdir goes")  # named before any run trains, not a traceback
+    fails(["sweep", "run", plan_dir], f"{plan_dir}: run {first}: workdir {blocker}: is a file; give a directory")
+    blocker.unlink()
     os.rmdir(data)  # the shards are gone by the time the sweep runs
     fails(["sweep", "run", plan_dir], f"{plan_dir}: run {first}: --config.data.paths: {data}: no such file")
     metrics = tmp_path / "runs" / first / "metrics.jsonl"

@@ -247,6 +247,8 @@ def _run(args) -> int:
         if not args.only or run["name"] in args.only:
             try:
                 check_run_config(load_config_file(run["config"], run["overrides"]))
+                checks.output_dir(run["workdir"], "workdir")
+                check_workdir_entries(run["workdir"], "workdir")
             except UserError as e:
                 raise UsageError(f"{args.plan}: run {run['name']}: {e}") from e
     _logging()
