@@ -281,3 +281,25 @@ def test_kill_9_then_resume_writes_every_step_once(shards, tmp_path):
     assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, 11))
     np.testing.assert_allclose([e.value for e in acc.Scalars("train/loss")],
                                [_losses(workdir)[s] for s in range(1, 11)], rtol=1e-6)
+
+
+def test_resuming_with_another_model_is_one_line_and_keeps_the_runs_record(runs, shards, tmp_path):
+    """In a process of its own, so that log lines on stderr count: the run's INFO line came before the
+    error, and run.json (which inference-checkpoint reads) was rewritten with the refused model."""
+    _, stopped = runs
+    workdir, _ = _copy(stopped, tmp_path)
+    record = os.path.join(workdir, "run.json")
+    before = open(record).read()
+    out = subprocess.run([sys.executable, "-m", "tokensynth_jax.cli", "train", "--config", TINY, "--workdir", workdir,
+                          f"--config.data.paths={shards}", "--config.model.num_layers=3", "--config.train.steps=6",
+                          "--config.train.eval_every=0"], capture_output=True, text=True, timeout=300, check=False)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1 and lines[0].startswith("tokensynth train: error: "), out.stderr
+    assert lines[0].endswith("model.num_layers is 3, the run trained 2 (its run.json); resume with the run's model, "
+                             "or train in another --workdir"), lines[0]
+    assert open(record).read() == before
+    # Without run.json (a run of an older version) the restore itself names what does not match.
+    os.remove(record)
+    assert cli.main(["train", "--config", TINY, "--workdir", workdir, f"--config.data.paths={shards}",
+                     "--config.model.num_layers=3", "--config.train.steps=6", "--config.train.eval_every=0"]) == 2
+    assert not os.path.exists(record)

@@ -8,6 +8,7 @@ is the one way a cli module adds its parser, so every command carries the same d
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import tempfile
@@ -265,3 +266,28 @@ def make_sampler(args):
     if args.sampler == "top-k":
         return sampling.TopK(args.top_k, temperature)
     return sampling.TopP(DEFAULT_TOP_P if args.top_p is None else args.top_p, temperature)
+
+
+# --- a training run's record -----------------------------------------------------------------------------
+def run_record(workdir: str, flag: str = "WORKDIR") -> dict | None:
+    """WORKDIR/run.json, which `tokensynth train` writes once a run has started (its model and codec),
+    or None where there is none."""
+    path = os.path.join(workdir, "run.json")
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            run = json.load(f)
+        dict(run["model"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UsageError(f"{flag} {workdir}: run.json is unreadable ({type(e).__name__}: {e})") from e
+    return run
+
+
+def model_differences(given: dict, recorded: dict) -> list[str]:
+    """The model fields, other than those a run may change (config.RUNTIME_FIELDS), in which a config
+    differs from a run's record: 'model.K is X, the run trained Y' each."""
+    from tokensynth_jax.config import RUNTIME_FIELDS
+
+    return [f"model.{k} is {given.get(k)!r}, the run trained {v!r}" for k, v in sorted(recorded.items())
+            if k not in RUNTIME_FIELDS and given.get(k) != v]

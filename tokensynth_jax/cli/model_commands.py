@@ -232,31 +232,19 @@ def _run_config(args):
     `tokensynth train` recorded in WORKDIR/run.json; or, without --config, that record itself."""
     import ml_collections
 
-    from tokensynth_jax.config import RUNTIME_FIELDS
-
-    path = os.path.join(args.workdir, "run.json")
-    run = None
-    if os.path.isfile(path):
-        try:
-            with open(path) as f:
-                run = json.load(f)
-            recorded = dict(run["model"])
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise UsageError(f"WORKDIR {args.workdir}: run.json is unreadable ({type(e).__name__}: {e})") from e
+    run = checks.run_record(args.workdir)
     if args.config is None:
         if args.set or args.config_overrides:
             raise UsageError("--set and --config.KEY=VALUE change a --config; give the run's --config with them")
         if run is None:
             raise UsageError(f"WORKDIR {args.workdir}: no run.json (a run of an older tokensynth train); "
                              "pass --config, the run's config")
-        return ml_collections.ConfigDict({"model": recorded, "codec": run.get("codec") or {}})
+        return ml_collections.ConfigDict({"model": run["model"], "codec": run.get("codec") or {}})
     config = checks.load_config(args)
-    if run is not None:
-        given = config.model.to_dict()
-        differ = [f"model.{k} is {given.get(k)!r}, the run trained {v!r}" for k, v in sorted(recorded.items())
-                  if k not in RUNTIME_FIELDS and given.get(k) != v]
-        if differ:
-            raise UsageError(f"--config {args.config}: {'; '.join(differ)} ({path}; leave --config out to use it)")
+    differ = checks.model_differences(config.model.to_dict(), run["model"]) if run else []
+    if differ:
+        raise UsageError(f"--config {args.config}: {'; '.join(differ)} ({os.path.join(args.workdir, 'run.json')}; "
+                         "leave --config out to use it)")
     return config
 
 

@@ -201,14 +201,6 @@ def train(config, workdir: str, init_from: str | None = None) -> dict:
     data_iter = iter(input_pipeline.make_dataset(pc, cfg, jax.process_index(), jax.process_count()))
     # Only now, with the data checked: a damaged shard stops the run before it makes or logs anything.
     os.makedirs(workdir, exist_ok=True)
-    log.info("devices: %d (%d processes), model %s", jax.device_count(), jax.process_count(), cfg)
-    if jax.process_index() == 0:  # what the run is, for inference checkpoints and sweeps
-        # make_dataset has checked that every shard names the same CLAP (unless mixing is
-        # allowed, when there is no one CLAP to record), so the first shard speaks for all.
-        clap = None if pc.allow_mixed_clap else next(
-            filter(None, map(input_pipeline.shard_clap, input_pipeline.expand_paths(pc.paths))), None)
-        with open(os.path.join(workdir, "run.json"), "w") as f:
-            json.dump({"model": cfg.to_dict(), "codec": config.codec.to_dict(), "clap_model": clap}, f, indent=1)
 
     # Abstract state, shardings, and the sharded state born on the mesh.
     def create():
@@ -237,6 +229,17 @@ def train(config, workdir: str, init_from: str | None = None) -> dict:
             model, opt = nnx.merge(graphdef, state)
             nnx.update(model, nnx.state(loaded, nnx.Param))
             state = nnx.state((model, opt))
+
+    # Only now, with the checkpoint restored (or the model loaded): a run refused for a model that does
+    # not match its checkpoints leaves the record of what it trained as it was.
+    log.info("devices: %d (%d processes), model %s", jax.device_count(), jax.process_count(), cfg)
+    if jax.process_index() == 0:  # what the run is, for inference checkpoints and sweeps
+        # make_dataset has checked that every shard names the same CLAP (unless mixing is
+        # allowed, when there is no one CLAP to record), so the first shard speaks for all.
+        clap = None if pc.allow_mixed_clap else next(
+            filter(None, map(input_pipeline.shard_clap, input_pipeline.expand_paths(pc.paths))), None)
+        with open(os.path.join(workdir, "run.json"), "w") as f:
+            json.dump({"model": cfg.to_dict(), "codec": config.codec.to_dict(), "clap_model": clap}, f, indent=1)
 
     # Compile ahead of time with explicit shardings; log the memory plan.
     batch_shardings = ts.batch_shardings(mesh)
