@@ -85,9 +85,11 @@ def _train(args) -> int:
     config = checks.load_config(args)
     checks.output_dir(args.workdir, "--workdir")
     check_workdir_entries(args.workdir)
-    run = checks.run_record(args.workdir, "--workdir") if checks.is_local(args.workdir) else None
+    saved = os.path.join(args.workdir, "checkpoints")
+    resuming = checks.is_local(args.workdir) and os.path.isdir(saved) and any(d.isdigit() for d in os.listdir(saved))
+    run = checks.run_record(args.workdir, "--workdir") if resuming else None
     differ = checks.model_differences(config.model.to_dict(), run["model"]) if run else []
-    if differ:  # a resume: the checkpoints hold the recorded model
+    if differ:  # the checkpoints hold the recorded model
         raise UsageError(f"--workdir {args.workdir}: {'; '.join(differ)} (its run.json); resume with the run's "
                          "model, or train in another --workdir")
     check_run_config(config)
