@@ -127,6 +127,8 @@ CASES = [
      "imports.py:1: the config file fails: ModuleNotFoundError", []),
     ("init-config-file-gives-no-configdict", ["init", "--config", "{configs}/number.py", "{tmp}/m"],
      "number.py: get_config(None) returned int", []),
+    ("init-empty-compile-cache", ["--compile-cache", "", "init", "--config", "tiny", "{tmp}/m"],
+     "--compile-cache '': give a folder, or 'off'", []),
     ("init-config-file-is-not-python", ["init", "--config", "{tmp}/c.json", "{tmp}/m"],
      "c.json: not a Python file", ["file:c.json"]),
     ("init-config-file-without-a-model", ["init", "--config", "{configs}/no_model.py", "{tmp}/m"],
@@ -145,6 +147,9 @@ CASES = [
     ("train-without-data", TRAIN, "--config.data.paths", []),
     ("train-data-path-missing", [*TRAIN, "--config.data.paths={tmp}/nothing"], "nothing", []),
     ("train-zero-steps", [*TRAIN, DATA, "--config.train.steps=0"], "--config.train.steps=0", []),
+    ("train-negative-learning-rate", [*TRAIN, DATA, "--config.optim.peak_lr=-1"], "--config.optim.peak_lr=-1.0: must be", []),
+    ("train-b2-above-one", [*TRAIN, DATA, "--config.optim.b2=1.5"], "--config.optim.b2=1.5: must be a number >= 0", []),
+    ("train-negative-workers", [*TRAIN, DATA, "--config.data.worker_count=-1"], "--config.data.worker_count=-1", []),
     ("train-seq-len-over-max-len", [*TRAIN, DATA, "--config.data.seq_len=4096"], "--config.data.seq_len", []),
     ("train-workdir-is-a-file", [*TRAIN, DATA], "--workdir", ["file:run"]),
     # a prep output's root: the recursive search took its valid and test shards into training

@@ -40,6 +40,8 @@ def default_dir() -> str:
 def resolve(flag: str | None) -> tuple[str | None, str]:
     """(folder or None when off, where the choice came from) by the precedence in the module doc."""
     if flag is not None:
+        if not flag.strip():  # JAX would take "" as the current directory
+            raise CompileCacheError("--compile-cache '': give a folder, or 'off'")
         return (None if flag.strip().lower() in OFF_VALUES else flag), "--compile-cache"
     env = os.environ.get(ENV_VAR)
     if env is not None:

@@ -18,7 +18,11 @@ from tokensynth_jax.errors import UserError
 _MINIMUM = {"data.global_batch": 1, "data.seq_len": 2, "train.steps": 1, "train.grad_accum": 1,
             "train.log_every": 1, "train.checkpoint_every": 1, "train.keep_last": 1, "train.eval_every": 0,
             "train.eval_batches": 1, "train.keep_every": 0, "train.sample_every": 0, "optim.total_steps": 1,
-            "optim.warmup_steps": 0}
+            "optim.warmup_steps": 0, "data.worker_count": 0}
+# Real-valued fields: (lowest, highest, whether the lowest itself is allowed).
+_RANGE = {"optim.peak_lr": (0.0, float("inf"), False), "optim.end_lr_ratio": (0.0, 1.0, True),
+          "optim.b1": (0.0, 1.0, True), "optim.b2": (0.0, 1.0, True), "optim.eps": (0.0, float("inf"), False),
+          "optim.weight_decay": (0.0, float("inf"), True), "optim.clip_norm": (0.0, float("inf"), True)}
 
 
 def _logging() -> None:
@@ -47,6 +51,15 @@ def check_run_config(config, need_data: bool = True) -> None:
         value = config[group].get(name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
             raise UsageError(f"--config.{key}={value!r}: must be an integer >= {least}")
+    for key, (low, high, low_ok) in _RANGE.items():
+        group, name = key.split(".")
+        value = config[group].get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                (value >= low if low_ok else value > low) and value <= high):
+            bound = f"{'>=' if low_ok else '>'} {low:g}" + (f" and <= {high:g}" if high != float("inf") else "")
+            raise UsageError(f"--config.{key}={value!r}: must be a number {bound}")
     if config.data.seq_len > config.model.max_len:
         raise UsageError(f"--config.data.seq_len={config.data.seq_len}: longer than the model's "
                          f"{config.model.max_len} positions (model.max_len)")
