@@ -317,6 +317,8 @@ CASES = [
      "argument --programs: '0,40,0': program 0 is listed twice", []),
     ("prep-programs-out-of-range", ["prep", "--out", "{tmp}/data", "--programs", "0,128"],
      "argument --programs: '0,128': GM programs are 0-127, not 128", []),
+    ("demo-programs-out-of-range", ["demo", "--workdir", "{tmp}/demo", "--programs", "0,300"],  # was prep's usage, 28 lines
+     "tokensynth demo: error: argument --programs: '0,300': GM programs are 0-127, not 300", []),
     ("prep-zero-workers", ["prep", "--out", "{tmp}/data", "--workers", "0"], "argument --workers", []),
     ("prep-missing-soundfont", ["prep", "--out", "{tmp}/data", "--soundfont", "{tmp}/gm.sf2"], "gm.sf2", []),
     ("prep-device-not-a-torch-device", ["prep", "--out", "{tmp}/data", "--device", "bogus"], "--device", []),

@@ -102,6 +102,18 @@ def non_negative_ints(text: str) -> list[int]:
     return _list_of(non_negative_int, text)
 
 
+def gm_programs(text: str) -> tuple[int, ...]:
+    """"0,40" -> General MIDI programs: each 0-127, none twice (a repeat names one instrument twice)."""
+    values = tuple(non_negative_ints(text))
+    bad = sorted({v for v in values if v > 127})
+    if bad:
+        raise argparse.ArgumentTypeError(f"{text!r}: GM programs are 0-127, not {bad[0]}")
+    twice = sorted({v for v in values if values.count(v) > 1})
+    if twice:
+        raise argparse.ArgumentTypeError(f"{text!r}: program {twice[0]} is listed twice")
+    return values
+
+
 def positive_floats(text: str) -> list[float]:
     """Comma-separated positive numbers, e.g. 1e17,3e17."""
     return _list_of(positive_float, text)

@@ -297,7 +297,7 @@ def add_demo_parser(sub) -> None:
     p.add_argument("--pairs-per-instrument", type=checks.positive_int, default=32)
     p.add_argument("--items", type=checks.positive_int, default=8, help="held-out clips synthesized per task")
     p.add_argument("--workers", type=checks.positive_int, default=1, help="prep processes (DirectRunner)")
-    p.add_argument("--programs", type=checks.non_negative_ints, default=DEMO_PROGRAMS,
+    p.add_argument("--programs", type=checks.gm_programs, default=DEMO_PROGRAMS,
                    help="comma-separated General MIDI programs, at least 2 (a sixth, at least one, are held out as test, "
                         "an eighth as valid)")
     p.add_argument("--codec", help="codec preset or checkpoint (default: EnCodec 32 kHz if cached, else demo-melrvq)")

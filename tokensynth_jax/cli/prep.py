@@ -35,18 +35,6 @@ def _ints(text: str) -> tuple[int, ...]:
     return values
 
 
-def _programs(text: str) -> tuple[int, ...]:
-    """"0,40" -> GM programs: each 0-127, none twice (a repeat would name one instrument twice)."""
-    values = _ints(text)
-    bad = sorted({v for v in values if not 0 <= v <= 127})
-    if bad:
-        raise argparse.ArgumentTypeError(f"{text!r}: GM programs are 0-127, not {bad[0]}")
-    twice = sorted({v for v in values if values.count(v) > 1})
-    if twice:
-        raise argparse.ArgumentTypeError(f"{text!r}: program {twice[0]} is listed twice")
-    return values
-
-
 def _pitch_range(text: str) -> tuple[int, int, int]:
     """"36:96:4" -> (36, 96, 4)."""
     values = _ints(text)
@@ -213,7 +201,7 @@ def add_prep_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--instruments", choices=["soundfont", "nsynth"], default="soundfont")
     g.add_argument("--soundfont", action="append", default=[], metavar="SF2",
                    help="repeatable; default: the General MIDI SoundFont inside pretty_midi")
-    g.add_argument("--programs", type=_programs, help="comma-separated GM programs to use (default: every melodic preset)")
+    g.add_argument("--programs", type=checks.gm_programs, help="comma-separated GM programs to use (default: every melodic preset)")
     g.add_argument("--nsynth-dir", help="root of the NSynth release (nsynth-train/, nsynth-valid/, nsynth-test/)")
     g.add_argument("--nsynth-splits", type=_names, default=SPLITS, help=f"comma-separated, of {','.join(SPLITS)}")
     g.add_argument("--nsynth-tfds", metavar="DATA_DIR", help="first export TFDS's prepared `nsynth` (from DATA_DIR, "
