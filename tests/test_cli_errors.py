@@ -321,6 +321,8 @@ CASES = [
      "tokensynth demo: error: argument --programs: '0,300': GM programs are 0-127, not 300", []),
     ("prep-zero-workers", ["prep", "--out", "{tmp}/data", "--workers", "0"], "argument --workers", []),
     ("prep-missing-soundfont", ["prep", "--out", "{tmp}/data", "--soundfont", "{tmp}/gm.sf2"], "gm.sf2", []),
+    ("prep-soundfont-not-a-soundfont", ["prep", "--out", "{tmp}/data", "--soundfont", "{tmp}/gm.sf2"],
+     "gm.sf2: not a SoundFont", ["file:gm.sf2"]),  # FluidSynth printed 4 lines of its own first
     ("prep-device-not-a-torch-device", ["prep", "--out", "{tmp}/data", "--device", "bogus"], "--device", []),
     ("prep-fractions-hold-out-every-preset", ["prep", "--out", "{tmp}/data", "--valid-fraction", "0.6",
                                               "--test-fraction", "0.4"], "--valid-fraction", []),

@@ -129,6 +129,10 @@ def _check_paths(args) -> None:
     for path in args.soundfont:
         if checks.is_local(path):
             checks.input_file(path, "--soundfont")
+            with open(path, "rb") as f:  # FluidSynth prints C-library noise about anything else, then fails
+                head = f.read(12)
+            if head[:4] != b"RIFF" or head[8:12] != b"sfbk":
+                raise UsageError(f"--soundfont {path}: not a SoundFont (an .sf2 or .sf3 file starts RIFF....sfbk)")
     if args.nsynth_dir is not None and checks.is_local(args.nsynth_dir) and not args.nsynth_tfds:
         checks.input_dir(args.nsynth_dir, "--nsynth-dir")  # with --nsynth-tfds it is written first
     if args.nsynth_tfds and (not args.nsynth_dir or args.instruments != "nsynth"):
