@@ -323,9 +323,20 @@ def test_missing_pretrained_weights_are_an_error_not_random_weights():
     with pytest.raises(encoders.EncoderError, match="--clap tiny-clap"):
         encoders.check_clap("laion/larger_clap_music", offline=True)
     for local in ("./my_clap", "/models/clap", "~/clap", "runs/a/clap"):  # a path is no hub id to download
-        with pytest.raises(encoders.EncoderError, match=f"clap '{local}': no such directory") as e:
+        with pytest.raises(encoders.EncoderError, match=f"--clap {local}: no such directory") as e:
             encoders.check_clap(local, offline=True)
         assert "huggingface-cli" not in str(e.value)
+
+
+def test_a_local_encoder_that_is_a_file_or_an_empty_folder_is_named_as_such(tmp_path, monkeypatch):
+    """An existing path was said to be "no such directory", or taken for a hub id (one slash)."""
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(encoders.EncoderError, match=r"--clap \./weights.bin: is a file \(a local clap is a folder"):
+        encoders.check_clap("./weights.bin", offline=True)
+    os.makedirs("models/empty")
+    with pytest.raises(encoders.EncoderError, match="--codec models/empty: holds no config.json"):
+        encoders.codec_info("models/empty", offline=True)
 
 
 def test_an_unreachable_hub_is_answered_from_the_cache_at_once(caplog):

@@ -121,9 +121,14 @@ def _unfitted(name: str) -> EncoderError:
 
 def _missing(name: str, what: str, e: Exception) -> EncoderError:
     tiny = "tiny-encodec" if what == "codec" else "tiny-clap"
+    folder = (f"a local {what} is a folder with config.json and the weights, as transformers' save_pretrained "
+              "writes it")
+    if os.path.isfile(name):
+        return EncoderError(f"--{what} {name}: is a file ({folder})")
+    if os.path.isdir(name):
+        return EncoderError(f"--{what} {name}: holds no config.json ({folder})")
     if name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1:  # a local path, not an org/name id
-        return EncoderError(f"{what} {name!r}: no such directory (a local {what} is a folder with config.json and "
-                            f"the weights, as transformers' save_pretrained writes it)")
+        return EncoderError(f"--{what} {name}: no such directory ({folder})")
     return EncoderError(
         f"{what} {name!r} is not in the Hugging Face cache and the hub is unreachable ({type(e).__name__}): "
         f"download it first (huggingface-cli download {name}) or pick a tiny preset explicitly "
