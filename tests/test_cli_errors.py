@@ -441,6 +441,22 @@ def test_overwrite_never_replaces_a_pipe_and_writes_through_a_link(inputs, tmp_p
     assert sorted(os.listdir(target.parent)) == ["codes.npy"]  # no temporary left beside it
 
 
+def test_a_checkpoint_that_records_no_codec_takes_codec_for_codes_and_audio(inputs, tmp_path, capsys):
+    """Its error said "pass --codec NAME", which then was ignored (windows are planned in its frames)
+    or refused with codes only."""
+    ckpt = tmp_path / "nocodec"
+    shutil.copytree(inputs["ckpt"], ckpt)
+    meta = json.loads((ckpt / META_FILE).read_text())
+    del meta["metadata"]["codec"]
+    (ckpt / META_FILE).write_text(json.dumps(meta))
+    argv = [a.replace(inputs["ckpt"], str(ckpt)) for a in _argv(SYN, inputs, tmp_path)]
+    assert cli.main(argv) == 2
+    _assert_one_line(capsys.readouterr().err, "the checkpoint records no codec; pass --codec NAME")
+    assert cli.main([*argv, "--codec", "tiny-encodec"]) == 0
+    assert cli.main([*argv, "--codec", "tiny-encodec", "--out", str(tmp_path / "a.wav"), "--overwrite"]) == 0
+    assert soundfile.info(str(tmp_path / "a.wav")).samplerate == 32000
+
+
 def test_output_markers_are_the_writers_file_names():
     from tokensynth_jax.inference import export
     from tokensynth_jax.interop import safetensors_format

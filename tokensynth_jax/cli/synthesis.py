@@ -72,8 +72,6 @@ def _check_flags(args) -> None:
         raise UsageError("give an output: --out OUT.wav (or a folder), and/or --tokens-out OUT.npy")
     if args.spectrogram and args.out is None:
         raise UsageError("--spectrogram draws the WAV of --out; give --out")
-    if args.codec is not None and args.out is None:
-        raise UsageError(f"--codec {args.codec}: codes only are asked for (no --out), so nothing is decoded")
     if args.unconditional_checkpoint is not None and args.guidance_scale is None:
         raise UsageError("--unconditional-checkpoint is for first-note guidance; give --guidance-scale")
     checks.check_sampler_flags(args)
@@ -145,6 +143,9 @@ def _synthesize(args) -> int:
 
     # 2. the checkpoint's JSON, and the inputs read against it.
     meta, cfg = checks.model_checkpoint(args.checkpoint, "--checkpoint")
+    if args.codec is not None and args.out is None and (meta.get("metadata") or {}).get("codec"):
+        # (a checkpoint that records no codec takes --codec for the frame rate its windows are planned in)
+        raise UsageError(f"--codec {args.codec}: codes only are asked for (no --out), so nothing is decoded")
     runtime = checks.runtime_overrides(args.set, cfg)
     cfg = cfg.replace(**runtime)
     if cfg.conditioning != "timbre":
@@ -169,7 +170,7 @@ def _synthesize(args) -> int:
         timbre,  # numpy and soundfile only, as midi_tokens
     )
 
-    frame_rate = synthesize.codec_frame_rate(args.checkpoint, meta, cfg, offline=args.offline)
+    frame_rate = synthesize.codec_frame_rate(args.checkpoint, meta, cfg, offline=args.offline, asked=args.codec)
     plan = synthesize.plan_windows(cfg, args.midi, frame_rate, max_rows=args.max_rows, midi_compat=args.midi_compat)
     embedding = (timbre.load_embedding(args.timbre_embedding, len(args.midi), cfg.timbre_dim)
                  if args.timbre_embedding is not None else None)

@@ -167,14 +167,15 @@ def join_windows(window_audio: Sequence[np.ndarray], starts: Sequence[float], sa
     return out
 
 
-def codec_frame_rate(checkpoint_dir: str, meta: dict, cfg: ModelConfig, offline: bool) -> float:
-    """The checkpoint's codec frame rate (windows are planned in frames even when nothing is decoded)."""
+def codec_frame_rate(checkpoint_dir: str, meta: dict, cfg: ModelConfig, offline: bool, asked: str | None = None) -> float:
+    """The checkpoint's codec frame rate (windows are planned in frames even when nothing is decoded);
+    `asked`: the --codec of a checkpoint that records none."""
     recorded = (meta.get("metadata") or {}).get("codec") or {}
     if recorded.get("frame_rate"):
         return float(recorded["frame_rate"])
     from tokensynth_jax.audio import encoders
 
-    name = resolve_codec(checkpoint_dir, meta, None, cfg, offline=offline)
+    name = resolve_codec(checkpoint_dir, meta, asked, cfg, offline=offline)
     return encoders.codec_info(name, offline=offline).frame_rate
 
 
