@@ -169,6 +169,8 @@ CASES = [
     ("train-init-from-a-cut-checkpoint", [*TRAIN, "--config.data.paths={shards}", "--init-from", "{cut_ckpt}"],
      "--init-from {cut_ckpt}: damaged checkpoint", []),
     ("train-init-from-not-a-checkpoint", [*TRAIN, DATA, "--init-from", "{folder}"], "folder", []),
+    ("train-init-from-another-model", [*TRAIN, DATA, "--config.model.num_layers=3", "--init-from", "{ckpt}"],
+     "its model differs from the run's: model.num_layers is 2 there, 3 in the run's config", []),
     # compile-step
     ("compile-step-zero-batch", ["compile-step", "--config", "tiny", "--config.data.global_batch=0"],
      "--config.data.global_batch=0", []),

@@ -117,8 +117,13 @@ def _train(args) -> int:
             raise UsageError(f"--init-from {args.init_from}: damaged checkpoint: {problems[0]}"
                              + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
         cfg = ModelConfig.from_dict(config.model.to_dict())
-        if loaded.replace(dropout=cfg.dropout, dtype=cfg.dtype, remat=cfg.remat) != cfg:
-            raise UsageError(f"--init-from {args.init_from}: its model config differs from the run's: {loaded}")
+        if loaded.replace(**cfg.runtime()) != cfg:  # as train.train compares them
+            from tokensynth_jax.config import RUNTIME_FIELDS
+
+            ours, theirs = cfg.to_dict(), loaded.to_dict()
+            differ = [f"model.{k} is {theirs[k]!r} there, {ours[k]!r} in the run's config" for k in sorted(ours)
+                      if k not in RUNTIME_FIELDS and ours[k] != theirs.get(k)]
+            raise UsageError(f"--init-from {args.init_from}: its model differs from the run's: {'; '.join(differ)}")
     from tokensynth_jax.training import train
 
     _logging()
