@@ -80,6 +80,7 @@ def inputs(tmp_path_factory):
     configs = tmp_path_factory.mktemp("configs")  # user config files (Python may cache their bytecode beside them)
     (configs / "syntax.py").write_text("def get_config(arg):\n    return 1 +\n")
     (configs / "raises.py").write_text("def get_config(arg):\n    return {}['model']\n")
+    (configs / "exits.py").write_text("import sys\nsys.exit(3)\n")
     (configs / "imports.py").write_text("import no_such_module\n")
     (configs / "number.py").write_text("def get_config(arg):\n    return 5\n")
     (configs / "no_model.py").write_text("import ml_collections\n\n\ndef get_config(arg):\n"
@@ -322,6 +323,11 @@ CASES = [
     ("demo-programs-out-of-range", ["demo", "--workdir", "{tmp}/demo", "--programs", "0,300"],  # was prep's usage, 28 lines
      "tokensynth demo: error: argument --programs: '0,300': GM programs are 0-127, not 300", []),
     ("prep-zero-workers", ["prep", "--out", "{tmp}/data", "--workers", "0"], "argument --workers", []),
+    ("prep-nsynth-dir-without-nsynth", ["prep", "--out", "{tmp}/data", "--nsynth-dir", "{folder}"],
+     "goes with --instruments nsynth", []),  # was ignored: SoundFont presets rendered instead
+    ("init-config-file-exits", ["init", "--config", "{configs}/exits.py", "{tmp}/m"],
+     "exits.py:2: the config file fails: SystemExit: 3", []),
+    ("init-config-is-a-folder", ["init", "--config", "{folder}", "{tmp}/m"], "is a folder; a config is a .py file", []),
     ("prep-missing-soundfont", ["prep", "--out", "{tmp}/data", "--soundfont", "{tmp}/gm.sf2"], "gm.sf2", []),
     ("prep-soundfont-not-a-soundfont", ["prep", "--out", "{tmp}/data", "--soundfont", "{tmp}/gm.sf2"],
      "gm.sf2: not a SoundFont", ["file:gm.sf2"]),  # FluidSynth printed 4 lines of its own first

@@ -406,6 +406,8 @@ def resolve_config_path(path: str) -> str:
     """
     if os.path.isfile(path):
         return path
+    if os.path.isdir(path):
+        raise ConfigError(f"{path}: is a folder; a config is a .py file that defines get_config(arg)")
     name = os.path.basename(path)
     name = name[:-3] if name.endswith(".py") else name
     packaged_dir = _packaged_configs_dir()
@@ -475,7 +477,7 @@ def _users_code(path: str, passthrough: type[Exception]):
         yield
     except passthrough:
         raise
-    except Exception as e:  # any error of the user's code is theirs to fix
+    except (Exception, SystemExit) as e:  # any error of the user's code is theirs to fix (sys.exit too)
         line = e.lineno if isinstance(e, SyntaxError) else next(
             (frame.lineno for frame in reversed(traceback.extract_tb(e.__traceback__))
              if os.path.abspath(frame.filename) == os.path.abspath(path)), None)

@@ -135,6 +135,9 @@ def _check_paths(args) -> None:
                 raise UsageError(f"--soundfont {path}: not a SoundFont (an .sf2 or .sf3 file starts RIFF....sfbk)")
     if args.nsynth_dir is not None and checks.is_local(args.nsynth_dir) and not args.nsynth_tfds:
         checks.input_dir(args.nsynth_dir, "--nsynth-dir")  # with --nsynth-tfds it is written first
+    if args.nsynth_dir is not None and args.instruments != "nsynth":
+        raise UsageError(f"--nsynth-dir {args.nsynth_dir}: goes with --instruments nsynth "
+                         f"(--instruments {args.instruments} renders SoundFont presets)")
     if args.nsynth_tfds and (not args.nsynth_dir or args.instruments != "nsynth"):
         raise UsageError("--nsynth-tfds needs --instruments nsynth --nsynth-dir DIR (where it exports to)")
     from tokensynth_jax.audio import encoders
