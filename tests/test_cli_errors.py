@@ -419,6 +419,14 @@ def test_convert_force_writes_another_shape_with_a_warning(inputs, tmp_path, cap
     assert cli.main(["convert", "--to", "official", "--force", "--overwrite", inputs["ckpt"], str(out)]) == 0
 
 
+def test_heads_that_do_not_divide_the_width_name_the_flag(inputs, tmp_path, capsys):
+    assert cli.main(["convert", "--to", "official", "--force", inputs["ckpt"], str(tmp_path / "o.pt")]) == 0
+    capsys.readouterr()
+    assert cli.main(["convert", "--from", "official", "--num-heads", "7", str(tmp_path / "o.pt"), str(tmp_path / "m")]) == 2
+    _assert_one_line(capsys.readouterr().err, "--num-heads 7: model.num_heads=7 does not divide model.d_model=64")
+    assert sorted(os.listdir(tmp_path)) == ["o.pt"]
+
+
 def test_overwrite_replaces_a_previous_result_whole(inputs, tmp_path):
     out = tmp_path / "st"
     assert cli.main(["convert", "--to", "safetensors", inputs["ckpt"], str(out)]) == 0

@@ -14,6 +14,7 @@ from tokensynth_jax.checkpoint_meta import META_FILE
 from tokensynth_jax.cli import checks
 from tokensynth_jax.cli.atomic import Outputs
 from tokensynth_jax.cli.checks import UsageError
+from tokensynth_jax.config import ConfigError
 
 # What marks a folder as a previous result that --overwrite may replace (each writer's own file
 # name: safetensors_format.CONFIG_FILE and transformers' save_pretrained, export.META_FILE).
@@ -123,6 +124,8 @@ def _convert(args) -> int:
                 state, num_heads=args.num_heads or convert.OFFICIAL_NUM_HEADS, attention=args.attention)
         except convert.ConversionError as e:  # what is wrong with the file's tensors: name the file
             raise UsageError(f"IN.pt {args.src}: {e}") from e
+        except ConfigError as e:  # the model the flags ask for cannot be built (heads that do not divide the width)
+            raise UsageError(f"--num-heads {args.num_heads}: {e}" if args.num_heads else f"IN.pt {args.src}: {e}") from e
         metadata = {"weights": "converted", "source": os.path.abspath(args.src), "conversion": report,
                     "codec": {"name": "descript/dac_44khz"}}
         with outputs:
