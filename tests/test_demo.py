@@ -4,6 +4,7 @@ offline encoders (`demo-melrvq`, `demo-spectral`) named wherever numbers are sho
 import glob
 import json
 import os
+import pathlib
 
 import jax
 import numpy as np
@@ -86,8 +87,8 @@ def test_demo_runs_the_whole_chain(tmp_path, capsys):
     assert ours[1]["model"] == theirs[1]["model"] and ours[1]["metadata"]["codec"] == theirs[1]["metadata"]["codec"]
     for x, y in zip(*(jax.tree.leaves(checkpoint.params_to_numpy(m)) for m, _ in (ours, theirs))):
         assert x.tobytes() == y.tobytes()
-    assert open(os.path.join(again, "codec", "demo-melrvq.npz"), "rb").read() == \
-        open(os.path.join(workdir, "model", "codec", "demo-melrvq.npz"), "rb").read()
+    state = pathlib.Path(workdir, "model", "codec", "demo-melrvq.npz").read_bytes()
+    assert pathlib.Path(again, "codec", "demo-melrvq.npz").read_bytes() == state
     capsys.readouterr()
     assert cli.main(["inference-checkpoint", "--config", "demo", os.path.join(workdir, "train"), str(tmp_path / "no")]) == 2
     assert "--config demo: model.max_len is 640, the run trained" in capsys.readouterr().err
@@ -98,10 +99,9 @@ def test_demo_runs_the_whole_chain(tmp_path, capsys):
     assert cli.main(["convert", "--to", "safetensors", os.path.join(workdir, "model"), st]) == 0
     assert cli.main(["convert", "--from", "safetensors", st, back]) == 0
     assert cli.main(["export", "--checkpoint", back, exported, "--max-rows", "16", "--platforms", "cpu"]) == 0
-    state = open(os.path.join(workdir, "model", "codec", "demo-melrvq.npz"), "rb").read()
     for folder in (st, back, exported):
-        assert open(os.path.join(folder, "codec", "demo-melrvq.npz"), "rb").read() == state, folder
-    assert json.load(open(os.path.join(exported, "export.json")))["codec"]["name"] == "codec/demo-melrvq.npz"
+        assert pathlib.Path(folder, "codec", "demo-melrvq.npz").read_bytes() == state, folder
+    assert json.loads(pathlib.Path(exported, "export.json").read_text())["codec"]["name"] == "codec/demo-melrvq.npz"
     mode = lambda name: os.stat(os.path.join(st, name)).st_mode & 0o777
     assert mode("model.safetensors") == mode("config.json")
     argv[argv.index("--checkpoint") + 1] = back

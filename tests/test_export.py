@@ -141,13 +141,14 @@ def test_the_loader_scripts_mistakes_are_one_line_and_exit_2(exported, tmp_path)
     _, out, _ = exported
     script = os.path.join(out, export.LOADER_FILE)
     prompt = os.path.join(out, export.EXAMPLE_PROMPT_FILE)
+    blocked = "sys.modules['flatbuffers'] = None\n"
     cases = [([out, "--prompt", str(tmp_path / "none.npz")], "", "No such file or directory"),
              ([str(tmp_path), "--prompt", prompt], "", "not a tokensynth export (no export.json)"),
-             ([out, "--prompt", prompt], "sys.modules['flatbuffers'] = None\n", "needs the flatbuffers package")]
+             ([out, "--prompt", prompt], blocked, "needs the flatbuffers package")]
     for argv, setup, message in cases:
-        run = subprocess.run([sys.executable, "-c", f"import runpy, sys\n{setup}sys.argv = {[script, *argv]!r}\n"
-                              f"runpy.run_path({script!r}, run_name='__main__')"],
-                             cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        code = f"import runpy, sys\n{setup}sys.argv = {[script, *argv]!r}\nrunpy.run_path({script!r}, run_name='__main__')"
+        run = subprocess.run([sys.executable, "-c", code],
+                             cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
         lines = run.stderr.strip().splitlines()
         assert run.returncode == 2 and len(lines) == 1 and message in lines[0], (argv, run.stderr)
         assert lines[0].startswith("load_exported.py: error: ")

@@ -8,6 +8,7 @@ trainer's own log lines reach the console.
 """
 import json
 import os
+import pathlib
 import shutil
 import signal
 import subprocess
@@ -289,7 +290,7 @@ def test_resuming_with_another_model_is_one_line_and_keeps_the_runs_record(runs,
     _, stopped = runs
     workdir, _ = _copy(stopped, tmp_path)
     record = os.path.join(workdir, "run.json")
-    before = open(record).read()
+    before = pathlib.Path(record).read_text()
     out = subprocess.run([sys.executable, "-m", "tokensynth_jax.cli", "train", "--config", TINY, "--workdir", workdir,
                           f"--config.data.paths={shards}", "--config.model.num_layers=3", "--config.train.steps=6",
                           "--config.train.eval_every=0"], capture_output=True, text=True, timeout=300, check=False)
@@ -297,7 +298,7 @@ def test_resuming_with_another_model_is_one_line_and_keeps_the_runs_record(runs,
     assert out.returncode == 2 and len(lines) == 1 and lines[0].startswith("tokensynth train: error: "), out.stderr
     assert lines[0].endswith("model.num_layers is 3, the run trained 2 (its run.json); resume with the run's model, "
                              "or train in another --workdir"), lines[0]
-    assert open(record).read() == before
+    assert pathlib.Path(record).read_text() == before
     # Without run.json (a run of an older version) the restore itself names what does not match.
     os.remove(record)
     assert cli.main(["train", "--config", TINY, "--workdir", workdir, f"--config.data.paths={shards}",

@@ -63,8 +63,9 @@ def test_wheel_installed_outside_the_checkout(tmp_path):
                 "data_prep").exists()
 
     # It knows its version, and its metadata carries the README as its description.
-    meta = _run([str(venv / "bin" / "python"), "-c", "import importlib.metadata as m; d = m.metadata('tokensynth-jax'); "
-                 "print(d['Version']); print(d['Description-Content-Type']); print(d.get_payload()[:40])"],
+    code = ("import importlib.metadata as m; d = m.metadata('tokensynth-jax'); "
+            "print(d['Version']); print(d['Description-Content-Type']); print(d.get_payload()[:40])")
+    meta = _run([str(venv / "bin" / "python"), "-c", code],
                 cwd=elsewhere, env=env).splitlines()
     assert _run([tokensynth, "--version"], cwd=elsewhere, env=env).strip() == f"tokensynth-jax {meta[0]}"
     assert meta[1] == "text/markdown" and meta[2] == "# tokensynth-jax", meta
