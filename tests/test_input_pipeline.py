@@ -160,3 +160,21 @@ def test_a_record_whose_chunk_fails_its_hash_becomes_an_example_with_no_targets(
                 np.testing.assert_array_equal(batches[n // 3][key][n % 3], value)
     skipped = [r.getMessage() for r in caplog.records if "skipped a record" in r.getMessage()]
     assert len(skipped) == 1 and "record 3 of 6 cannot be read (Corrupted Riegeli" in skipped[0], skipped
+
+
+def test_a_shard_that_cannot_be_opened_is_named_as_such_not_as_damaged(shards, monkeypatch):
+    """array_record's reader says "not ok" for a file it may not read, as for a damaged one."""
+    import builtins
+
+    d, _ = shards
+    path = ip.expand_paths([d])[0]
+    real_open = builtins.open
+
+    def refusing(file, *args, **kwargs):
+        if file == path:
+            raise PermissionError(13, "Permission denied", file)
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", refusing)
+    with pytest.raises(ip.DataError, match=r"shard-00000.array_record: cannot read the shard \(Permission denied\)"):
+        ip.verify_shards([path])

@@ -174,6 +174,11 @@ def verify_shards(paths: Sequence[str], *, sha256: bool = False, seq_len: int | 
     for path in paths:
         if not os.path.isfile(path):
             raise DataError(f"{path}: no such shard file")
+        try:  # the reader says "not ok" for a file it may not read, as for a damaged one
+            with open(path, "rb"):
+                pass
+        except OSError as e:
+            raise DataError(f"{path}: cannot read the shard ({e.strerror})") from e
         reader = ArrayRecordReader(path)
         ok = reader.ok()
         if ok:  # closing a reader that failed to open raises a bare RuntimeError; it is dropped instead
