@@ -419,6 +419,13 @@ def test_convert_force_writes_another_shape_with_a_warning(inputs, tmp_path, cap
     assert cli.main(["convert", "--to", "official", "--force", "--overwrite", inputs["ckpt"], str(out)]) == 0
 
 
+def test_a_packaged_config_name_wins_over_a_folder_of_that_name(tmp_path, monkeypatch):
+    """`tokensynth demo` runs in the folder holding its workdir demo/ and loads --config demo."""
+    monkeypatch.chdir(tmp_path)
+    os.makedirs("tiny")
+    assert cli.main(["init", "--config", "tiny", str(tmp_path / "m")]) == 0
+
+
 def test_heads_that_do_not_divide_the_width_name_the_flag(inputs, tmp_path, capsys):
     assert cli.main(["convert", "--to", "official", "--force", inputs["ckpt"], str(tmp_path / "o.pt")]) == 0
     capsys.readouterr()

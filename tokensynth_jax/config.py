@@ -406,14 +406,14 @@ def resolve_config_path(path: str) -> str:
     """
     if os.path.isfile(path):
         return path
-    if os.path.isdir(path):
-        raise ConfigError(f"{path}: is a folder; a config is a .py file that defines get_config(arg)")
     name = os.path.basename(path)
     name = name[:-3] if name.endswith(".py") else name
     packaged_dir = _packaged_configs_dir()
     packaged = os.path.join(packaged_dir, name + ".py")
     if path in (name, name + ".py", os.path.join("configs", name + ".py")) and os.path.isfile(packaged):
         return packaged
+    if os.path.isdir(path):  # and not a packaged config's name (`demo` beside a workdir named demo/)
+        raise ConfigError(f"{path}: is a folder; a config is a .py file that defines get_config(arg)")
     known = sorted(f[:-3] for f in os.listdir(packaged_dir) if f.endswith(".py") and not f.startswith("_"))
     raise ConfigError(f"{path}: no such config file (packaged configs: {', '.join(known)})")
 
