@@ -296,10 +296,11 @@ def run_record(workdir: str, flag: str = "WORKDIR") -> dict | None:
     return run
 
 
-def model_differences(given: dict, recorded: dict) -> list[str]:
-    """The model fields, other than those a run may change (config.RUNTIME_FIELDS), in which a config
-    differs from a run's record: 'model.K is X, the run trained Y' each."""
+def model_differences(given: dict, recorded: dict,
+                      form: str = "model.{key} is {given!r}, the run trained {recorded!r}") -> list[str]:
+    """The model fields, other than those a run may change (config.RUNTIME_FIELDS), in which `given`
+    differs from `recorded` (a run's record, or the run's own config): one `form` line each."""
     from tokensynth_jax.config import RUNTIME_FIELDS
 
-    return [f"model.{k} is {given.get(k)!r}, the run trained {v!r}" for k, v in sorted(recorded.items())
+    return [form.format(key=k, given=given.get(k), recorded=v) for k, v in sorted(recorded.items())
             if k not in RUNTIME_FIELDS and given.get(k) != v]

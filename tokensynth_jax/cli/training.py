@@ -118,11 +118,8 @@ def _train(args) -> int:
                              + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
         cfg = ModelConfig.from_dict(config.model.to_dict())
         if loaded.replace(**cfg.runtime()) != cfg:  # as train.train compares them
-            from tokensynth_jax.config import RUNTIME_FIELDS
-
-            ours, theirs = cfg.to_dict(), loaded.to_dict()
-            differ = [f"model.{k} is {theirs[k]!r} there, {ours[k]!r} in the run's config" for k in sorted(ours)
-                      if k not in RUNTIME_FIELDS and ours[k] != theirs.get(k)]
+            differ = checks.model_differences(loaded.to_dict(), cfg.to_dict(),
+                                              "model.{key} is {given!r} there, {recorded!r} in the run's config")
             raise UsageError(f"--init-from {args.init_from}: its model differs from the run's: {'; '.join(differ)}")
     from tokensynth_jax.training import train
 
