@@ -149,23 +149,22 @@ def completed_shards(output_dir: str, counts: dict[str, int], fingerprint: str) 
                 continue
             try:  # written atomically; damaged only from outside (a bad disk, an edit): then not done
                 summary = json.loads(read_bytes(final + ".json"))
-                recorded = summary["bytes"], summary.get("fingerprint")
+                shard_bytes, shard_fingerprint = summary["bytes"], summary.get("fingerprint")
             except (ValueError, KeyError, TypeError, AttributeError) as e:
                 log.warning("%s.json: unreadable (%s: %s); the shard is written again", final, type(e).__name__, e)
                 continue
-            if recorded[1] != fingerprint:
+            if shard_fingerprint != fingerprint:
                 raise SinkError(f"{output_dir}: {shard_name(split, index, num)} was written by a different "
                                 "configuration; use a new output directory or delete the old one")
-            if exists(final) and size(final) == recorded[0]:
+            if exists(final) and size(final) == shard_bytes:
                 done[(split, index)] = summary
     if not done and exists(join(output_dir, MANIFEST)):
         try:
-            old = json.loads(read_bytes(join(output_dir, MANIFEST)))
-            old.get("config_fingerprint")
+            old_fingerprint = json.loads(read_bytes(join(output_dir, MANIFEST))).get("config_fingerprint")
         except (ValueError, AttributeError, OSError) as e:
             raise SinkError(f"{join(output_dir, MANIFEST)}: unreadable ({type(e).__name__}: {e}); "
                             "use a new output directory or delete the old one") from e
-        if old.get("config_fingerprint") != fingerprint:
+        if old_fingerprint != fingerprint:
             raise SinkError(f"{output_dir}: holds a data set of a different configuration; "
                             "use a new output directory or delete the old one")
     return done
