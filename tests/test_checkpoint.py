@@ -83,6 +83,31 @@ def test_saving_a_nested_dict_equals_saving_the_state(saved, tmp_path):
         np.testing.assert_array_equal(_flat(restored)[key], value, err_msg=key)
 
 
+def test_an_interrupted_save_leaves_no_writer_behind_the_cleanup(saved, tmp_path, monkeypatch):
+    """Ctrl-C right after Orbax dispatched its writes: save_model must wait for its threads before
+    the interrupt reaches the command's cleanup, or they write into the folder it just deleted."""
+    import time
+
+    import orbax.checkpoint as ocp
+
+    from tokensynth_jax.cli import atomic
+
+    dispatch = ocp.StandardCheckpointer.save
+
+    def save_then_interrupt(self, *args, **kwargs):
+        dispatch(self, *args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ocp.StandardCheckpointer, "save", save_then_interrupt)
+    _, model = saved
+    outputs = atomic.Outputs(overwrite=False)
+    temp = outputs.dir(str(tmp_path / "out" / "model"), "OUT", marker=checkpoint.META_FILE)
+    with pytest.raises(KeyboardInterrupt), outputs:
+        checkpoint.save_model(temp, TINY, nnx.state(model, nnx.Param))
+    time.sleep(1.0)  # what a leftover writer thread would write, it has written by now
+    assert not os.path.exists(tmp_path / "out"), os.listdir(tmp_path / "out")
+
+
 @needs_8_devices
 def test_restores_sharded_onto_a_mesh(saved):
     directory, model = saved

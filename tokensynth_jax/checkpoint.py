@@ -108,9 +108,10 @@ def save_model(directory: str | os.PathLike, cfg: ModelConfig, params: Any, meta
     if isinstance(params, nnx.State):
         params = nnx.to_pure_dict(params)
     os.makedirs(directory, exist_ok=True)
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(os.path.join(directory, PARAMS_DIR), params, force=True)
-    checkpointer.wait_until_finished()
+    # Closing waits for the writer threads even when the save is interrupted (Ctrl-C): a caller's
+    # cleanup of a half-written folder must not race threads that still write into it.
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(os.path.join(directory, PARAMS_DIR), params, force=True)
     files = integrity.list_files(os.path.join(directory, PARAMS_DIR))
     meta = {"format": FORMAT, "version": FORMAT_VERSION, "model": cfg.to_dict(), "metadata": metadata or {},
             "files": {f"{PARAMS_DIR}/{rel}": entry for rel, entry in files.items()}}
