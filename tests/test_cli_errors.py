@@ -141,6 +141,9 @@ CASES = [
     ("init-set-error-names-set", ["init", "--config", "tiny", "--set", "model.dropout=abc", "{tmp}/m"],
      "--set model.dropout=abc: not a value of type float", []),
     ("init-seed-not-an-int", ["init", "--config", "tiny", "--seed", "x", "{tmp}/m"], "argument --seed", []),
+    # terabytes of parameters: it allocated for minutes, then paged or was killed
+    ("init-model-larger-than-memory", ["init", "--config", "tiny", "--set", "model.d_model=262144", "{tmp}/m"],
+     "--config.model: 1,650.2B parameters (2 x 262144) need 6,600.8 GB to initialise; this host has", []),
     # train
     ("train-damaged-shard-leaves-no-workdir", [*TRAIN, "--config.data.paths={tmp}/data/train"],
      "not a readable ArrayRecord shard", ["file:data/train/shard-00000-of-00001.array_record"]),
@@ -151,6 +154,8 @@ CASES = [
     ("train-negative-learning-rate", [*TRAIN, DATA, "--config.optim.peak_lr=-1"], "--config.optim.peak_lr=-1.0: must be", []),
     ("train-b2-above-one", [*TRAIN, DATA, "--config.optim.b2=1.5"], "--config.optim.b2=1.5: must be a number >= 0", []),
     ("train-negative-workers", [*TRAIN, DATA, "--config.data.worker_count=-1"], "--config.data.worker_count=-1", []),
+    ("train-model-larger-than-memory", [*TRAIN, DATA, "--config.model.d_model=262144"],
+     "GB to train (parameters, gradients and two Adam moments); this host has", []),
     ("train-seq-len-over-max-len", [*TRAIN, DATA, "--config.data.seq_len=4096"], "--config.data.seq_len", []),
     ("train-workdir-is-a-file", [*TRAIN, DATA], "--workdir", ["file:run"]),
     # a prep output's root: the recursive search took its valid and test shards into training

@@ -51,8 +51,10 @@ def _init(args) -> int:
     from tokensynth_jax import checkpoint, sharding
     from tokensynth_jax.config import ModelConfig
     from tokensynth_jax.model import transformer
+    from tokensynth_jax.training import plan
 
     cfg = ModelConfig.from_dict(config.model.to_dict())
+    plan.check_fits_memory(cfg, 1, "to initialise")
     model = transformer.create_sharded(cfg, sharding.make_mesh({"data": -1}), seed=args.seed)
     meta = {"weights": "random-init", "seed": args.seed, "config_file": args.config, "codec": config.codec.to_dict()}
     with outputs:

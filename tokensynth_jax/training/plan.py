@@ -29,7 +29,7 @@ _COLLECTIVE = re.compile(r" (all-gather|all-reduce|reduce-scatter|all-to-all|col
 
 
 class PlanError(UserError):
-    """A topology that libtpu cannot compile for, or a step that does not fit its chips."""
+    """A topology that libtpu cannot compile for, or a model or step that does not fit its devices."""
 
 
 @dataclasses.dataclass
@@ -105,7 +105,7 @@ def topology_devices(topology: str) -> list:
         raise PlanError(f"--topology {topology}: libtpu cannot compile for it: {reason}") from None
 
 
-def _hbm_gb(device) -> float | None:
+def device_memory_gb(device) -> float | None:
     """A device's memory: the table's for TPU kinds, else what the runtime reports (GPUs), if anything."""
     if device.device_kind in HBM_GIB:
         return HBM_GIB[device.device_kind] * 2**30 / 1e9
@@ -114,6 +114,37 @@ def _hbm_gb(device) -> float | None:
     except Exception:  # noqa: BLE001 - compile-only devices and some backends have no memory_stats
         limit = None
     return limit / 1e9 if limit else None
+
+
+# What training holds of the model at least: fp32 master weights, their gradients, Adam's two moments.
+TRAIN_COPIES = (4, "to train (parameters, gradients and two Adam moments)")
+
+
+def check_fits_memory(cfg, copies: int, purpose: str) -> None:
+    """Refuses a model (a ModelConfig) whose `copies` full sets of parameters exceed the memory of
+    all the job's devices together (1 to initialise, `TRAIN_COPIES` to train): such a run allocated
+    for minutes, then paged or was killed. A lower bound, activations uncounted: a model it passes may
+    still not fit (`compile_train_step` says exactly). Call it after `jax.distributed` is initialised."""
+    import jax
+    import numpy as np
+
+    from tokensynth_jax.scaling import flops
+
+    devices = jax.local_devices()
+    if devices[0].platform == "cpu":  # however many (fake) CPU devices, they share the host's memory
+        have, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this host has"
+    else:
+        sizes = [device_memory_gb(d) for d in devices]
+        if None in sizes:
+            return
+        have, where = sum(sizes) * 1e9, f"its {len(devices)} {devices[0].platform.upper()} devices have"
+    if jax.process_count() > 1:
+        have, where = have * jax.process_count(), f"{jax.process_count()} processes like this one have"
+    count = flops.param_counts(cfg).total
+    need = count * np.dtype(cfg.param_dtype).itemsize * copies
+    if need > have:
+        raise PlanError(f"--config.model: {count / 1e9:,.1f}B parameters ({cfg.num_layers} x {cfg.d_model}) need "
+                        f"{need / 1e9:,.1f} GB {purpose}; {where} {have / 1e9:,.1f} GB")
 
 
 def compile_train_step(config, devices, target: str) -> Plan:
@@ -177,7 +208,7 @@ def _compile(config, devices, target: str) -> Plan:
         grad_accum=accum, parameters=flops.param_counts(cfg).total,
         argument_gb=gb(m.argument_size_in_bytes), temp_gb=gb(m.temp_size_in_bytes), output_gb=gb(m.output_size_in_bytes),
         alias_gb=gb(m.alias_size_in_bytes),
-        hbm_gb=_hbm_gb(devices[0]),
+        hbm_gb=device_memory_gb(devices[0]),
         pallas_tpu_kernels=hlo.count('custom_call_target="tpu_custom_call"'),
         collectives=dict(collections.Counter(_COLLECTIVE.findall(hlo))), compile_s=round(compile_s, 1),
     )

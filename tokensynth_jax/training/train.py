@@ -23,7 +23,7 @@ from tokensynth_jax.config import ModelConfig
 from tokensynth_jax.errors import UserError
 from tokensynth_jax.model.transformer import TokenSynth
 from tokensynth_jax.scaling.flops import model_flops_per_token
-from tokensynth_jax.training import input_pipeline, optim, train_samples
+from tokensynth_jax.training import input_pipeline, optim, plan, train_samples
 from tokensynth_jax.training import train_step as ts
 
 log = logging.getLogger("tokensynth.train")
@@ -185,6 +185,7 @@ def train(config, workdir: str, init_from: str | None = None) -> dict:
     """
     initialize_distributed()
     cfg = ModelConfig.from_dict(config.model.to_dict())
+    plan.check_fits_memory(cfg, *plan.TRAIN_COPIES)
     tc, oc = config.train, optim.OptimConfig.from_dict(config.optim.to_dict())
 
     # Mesh and data.
