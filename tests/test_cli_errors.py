@@ -9,6 +9,7 @@ a few run as `python -m tokensynth_jax.cli` to show that stderr carries no trace
 import json
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -413,6 +414,21 @@ def test_a_user_error_in_its_own_process_prints_no_traceback(inputs, tmp_path, a
     assert done.returncode == 2, done.stderr
     _assert_one_line(done.stderr, expected)
     assert os.listdir(tmp_path) == []
+
+
+def test_ctrl_c_while_the_interpreter_exits_ends_it_without_a_traceback(tmp_path):
+    """The command has returned; JAX's and Orbax's atexit handlers run. A Ctrl-C then (sent here by
+    the first handler to run) ends the process by the signal, not in 'Exception ignored' and a
+    traceback from inside them."""
+    script = ("import atexit, os, signal, sys, time\n"
+              "atexit.register(lambda: (os.kill(os.getpid(), signal.SIGINT), time.sleep(5)))\n"
+              "from tokensynth_jax.cli import console\n"
+              "sys.argv = ['tokensynth', 'init', '--config', 'tiny', '--set', 'model.num_layers=-1', 'm']\n"
+              "sys.exit(console.main())\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == -signal.SIGINT, done.stderr
+    assert "Traceback" not in done.stderr and "KeyboardInterrupt" not in done.stderr, done.stderr
+    _assert_one_line(done.stderr, "model.num_layers=-1")
 
 
 def test_convert_force_writes_another_shape_with_a_warning(inputs, tmp_path, capsys):
