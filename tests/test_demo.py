@@ -50,9 +50,12 @@ def test_demo_runs_the_whole_chain(tmp_path, capsys):
             audio, rate = soundfile.read(os.path.join(synth, f"{kind}-{clip}.wav"))
             longest = 5 + (synthesize.RELEASE_SECONDS if kind == "cloning" else 0.1)  # the MIDI's length, plus the release
             assert rate == 16000 and 0 < len(audio) <= longest * rate and np.all(np.isfinite(audio)), (kind, clip)
-        generated.append(audio)
+            if kind == "cloning":
+                generated.append(audio)
         assert os.path.isfile(os.path.join(workdir, "plots", f"{clip}.png"))  # target | generated
     assert not np.array_equal(*(g[: min(map(len, generated))] for g in generated))  # clips differ
+    # The silent ones (the model wrote the quietest loudness code throughout) are named in the report.
+    assert report["settings"]["silent_generated"] == {"cloning": demo.silent_clips(clips, generated)}
     assert os.path.isfile(os.path.join(workdir, "plots", "loss.png"))
     meta = json.load(open(os.path.join(workdir, "model", "tokensynth.json")))["metadata"]
     assert meta["clap_model"] == "demo-spectral|codec-rate"
@@ -108,6 +111,19 @@ def test_demo_runs_the_whole_chain(tmp_path, capsys):
     argv[-1] = str(tmp_path / "z.wav")
     assert cli.main(argv) == 0
     assert soundfile.read(str(tmp_path / "z.wav"))[0].tobytes() == soundfile.read(str(tmp_path / "y.wav"))[0].tobytes()
+
+
+def test_silent_generated_clips_are_named_in_the_report_preamble():
+    rate = 16000
+    tone = 0.3 * np.sin(2 * np.pi * 440 * np.arange(rate) / rate)
+    quiet = np.full(rate, 0.5 * demo.SILENT_PEAK)
+    names = demo.silent_clips(["a", "b", "c", "d"], [tone, np.zeros(rate), quiet, np.zeros(0)])
+    assert names == ["b", "c", "d"]
+    codec = {"name": "demo-melrvq", "num_codebooks": 4, "codebook_size": 256, "frame_rate": 25.0, "sample_rate": rate}
+    clips = [{"instrument": "sf2:x:000-000"}] * 4
+    md = demo._preamble(codec, "demo-spectral", False, clips, True, {"cloning": names})
+    assert "Silent (cloning): 3 of 4 generated clips peak below -60 dBFS (b, c, d)" in md
+    assert "Silent" not in demo._preamble(codec, "demo-spectral", False, clips, True, {"cloning": []})
 
 
 def test_instrument_text_names_the_gm_program():

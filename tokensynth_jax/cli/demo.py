@@ -174,7 +174,18 @@ def spectrogram_figure(path: str, panels: list[tuple[str, np.ndarray]], sample_r
     plt.close(fig)
 
 
-def _preamble(codec: dict, clap: str, pretrained: bool, clips: list[dict], text_skipped: bool) -> str:
+SILENT_PEAK = 1e-3  # -60 dBFS: below it a generated clip is reported as silent
+
+
+def silent_clips(names: list[str], audio: list[np.ndarray]) -> list[str]:
+    """The names of the clips whose peak is below SILENT_PEAK: a model that wrote the quietest
+    loudness code throughout, or ended at once. Said in eval.md, so that a listener who hears
+    nothing knows it is the model's output, not a broken file."""
+    return [n for n, a in zip(names, audio) if not np.max(np.abs(a), initial=0.0) >= SILENT_PEAK]
+
+
+def _preamble(codec: dict, clap: str, pretrained: bool, clips: list[dict], text_skipped: bool,
+              silent: dict[str, list[str]]) -> str:
     fit = f", fitted by prep on its own train-instrument renders (fit {codec['fit']})" if codec.get("fit") else ""
     lines = [f"Codec: `{codec['name']}` ({codec['num_codebooks']} codebooks x {codec['codebook_size']}, "
              f"{codec['frame_rate']:g} frames/s, {codec['sample_rate']} Hz{fit}).",
@@ -186,6 +197,10 @@ def _preamble(codec: dict, clap: str, pretrained: bool, clips: list[dict], text_
              "`codec round trip` the target after the codec."]
     if text_skipped:
         lines.append(f"Text-to-instrument: skipped, `{clap}` has no text side (it needs a pretrained CLAP).")
+    for task, names in silent.items():
+        if names:
+            lines.append(f"Silent ({task}): {len(names)} of {len(clips)} generated clips peak below -60 dBFS "
+                         f"({', '.join(names)}); they are scored as they are.")
     return "\n\n".join(lines) + "\n"
 
 
@@ -241,6 +256,7 @@ def run(workdir: str, *, steps: int = 1200, pairs: int = 32, items: int = 8, max
                                             min_rows="last-note-off", progress=True).audio
         # A model that ends at once wrote silence: score it as silence (F1 0), don't fail on it.
         generated[task] = [a if len(a) else np.zeros(len(c["target"]), np.float32) for a, c in zip(audio, clips)]
+    silent = {task: silent_clips([c["name"] for c in clips], g) for task, g in generated.items()}
     eval_items, wavs = [], []
     for i, c in enumerate(clips):
         round_trip = codec_model.decode(codec_model.encode(c["target"][None]))[0]
@@ -274,8 +290,9 @@ def run(workdir: str, *, steps: int = 1200, pairs: int = 32, items: int = 8, max
         results, json_path, md_path,
         {"codec": manifest["codec"], "timbre_embedder": clap, "pretrained_encoders": pretrained, "train_steps": step,
          "split": "test instruments (never trained on) x held-out procedural phrases",
-         "target": "the phrase rendered by the instrument, dry", "sampler": repr(sampler)},
-        preamble=_preamble(manifest["codec"], clap, pretrained, clips, "text" not in generated),
+         "target": "the phrase rendered by the instrument, dry", "sampler": repr(sampler),
+         "silent_generated": silent},
+        preamble=_preamble(manifest["codec"], clap, pretrained, clips, "text" not in generated, silent),
     )
     board = os.path.join(eval_dir, "tensorboard")
     evaluate.write_tensorboard(eval_items, results, board, step=step)
