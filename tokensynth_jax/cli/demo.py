@@ -181,7 +181,7 @@ def silent_clips(names: list[str], audio: list[np.ndarray]) -> list[str]:
     """The names of the clips whose peak is below SILENT_PEAK: a model that wrote the quietest
     loudness code throughout, or ended at once. Said in eval.md, so that a listener who hears
     nothing knows it is the model's output, not a broken file."""
-    return [n for n, a in zip(names, audio) if not np.max(np.abs(a), initial=0.0) >= SILENT_PEAK]
+    return [n for n, a in zip(names, audio) if np.max(np.abs(a), initial=0.0) < SILENT_PEAK]
 
 
 def _preamble(codec: dict, clap: str, pretrained: bool, clips: list[dict], text_skipped: bool,
