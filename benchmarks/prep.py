@@ -11,7 +11,7 @@ mix. The encoders are full-size models with random weights and the published arc
 (`random-*` presets: EnCodec 32 kHz, DAC 44.1 kHz, CLAP HTSAT-base), at one torch thread, so
 seconds per pair are core-seconds; the share of time outside the model's forward pass (resampling,
 CLAP's mel features, padding, copies) shows whether batching leaves Python overhead in charge. The
-Beam run times the whole job end to end on the DirectRunner with tiny encoders, i.e. the cost of
+Beam run times the whole job end to end on the local runner (FnApiRunner) with tiny encoders, i.e. the cost of
 everything but the models. docs/benchmarks.md turns these into the cost of the 9.53M-pair job.
 """
 from __future__ import annotations
@@ -127,7 +127,7 @@ def bench_beam(pairs_per_instrument: int) -> dict:
         manifest = pipeline.run(cfg).manifest
         wall = time.perf_counter() - t0
     return {"pairs": manifest["total_records"], "wall_s": wall, "pairs_per_s": manifest["total_records"] / wall,
-            "runner": "DirectRunner in process, tiny-encodec + tiny-clap"}
+            "runner": "FnApiRunner in process, tiny-encodec + tiny-clap"}
 
 
 def cost(results: dict) -> dict:

@@ -382,7 +382,7 @@ def test_nsynth_raw_layout_round_trip(tmp_path):
         nsynth.raw_instruments(str(tmp_path), ("train", "valid"))
 
 
-def test_cli_passes_beam_options_through_and_defaults_to_the_direct_runner(tmp_path):
+def test_cli_passes_beam_options_through_and_defaults_to_the_local_runner(tmp_path):
     import argparse
 
     from tokensynth_jax.cli import prep as cli
@@ -395,7 +395,7 @@ def test_cli_passes_beam_options_through_and_defaults_to_the_direct_runner(tmp_p
     cfg = cli.config_from_args(args)
     assert cfg.programs == (0, 40) and cfg.table_pitches == (36, 96, 4) and cfg.output_dir == "gs://b/x"
     args = parser.parse_args(["prep", "--out", str(tmp_path), "--workers", "3"])
-    assert cli.beam_options(args) == ["--runner=DirectRunner", "--direct_num_workers=3",
+    assert cli.beam_options(args) == ["--runner=FnApiRunner", "--direct_num_workers=3",
                                       "--direct_running_mode=multi_processing"]
 
 

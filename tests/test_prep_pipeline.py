@@ -1,4 +1,4 @@
-"""The real Beam job on the DirectRunner: tiny MIDI files (good and bad) x a 3-preset SoundFont
+"""The real Beam job on Beam's local runner (FnApiRunner, what the DirectRunner runs it on): tiny MIDI files (good and bad) x a 3-preset SoundFont
 subset x tiny random codec and CLAP -> ArrayRecord shards read back with array_record.
 
 Checks what the job promises: records decode and trace back to their sources (re-rendering the
@@ -13,6 +13,7 @@ import glob
 import hashlib
 import os
 import shutil
+import tempfile
 
 import numpy as np
 import pytest
@@ -260,7 +261,10 @@ def test_nsynth_raw_library_with_procedural_phrases(tmp_path):
     np.testing.assert_array_equal(codec.encode(pairs.rerender(r, cfg, table=table)[None])[0], r.codes)
 
 
-def test_cli_multiprocess_run_matches_the_in_process_run(tmp_path, capsys):
+def test_cli_multiprocess_run_matches_the_in_process_run(tmp_path, capsys, monkeypatch):
+    # Beam's DirectRunner would first try to download its Prism runner, and offline leave a
+    # beam-temp* folder in the temporary directory on every run.
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     common = ["--programs", "0,40", "--pairs-per-instrument", "6", "--procedural-candidates", "10", "--num-segments", "6",
               "--table-pitches", "36:96:4", "--table-velocities", "50,110", "--records-per-shard", "4",
               "--codec", "tiny-encodec", "--clap", "tiny-clap", "--encode-batch-size", "2", "--chunk-size", "3"]
@@ -271,6 +275,7 @@ def test_cli_multiprocess_run_matches_the_in_process_run(tmp_path, capsys):
     for x, y in zip(one, two):
         assert filecmp.cmp(x, y, shallow=False), x
     assert '"train": 12' in capsys.readouterr().out
+    assert not glob.glob(str(tmp_path / "beam-temp*"))
     assert cli.main(["prep", "--out", str(tmp_path / "three"), "--codec", "facebook/encodec_32khz", "--offline"]) == 2
     assert "not in the Hugging Face cache" in capsys.readouterr().err
 

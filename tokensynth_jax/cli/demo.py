@@ -313,7 +313,7 @@ def add_demo_parser(sub) -> None:
     p.add_argument("--steps", type=checks.positive_int, default=1200, help="training steps")
     p.add_argument("--pairs-per-instrument", type=checks.positive_int, default=32)
     p.add_argument("--items", type=checks.positive_int, default=8, help="held-out clips synthesized per task")
-    p.add_argument("--workers", type=checks.positive_int, default=1, help="prep processes (DirectRunner)")
+    p.add_argument("--workers", type=checks.positive_int, default=1, help="prep processes (Beam's FnApiRunner)")
     p.add_argument("--programs", type=checks.gm_programs, default=DEMO_PROGRAMS,
                    help="comma-separated General MIDI programs, at least 2 (a sixth, at least one, are held out as test, "
                         "an eighth as valid)")

@@ -85,11 +85,12 @@ def _config(args):
 
 
 def beam_options(args) -> list[str]:
-    """Beam options: what follows `--`, or the DirectRunner with `--workers` processes."""
+    """Beam options: what follows `--`, or this machine's runner with `--workers` processes."""
+    from tokensynth_prep import pipeline
+
     extra = [a for a in args.beam_args if a != "--"]
     if not any(a.startswith("--runner") for a in extra):
-        extra = ["--runner=DirectRunner", f"--direct_num_workers={args.workers}",
-                 "--direct_running_mode=" + ("in_memory" if args.workers == 1 else "multi_processing")] + extra
+        extra = pipeline.local_runner_options(args.workers) + extra
     return extra
 
 
@@ -241,7 +242,7 @@ def add_prep_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--torch-threads", type=checks.non_negative_int, default=0)
     g.add_argument("--note-table-cache", type=checks.positive_int, default=2)
     g.add_argument("--workers", type=checks.positive_int, default=1,
-                   help="DirectRunner processes (when no --runner follows --)")
+                   help="local processes (Beam's FnApiRunner; when no --runner follows --)")
     p.add_argument("beam_args", nargs=argparse.REMAINDER, help="-- then Beam pipeline options")
     return p
 
