@@ -50,6 +50,11 @@ def test_demo_runs_the_whole_chain(tmp_path, capsys):
             audio, rate = soundfile.read(os.path.join(synth, f"{kind}-{clip}.wav"))
             longest = 5 + (synthesize.RELEASE_SECONDS if kind == "cloning" else 0.1)  # the MIDI's length, plus the release
             assert rate == 16000 and 0 < len(audio) <= longest * rate and np.all(np.isfinite(audio)), (kind, clip)
+            # No WAV clips in a player; the ones that would have are named, at the ceiling.
+            peak = synthesize.peak_dbfs(audio)
+            assert peak <= demo.LISTENING_PEAK_DBFS + 1e-4, (kind, clip)
+            if f"{kind}-{clip}.wav" in report["settings"]["wavs_scaled_db"]:
+                assert peak == pytest.approx(demo.LISTENING_PEAK_DBFS, abs=1e-4)
             if kind == "cloning":
                 generated.append(audio)
         assert os.path.isfile(os.path.join(workdir, "plots", f"{clip}.png"))  # target | generated
@@ -121,9 +126,11 @@ def test_silent_generated_clips_are_named_in_the_report_preamble():
     assert names == ["b", "c", "d"]
     codec = {"name": "demo-melrvq", "num_codebooks": 4, "codebook_size": 256, "frame_rate": 25.0, "sample_rate": rate}
     clips = [{"instrument": "sf2:x:000-000"}] * 4
-    md = demo._preamble(codec, "demo-spectral", False, clips, True, {"cloning": names})
-    assert "Silent (cloning): 3 of 4 generated clips peak below -60 dBFS (b, c, d)" in md
-    assert "Silent" not in demo._preamble(codec, "demo-spectral", False, clips, True, {"cloning": []})
+    md = demo._preamble(codec, "demo-spectral", False, clips, True, {"cloning": names}, {})
+    assert "Silent (cloning): 3 of 4 generated clips peak below -60 dBFS (b, c, d)" in md and "Scaled" not in md
+    md = demo._preamble(codec, "demo-spectral", False, clips, True, {"cloning": []}, {"cloning-a.wav": -13.52})
+    assert "Silent" not in md
+    assert "Scaled for listening: cloning-a.wav by -13.5 dB. These WAVs in synth/ peaked above full scale" in md
 
 
 def test_instrument_text_names_the_gm_program():

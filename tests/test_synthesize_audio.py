@@ -172,8 +172,9 @@ def test_cli_renders_a_wav_from_a_reference_recording(tiny_ckpt, wavs, tmp_path,
     printed = capsys.readouterr().out
     # One window from the first onset to the last note-off, 1.4 s, plus 0.25 s of release: 83 frames.
     assert "tune.mid: 2 notes in 1 window(s); frames per window 0.10+1.40 s: 83 (cap)" in printed
-    assert "tune.wav (1.75 s at 32000 Hz, codec tiny-encodec)" in printed  # the MIDI's 1.5 s + the release
+    assert "tune.wav (1.75 s at 32000 Hz, codec tiny-encodec" in printed  # the MIDI's 1.5 s + the release
     audio, sr = soundfile.read(out, dtype="float32")
+    peak = synthesize.peak_dbfs(audio)
     codes = np.load(tokens)[0]
     assert sr == 32000 and codes.shape == (83, 4) and (codes >= 0).all()
     assert len(audio) == round(1.75 * sr) and np.abs(audio).max() > 0
@@ -181,6 +182,31 @@ def test_cli_renders_a_wav_from_a_reference_recording(tiny_ckpt, wavs, tmp_path,
     np.testing.assert_array_equal(audio[: sr // 10], 0)  # before the first onset
     np.testing.assert_allclose(audio[sr // 10 :], decoded[: len(audio) - sr // 10], atol=1e-5)
     assert os.path.getsize(tmp_path / "tune.png") > 1000
+    # --peak-ceiling scales a WAV whose peak is above it down to it, and leaves the others as they are.
+    argv = argv[: argv.index("--tokens-out")] + ["--overwrite", "--peak-ceiling"]
+    assert cli.main(argv + [f"{peak - 6:.3f}"]) == 0
+    assert f"scaled by -6.0 dB: its peak was {peak:+.1f} dBFS" in capsys.readouterr().out
+    np.testing.assert_allclose(soundfile.read(out, dtype="float32")[0], audio * 10 ** (-6 / 20), rtol=1e-3, atol=1e-6)
+    assert peak < -1  # tiny-encodec's level at this seed: a ceiling above it changes nothing
+    assert cli.main(argv + ["-1"]) == 0
+    assert "scaled" not in capsys.readouterr().out
+    assert soundfile.read(out, dtype="float32")[0].tobytes() == audio.tobytes()
+
+
+def test_write_wav_keeps_peaks_above_full_scale_unless_given_a_ceiling(tmp_path):
+    from tokensynth_jax.cli import synthesis
+
+    loud = (3.0 * np.sin(np.linspace(0, 200, 8000))).astype(np.float32)
+    assert synthesize.write_wav(str(tmp_path / "a.wav"), loud, 16000) == 0.0
+    assert soundfile.read(tmp_path / "a.wav", dtype="float32")[0].tobytes() == loud.tobytes()
+    gain = synthesize.write_wav(str(tmp_path / "b.wav"), loud, 16000, peak_ceiling_dbfs=-1.0)
+    assert gain == pytest.approx(-1.0 - synthesize.peak_dbfs(loud)) and gain < -10
+    assert synthesize.peak_dbfs(soundfile.read(tmp_path / "b.wav", dtype="float32")[0]) == pytest.approx(-1.0, abs=1e-5)
+    assert synthesize.peak_dbfs(np.zeros(4)) == -np.inf
+    # What `tokensynth synthesize` says of each WAV's level.
+    assert "peaks at +9.5 dBFS" in synthesis._level_report(9.54, 0.0) and "--peak-ceiling -1" in synthesis._level_report(9.54, 0.0)
+    assert synthesis._level_report(-3.0, 0.0) == ""
+    assert synthesis._level_report(9.54, -10.54) == "; scaled by -10.5 dB: its peak was +9.5 dBFS"
 
 
 def test_cli_renders_long_midi_window_by_window_and_many_files_in_one_run(tiny_ckpt, wavs, tmp_path, capsys):
@@ -214,6 +240,7 @@ def test_cli_renders_long_midi_window_by_window_and_many_files_in_one_run(tiny_c
     (["--text", "a cello", "--mix", "0.5"], "give both"),
     (["--timbre-audio", "WAV:mono", "--text", "a cello", "--mix", "2"], r"\[0, 1\]"),
     (["--timbre-audio", "WAV:mono", "--codec", "tiny-dac"], "--codec asks for 'tiny-dac'"),
+    (["--timbre-audio", "WAV:mono", "--peak-ceiling", "3"], "--peak-ceiling.*at most 0"),
     (["--timbre-audio", "WAV:mono", "--clap", "laion/no_such_clap", "--offline"], "not in the Hugging Face cache"),
 ])
 def test_cli_bad_timbre_and_codec_inputs_exit_2_with_one_line(tiny_ckpt, wavs, tmp_path, capsys, extra, message):

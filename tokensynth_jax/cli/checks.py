@@ -70,6 +70,11 @@ def positive_float(text: str) -> float:
     return _number(float, text, lambda v: v > 0, "a positive number")
 
 
+def dbfs_ceiling(text: str) -> float:
+    """A peak level in dBFS: at most 0 (full scale)."""
+    return _number(float, text, lambda v: v <= 0, "a level in dBFS, at most 0")
+
+
 def probability(text: str) -> float:
     """A top-p mass: 0 < p <= 1."""
     return _number(float, text, lambda v: 0 < v <= 1, "in (0, 1]")

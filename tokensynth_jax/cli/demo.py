@@ -175,6 +175,7 @@ def spectrogram_figure(path: str, panels: list[tuple[str, np.ndarray]], sample_r
 
 
 SILENT_PEAK = 1e-3  # -60 dBFS: below it a generated clip is reported as silent
+LISTENING_PEAK_DBFS = -0.1  # the WAVs are for listening: one that would clip in a player is scaled down to this
 
 
 def silent_clips(names: list[str], audio: list[np.ndarray]) -> list[str]:
@@ -185,7 +186,7 @@ def silent_clips(names: list[str], audio: list[np.ndarray]) -> list[str]:
 
 
 def _preamble(codec: dict, clap: str, pretrained: bool, clips: list[dict], text_skipped: bool,
-              silent: dict[str, list[str]]) -> str:
+              silent: dict[str, list[str]], scaled: dict[str, float]) -> str:
     fit = f", fitted by prep on its own train-instrument renders (fit {codec['fit']})" if codec.get("fit") else ""
     lines = [f"Codec: `{codec['name']}` ({codec['num_codebooks']} codebooks x {codec['codebook_size']}, "
              f"{codec['frame_rate']:g} frames/s, {codec['sample_rate']} Hz{fit}).",
@@ -201,6 +202,10 @@ def _preamble(codec: dict, clap: str, pretrained: bool, clips: list[dict], text_
         if names:
             lines.append(f"Silent ({task}): {len(names)} of {len(clips)} generated clips peak below -60 dBFS "
                          f"({', '.join(names)}); they are scored as they are.")
+    if scaled:
+        gains = ", ".join(f"{name} by {gain:.1f} dB" for name, gain in scaled.items())
+        lines.append(f"Scaled for listening: {gains}. These WAVs in synth/ peaked above full scale, where players "
+                     f"clip; they now peak at {LISTENING_PEAK_DBFS:g} dBFS. The scores are of the audio as it came out.")
     return "\n\n".join(lines) + "\n"
 
 
@@ -257,14 +262,16 @@ def run(workdir: str, *, steps: int = 1200, pairs: int = 32, items: int = 8, max
         # A model that ends at once wrote silence: score it as silence (F1 0), don't fail on it.
         generated[task] = [a if len(a) else np.zeros(len(c["target"]), np.float32) for a, c in zip(audio, clips)]
     silent = {task: silent_clips([c["name"] for c in clips], g) for task, g in generated.items()}
-    eval_items, wavs = [], []
+    eval_items, wavs, scaled = [], [], {}
     for i, c in enumerate(clips):
         round_trip = codec_model.decode(codec_model.encode(c["target"][None]))[0]
         audio = {"target": c["target"], "reference": c["reference"], "codec round trip": round_trip,
                  **{task: g[i] for task, g in generated.items()}}
         for kind, samples in audio.items():
             path = os.path.join(synth, f"{kind.replace(' ', '-')}-{c['name']}.wav")
-            synthesize.write_wav(path, samples, rate)
+            gain = synthesize.write_wav(path, samples, rate, peak_ceiling_dbfs=LISTENING_PEAK_DBFS)
+            if gain:
+                scaled[os.path.basename(path)] = round(gain, 2)
             if kind in timbres:
                 wavs.append(path)
         panels = [("target (rendered)", c["target"])] + [(f"generated ({task})", g[i]) for task, g in generated.items()]
@@ -291,8 +298,8 @@ def run(workdir: str, *, steps: int = 1200, pairs: int = 32, items: int = 8, max
         {"codec": manifest["codec"], "timbre_embedder": clap, "pretrained_encoders": pretrained, "train_steps": step,
          "split": "test instruments (never trained on) x held-out procedural phrases",
          "target": "the phrase rendered by the instrument, dry", "sampler": repr(sampler),
-         "silent_generated": silent},
-        preamble=_preamble(manifest["codec"], clap, pretrained, clips, "text" not in generated, silent),
+         "silent_generated": silent, "wavs_scaled_db": scaled},
+        preamble=_preamble(manifest["codec"], clap, pretrained, clips, "text" not in generated, silent, scaled),
     )
     board = os.path.join(eval_dir, "tensorboard")
     evaluate.write_tensorboard(eval_items, results, board, step=step)

@@ -63,6 +63,9 @@ def add_synthesize_parser(sub) -> None:
                         "e.g. model.decode_attention=xla")
     p.add_argument("--tokens-out", metavar="OUT.npy")
     p.add_argument("--out", metavar="OUT.wav", help="the WAV (one MIDI file) or a folder of <stem>.wav")
+    p.add_argument("--peak-ceiling", type=checks.dbfs_ceiling, metavar="DBFS",
+                   help="scale a WAV down (never up) so that its peak is at most DBFS, e.g. -1 (default: the "
+                        "codec's output as it is, in 32-bit float, which keeps peaks above full scale)")
     p.add_argument("--spectrogram", action="store_true", help="a spectrogram PNG beside each WAV")
     p.add_argument("--overwrite", action="store_true", help="replace existing WAV, PNG and .npy files")
 
@@ -210,16 +213,17 @@ def _synthesize(args) -> int:
                                          guidance=guidance, unconditional_model=uncond, min_rows=args.min_rows,
                                          progress=True)
     codes = _codes_array(result.codes, cfg.num_codebooks) if tokens_temp is not None else None
+    gains = []
     with outputs:
         for b, (_, wav, png) in enumerate(wavs):
-            synthesize.write_wav(wav, result.audio[b], result.sample_rate)
+            gains.append(synthesize.write_wav(wav, result.audio[b], result.sample_rate, args.peak_ceiling))
             if png is not None:
                 synthesize.write_spectrogram(png, result.audio[b], result.sample_rate,
                                              title=os.path.basename(args.midi[b]))
         if tokens_temp is not None:
             with open(tokens_temp, "wb") as f:  # a file object: np.save adds no ".npy" to the temporary name
                 np.save(f, codes)
-    _report(args, result, wavs, codes)
+    _report(args, result, wavs, gains, codes)
     return 0
 
 
@@ -247,18 +251,31 @@ def _codes_array(codes: list, num_codebooks: int) -> np.ndarray:
     return out
 
 
-def _report(args, result, wavs, codes) -> None:
+def _report(args, result, wavs, gains, codes) -> None:
+    from tokensynth_jax.inference import synthesize
+
     for b, path in enumerate(args.midi):
         print(_window_report(path, result.windows[b], result.codes[b], result.ended[b], result.early_ends[b]))
         if wavs:
             final, _, png = wavs[b]
             audio = result.audio[b]
-            print(f"wrote {final} ({len(audio) / result.sample_rate:.2f} s at {result.sample_rate} Hz, codec {result.codec})")
+            print(f"wrote {final} ({len(audio) / result.sample_rate:.2f} s at {result.sample_rate} Hz, codec {result.codec}"
+                  f"{_level_report(synthesize.peak_dbfs(audio), gains[b])})")
             if png is not None:
                 print(f"wrote {os.path.splitext(final)[0]}.png")
     if codes is not None:
         print(f"wrote codes {codes.shape} (items x frames x codebooks, windows one after another, "
               f"-1 after each item's end) to {args.tokens_out}")
+
+
+def _level_report(peak_dbfs: float, gain_db: float) -> str:
+    """What the WAV's level needs said: the gain `--peak-ceiling` applied, or a peak above full scale."""
+    if gain_db:
+        return f"; scaled by {gain_db:.1f} dB: its peak was {peak_dbfs:+.1f} dBFS"
+    if peak_dbfs > 0:
+        return (f"; peaks at {peak_dbfs:+.1f} dBFS, kept in the float WAV, but players that convert to integer "
+                "samples clip it: --peak-ceiling -1 scales it down")
+    return ""
 
 
 def _window_report(path: str, windows: list, codes: list, ended: list, early: list) -> str:

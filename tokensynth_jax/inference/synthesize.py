@@ -302,12 +302,29 @@ def synthesize_audio(
                        codec.info.name if codec else "", early)
 
 
-def write_wav(path: str, audio: np.ndarray, sample_rate: int) -> None:
-    """A 32-bit float WAV (no clipping of codec output that overshoots +-1)."""
+def peak_dbfs(audio: np.ndarray) -> float:
+    """The peak sample level in dB relative to full scale (1.0); -inf for silence."""
+    peak = float(np.max(np.abs(audio), initial=0.0))
+    return 20.0 * math.log10(peak) if peak > 0 else -math.inf
+
+
+def write_wav(path: str, audio: np.ndarray, sample_rate: int, peak_ceiling_dbfs: float | None = None) -> float:
+    """A 32-bit float WAV; returns the gain applied, in dB (0.0: none).
+
+    Without a ceiling, codec output that overshoots +-1 is kept as it is, not clipped. With
+    `peak_ceiling_dbfs`, a clip whose peak is above it is scaled down (never up) to peak there:
+    most players convert to integer samples and clip what lies above full scale.
+    """
     import soundfile
 
+    audio = np.asarray(audio, np.float32)
+    gain_db = 0.0
+    if peak_ceiling_dbfs is not None and peak_dbfs(audio) > peak_ceiling_dbfs:
+        gain_db = peak_ceiling_dbfs - peak_dbfs(audio)
+        audio = audio * np.float32(10.0 ** (gain_db / 20.0))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    soundfile.write(path, np.asarray(audio, np.float32), sample_rate, subtype="FLOAT")
+    soundfile.write(path, audio, sample_rate, subtype="FLOAT")
+    return gain_db
 
 
 def log_spectrogram(audio: np.ndarray, sample_rate: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
