@@ -181,11 +181,21 @@ class MelRVQ:
 
     # --- synthesis --------------------------------------------------------------------------------
     def log_magnitude(self, codes_tk: np.ndarray) -> np.ndarray:
-        """The decoder's log |STFT| [T, bins] of one clip's codes."""
+        """The decoder's log |STFT| [T, bins] of one clip's codes, each frame as loud as its codebook-0 level.
+
+        The least-squares fit predicts a frame as a sum of one vector per shape code; where rarely
+        seen codes meet, that sum can put the frame's loudness tens of dB off (a codec round trip
+        peaked at 8.7x full scale). So each frame is shifted to the loudness its code 0 says:
+        its mean log mel power is set to that level (measured on 40 held-out demo clips:
+        transcription F1 0.474 -> 0.492, MSS 8.10 -> 7.66, highest peak 8.70 -> 2.75).
+        """
         size = self.config.codebook_size
         rows = codes_tk[:, 1:] + np.arange(self.codebooks.shape[0]) * size  # one decoder row per shape code
+        level = self.gain_levels[codes_tk[:, 0]]
         # Loudness is log mel *power*, the decoder writes log *magnitude*: half of it.
-        return 0.5 * self.gain_levels[codes_tk[:, 0], None] + self.decoder[rows].sum(axis=1) + self.decoder[-1]
+        log_mag = 0.5 * level[:, None] + self.decoder[rows].sum(axis=1) + self.decoder[-1]
+        loudness = np.log(np.maximum(np.exp(2.0 * log_mag) @ self._mel.T, _LOG_FLOOR)).mean(axis=1)  # as encode
+        return log_mag + 0.5 * (level - loudness)[:, None]
 
     def decode(self, codes_btk: np.ndarray) -> np.ndarray:
         """Audio of each item's codes.
