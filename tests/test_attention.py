@@ -10,6 +10,7 @@ import pytest
 from conftest import lower_pallas_for_cuda, randomize
 from flax import nnx
 
+from tokensynth_jax import config
 from tokensynth_jax.config import ModelConfig
 from tokensynth_jax.model import attention
 from tokensynth_jax.model.transformer import TokenSynth
@@ -103,6 +104,17 @@ def test_auto_is_xla_on_cpu_and_explicit_names_pass_through():
     assert attention.resolve("pallas_tpu", jnp.float32) == "pallas_tpu"
     with pytest.raises(ValueError, match="unknown attention implementation"):
         attention.causal_self_attention(*_qkv(jnp.float32), impl="flash")
+
+
+def test_auto_follows_the_platform_compiled_for_from_this_host():
+    # What an ahead-of-time compile for other devices gets (training/plan.py, benchmarks/gpu_aot.py).
+    with config.compiling_for("cuda"):
+        assert attention.resolve("auto", jnp.bfloat16) == "cudnn"
+        assert attention.resolve("auto", jnp.float32) == "xla"  # cuDNN's flash kernel has no fp32 path
+    with config.compiling_for("rocm"):
+        assert attention.resolve("auto", jnp.bfloat16) == "xla"
+    with config.compiling_for("tpu"):
+        assert attention.resolve("auto", jnp.float32) == "pallas_tpu"
 
 
 def test_config_checks_the_attention_implementation():

@@ -354,9 +354,10 @@ def platform() -> str:
 
 @contextlib.contextmanager
 def compiling_for(target: str):
-    """Models built and traced inside are for `target` ("tpu", "gpu", "cpu"), not the default
-    backend: an ahead-of-time compile for another platform's devices (training/plan.py compiles
-    for a TPU topology from a host whose backend is its CPU)."""
+    """Models built and traced inside are for `target` ("tpu", "cuda", "rocm", "gpu", "cpu"), not
+    the default backend: an ahead-of-time compile for another platform's devices (training/plan.py
+    compiles for a TPU topology, benchmarks/gpu_aot.py for an H100, from a host whose backend is
+    its CPU). "gpu" asks the GPU backend for its vendor, so name "cuda" or "rocm" where there is none."""
     token = _TARGET_PLATFORM.set(target)
     try:
         yield

@@ -50,7 +50,9 @@ def resolve(impl: str, dtype) -> str:
     backend = config.platform()
     if backend == "tpu":
         return "pallas_tpu"
-    cuda = backend == "gpu" and "cuda" in jax.extend.backend.get_backend().platform_version.lower()
+    # JAX's GPU backend is "gpu" and says its vendor; a target that `compiling_for` names ("cuda",
+    # from a host without a GPU: benchmarks/gpu_aot.py) has no backend here to ask.
+    cuda = backend == "cuda" or (backend == "gpu" and "cuda" in jax.extend.backend.get_backend().platform_version.lower())
     if cuda and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
         return "cudnn"
     return "xla"
