@@ -127,3 +127,36 @@ def test_kernel_time_is_the_difference_between_sweep_counts_and_noise_is_no_numb
     assert 0.008 < per_sweep < 0.015  # the fixed 20 ms cancels
     with pytest.raises(RuntimeError, match="timing noise"):
         kernels._per_sweep(lambda r: make(r, sweep=-0.005), (), reps=2, repeats=(1, 2))  # 2 sweeps ran faster
+
+
+def test_gpu_aot_counts_the_kernels_that_transpose_and_their_batch_minor_outputs():
+    import gpu_aot
+
+    hlo = """HloModule jit_train_step, is_scheduled=true
+
+%fused_transpose (param_0: f32[32,1024,1024]) -> f32[1024,1024,32] {
+  %param_0 = f32[32,1024,1024]{2,1,0} parameter(0)
+  ROOT %transpose.1 = f32[1024,1024,32]{2,1,0} transpose(%param_0), dimensions={1,2,0}
+}
+
+%region_add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %add.2 = f32[] add(%a, %b)
+}
+
+ENTRY %main.1 (p: f32[32,1024,1024]) -> f32[] {
+  %p = f32[32,1024,1024]{2,1,0} parameter(0)
+  %input_transpose_fusion.26 = f32[1024,1024,32]{2,1,0} fusion(%p), kind=kInput, calls=%fused_transpose
+  %loop_add_fusion.1 = bf16[32,1024,1024]{2,1,0} fusion(%p), kind=kLoop, calls=%fused_transpose
+  %attention.3 = (bf16[32,16,1024,64]{3,1,2,0}, f32[32,16,1024]{2,1,0}) custom-call(%p), custom_call_target="__cudnn$fmhaSoftmax"
+  %zero = f32[] constant(0)
+  ROOT %reduce.4 = f32[] reduce(%p, %zero), dimensions={0,1,2}, to_apply=%region_add
+}
+"""
+    counts = gpu_aot.hlo_counts(hlo, batch=32)
+    # The transpose inside the fusion body is the fusion's, not a kernel of its own.
+    assert counts["fusions"] == 2 and counts["transposing_fusions"] == 1
+    assert counts["transposing_gb"] == pytest.approx(1024 * 1024 * 32 * 4 / 1e9)
+    assert counts["batch_minor_outputs"] == 1 and counts["batch_minor_gb"] == counts["transposing_gb"]
+    assert counts["library_calls"] == {"__cudnn$fmhaSoftmax": 1}

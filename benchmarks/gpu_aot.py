@@ -1,0 +1,201 @@
+"""The train step compiled for an H100 on a host without a GPU: XLA's optimized GPU program, read.
+
+On a lent GPU the profile says where a step's time goes; between lends this says, from any CPU
+host, what XLA makes of a variant: how many kernels, how many of them transpose (the batch-minor
+residual stream that cost ~16 ms of a 105 ms step on the H100, 2026-11-27), the bytes XLA's cost
+model counts outside cuBLAS/cuDNN calls, and the memory it plans. It times nothing: autotuning
+needs the GPU, so every GEMM is a default Triton tiling here and only counts, not speed, compare.
+
+Deviceless compilation goes through the CUDA PJRT plugin with a GPU target description
+(`jax.experimental.topologies.get_topology_desc(platform="cuda", target_config=...)`); the model
+follows it through `config.compiling_for("cuda")`, so the "auto" choices are a GPU's. The plugin
+and its compiler (ptxas, cuDNN) come with `jax[cuda13]`, about 4.6 GB, in a Python >= 3.12
+environment of its own (jax 0.11):
+
+    python3.12 -m venv /tmp/gpuaot && /tmp/gpuaot/bin/pip install 'jax[cuda13]==0.11.2' flax optax \\
+        orbax-checkpoint ml_collections
+    CUDA_VISIBLE_DEVICES= JAX_PLATFORMS=cpu XLA_FLAGS=--xla_gpu_autotune_level=0 \\
+        /tmp/gpuaot/bin/python benchmarks/gpu_aot.py --out /tmp/gpu_aot [--variant NAME=model.F=V,...]
+
+Each variant's numbers go to OUT/results.jsonl as it finishes (its HLO to OUT/NAME.hlo.txt), and
+the table to stdout. Results: docs/benchmarks.md, "The train step compiled for an H100 from this
+CPU host".
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import math
+import os
+import re
+import resource
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402,F401  (our packages importable from a bare checkout)
+
+# An H100 80GB HBM3 (SXM) as XLA's GpuTargetConfigProto describes it.
+H100 = """gpu_device_info { threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
+shared_memory_per_core: 233472 threads_per_core_limit: 2048 core_count: 132 fpus_per_core: 128
+block_dim_limit_x: 2147483647 block_dim_limit_y: 65535 block_dim_limit_z: 65535 memory_bandwidth: 3352320000000
+l2_cache_size: 52428800 clock_rate_ghz: 1.98 device_memory_size: 84929347584 shared_memory_per_block_optin: 232448
+cuda_compute_capability { major: 9 } registers_per_core_limit: 65536 registers_per_block_limit: 65536 }
+platform_name: "CUDA" dnn_version_info { major: 9 minor: 10 } runtime_version { major: 13 minor: 0 }
+device_description_str: "NVIDIA H100 80GB HBM3"
+"""
+VARIANTS = {  # name -> config overrides on top of the reference model in bf16 (the accelerator benchmark's)
+    "defaults": {},
+    "row_major": {"model.residual_layout": "row_major"},
+    "gelu_recompute": {"model.gelu_grad": "recompute"},
+    "row_major+gelu_recompute": {"model.residual_layout": "row_major", "model.gelu_grad": "recompute"},
+}
+GB = 1e9
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4,
+                "s64": 8, "u64": 8, "f64": 8}
+_ARRAY = re.compile(r"\b(pred|[su](?:8|16|32|64)|bf16|f16|f32|f64)\[([\d,]*)\](?:\{([\d,]*)[^}]*\})?")
+
+
+def _arrays(type_text: str):
+    """(dims, minor-to-major layout or None, bytes) of each array in an HLO instruction's type."""
+    for dtype, dims, layout in _ARRAY.findall(type_text):
+        shape = [int(d) for d in dims.split(",") if d]
+        minor = [int(d) for d in layout.split(",") if d] if layout else None
+        yield shape, minor, _DTYPE_BYTES[dtype] * math.prod(shape)
+
+
+def hlo_counts(text: str, batch: int) -> dict:
+    """Kernel-level counts of an optimized HLO module: the instructions of the computations that are
+    not fusion bodies or reducers (each fusion, copy or custom-call there is a kernel or a library call)."""
+    bodies, computations, current = set(), collections.defaultdict(list), None
+    for line in text.splitlines():
+        if line and not line.startswith(" "):
+            head = re.match(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s", line)
+            current = head.group(1) if head and line.rstrip().endswith("{") else None
+        elif current and "=" in line:
+            computations[current].append(line.strip())
+            bodies.update(re.findall(r"(?:calls|to_apply)=%([\w.\-]+)", line))
+    kernels = [i for name, lines in computations.items() if name not in bodies for i in lines]
+
+    def op(line):
+        found = re.search(r"\)?\s([\w\-]+)\(", line.split("=", 1)[1])
+        return found.group(1) if found else ""
+
+    def out_type(line):
+        return line.split("=", 1)[1].split(" " + op(line) + "(")[0]
+
+    fusions = [i for i in kernels if op(i) == "fusion"]
+    transposing = [i for i in fusions if "transpose" in i.split("=", 1)[0]]
+    batch_minor = [i for i in kernels if op(i) not in ("parameter", "get-tuple-element", "tuple", "bitcast")
+                   and any(m and len(s) >= 3 and s[m[0]] == batch for s, m, _ in _arrays(out_type(i)))]
+    calls = collections.Counter(re.search(r'custom_call_target="([^"]+)"', i).group(1)
+                                for i in kernels if op(i) == "custom-call" and "custom_call_target" in i)
+    size = lambda items: sum(b for i in items for _, _, b in _arrays(out_type(i))) / GB  # noqa: E731
+    return {"fusions": len(fusions), "transposing_fusions": len(transposing), "transposing_gb": size(transposing),
+            "batch_minor_outputs": len(batch_minor), "batch_minor_gb": size(batch_minor),
+            "library_calls": dict(sorted(calls.items()))}
+
+
+def compile_variant(name: str, overrides: dict, devices, batch: int, seq: int, out: str) -> dict:
+    import jax
+    from flax import nnx
+    from jax._src import xla_bridge
+    from jax._src.lib import _jax
+
+    from tokensynth_jax import sharding
+    from tokensynth_jax.config import ModelConfig, compiling_for, load_config_file
+    from tokensynth_jax.model import attention
+    from tokensynth_jax.model.transformer import TokenSynth
+    from tokensynth_jax.training import optim
+    from tokensynth_jax.training import train_step as ts
+
+    config = load_config_file("reference", {"model.dtype": "bfloat16", "data.global_batch": batch,
+                                            "data.seq_len": seq, **overrides})
+    with compiling_for("cuda"):
+        cfg = ModelConfig.from_dict(config.model.to_dict())
+        mesh = sharding.make_mesh(config.mesh.to_dict(), devices)
+        oc = optim.OptimConfig.from_dict(config.optim.to_dict())
+        graphdef, abstract = nnx.split(nnx.eval_shape(lambda: (m := TokenSynth(cfg, rngs=nnx.Rngs(0)),
+                                                               optim.optimizer_for(m, oc))))
+        shardings = sharding.state_shardings(abstract, mesh)
+        state = jax.tree.map(lambda s, v: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s)),
+                             shardings, abstract)
+        batch_shardings = ts.batch_shardings(mesh)
+        step = ts.jit_train_step(graphdef, shardings, batch_shardings, null_rate=config.train.null_rate,
+                                 grad_accum=config.train.grad_accum)
+        start = time.perf_counter()
+        with jax.set_mesh(mesh):
+            compiled = step.lower(state, ts.abstract_batch(cfg, batch, seq, batch_shardings),
+                                  jax.ShapeDtypeStruct((2,), jax.numpy.uint32)).compile()
+        seconds = time.perf_counter() - start
+        resolved = {"attention": attention.resolve(cfg.attention_impl, cfg.dtype), "residual_layout": cfg.residual_layout_impl,
+                    "gelu_grad": cfg.gelu_grad_impl, "dropout_rng": cfg.dropout_rng_impl,
+                    "scans_layers": cfg.scans_layers}
+    text = compiled.as_text()
+    with open(os.path.join(out, f"{name}.hlo.txt"), "w") as f:
+        f.write(text)
+    memory = compiled.memory_analysis()
+    # The compile-only executable has no cost analysis of its own: XLA's generic one over the same
+    # optimized module, which counts nothing inside cuBLAS / cuDNN calls.
+    cost = _jax.hlo_module_cost_analysis(xla_bridge.get_backend("cpu"), compiled.runtime_executable().hlo_modules()[0])
+    return {"variant": name, "overrides": overrides, "resolved": resolved, "batch": batch, "seq": seq,
+            "compile_s": round(seconds, 1), "argument_gb": memory.argument_size_in_bytes / GB,
+            "temp_gb": memory.temp_size_in_bytes / GB, "bytes_accessed_gb": cost.get("bytes accessed", 0) / GB,
+            "host_peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB,
+            **hlo_counts(text, batch)}
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| variant | compile s | temp GB | arguments GB | bytes accessed GB (outside library calls) | fusions "
+             "| transposing fusions (n / GB written) | batch-minor outputs (n / GB) | library calls |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        calls = ", ".join(f"{k} {v}" for k, v in r["library_calls"].items())
+        lines.append(f"| {r['variant']} | {r['compile_s']:.0f} | {r['temp_gb']:.2f} | {r['argument_gb']:.2f} | "
+                     f"{r['bytes_accessed_gb']:.1f} | {r['fusions']} | {r['transposing_fusions']} / "
+                     f"{r['transposing_gb']:.2f} | {r['batch_minor_outputs']} / {r['batch_minor_gb']:.2f} | {calls} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="folder for results.jsonl and each variant's HLO")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--seq", type=int, default=1024)
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=model.F=V,...",
+                   help="compile these instead of VARIANTS (NAME= alone: the defaults)")
+    args = p.parse_args(argv)
+    import jax
+    from jax.experimental import topologies
+
+    if jax.default_backend() != "cpu":
+        p.error("run it where JAX's backend is the CPU (JAX_PLATFORMS=cpu): it compiles for an H100 it does not have")
+    variants = VARIANTS
+    if args.variant:
+        variants = {}
+        for spec in args.variant:
+            name, _, rest = spec.partition("=")
+            variants[name] = dict(kv.split("=", 1) for kv in rest.split(",") if kv)
+    devices = list(topologies.get_topology_desc(platform="cuda", topology="1x1x1", target_config=H100).devices)
+    os.makedirs(args.out, exist_ok=True)
+    rows = []
+    for name, overrides in variants.items():
+        try:
+            rows.append(compile_variant(name, overrides, devices, args.batch, args.seq, args.out))
+        except Exception as e:  # one variant's failure (a kernel that does not lower) costs only that row
+            print(f"{name}: {type(e).__name__}: {str(e).splitlines()[0][:300]}", flush=True)
+            continue
+        with open(os.path.join(args.out, "results.jsonl"), "a") as f:
+            f.write(json.dumps({**rows[-1], "device": devices[0].device_kind, "jax": jax.__version__,
+                                "xla_flags": os.environ.get("XLA_FLAGS", "")}) + "\n")
+        print(f"{name}: compiled in {rows[-1]['compile_s']:.0f} s", flush=True)
+    print(f"\n{devices[0].device_kind}, batch {args.batch} x {args.seq}, bf16 compute, jax {jax.__version__}\n")
+    print(table(rows))
+    print(f"\nDevice memory is XLA's plan (temporaries + arguments); this host's peak RSS: "
+          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB:.1f} GB")
+    return 0 if rows else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
