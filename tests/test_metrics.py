@@ -252,3 +252,21 @@ def test_a_malformed_manifest_is_one_line(tmp_path, capsys, content, message):
     assert cli.main(["eval", str(tmp_path / "items.jsonl"), "--clap", "none"]) == 2
     err = capsys.readouterr().err
     assert message in err and "items.jsonl" in err and len(err.strip().splitlines()) == 1
+
+
+def test_transcribing_leaves_no_onnxruntime_telemetry_behind(tmp_path):
+    import subprocess
+    import sys
+
+    # onnxruntime's telemetry, on at import unless ORT_DISABLE_TELEMETRY is set, writes a device id
+    # and an event queue into the user's cache folder and a session file into the temporary one.
+    env = {k: v for k, v in os.environ.items() if k != "ORT_DISABLE_TELEMETRY"}
+    dirs = {name: tmp_path / name for name in ("XDG_CACHE_HOME", "TMPDIR", "HOME")}
+    for path in dirs.values():
+        path.mkdir()
+    code = ("import numpy as np; from tokensynth_jax.evaluation import metrics; "
+            "print(len(metrics.transcribe(0.3 * np.sin(np.arange(22050) * 0.1255).astype(np.float32), 22050)))")
+    run = subprocess.run([sys.executable, "-c", code], env={**env, **{k: str(v) for k, v in dirs.items()}},
+                         capture_output=True, text=True, timeout=300, check=False)
+    assert run.returncode == 0 and int(run.stdout.split()[-1]) >= 1, run.stderr[-2000:]  # it heard the tone
+    assert not [str(p) for d in dirs.values() for p in d.rglob("*")]

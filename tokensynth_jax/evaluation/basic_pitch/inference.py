@@ -23,12 +23,19 @@
 # nmp.onnx beside this file. Dropped: the TensorFlow, CoreML and TFLite branches, file and
 # output-path checks, CSV/MIDI/NPZ writing and `predict`'s prints.
 """Runs basic-pitch's ONNX model over overlapping 2 s windows and stitches the frames back together."""
+import os
 import pathlib
 from typing import Dict, Iterable
 
 import numpy as np
 import numpy.typing as npt
-import onnxruntime as ort
+
+# Added for tokensynth-jax: onnxruntime (1.32, Linux) starts Microsoft's telemetry when it is
+# imported: a device id and an event queue under ~/.cache/Microsoft/DeveloperTools, a `.ses` file
+# in $TMPDIR, and DNS look-ups to post the events. Scoring clips has no business doing that; the
+# variable must be set before the import, and a user's own setting wins.
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+import onnxruntime as ort  # noqa: E402
 
 from tokensynth_jax.evaluation.basic_pitch.constants import (
     ANNOTATIONS_FPS,
