@@ -328,6 +328,32 @@ def test_missing_pretrained_weights_are_an_error_not_random_weights():
         assert "huggingface-cli" not in str(e.value)
 
 
+def test_offline_asks_no_host_for_anything(tmp_path):
+    """With local_files_only alone, huggingface_hub (2.4) still fetched its registry of AI-agent
+    harnesses from the hub, in a fresh cache; --offline must not look a host up at all."""
+    import subprocess
+    import sys
+
+    code = """
+import socket, sys
+asked = []
+sys.addaudithook(lambda event, args: asked.append(args[0]) if event in ("socket.getaddrinfo", "socket.connect") else None)
+from tokensynth_jax.audio import encoders
+for check in (lambda: encoders.codec_info("facebook/encodec_32khz", offline=True),
+              lambda: encoders.check_clap("laion/larger_clap_music", offline=True)):
+    try:
+        check()
+    except encoders.EncoderError as e:
+        print(e)
+print("asked:", asked)
+"""
+    env = {**{k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}, "HF_HOME": str(tmp_path / "hf")}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.count("is not in the Hugging Face cache, and --offline keeps off the hub") == 2, run.stdout
+    assert run.stdout.strip().endswith("asked: []")
+
+
 def test_a_local_encoder_that_is_a_file_or_an_empty_folder_is_named_as_such(tmp_path, monkeypatch):
     """An existing path was said to be "no such directory", or taken for a hub id (one slash)."""
     (tmp_path / "weights.bin").write_bytes(b"x")

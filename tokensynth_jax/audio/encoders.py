@@ -15,6 +15,7 @@ items share its batch, which keeps shards byte-identical however the runner bund
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -119,7 +120,7 @@ def _unfitted(name: str) -> EncoderError:
                         f"elsewhere name the fitted state it wrote, OUT/codec/{melrvq.NAME}.npz")
 
 
-def _missing(name: str, what: str, e: Exception) -> EncoderError:
+def _missing(name: str, what: str, e: Exception, offline: bool) -> EncoderError:
     tiny = "tiny-encodec" if what == "codec" else "tiny-clap"
     folder = (f"a local {what} is a folder with config.json and the weights, as transformers' save_pretrained "
               "writes it")
@@ -129,8 +130,10 @@ def _missing(name: str, what: str, e: Exception) -> EncoderError:
         return EncoderError(f"--{what} {name}: holds no config.json ({folder})")
     if name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1:  # a local path, not an org/name id
         return EncoderError(f"--{what} {name}: no such directory ({folder})")
+    why = "--offline keeps off the hub" if offline else \
+        "the hub is unreachable" if hub_unreachable() else "the hub did not give it"
     return EncoderError(
-        f"{what} {name!r} is not in the Hugging Face cache and the hub is unreachable ({type(e).__name__}): "
+        f"{what} {name!r} is not in the Hugging Face cache, and {why} ({type(e).__name__}): "
         f"download it first (huggingface-cli download {name}) or pick a tiny preset explicitly "
         f"(--{what} {tiny}); presets: {sorted(CODEC_PRESETS if what == 'codec' else CLAP_PRESETS)}, and the "
         f"offline demo's {melrvq.NAME if what == 'codec' else spectral_embedder.NAME}"
@@ -158,19 +161,35 @@ def hub_unreachable() -> bool:
         return True
 
 
-def _local_only(name: str, offline: bool) -> bool:
-    """`local_files_only` for `from_pretrained(name)`: offline asked for, or a hub id while the hub
-    is unreachable (then the cache answers at once)."""
-    return offline or (not os.path.isdir(name) and hub_unreachable())
+@contextlib.contextmanager
+def _local_only(name: str, offline: bool):
+    """Yields `local_files_only` for `from_pretrained(name)`: offline asked for, or a hub id while
+    the hub is unreachable (then the cache answers at once).
+
+    While it is true huggingface_hub is told it is offline too: with `local_files_only` alone it
+    still asks the hub for its registry of AI-agent harnesses (huggingface_hub 2.4, a 3 s request
+    once a day), which `--offline` promises not to do.
+    """
+    if not (offline or (not os.path.isdir(name) and hub_unreachable())):
+        yield False
+        return
+    from huggingface_hub import constants
+
+    before, constants.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE, True
+    try:
+        yield True
+    finally:
+        constants.HF_HUB_OFFLINE = before
 
 
 def _hub_config(name: str, what: str, offline: bool):
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(name, local_files_only=_local_only(name, offline))
+        with _local_only(name, offline) as local:
+            return AutoConfig.from_pretrained(name, local_files_only=local)
     except (OSError, ValueError) as e:
-        raise _missing(name, what, e) from e
+        raise _missing(name, what, e, offline) from e
 
 
 def _codec_config(name: str, offline: bool):
@@ -297,9 +316,10 @@ class Codec:
                 _init_encodec_codebooks(model)
         else:
             try:
-                model = cls.from_pretrained(name, local_files_only=_local_only(name, offline))
+                with _local_only(name, offline) as local:
+                    model = cls.from_pretrained(name, local_files_only=local)
             except OSError as e:
-                raise _missing(name, "codec", e) from e
+                raise _missing(name, "codec", e, offline) from e
         self.kind, self.batch_size, self.device = kind, batch_size, _torch_device(device)
         self.model = model.eval().to(self.device)
         self._bandwidth = max(config.target_bandwidths) if kind == "encodec" else None
@@ -418,12 +438,12 @@ class ClapEmbedder:
             # LAION's unfused checkpoints: one 10 s window, short clips repeated then padded.
             features = ClapFeatureExtractor(truncation="rand_trunc", padding="repeatpad")
         else:
-            local = _local_only(name, offline)
             try:
-                model = ClapModel.from_pretrained(name, local_files_only=local)
-                features = ClapFeatureExtractor.from_pretrained(name, local_files_only=local)
+                with _local_only(name, offline) as local:
+                    model = ClapModel.from_pretrained(name, local_files_only=local)
+                    features = ClapFeatureExtractor.from_pretrained(name, local_files_only=local)
             except OSError as e:
-                raise _missing(name, "clap", e) from e
+                raise _missing(name, "clap", e, offline) from e
         self._offline, self._tokenizer = offline, None  # the text tokenizer loads on first use
         self.device = _torch_device(device)
         self.model, self.features = model.eval().to(self.device), features
@@ -477,10 +497,10 @@ class ClapEmbedder:
                 from transformers import AutoTokenizer
 
                 try:
-                    self._tokenizer = AutoTokenizer.from_pretrained(
-                        self.name, local_files_only=_local_only(self.name, self._offline))
+                    with _local_only(self.name, self._offline) as local:
+                        self._tokenizer = AutoTokenizer.from_pretrained(self.name, local_files_only=local)
                 except OSError as e:
-                    raise _missing(self.name, "clap", e) from e
+                    raise _missing(self.name, "clap", e, self._offline) from e
             return dict(self._tokenizer(texts, padding=True, truncation=True, return_tensors="pt"))
         # Random presets have no vocabulary to load (the hub is out of reach and a random model
         # has nothing to agree with), so their tokenizer is hand-written: UTF-8 bytes folded into
