@@ -34,7 +34,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common  # noqa: E402,F401  (our packages importable from a bare checkout)
+import _common  # noqa: F401  (our packages importable from a bare checkout)
 
 # An H100 80GB HBM3 (SXM) as XLA's GpuTargetConfigProto describes it.
 H100 = """gpu_device_info { threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
@@ -91,7 +91,7 @@ def hlo_counts(text: str, batch: int) -> dict:
                    and any(m and len(s) >= 3 and s[m[0]] == batch for s, m, _ in _arrays(out_type(i)))]
     calls = collections.Counter(re.search(r'custom_call_target="([^"]+)"', i).group(1)
                                 for i in kernels if op(i) == "custom-call" and "custom_call_target" in i)
-    size = lambda items: sum(b for i in items for _, _, b in _arrays(out_type(i))) / GB  # noqa: E731
+    size = lambda items: sum(b for i in items for _, _, b in _arrays(out_type(i))) / GB
     return {"fusions": len(fusions), "transposing_fusions": len(transposing), "transposing_gb": size(transposing),
             "batch_minor_outputs": len(batch_minor), "batch_minor_gb": size(batch_minor),
             "library_calls": dict(sorted(calls.items()))}
@@ -147,8 +147,8 @@ def compile_variant(name: str, overrides: dict, devices, batch: int, seq: int, o
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| variant | compile s | temp GB | arguments GB | bytes accessed GB (outside library calls) | fusions "
-             "| transposing fusions (n / GB written) | batch-minor outputs (n / GB) | library calls |",
+    lines = [("| variant | compile s | temp GB | arguments GB | bytes accessed GB (outside library calls) | fusions "
+              "| transposing fusions (n / GB written) | batch-minor outputs (n / GB) | library calls |"),
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         calls = ", ".join(f"{k} {v}" for k, v in r["library_calls"].items())
@@ -183,7 +183,7 @@ def main(argv=None) -> int:
     for name, overrides in variants.items():
         try:
             rows.append(compile_variant(name, overrides, devices, args.batch, args.seq, args.out))
-        except Exception as e:  # one variant's failure (a kernel that does not lower) costs only that row
+        except Exception as e:  # noqa: BLE001  (one variant's failure, a kernel that does not lower, costs only its row)
             print(f"{name}: {type(e).__name__}: {str(e).splitlines()[0][:300]}", flush=True)
             continue
         with open(os.path.join(args.out, "results.jsonl"), "a") as f:

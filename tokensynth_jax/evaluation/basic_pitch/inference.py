@@ -35,7 +35,7 @@ import numpy.typing as npt
 # in $TMPDIR, and DNS look-ups to post the events. Scoring clips has no business doing that; the
 # variable must be set before the import, and a user's own setting wins.
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
-import onnxruntime as ort  # noqa: E402
+import onnxruntime as ort
 
 from tokensynth_jax.evaluation.basic_pitch.constants import (
     ANNOTATIONS_FPS,
