@@ -48,9 +48,13 @@ def _compile_step(*args):
 
 def test_a_tpu_topology_compiles_with_the_splash_kernels_from_this_host():
     """"auto" attention is the target's (Pallas splash on a TPU: forward, dq and dkv kernels lowered
-    by Mosaic), not this host's; libtpu starts without a TPU VM's metadata and says nothing."""
+    by Mosaic), not this host's; libtpu starts without a TPU VM's metadata, says nothing and writes
+    no log files (it wrote two into /tmp/tpu_logs every run)."""
+    logs = lambda: set(os.listdir("/tmp/tpu_logs")) if os.path.isdir("/tmp/tpu_logs") else set()
+    before = logs()
     done = _compile_step("--json", "--topology", "v5e:2x2", *TINY_ON_4)
     assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert logs() <= before
     auto = json.loads(done.stdout)
     assert (auto["device_kind"], auto["devices"], auto["target"]) == ("TPU v5 lite", 4, "v5e:2x2")
     assert auto["pallas_tpu_kernels"] >= 3

@@ -22,9 +22,10 @@ from tokensynth_jax.errors import UserError
 HBM_GIB = {"TPU v5 lite": 16, "TPU v5": 95, "TPU v6 lite": 32}
 # What libtpu reads at start-up on a TPU VM; set so that on other hosts it starts without querying
 # a metadata server or warning about their absence (it only compiles there, for the topology asked,
-# whatever accelerator type this names), and so that several such processes may run at once.
+# whatever accelerator type this names), and so that several such processes may run at once. Its
+# log files are off: each run left two in /tmp/tpu_logs, whatever TMPDIR says (errors still reach stderr).
 _LIBTPU_ENV = {"ALLOW_MULTIPLE_LIBTPU_LOAD": "1", "TPU_SKIP_MDS_QUERY": "1", "TPU_ACCELERATOR_TYPE": "v5litepod-4",
-               "TPU_WORKER_HOSTNAMES": "localhost"}
+               "TPU_WORKER_HOSTNAMES": "localhost", "TPU_LOG_DIR": "disabled"}
 _COLLECTIVE = re.compile(r" (all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)(?:-start)?\(")
 
 
