@@ -207,20 +207,30 @@ def test_records_longer_than_seq_len_are_refused_before_the_run_makes_anything(t
 
     rng = np.random.default_rng(0)
     data = tmp_path / "data"
-    for split, frames in (("train", (30, 50)), ("valid", (30, 90))):  # the longest: 63 and 103 positions
-        pairs = [records.PairRecord(f"{split}{i}", split, "inst", rng.integers(1, 1133, 8), rng.integers(0, 64, (n, 4)),
-                                    rng.normal(size=512), {}, "clap", {"chain": []}, {"midi": "gen", "start": 0.0},
-                                    {"midi": "gen", "start": 5.0}) for i, n in enumerate(frames)]
-        sink.write_shard(str(data), split, 0, 1, [(p.pair_id, p.to_bytes()) for p in pairs], [], "fp")
-    train_shard, valid_shard = (str(data / s / "shard-00000-of-00001.array_record") for s in ("train", "valid"))
-    input_pipeline.verify_shards([train_shard], seq_len=63)  # a seq_len that holds them passes
+    # The longest records: 53 and 63 positions in the two train shards, 103 in valid.
+    for split, index, count, frames in (("train", 0, 2, (30, 40)), ("train", 1, 2, (30, 50)), ("valid", 0, 1, (30, 90))):
+        pairs = [records.PairRecord(f"{split}{index}{i}", split, "inst", rng.integers(1, 1133, 8),
+                                    rng.integers(0, 64, (n, 4)), rng.normal(size=512), {}, "clap", {"chain": []},
+                                    {"midi": "gen", "start": 0.0}, {"midi": "gen", "start": 5.0})
+                 for i, n in enumerate(frames)]
+        sink.write_shard(str(data), split, index, count, [(p.pair_id, p.to_bytes()) for p in pairs], [], "fp")
+    train_shards = [str(data / "train" / f"shard-0000{i}-of-00002.array_record") for i in (0, 1)]
+    valid_shard = str(data / "valid" / "shard-00000-of-00001.array_record")
+    input_pipeline.verify_shards(train_shards, seq_len=63)  # a seq_len that holds them passes
     workdir = tmp_path / "run"
-    for seq_len, eval_paths, longest, shard in ((62, "", 63, train_shard), (100, str(data / "valid"), 103, valid_shard)):
+    # Where several shards, train or held out, hold longer records, the message names the longest:
+    # one retry is enough.
+    for seq_len, eval_paths, longest, shard, more in ((52, "", 63, train_shards[1], " (and 1 more of the 2 shards)"),
+                                                      (52, str(data / "valid"), 103, valid_shard,
+                                                       " (and 2 more of the 3 shards)"),
+                                                      (62, "", 63, train_shards[1], ";"),
+                                                      (100, str(data / "valid"), 103, valid_shard, ";")):
         argv = ["train", "--config", "tiny", "--workdir", str(workdir), f"--config.data.paths={data / 'train'}",
                 f"--config.data.eval_paths={eval_paths}", f"--config.data.seq_len={seq_len}"]
         assert cli.main(argv) == 2
         err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and f"--config.data.seq_len={seq_len}: {shard} holds records of up to {longest}" in err[0]
+        assert len(err) == 1, err
+        assert f"--config.data.seq_len={seq_len}: {shard} holds records of up to {longest} positions{more}" in err[0]
         assert not workdir.exists()
 
 

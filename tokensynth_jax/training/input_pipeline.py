@@ -167,7 +167,8 @@ def verify_shards(paths: Sequence[str], *, sha256: bool = False, seq_len: int | 
     hold before it makes anything, rather than at the batch that meets the first of them.
 
     Raises:
-      DataError: naming the first damaged shard and what is wrong with it.
+      DataError: naming the first damaged shard and what is wrong with it, or else the shard with
+        the longest records when any are longer than `seq_len` (`check_seq_len`).
     """
     from array_record.python.array_record_module import ArrayRecordReader
 
@@ -202,10 +203,28 @@ def verify_shards(paths: Sequence[str], *, sha256: bool = False, seq_len: int | 
                             f"{want_bytes} bytes ({sidecar})")
         if sha256 and integrity.sha256_file(path) != want_sha:
             raise DataError(f"{path}: sha256 differs from the one prep wrote ({sidecar}); the shard has changed")
-        longest = want.get("max_positions")
-        if seq_len is not None and isinstance(longest, int) and longest > seq_len:
-            raise DataError(f"--config.data.seq_len={seq_len}: {path} holds records of up to {longest} positions "
-                            f"({sidecar}); raise data.seq_len to at least {longest} or prep shorter clips")
+    if seq_len is not None:
+        check_seq_len(paths, seq_len)
+
+
+def check_seq_len(paths: Sequence[str], seq_len: int) -> None:
+    """Raises DataError when the prep sidecars say that records are longer than `seq_len`, naming
+    the shard with the longest of them, so that one retry is enough (training checks its train and
+    held-out shards in one call). Shards without a readable sidecar are `verify_shards`' to report."""
+    too_long = {}
+    for path in paths:
+        try:
+            with open(path + ".json") as f:
+                longest = json.load(f).get("max_positions")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(longest, int) and longest > seq_len:
+            too_long[path] = longest
+    if too_long:
+        path = max(too_long, key=too_long.get)
+        others = f" (and {len(too_long) - 1} more of the {len(paths)} shards)" if len(too_long) > 1 else ""
+        raise DataError(f"--config.data.seq_len={seq_len}: {path} holds records of up to {too_long[path]} positions"
+                        f"{others}; raise data.seq_len to at least {too_long[path]} or prep shorter clips")
 
 
 def readable_records(source):

@@ -197,6 +197,8 @@ def train(config, workdir: str, init_from: str | None = None) -> dict:
         allow_mixed_clap=config.data.get("allow_mixed_clap", False),
         verify_sha256=config.data.get("verify_sha256", False),
     )
+    eval_paths = input_pipeline.expand_paths(tuple(config.data.eval_paths)) if config.data.eval_paths else []
+    input_pipeline.check_seq_len(input_pipeline.expand_paths(pc.paths) + eval_paths, pc.seq_len)  # all in one message
     if config.data.eval_paths:  # found damaged or unfit now (shards, lengths, first record), not at the first evaluation
         input_pipeline.make_dataset(_eval_pipeline(config, verify_sha256=pc.verify_sha256), cfg)
     data_iter = iter(input_pipeline.make_dataset(pc, cfg, jax.process_index(), jax.process_count()))
