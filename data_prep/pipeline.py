@@ -11,7 +11,7 @@ Rendering, augmentation and encoding are fused stages, so only ~10 KB records cr
 never audio. Rejections travel as data to the manifest (Beam metrics are counted too, but not
 every runner reads them back reliably). Runner choice and worker settings are ordinary Beam
 pipeline options, e.g. `--runner=DataflowRunner --project=... --region=...`; without a runner the
-job runs on this machine (`local_runner_options`).
+job runs on this machine (`with_local_runner`).
 """
 from __future__ import annotations
 
@@ -326,16 +326,19 @@ def _counters(result) -> dict:
     return dict(sorted(out.items()))
 
 
-def local_runner_options(workers: int = 1) -> list[str]:
-    """Beam options that run the job on this machine in `workers` processes (1: in this process).
+def with_local_runner(beam_args: list[str], workers: int = 1) -> list[str]:
+    """`beam_args`, or where they name no runner, this machine's in front: `workers` processes
+    (1: this process).
 
-    Names Beam's FnApiRunner, the engine the DirectRunner runs a batch job like this one on,
-    because the DirectRunner first tries the Prism runner: a Go binary it downloads at run time.
-    Offline that attempt fails and leaves a `beam-temp*` folder in the temporary directory on
-    every run; online the job would run on an engine that ignores `--direct_num_workers`.
+    That is Beam's FnApiRunner, named: the engine the DirectRunner runs a batch job like this one
+    on, but the DirectRunner first tries the Prism runner, a Go binary it downloads at run time.
+    Offline that attempt failed and left a `beam-temp*` folder in the temporary directory on every
+    run; online the job would run on an engine that ignores `--direct_num_workers`.
     """
+    if any(a.startswith("--runner") for a in beam_args):
+        return list(beam_args)
     mode = "in_memory" if workers == 1 else "multi_processing"
-    return ["--runner=FnApiRunner", f"--direct_num_workers={workers}", f"--direct_running_mode={mode}"]
+    return ["--runner=FnApiRunner", f"--direct_num_workers={workers}", f"--direct_running_mode={mode}", *beam_args]
 
 
 def run(cfg: PrepConfig, beam_args: list[str] | None = None) -> JobResult:
@@ -343,8 +346,8 @@ def run(cfg: PrepConfig, beam_args: list[str] | None = None) -> JobResult:
 
     Args:
       cfg: the job config.
-      beam_args: Beam pipeline options (runner, workers, ...); without a runner, `local_runner_options()`
-        comes first.
+      beam_args: Beam pipeline options (runner, workers, ...); without a runner, this machine's
+        (`with_local_runner`).
 
     Returns:
       The manifest and this run's Beam counters.
@@ -364,10 +367,7 @@ def run(cfg: PrepConfig, beam_args: list[str] | None = None) -> JobResult:
     codec_source, codec_manifest = codec_fit.prepare(cfg, specs)  # a fitted codec: fitted now, or the saved fit reused
     codec = codec or encoders.codec_info(codec_source, offline=cfg.offline)
     midi_files = midi_sources.list_midi_files(cfg.midi_dir) if cfg.midi_dir else None
-    beam_args = list(beam_args or [])
-    if not any(a.startswith("--runner") for a in beam_args):
-        beam_args = local_runner_options() + beam_args
-    p = beam.Pipeline(options=PipelineOptions(beam_args))
+    p = beam.Pipeline(options=PipelineOptions(with_local_runner(beam_args or [])))
     build(p, cfg, specs=specs, counts=counts, done=done, codec=codec, clap_model=clap_model, midi_files=midi_files,
           codec_source=codec_source, codec_manifest=codec_manifest)
     result = p.run()

@@ -88,10 +88,7 @@ def beam_options(args) -> list[str]:
     """Beam options: what follows `--`, or this machine's runner with `--workers` processes."""
     from tokensynth_prep import pipeline
 
-    extra = [a for a in args.beam_args if a != "--"]
-    if not any(a.startswith("--runner") for a in extra):
-        extra = pipeline.local_runner_options(args.workers) + extra
-    return extra
+    return pipeline.with_local_runner([a for a in args.beam_args if a != "--"], args.workers)
 
 
 def check_beam_options(options: list[str]) -> None:

@@ -318,9 +318,9 @@ def write_wav(path: str, audio: np.ndarray, sample_rate: int, peak_ceiling_dbfs:
     import soundfile
 
     audio = np.asarray(audio, np.float32)
-    gain_db = 0.0
-    if peak_ceiling_dbfs is not None and peak_dbfs(audio) > peak_ceiling_dbfs:
-        gain_db = peak_ceiling_dbfs - peak_dbfs(audio)
+    gain_db, peak = 0.0, peak_dbfs(audio)
+    if peak_ceiling_dbfs is not None and peak > peak_ceiling_dbfs:
+        gain_db = peak_ceiling_dbfs - peak
         audio = audio * np.float32(10.0 ** (gain_db / 20.0))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     soundfile.write(path, audio, sample_rate, subtype="FLOAT")
