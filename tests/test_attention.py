@@ -278,6 +278,19 @@ def test_pallas_decode_step_lowers_for_cuda(batch):
     assert "output_operand_aliases" in module
 
 
+def test_the_decode_kernels_run_as_themselves_when_compiling_for_cuda():
+    """interpret=None follows the platform compiled for: for an H100 from this host
+    (benchmarks/gpu_aot.py) both kernels were interpreted, a grid of loops."""
+    qkv = jax.ShapeDtypeStruct((2, 3, 16, 64), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((2, 16, attention.cache_slots(562, "pallas_fused"), 64), jnp.bfloat16)
+    pad, slot = jax.ShapeDtypeStruct((2,), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32)
+    step = lambda qkv, k, v, p, s: attention.pallas_decode_step(qkv, k, v, p, s, q_scaled=True)
+    attend = lambda qkv, k, v, p, s: attention.pallas_decode_attention(qkv[:, :1], k, v, p, s)
+    with config.compiling_for("cuda"):
+        for fn in (step, attend):
+            assert lower_pallas_for_cuda(fn, qkv, k, k, pad, slot)[0].count("@__gpu$xla.gpu.triton") == 1
+
+
 def test_config_checks_the_decode_attention():
     with pytest.raises(ValueError, match="model.decode_attention='flash'"):
         ModelConfig(decode_attention="flash")

@@ -71,6 +71,18 @@ def test_gemv_lowers_for_cuda(variant, monkeypatch):
         assert programs == n // gemv.BLOCK_N
 
 
+@pytest.mark.parametrize("target, kernels", [("cuda", 1), ("gpu", 1), ("cpu", 0)])
+def test_the_kernel_runs_as_itself_for_a_gpu_target_and_interpreted_elsewhere(target, kernels):
+    """interpret=None follows the platform the model computes for: a compile for an H100 from this
+    host (`compiling_for("cuda")`, benchmarks/gpu_aot.py) interpreted the kernel, a grid of loops."""
+    from tokensynth_jax import config
+
+    spec = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+    with config.compiling_for(target):
+        module, _ = lower_pallas_for_cuda(lambda x, w, b: gemv.gemv(x, w, b), spec(2, 1024), spec(64, 1024), spec(64))
+    assert module.count("@__gpu$xla.gpu.triton") == kernels
+
+
 def test_gemv_refuses_sizes_it_cannot_tile():
     assert gemv.supported(2, 64, 1024) and not gemv.supported(3, 64, 1024) and not gemv.supported(16, 64, 1024)
     assert not gemv.supported(2, 62, 1024) and not gemv.supported(2, 64, 48)

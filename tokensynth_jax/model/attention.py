@@ -142,7 +142,7 @@ def pallas_decode_attention(q_bqhd, k_bhsd, v_bhsd, pad_b, slot, *, q_scaled: bo
     from jax.experimental.pallas.ops.gpu import decode_attention as pallas_decode
 
     if interpret is None:
-        interpret = config.platform() != "gpu"
+        interpret = not config.on_gpu()
     num_slots = k_bhsd.shape[2]
     splits = 1 if q_bqhd.shape[0] * q_bqhd.shape[2] >= PARALLEL_ITEMS else num_slots // DECODE_BLOCK
     q = (q_bqhd if q_scaled else _scaled(q_bqhd))[:, 0]
@@ -227,7 +227,7 @@ def pallas_decode_step(qkv_b3hd, k_bhsd, v_bhsd, pad_b, slot, *, q_scaled: bool 
     from jax.experimental.pallas import triton as plgpu
 
     if interpret is None:
-        interpret = config.platform() != "gpu"
+        interpret = not config.on_gpu()
     batch, _, heads, head_dim = qkv_b3hd.shape
     num_slots = k_bhsd.shape[2]
     part = lambda i: pl.BlockSpec((None, None, None, head_dim), lambda b, h: (b, i, h, 0))

@@ -158,7 +158,7 @@ def gemv(x_mk, w_nk, b_n, *, ln=None, gelu: bool = False, residual_mn=None, out_
     from jax.experimental.pallas import triton as plgpu
 
     if interpret is None:
-        interpret = config.platform() != "gpu"
+        interpret = not config.on_gpu()
     (rows, k), n = x_mk.shape, w_nk.shape[0]
     if not supported(rows, n, k):
         raise ValueError(f"gemv: unsupported sizes M={rows}, N={n}, K={k} (see gemv.supported)")
