@@ -17,9 +17,14 @@ environment of its own (jax 0.11):
     CUDA_VISIBLE_DEVICES= JAX_PLATFORMS=cpu XLA_FLAGS=--xla_gpu_autotune_level=0 \\
         /tmp/gpuaot/bin/python benchmarks/gpu_aot.py --out /tmp/gpu_aot [--variant NAME=model.F=V,...]
 
+`--decode` compiles the generation loop instead (5 s windows, top-p, bf16 parameters) at batch
+1 and 256 for the defaults and accelerator.py's DECODE_VARIANTS: a kernel that does not compile for
+the H100 (a Pallas kernel through Triton and ptxas) fails here, not in a lent GPU's minutes, and the
+decode step's kernel count (the `while` body's) is the launches a step costs.
+
 Each variant's numbers go to OUT/results.jsonl as it finishes (its HLO to OUT/NAME.hlo.txt), and
-the table to stdout. Results: docs/benchmarks.md, "The train step compiled for an H100 from this
-CPU host".
+the table to stdout. Results: docs/benchmarks.md, "Between lends: the train step compiled for an
+H100 on this CPU host".
 """
 from __future__ import annotations
 
@@ -32,6 +37,8 @@ import re
 import resource
 import sys
 import time
+
+import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: F401  (our packages importable from a bare checkout)
@@ -97,6 +104,22 @@ def hlo_counts(text: str, batch: int) -> dict:
             "library_calls": dict(sorted(calls.items()))}
 
 
+def loop_kernels(text: str) -> int:
+    """Kernels of the largest `while` body of an optimized HLO module: what one decode step launches
+    (each fusion, library call, copy or in-place update; not parameters, tuples and bitcasts)."""
+    computations, current = collections.defaultdict(list), None
+    for line in text.splitlines():
+        if line and not line.startswith(" "):
+            head = re.match(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s", line)
+            current = head.group(1) if head and line.rstrip().endswith("{") else None
+        elif current and "=" in line:
+            computations[current].append(line.strip())
+    free = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant"}
+    ops = lambda body: [re.search(r"\s([\w\-]+)\(", i.split("=", 1)[1]) for i in computations.get(body, [])]
+    return max((sum(1 for op in ops(b) if op and op.group(1) not in free)
+                for b in re.findall(r"\bbody=%([\w.\-]+)", text)), default=0)
+
+
 def compile_variant(name: str, overrides: dict, devices, batch: int, seq: int, out: str) -> dict:
     import jax
     from flax import nnx
@@ -146,6 +169,73 @@ def compile_variant(name: str, overrides: dict, devices, batch: int, seq: int, o
             **hlo_counts(text, batch)}
 
 
+def compile_decode(name: str, overrides: dict, devices, batch: int, rows: int, out: str) -> dict:
+    """The generation loop of `sampling.generate` at `batch` (bf16 parameters, top-p 0.9, `rows` audio
+    rows), compiled for `devices`; "gemv.NAME" keys set the Pallas kernels' module constants."""
+    import importlib
+
+    import jax
+    from accelerator import TOP_P, _bench_midi
+    from flax import nnx
+
+    from tokensynth_jax.config import ModelConfig, compiling_for, load_config_file
+    from tokensynth_jax.inference import sampling
+    from tokensynth_jax.model.transformer import TokenSynth
+    from tokensynth_jax.tokens.midi_tokens import tokenize_midi
+
+    constants = {k: int(v) for k, v in overrides.items() if k.startswith("gemv.")}
+    model_overrides = {k: v for k, v in overrides.items() if k.startswith("model.")}
+    gemv = importlib.import_module("tokensynth_jax.model.gemv")
+    saved = {k: getattr(gemv, k.split(".", 1)[1]) for k in constants}
+    config = load_config_file("reference", {"model.dtype": "float32", **model_overrides})
+    tokens = tokenize_midi(_bench_midi(argparse.Namespace(args=argparse.Namespace(out=out)))).tokens
+    mesh = jax.sharding.Mesh(devices[:1], ("d",))
+    place = lambda x: (jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec())) if hasattr(x, "shape") and hasattr(x, "dtype") else x)
+    try:
+        for k, v in constants.items():
+            setattr(gemv, k.split(".", 1)[1], v)
+        jax.clear_caches()  # no cache key holds the module constants
+        sampling._decode_jits.clear()
+        with compiling_for("cuda"):
+            cfg = ModelConfig.from_dict(config.model.to_dict())
+            model = TokenSynth(cfg, rngs=nnx.Rngs(0))  # on this host's CPU; only shapes go to the compile
+            args, static = sampling._decode_args(
+                model, [tokens] * batch, np.zeros((batch, cfg.timbre_dim), np.float32), sampler=sampling.TopP(TOP_P),
+                seed=0, max_rows=rows, guidance=None, unconditional_model=None, dtype="bfloat16")
+            args = jax.tree.map(place, args)
+            start = time.perf_counter()
+            with jax.set_mesh(mesh):  # Pallas' Triton lowering asks the mesh's device for its architecture
+                compiled = sampling._decode_jit_for(cfg).lower(*args, **static).compile()
+            seconds = time.perf_counter() - start
+            resolved = {"decode_attention": cfg.decode_attention_impl, "decode_gemm": cfg.decode_gemm_impl,
+                        "batch_1_as_2": cfg.decodes_as_gemm}
+    finally:
+        for k, v in saved.items():
+            setattr(gemv, k.split(".", 1)[1], v)
+        jax.clear_caches()
+        sampling._decode_jits.clear()
+    text = compiled.as_text()
+    with open(os.path.join(out, re.sub(r"\W+", "_", f"{name}-b{batch}") + ".hlo.txt"), "w") as f:
+        f.write(text)
+    memory = compiled.memory_analysis()
+    return {"variant": name, "overrides": overrides, "resolved": resolved, "batch": batch, "rows": rows,
+            "compile_s": round(seconds, 1), "argument_gb": memory.argument_size_in_bytes / GB,
+            "temp_gb": memory.temp_size_in_bytes / GB, "kernels_per_step": loop_kernels(text),
+            "host_peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB,
+            **{k: v for k, v in hlo_counts(text, batch).items() if k in ("fusions", "library_calls")}}
+
+
+def decode_table(rows: list[dict]) -> str:
+    lines = ["| variant | batch | compile s | temp GB | kernels a step | fusions in all | library calls |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        calls = ", ".join(f"{k} {v}" for k, v in r["library_calls"].items())
+        lines.append(f"| {r['variant']} | {r['batch']} | {r['compile_s']:.0f} | {r['temp_gb']:.2f} | "
+                     f"{r['kernels_per_step']} | {r['fusions']} | {calls} |")
+    return "\n".join(lines)
+
+
 def table(rows: list[dict]) -> str:
     lines = [("| variant | compile s | temp GB | arguments GB | bytes accessed GB (outside library calls) | fusions "
               "| transposing fusions (n / GB written) | batch-minor outputs (n / GB) | library calls |"),
@@ -165,6 +255,8 @@ def main(argv=None) -> int:
     p.add_argument("--seq", type=int, default=1024)
     p.add_argument("--variant", action="append", default=[], metavar="NAME=model.F=V,...",
                    help="compile these instead of VARIANTS (NAME= alone: the defaults)")
+    p.add_argument("--decode", action="store_true", help="the generation loop, with DECODE_VARIANTS")
+    p.add_argument("--rows", type=int, default=449, help="audio rows of a decode (449: a 5 s window)")
     args = p.parse_args(argv)
     import jax
     from jax.experimental import topologies
@@ -172,6 +264,12 @@ def main(argv=None) -> int:
     if jax.default_backend() != "cpu":
         p.error("run it where JAX's backend is the CPU (JAX_PLATFORMS=cpu): it compiles for an H100 it does not have")
     variants = VARIANTS
+    if args.decode:
+        from accelerator import DECODE_VARIANTS
+
+        # XLA's options (the "xla." keys) change the runtime, not the program: those rows are left out.
+        variants = {"defaults": {"batch": (1, 256)}, **{
+            name: spec for name, spec in DECODE_VARIANTS.items() if not any(k.startswith("xla.") for k in spec)}}
     if args.variant:
         variants = {}
         for spec in args.variant:
@@ -179,10 +277,19 @@ def main(argv=None) -> int:
             variants[name] = dict(kv.split("=", 1) for kv in rest.split(",") if kv)
     devices = list(topologies.get_topology_desc(platform="cuda", topology="1x1x1", target_config=H100).devices)
     os.makedirs(args.out, exist_ok=True)
-    rows = []
+    jobs = []
     for name, overrides in variants.items():
+        if not args.decode:
+            jobs.append((name, lambda n=name, o=overrides: compile_variant(n, o, devices, args.batch, args.seq, args.out)))
+            continue
+        spec = {k: v for k, v in overrides.items() if k != "batch"}
+        for b in np.atleast_1d(overrides.get("batch", (1, 256))):
+            jobs.append((f"{name}, batch {b}", lambda n=name, o=spec, b=int(b): compile_decode(
+                n, o, devices, b, args.rows, args.out)))
+    rows = []
+    for name, job in jobs:
         try:
-            rows.append(compile_variant(name, overrides, devices, args.batch, args.seq, args.out))
+            rows.append(job())
         except Exception as e:  # noqa: BLE001  (one variant's failure, a kernel that does not lower, costs only its row)
             print(f"{name}: {type(e).__name__}: {str(e).splitlines()[0][:300]}", flush=True)
             continue
@@ -190,8 +297,12 @@ def main(argv=None) -> int:
             f.write(json.dumps({**rows[-1], "device": devices[0].device_kind, "jax": jax.__version__,
                                 "xla_flags": os.environ.get("XLA_FLAGS", "")}) + "\n")
         print(f"{name}: compiled in {rows[-1]['compile_s']:.0f} s", flush=True)
-    print(f"\n{devices[0].device_kind}, batch {args.batch} x {args.seq}, bf16 compute, jax {jax.__version__}\n")
-    print(table(rows))
+    if args.decode:
+        print(f"\n{devices[0].device_kind}, decode of {args.rows} rows, bf16 parameters, jax {jax.__version__}\n")
+        print(decode_table(rows))
+    else:
+        print(f"\n{devices[0].device_kind}, batch {args.batch} x {args.seq}, bf16 compute, jax {jax.__version__}\n")
+        print(table(rows))
     print(f"\nDevice memory is XLA's plan (temporaries + arguments); this host's peak RSS: "
           f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB:.1f} GB")
     return 0 if rows else 1

@@ -160,3 +160,39 @@ ENTRY %main.1 (p: f32[32,1024,1024]) -> f32[] {
     assert counts["transposing_gb"] == pytest.approx(1024 * 1024 * 32 * 4 / 1e9)
     assert counts["batch_minor_outputs"] == 1 and counts["batch_minor_gb"] == counts["transposing_gb"]
     assert counts["library_calls"] == {"__cudnn$fmhaSoftmax": 1}
+
+
+def test_gpu_aot_counts_the_kernels_of_a_decode_step():
+    import gpu_aot
+
+    hlo = """HloModule jit_decode, is_scheduled=true
+
+%body.2 (state: (s32[], bf16[2,1024])) -> (s32[], bf16[2,1024]) {
+  %state = (s32[], bf16[2,1024]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%state), index=0
+  %x = bf16[2,1024]{1,0} get-tuple-element(%state), index=1
+  %gemv.1 = bf16[2,1024]{1,0} fusion(%x), kind=kCustom, calls=%triton_gemv
+  %y = bf16[2,1024]{1,0} bitcast(%gemv.1)
+  %one = s32[] constant(1)
+  %next = s32[] fusion(%i, %one), kind=kLoop, calls=%add
+  %cache = bf16[2,1024]{1,0} copy(%y)
+  ROOT %out = (s32[], bf16[2,1024]{1,0}) tuple(%next, %cache)
+}
+
+%small.3 (s: (s32[])) -> (s32[]) {
+  %s = (s32[]) parameter(0)
+  %k = s32[] get-tuple-element(%s), index=0
+  %k1 = s32[] fusion(%k), kind=kLoop, calls=%add
+  ROOT %t = (s32[]) tuple(%k1)
+}
+
+ENTRY %main.1 (p: bf16[2,1024]) -> bf16[2,1024] {
+  %p = bf16[2,1024]{1,0} parameter(0)
+  %w = (s32[], bf16[2,1024]{1,0}) while(%init), condition=%cond.1, body=%body.2
+  %v = (s32[]) while(%init2), condition=%cond.2, body=%small.3
+  ROOT %r = bf16[2,1024]{1,0} get-tuple-element(%w), index=1
+}
+"""
+    # The largest loop's launches: the kernel, the counter's fusion and the copy (not its
+    # parameter, tuples, bitcast or constant).
+    assert gpu_aot.loop_kernels(hlo) == 3
