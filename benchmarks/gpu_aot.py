@@ -19,7 +19,7 @@ environment of its own (jax 0.11):
 
 `--decode` compiles the generation loop instead (5 s windows, top-p, bf16 parameters) at batch
 1 and 256 for the defaults and accelerator.py's DECODE_VARIANTS: a kernel that does not compile for
-the H100 (a Pallas kernel through Triton and ptxas) fails here, not in a lent GPU's minutes, and the
+the H100 (a Pallas kernel through Triton's lowering and XLA's GPU compiler) fails here, not in a lent GPU's minutes, and the
 decode step's kernel count (the `while` body's) is the launches a step costs.
 
 Each variant's numbers go to OUT/results.jsonl as it finishes (its HLO to OUT/NAME.hlo.txt), and
