@@ -72,22 +72,31 @@ def _arrays(type_text: str):
         yield shape, minor, _DTYPE_BYTES[dtype] * math.prod(shape)
 
 
-def hlo_counts(text: str, batch: int) -> dict:
-    """Kernel-level counts of an optimized HLO module: the instructions of the computations that are
-    not fusion bodies or reducers (each fusion, copy or custom-call there is a kernel or a library call)."""
-    bodies, computations, current = set(), collections.defaultdict(list), None
+def _computations(text: str) -> dict[str, list[str]]:
+    """An HLO module's instruction lines, by computation name."""
+    computations, current = collections.defaultdict(list), None
     for line in text.splitlines():
         if line and not line.startswith(" "):
             head = re.match(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s", line)
             current = head.group(1) if head and line.rstrip().endswith("{") else None
         elif current and "=" in line:
             computations[current].append(line.strip())
-            bodies.update(re.findall(r"(?:calls|to_apply)=%([\w.\-]+)", line))
-    kernels = [i for name, lines in computations.items() if name not in bodies for i in lines]
+    return computations
 
-    def op(line):
-        found = re.search(r"\)?\s([\w\-]+)\(", line.split("=", 1)[1])
-        return found.group(1) if found else ""
+
+def _op(line: str) -> str:
+    """The opcode of an HLO instruction line."""
+    found = re.search(r"\)?\s([\w\-]+)\(", line.split("=", 1)[1])
+    return found.group(1) if found else ""
+
+
+def hlo_counts(text: str, batch: int) -> dict:
+    """Kernel-level counts of an optimized HLO module: the instructions of the computations that are
+    not fusion bodies or reducers (each fusion, copy or custom-call there is a kernel or a library call)."""
+    computations = _computations(text)
+    bodies = set(re.findall(r"(?:calls|to_apply)=%([\w.\-]+)", text))
+    kernels = [i for name, lines in computations.items() if name not in bodies for i in lines]
+    op = _op
 
     def out_type(line):
         return line.split("=", 1)[1].split(" " + op(line) + "(")[0]
@@ -107,16 +116,9 @@ def hlo_counts(text: str, batch: int) -> dict:
 def loop_kernels(text: str) -> int:
     """Kernels of the largest `while` body of an optimized HLO module: what one decode step launches
     (each fusion, library call, copy or in-place update; not parameters, tuples and bitcasts)."""
-    computations, current = collections.defaultdict(list), None
-    for line in text.splitlines():
-        if line and not line.startswith(" "):
-            head = re.match(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s", line)
-            current = head.group(1) if head and line.rstrip().endswith("{") else None
-        elif current and "=" in line:
-            computations[current].append(line.strip())
-    free = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant"}
-    ops = lambda body: [re.search(r"\s([\w\-]+)\(", i.split("=", 1)[1]) for i in computations.get(body, [])]
-    return max((sum(1 for op in ops(b) if op and op.group(1) not in free)
+    computations = _computations(text)
+    free = {"", "parameter", "get-tuple-element", "tuple", "bitcast", "constant"}
+    return max((sum(1 for i in computations.get(b, []) if _op(i) not in free)
                 for b in re.findall(r"\bbody=%([\w.\-]+)", text)), default=0)
 
 
