@@ -96,17 +96,16 @@ def hlo_counts(text: str, batch: int) -> dict:
     computations = _computations(text)
     bodies = set(re.findall(r"(?:calls|to_apply)=%([\w.\-]+)", text))
     kernels = [i for name, lines in computations.items() if name not in bodies for i in lines]
-    op = _op
 
     def out_type(line):
-        return line.split("=", 1)[1].split(" " + op(line) + "(")[0]
+        return line.split("=", 1)[1].split(" " + _op(line) + "(")[0]
 
-    fusions = [i for i in kernels if op(i) == "fusion"]
+    fusions = [i for i in kernels if _op(i) == "fusion"]
     transposing = [i for i in fusions if "transpose" in i.split("=", 1)[0]]
-    batch_minor = [i for i in kernels if op(i) not in ("parameter", "get-tuple-element", "tuple", "bitcast")
+    batch_minor = [i for i in kernels if _op(i) not in ("parameter", "get-tuple-element", "tuple", "bitcast")
                    and any(m and len(s) >= 3 and s[m[0]] == batch for s, m, _ in _arrays(out_type(i)))]
     calls = collections.Counter(re.search(r'custom_call_target="([^"]+)"', i).group(1)
-                                for i in kernels if op(i) == "custom-call" and "custom_call_target" in i)
+                                for i in kernels if _op(i) == "custom-call" and "custom_call_target" in i)
     size = lambda items: sum(b for i in items for _, _, b in _arrays(out_type(i))) / GB
     return {"fusions": len(fusions), "transposing_fusions": len(transposing), "transposing_gb": size(transposing),
             "batch_minor_outputs": len(batch_minor), "batch_minor_gb": size(batch_minor),
